@@ -1,0 +1,43 @@
+# vlp: `make demo` and `make test` are all a user needs on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.vlp-installed
+PIP := $(BIN)/python -m pip -q --disable-pip-version-check
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test test-fast bench lock clean
+
+setup: $(STAMP)
+
+# torch first (a CPU wheel here; set TORCH=... for a CUDA build), then DeepSpeed without build
+# isolation (its build otherwise downloads another torch), then vlp itself, all pinned by constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install -c constraints.txt "$(TORCH)"
+	$(PIP) install -c constraints.txt --no-build-isolation deepspeed
+	$(PIP) install -c constraints.txt -e ".[test,report]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/vlp demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_decode.py
+	$(BIN)/python bench/bench_precompute.py
+
+lock: $(STAMP)
+	( echo "# Exact versions the test suite ran with (make test installs with -c constraints.txt)."; \
+	  echo "# Regenerate with: make lock"; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^vlp' | sed 's/^torch==\(.*\)+cpu/torch==\1/' ) > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf runs .pytest_cache

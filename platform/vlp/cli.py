@@ -1,0 +1,109 @@
+"""The ``vlp`` command line. Every subcommand: ``vlp <cmd> [--config FILE] [dotted.key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from .config import ConfigError, dump_config, load_config
+
+
+def _cmd_make_shards(args) -> int:
+    from .data.synth import MakeShardsConfig, make_shards
+
+    cfg = load_config(MakeShardsConfig, args.config, args.overrides)
+    written = make_shards(cfg)
+    for fam, uris in written.items():
+        print(f"{fam}: {len(uris)} shard(s) -> {uris[0].rsplit('/', 1)[0]}/{fam}-*.tar")
+    return 0
+
+
+def _cmd_precompute(args) -> int:
+    from .precompute import PrecomputeConfig, run_precompute
+
+    cfg = load_config(PrecomputeConfig, args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg))
+        return 0
+    run_precompute(cfg)
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from .config import validate
+    from .inspect_ import format_report, inspect_features, inspect_shards, is_feature_set
+    from .storage import StorageConfig
+
+    storage = validate(StorageConfig, {k: v for k, v in {"endpoint_url": args.endpoint_url}.items() if v})
+    if len(args.uri) == 1 and is_feature_set(args.uri[0], storage):
+        rep = inspect_features(args.uri[0], storage)
+    else:
+        rep = inspect_shards(args.uri, storage, decode=not args.no_decode, max_samples=args.max_samples)
+    print(json.dumps(rep, indent=2, default=str) if args.json else format_report(rep))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import DemoConfig, run_demo
+
+    cfg = load_config(DemoConfig, args.config, args.overrides)
+    run_demo(cfg)
+    return 0
+
+
+def _cmd_presets(args) -> int:
+    from .models.presets import PRESETS, resolve_model_path
+
+    for name in PRESETS.names():
+        print(f"preset:{name} -> {resolve_model_path('preset:' + name)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlp", description="vlp: video-language training platform")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def with_config(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("--config", "-c", help="YAML config file (defaults built in when omitted)")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.sampling.num_frames=8")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    with_config("make-shards", _cmd_make_shards, "write synthetic WebVid/CC3M/instruction shards")
+    pc = with_config("precompute", _cmd_precompute, "decode shards and precompute frozen CLIP features")
+    pc.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    with_config("demo", _cmd_demo, "run the built-in tiny end-to-end demo")
+    sp = sub.add_parser("inspect", help="summarise a shard set or a feature set")
+    sp.add_argument("uri", nargs="+", help="feature-set folder, or shard specs (folders, globs, brace ranges, s3://)")
+    sp.add_argument("--endpoint-url", help="S3-compatible endpoint")
+    sp.add_argument("--no-decode", action="store_true", help="do not open media to count frames")
+    sp.add_argument("--max-samples", type=int, default=None)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(fn=_cmd_inspect)
+    sp = sub.add_parser("presets", help="build (if needed) and list the tiny model presets")
+    sp.set_defaults(fn=_cmd_presets)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"vlp {args.cmd}: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # clear, known failures print without a traceback
+        from .precompute.pipeline import FeatureSetMismatch
+        from .storage import StorageError
+
+        if isinstance(e, (StorageError, FeatureSetMismatch)):
+            print(f"vlp {args.cmd}: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Which config class a shipped YAML holds, by file-name prefix (``precompute*.yaml`` -> PrecomputeConfig)."""
+
+from __future__ import annotations
+
+from .config import Cfg
+from .registry import Registry
+
+CONFIG_KINDS: Registry[type[Cfg]] = Registry("config kind")
+
+
+def _register() -> None:
+    from .data.synth import MakeShardsConfig
+    from .demo import DemoConfig
+    from .precompute import PrecomputeConfig
+
+    for name, cls in (("precompute", PrecomputeConfig), ("make_shards", MakeShardsConfig), ("demo", DemoConfig)):
+        if name not in CONFIG_KINDS:
+            CONFIG_KINDS.register(name)(cls)
+
+
+def kind_of(filename: str) -> type[Cfg]:
+    _register()
+    stem = filename.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    for name in sorted(CONFIG_KINDS.names(), key=len, reverse=True):
+        if stem == name or stem.startswith(name + "_"):
+            return CONFIG_KINDS.get(name)
+    raise KeyError(f"{filename}: name must start with one of {CONFIG_KINDS.names()}")

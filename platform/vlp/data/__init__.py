@@ -1,0 +1,1 @@
+"""Data side: shard reading, media decoding, frame sampling, CLIP preprocessing, synthetic shards."""

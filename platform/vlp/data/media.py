@@ -1,0 +1,292 @@
+"""Media sniffing, video/image decoding (decord first, PyAV fallback) and frame sampling.
+
+All functions are plain and Ray-free. Decoders return ``(frames, timestamps, n_source_frames)`` where
+``frames`` is uint8 ``(T, H, W, 3)`` RGB and timestamps are seconds from the clip start.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from ..config import Cfg
+
+VIDEO_EXTS = ("mp4", "webm", "avi", "mkv", "mov", "m4v", "mpeg", "mpg", "gif")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+class SamplingConfig(Cfg):
+    """How frames are picked from a clip. Images always give one frame."""
+
+    mode: Literal["uniform", "fps"] = Field("uniform", description="uniform: num_frames spread over the clip; "
+                                            "fps: one frame every 1/fps seconds, at most max_frames")
+    num_frames: int = Field(8, ge=1, le=512, description="T for uniform mode (Valley uses 8)")
+    fps: float = Field(1.0, gt=0, description="target frame rate for fps mode")
+    max_frames: int = Field(32, ge=1, le=512, description="cap on frames in fps mode (uniformly thinned)")
+
+
+class DecodeConfig(Cfg):
+    """Which decoder runs, where."""
+
+    backend: Literal["auto", "decord", "pyav"] = Field(
+        "auto", description="auto: decord first, PyAV for what decord refuses")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="decord context; cuda needs a GPU build of decord")
+    threads: int = Field(1, ge=0, le=64, description="decoder threads per task (0 = library default)")
+    max_pixels: int = Field(4096 * 4096, ge=1, description="refuse frames larger than this (decompression bombs)")
+
+    @model_validator(mode="after")
+    def _cuda_needs_decord(self):
+        if self.device == "cuda" and self.backend == "pyav":
+            raise ValueError("device=cuda needs backend decord or auto (PyAV decodes on CPU)")
+        return self
+
+
+class MediaError(Exception):
+    """A sample's media cannot be used; ``str(e)`` is the recorded reason."""
+
+
+MediaKind = Literal["video", "image", "unknown"]
+
+
+def sniff(data: bytes) -> tuple[MediaKind, str]:
+    """Container type from magic bytes, whatever the file is called."""
+    h = data[:16]
+    if h.startswith(b"\xff\xd8\xff"):
+        return "image", "jpeg"
+    if h.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image", "png"
+    if h[:4] == b"RIFF" and h[8:12] == b"WEBP":
+        return "image", "webp"
+    if h.startswith(b"BM"):
+        return "image", "bmp"
+    if h.startswith((b"GIF87a", b"GIF89a")):
+        return "video", "gif"
+    if h[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+        return "video", "mp4"
+    if h.startswith(b"\x1a\x45\xdf\xa3"):
+        return "video", "matroska"
+    if h[:4] == b"RIFF" and h[8:12] == b"AVI ":
+        return "video", "avi"
+    if h.startswith(b"FLV"):
+        return "video", "flv"
+    if h[:1] == b"\x47" and len(data) > 188 and data[188:189] == b"\x47":
+        return "video", "mpegts"
+    return "unknown", "unknown"
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+def sample_indices(n_frames: int, cfg: SamplingConfig, timestamps: Optional[np.ndarray] = None,
+                   avg_fps: Optional[float] = None) -> np.ndarray:
+    """Frame indices to keep.
+
+    uniform: the centres of T equal segments (repeats when the clip has fewer than T frames, so every
+    video yields exactly T frames). fps: nearest frame to each multiple of 1/fps seconds, using real
+    timestamps when given (variable frame rate), capped to max_frames by uniform thinning.
+    """
+    if n_frames <= 0:
+        raise MediaError("clip has no frames")
+    if cfg.mode == "uniform":
+        t = cfg.num_frames
+        idx = np.floor((np.arange(t) + 0.5) * n_frames / t).astype(np.int64)
+        return np.clip(idx, 0, n_frames - 1)
+    if timestamps is None:
+        rate = avg_fps if avg_fps and avg_fps > 0 else 25.0
+        timestamps = np.arange(n_frames) / rate
+    timestamps = np.asarray(timestamps, dtype=np.float64)
+    duration = float(timestamps[-1]) + 1e-9
+    targets = np.arange(0.0, duration + 1e-9, 1.0 / cfg.fps)
+    if len(targets) == 0:
+        targets = np.zeros(1)
+    if len(targets) > cfg.max_frames:
+        keep = np.floor((np.arange(cfg.max_frames) + 0.5) * len(targets) / cfg.max_frames).astype(np.int64)
+        targets = targets[keep]
+    idx = np.searchsorted(timestamps, targets)
+    idx = np.clip(idx, 0, n_frames - 1)
+    prev = np.clip(idx - 1, 0, n_frames - 1)
+    closer_prev = np.abs(timestamps[prev] - targets) < np.abs(timestamps[idx] - targets)
+    return np.where(closer_prev, prev, idx)
+
+
+# ---------------------------------------------------------------------------------------------- decoders
+
+@dataclass
+class Decoded:
+    frames: np.ndarray  # (T, H, W, 3) uint8
+    timestamps: np.ndarray  # (T,) float64 seconds
+    n_source_frames: int
+    decoder: str
+
+
+def _check_pixels(h: int, w: int, cfg: DecodeConfig) -> None:
+    if h <= 0 or w <= 0:
+        raise MediaError(f"frame has no pixels ({w}x{h})")
+    if h * w > cfg.max_pixels:
+        raise MediaError(f"frame {w}x{h} exceeds decode.max_pixels={cfg.max_pixels}")
+
+
+def decode_image(data: bytes, cfg: DecodeConfig) -> Decoded:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            _check_pixels(im.height, im.width, cfg)
+            arr = np.asarray(im.convert("RGB"))
+    except MediaError:
+        raise
+    except Exception as e:
+        raise MediaError(f"image decode failed: {type(e).__name__}: {e}") from None
+    return Decoded(arr[None], np.zeros(1), 1, "pillow")
+
+
+_decord_ctx_checked: dict[str, object] = {}
+
+
+def _decord_ctx(device: str):
+    import decord
+
+    if device == "cpu":
+        return decord.cpu(0)
+    if "cuda" not in _decord_ctx_checked:
+        try:
+            ctx = decord.gpu(0)
+            decord.nd.array(np.zeros(1, dtype=np.uint8), ctx=ctx)
+        except Exception as e:  # CPU-only wheel or no GPU
+            raise RuntimeError(
+                "decode.device=cuda but decord cannot use a GPU here "
+                f"({type(e).__name__}: {e}); build decord with CUDA (NVDEC) or set decode.device=cpu") from None
+        _decord_ctx_checked["cuda"] = ctx
+    return _decord_ctx_checked["cuda"]
+
+
+def decode_video_decord(data: bytes, sampling: SamplingConfig, cfg: DecodeConfig) -> Decoded:
+    import decord
+
+    try:
+        vr = decord.VideoReader(io.BytesIO(data), ctx=_decord_ctx(cfg.device), num_threads=cfg.threads)
+        n = len(vr)
+        if n <= 0:
+            raise MediaError("decord: clip has no frames")
+        ts = None
+        if sampling.mode == "fps":
+            ts = vr.get_frame_timestamp(np.arange(n))[:, 0]
+        idx = sample_indices(n, sampling, ts, vr.get_avg_fps())
+        frames = vr.get_batch(idx).asnumpy()
+        stamps = vr.get_frame_timestamp(idx)[:, 0] if ts is None else ts[idx]
+    except MediaError:
+        raise
+    except RuntimeError as e:
+        if "decode.device=cuda" in str(e):
+            raise
+        raise MediaError(f"decord: {str(e).splitlines()[0][:300]}") from None
+    except Exception as e:
+        raise MediaError(f"decord: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}") from None
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise MediaError(f"decord returned frames of shape {frames.shape}")
+    _check_pixels(frames.shape[1], frames.shape[2], cfg)
+    return Decoded(frames, np.asarray(stamps, dtype=np.float64), n, "decord")
+
+
+def decode_video_pyav(data: bytes, sampling: SamplingConfig, cfg: DecodeConfig) -> Decoded:
+    import av
+
+    try:
+        # pass 1: demux only, to count frames and read their timestamps (cheap: no decoding)
+        with av.open(io.BytesIO(data), mode="r") as c:
+            if not c.streams.video:
+                raise MediaError("pyav: no video stream")
+            st = c.streams.video[0]
+            tb = float(st.time_base) if st.time_base else 1.0
+            pts = [p.pts for p in c.demux(st) if p.size > 0 and p.pts is not None]
+        if not pts:
+            # some containers carry no pts; fall back to decoding order
+            pts = None
+        n_hint = len(pts) if pts else None
+        # pass 2: decode; keep the wanted frames only
+        with av.open(io.BytesIO(data), mode="r") as c:
+            st = c.streams.video[0]
+            st.thread_type = "AUTO" if cfg.threads != 1 else "SLICE"
+            decoded_pts: list[float] = []
+            frames_all: list[np.ndarray] = []
+            want: Optional[set[int]] = None
+            if n_hint:
+                sorted_ts = np.sort(np.asarray(pts, dtype=np.float64) * tb)
+                idx = sample_indices(n_hint, sampling, sorted_ts - sorted_ts[0], None)
+                want = set(idx.tolist())
+            kept: dict[int, np.ndarray] = {}
+            for i, fr in enumerate(c.decode(st)):
+                t = float(fr.pts * tb) if fr.pts is not None else float(i)
+                decoded_pts.append(t)
+                if want is None:
+                    frames_all.append(fr.to_ndarray(format="rgb24"))
+                elif i in want:
+                    _check_pixels(fr.height, fr.width, cfg)
+                    kept[i] = fr.to_ndarray(format="rgb24")
+    except MediaError:
+        raise
+    except Exception as e:
+        raise MediaError(f"pyav: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}") from None
+    n = len(decoded_pts)
+    if n == 0:
+        raise MediaError("pyav: no decodable frames (unsupported codec or corrupt stream)")
+    t0 = decoded_pts[0]
+    times = np.asarray(decoded_pts, dtype=np.float64) - t0
+    if want is None or n != n_hint:
+        # counts disagreed (corrupt tail, b-frames dropped): re-pick from what really decoded
+        if want is None:
+            pool = frames_all
+        else:
+            pool = None
+        idx = sample_indices(n, sampling, times, None)
+        if pool is None:
+            available = sorted(kept)
+            if not available:
+                raise MediaError("pyav: none of the sampled frames decoded")
+            # map each wanted index to the nearest decoded frame we kept
+            arr_av = np.asarray(available)
+            idx = arr_av[np.abs(arr_av[None, :] - idx[:, None]).argmin(1)]
+            frames = np.stack([kept[i] for i in idx])
+        else:
+            frames = np.stack([pool[i] for i in idx])
+    else:
+        idx = sample_indices(n, sampling, times, None)
+        missing = [i for i in idx.tolist() if i not in kept]
+        if missing:
+            raise MediaError(f"pyav: frames {missing[:5]} did not decode")
+        frames = np.stack([kept[i] for i in idx.tolist()])
+    _check_pixels(frames.shape[1], frames.shape[2], cfg)
+    return Decoded(frames, times[idx], n, "pyav")
+
+
+def decode_media(data: bytes, name_ext: str, sampling: SamplingConfig, cfg: DecodeConfig) -> tuple[str, Decoded]:
+    """Decode one media member. Returns (media_type, Decoded). Raises MediaError with the reason."""
+    if len(data) == 0:
+        raise MediaError("empty media file (0 bytes)")
+    kind, fmt = sniff(data)
+    if kind == "image":
+        return "image", decode_image(data, cfg)
+    errors = []
+    backends = ["decord", "pyav"] if cfg.backend == "auto" else [cfg.backend]
+    for b in backends:
+        try:
+            dec = decode_video_decord(data, sampling, cfg) if b == "decord" else decode_video_pyav(data, sampling, cfg)
+        except MediaError as e:
+            errors.append(str(e))
+            continue
+        # a single-frame "video" (e.g. an MJPEG still named .mp4) is an image
+        mtype = "image" if dec.n_source_frames == 1 else "video"
+        if mtype == "image":
+            dec = Decoded(dec.frames[:1], dec.timestamps[:1], 1, dec.decoder)
+        return mtype, dec
+    if kind == "unknown":
+        # not a known container: maybe an image with a wrong name that PIL knows
+        try:
+            return "image", decode_image(data, cfg)
+        except MediaError:
+            pass
+        raise MediaError(f"unrecognised media (.{name_ext}, magic {data[:8].hex()}): " + " | ".join(errors))
+    raise MediaError(" | ".join(errors))

@@ -1,0 +1,88 @@
+"""CLIP preprocessing as batched tensor ops.
+
+Matches transformers' ``CLIPImageProcessor`` (resize shortest side with PIL bicubic, centre crop,
+rescale, normalise) to within a small tolerance (see tests/test_preprocess.py), but runs on a whole
+stack of frames at once in torch. Split in two halves so the heavy geometric part runs in CPU decode
+tasks and only uint8 pixels travel to the encoder, which normalises on its device.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from ..config import Cfg
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class PreprocessConfig(Cfg):
+    """Geometry and normalisation of encoder inputs."""
+
+    size: Optional[int] = Field(None, ge=8, description="crop size; None = the encoder's image size")
+    pad_to_square: bool = Field(False, description="pad to a square with the mean colour first (LLaVA-1.5)")
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+
+def resize_output_size(h: int, w: int, shortest: int) -> tuple[int, int]:
+    """Same rule as transformers' ``get_resize_output_image_size(default_to_square=False)``."""
+    short, long = (h, w) if h <= w else (w, h)
+    new_long = int(shortest * long / short)
+    return (shortest, new_long) if h <= w else (new_long, shortest)
+
+
+def pad_to_square(x: torch.Tensor, mean: tuple[float, float, float]) -> torch.Tensor:
+    """(T, 3, H, W) uint8/float -> (T, 3, S, S), S = max(H, W), image centred on the mean colour."""
+    t, c, h, w = x.shape
+    if h == w:
+        return x
+    s = max(h, w)
+    fill = torch.tensor([int(m * 255) for m in mean], dtype=x.dtype).view(1, 3, 1, 1)
+    out = fill.expand(t, c, s, s).clone()
+    top, left = (s - h) // 2, (s - w) // 2
+    out[:, :, top:top + h, left:left + w] = x
+    return out
+
+
+def resize_crop(frames: np.ndarray | torch.Tensor, size: int, pad_square: bool = False,
+                mean: tuple[float, float, float] = CLIP_MEAN) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (T, 3, size, size) uint8: shortest side to ``size`` (bicubic, antialiased
+    like PIL), then centre crop. Rounds to uint8 as PIL does between resize and rescale."""
+    if isinstance(frames, np.ndarray) and not frames.flags.writeable:
+        frames = frames.copy()  # torch cannot wrap read-only buffers
+    x = torch.as_tensor(frames)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected (T, H, W, 3) frames, got {tuple(x.shape)}")
+    x = x.permute(0, 3, 1, 2)  # (T, H, W, 3) -> (T, 3, H, W)
+    if pad_square:
+        x = pad_to_square(x, mean)
+    h, w = x.shape[-2:]
+    nh, nw = resize_output_size(h, w, size)
+    if (nh, nw) != (h, w):
+        y = F.interpolate(x.float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+        x = y.round_().clamp_(0, 255).to(torch.uint8)  # (T, 3, nh, nw)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    if top < 0 or left < 0:  # image smaller than the crop: pad like transformers' center_crop
+        x = F.pad(x, (max(0, -left), max(0, size - nw - max(0, -left)), max(0, -top), max(0, size - nh - max(0, -top))))
+        nh, nw = x.shape[-2:]
+        top, left = (nh - size) // 2, (nw - size) // 2
+    return x[:, :, top:top + size, left:left + size].contiguous()  # (T, 3, size, size)
+
+
+def normalize(x: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD, dtype=torch.float32) -> torch.Tensor:
+    """(N, 3, S, S) uint8 -> (N, 3, S, S) float: rescale 1/255 then (x - mean) / std."""
+    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    return ((x.float() / 255.0 - m) / s).to(dtype)
+
+
+def clip_preprocess(frames: np.ndarray, size: int = 224, pad_square: bool = False,
+                    mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (T, 3, size, size) float32, the full CLIP preprocessing."""
+    return normalize(resize_crop(frames, size, pad_square, mean), mean, std)

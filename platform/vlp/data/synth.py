@@ -1,0 +1,231 @@
+"""Synthetic WebVid / CC3M / instruction shards with learnable signal.
+
+Every clip shows one coloured shape moving in one direction over a static textured background.
+Colour and shape are visible in any single frame; direction only from temporal order, so a model
+that gets direction right must be using temporal information (Valley's per-frame CLS tokens).
+Captions and Q&A state colour, shape and direction. Everything is deterministic from the seed.
+The layout is what video2dataset / img2dataset write: ``{key}.mp4|jpg`` + ``{key}.txt`` + ``{key}.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from ..config import Cfg
+from ..storage import StorageConfig, get_fs, join
+from .tario import write_tar
+
+COLORS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (30, 60, 230), "yellow": (235, 215, 20)}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = ("left", "right", "up", "down")
+
+QUESTIONS = {
+    "color": ("What color is the shape?", "The shape is {color}."),
+    "shape": ("What shape is shown?", "It is a {shape}."),
+    "direction": ("Which direction does the shape move?", "It moves {direction}."),
+}
+
+
+class MakeShardsConfig(Cfg):
+    """What ``vlp make-shards`` writes."""
+
+    out: str = Field("runs/demo/shards", description="output folder or s3:// prefix")
+    storage: StorageConfig = StorageConfig()
+    seed: int = Field(0, description="everything is a function of this")
+    videos: int = Field(48, ge=0, description="WebVid-like caption clips (webvid-*.tar)")
+    images: int = Field(24, ge=0, description="CC3M-like caption images (cc3m-*.tar)")
+    instructions: int = Field(48, ge=0, description="instruction samples with conversations (instruct-*.tar)")
+    heldout: int = Field(24, ge=0, description="held-out clips with Q&A, never in training (heldout-*.tar)")
+    samples_per_shard: int = Field(16, ge=1)
+    width: int = Field(96, ge=16, le=4096)
+    height: int = Field(64, ge=16, le=4096)
+    num_frames: int = Field(16, ge=2, le=1000, description="frames per clip")
+    fps: int = Field(8, ge=1, le=120)
+    codec: Literal["libx264", "mpeg4"] = "libx264"
+    image_fraction_in_instructions: float = Field(0.25, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _even(self):
+        if self.codec == "mpeg4" and (self.width % 2 or self.height % 2):
+            raise ValueError("mpeg4 needs even width and height")
+        return self
+
+
+@dataclass
+class Attributes:
+    color: str
+    shape: str
+    direction: str
+
+    def caption(self, media: str) -> str:
+        if media == "image":
+            return f"A {self.color} {self.shape} on a textured background."
+        return f"A {self.color} {self.shape} moves {self.direction} over a textured background."
+
+
+def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Static low-frequency grey texture, (h, w, 3) uint8."""
+    coarse = rng.uniform(70, 170, size=(h // 8 + 2, w // 8 + 2))
+    yy = np.linspace(0, coarse.shape[0] - 1.001, h)
+    xx = np.linspace(0, coarse.shape[1] - 1.001, w)
+    y0, x0 = yy.astype(int), xx.astype(int)
+    fy, fx = (yy - y0)[:, None], (xx - x0)[None, :]
+    c = coarse
+    tex = (c[y0][:, x0] * (1 - fy) * (1 - fx) + c[y0 + 1][:, x0] * fy * (1 - fx)
+           + c[y0][:, x0 + 1] * (1 - fy) * fx + c[y0 + 1][:, x0 + 1] * fy * fx)
+    tex = tex + rng.normal(0, 6, size=(h, w))
+    return np.repeat(np.clip(tex, 0, 255)[..., None], 3, axis=2).astype(np.uint8)
+
+
+def _mask(shape: str, h: int, w: int, cx: float, cy: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    if shape == "circle":
+        return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    if shape == "square":
+        return (np.abs(xx - cx) <= r * 0.85) & (np.abs(yy - cy) <= r * 0.85)
+    # triangle pointing up
+    top, bottom = cy - r, cy + r
+    half = (yy - top) / (2 * r) * r
+    return (yy >= top) & (yy <= bottom) & (np.abs(xx - cx) <= half)
+
+
+def render_clip(attrs: Attributes, rng: np.random.Generator, h: int, w: int, n: int) -> np.ndarray:
+    """(n, h, w, 3) uint8 frames of the shape moving in ``attrs.direction``."""
+    bg = _texture(rng, h, w)
+    r = max(3.0, min(h, w) * 0.16)
+    margin = r + 1
+    # travel across most of the frame along the motion axis; random position on the other axis
+    a0, a1 = margin, (w if attrs.direction in ("left", "right") else h) - margin
+    other = rng.uniform(margin, (h if attrs.direction in ("left", "right") else w) - margin)
+    pos = np.linspace(a0, a1, n)
+    if attrs.direction in ("left", "up"):
+        pos = pos[::-1]
+    color = np.array(COLORS[attrs.color], dtype=np.uint8)
+    frames = np.empty((n, h, w, 3), dtype=np.uint8)
+    for i, p in enumerate(pos):
+        cx, cy = (p, other) if attrs.direction in ("left", "right") else (other, p)
+        f = bg.copy()
+        f[_mask(attrs.shape, h, w, cx, cy, r)] = color
+        frames[i] = f
+    return frames
+
+
+def encode_mp4(frames: np.ndarray, fps: int, codec: str = "libx264", pix_fmt: str | None = None) -> bytes:
+    """(n, h, w, 3) uint8 -> mp4 bytes with PyAV."""
+    import av
+
+    buf = io.BytesIO()
+    n, h, w, _ = frames.shape
+    with av.open(buf, mode="w", format="mp4") as c:
+        st = c.add_stream(codec, rate=fps)
+        st.width, st.height = w, h
+        st.pix_fmt = pix_fmt or ("yuv420p" if (w % 2 == 0 and h % 2 == 0) else "yuv444p")
+        if codec == "libx264":
+            st.options = {"crf": "18", "preset": "veryfast"}
+        for f in frames:
+            for pkt in st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(pkt)
+        for pkt in st.encode():
+            c.mux(pkt)
+    return buf.getvalue()
+
+
+def encode_jpeg(img: np.ndarray, quality: int = 92) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _attrs(rng: np.random.Generator) -> Attributes:
+    return Attributes(str(rng.choice(list(COLORS))), str(rng.choice(SHAPES)), str(rng.choice(DIRECTIONS)))
+
+
+def conversation(attrs: Attributes, media: str, rng: np.random.Generator, kinds: list[str] | None = None) -> list[dict]:
+    """LLaVA-style multi-turn conversation; the placeholder leads the first human turn."""
+    if kinds is None:
+        pool = ["color", "shape"] + (["direction"] if media == "video" else [])
+        kinds = list(rng.permutation(pool)[: int(rng.integers(1, len(pool) + 1))])
+    conv = []
+    for i, k in enumerate(kinds):
+        q, a = QUESTIONS[k]
+        q = (f"<{media}>\n" if i == 0 else "") + q
+        conv.append({"from": "human", "value": q})
+        conv.append({"from": "gpt", "value": a.format(**attrs.__dict__)})
+    return conv
+
+
+def vocabulary_corpus() -> list[str]:
+    """Every caption and Q&A string the synthetic data can produce (for the tiny tokenizer)."""
+    out = []
+    for c in COLORS:
+        for s in SHAPES:
+            for d in DIRECTIONS:
+                a = Attributes(c, s, d)
+                out += [a.caption("video"), a.caption("image")]
+                out += [q for q, _ in QUESTIONS.values()] + [ans.format(**a.__dict__) for _, ans in QUESTIONS.values()]
+    out += ["<image>\n", "<video>\n", "USER: ", " ASSISTANT: ", "system user assistant",
+            "A chat between a curious user and an artificial intelligence assistant. "
+            "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+            "0123456789 .,:;!?'\"()[]{}-_/\\ abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
+    return out
+
+
+def make_samples(kind: str, count: int, cfg: MakeShardsConfig, rng: np.random.Generator, shard_base: int):
+    """Yield (key, members) for one shard family."""
+    for i in range(count):
+        shard, idx = divmod(i, cfg.samples_per_shard)
+        key = f"{shard_base + shard:05d}{idx:04d}"
+        attrs = _attrs(rng)
+        media = "video"
+        if kind == "cc3m" or (kind == "instruct" and rng.random() < cfg.image_fraction_in_instructions):
+            media = "image"
+        meta = {"key": key, "url": f"synthetic://{kind}/{key}", "status": "success",
+                "width": cfg.width, "height": cfg.height, **attrs.__dict__,
+                "split": "heldout" if kind == "heldout" else "train", "media": media}
+        members: dict[str, bytes] = {}
+        if media == "video":
+            frames = render_clip(attrs, rng, cfg.height, cfg.width, cfg.num_frames)
+            members["mp4"] = encode_mp4(frames, cfg.fps, cfg.codec)
+            meta["duration"] = cfg.num_frames / cfg.fps
+            meta["num_frames"] = cfg.num_frames
+        else:
+            frames = render_clip(attrs, rng, cfg.height, cfg.width, 1)
+            members["jpg"] = encode_jpeg(frames[0])
+        caption = attrs.caption(media)
+        meta["caption"] = caption
+        if kind in ("instruct", "heldout"):
+            kinds = ["color", "shape", "direction"] if kind == "heldout" else None
+            meta["conversations"] = conversation(attrs, media, rng, kinds)
+        members["txt"] = caption.encode()
+        members["json"] = json.dumps(meta).encode()
+        yield shard_base + shard, key, members
+
+
+def make_shards(cfg: MakeShardsConfig) -> dict:
+    """Write all shard families; returns {family: [shard uris]}."""
+    fs, root = get_fs(cfg.out, cfg.storage)
+    fs.makedirs(root, exist_ok=True)
+    out: dict[str, list[str]] = {}
+    families = [("webvid", cfg.videos), ("cc3m", cfg.images), ("instruct", cfg.instructions), ("heldout", cfg.heldout)]
+    for fam_i, (fam, count) in enumerate(families):
+        rng = np.random.default_rng([cfg.seed, fam_i])
+        shards: dict[int, list] = {}
+        for shard, key, members in make_samples(fam, count, cfg, rng, 0):
+            shards.setdefault(shard, []).append((key, members))
+        for shard, samples in sorted(shards.items()):
+            name = f"{fam}-{shard:05d}.tar"
+            path = join(root, name)
+            tmp = path + ".tmp"
+            with fs.open(tmp, "wb") as f:
+                write_tar(f, samples)
+            fs.mv(tmp, path)
+            out.setdefault(fam, []).append(join(cfg.out, name))
+    return out

@@ -1,0 +1,128 @@
+"""``vlp inspect``: summarise a shard set or a feature set (counts, media types, frames, errors)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from .data.media import DecodeConfig, MediaError, SamplingConfig, decode_media, sniff
+from .data.tario import TarProblem, iter_tar_samples
+from .precompute.features import committed_shards, get_json
+from .precompute.stages import parse_sample
+from .storage import StorageConfig, expand_shards, get_fs
+
+
+def is_feature_set(uri: str, storage: StorageConfig | None = None) -> bool:
+    fs, root = get_fs(uri, storage)
+    return fs.exists(root.rstrip("/") + "/fingerprint.json") or fs.exists(root.rstrip("/") + "/manifest.json")
+
+
+def inspect_shards(specs: list[str], storage: StorageConfig | None = None, decode: bool = True,
+                   max_samples: int | None = None) -> dict:
+    """Read every sample of the shards; with ``decode`` also open each media to count its frames."""
+    shards = expand_shards(specs, storage)
+    media = Counter()
+    containers = Counter()
+    errors: list[dict] = []
+    frames_hist = Counter()
+    ignored = Counter()
+    n = ok = 0
+    per_shard = {}
+    sampling = SamplingConfig(num_frames=1)
+    for uri in shards:
+        fs, path = get_fs(uri, storage)
+        s_ok = s_n = 0
+        try:
+            f = fs.open(path, "rb")
+        except Exception as e:
+            errors.append({"shard": uri, "key": "<shard>", "stage": "open", "reason": str(e)})
+            continue
+        with f:
+            for item in iter_tar_samples(f):
+                if max_samples is not None and n >= max_samples:
+                    break
+                n += 1
+                s_n += 1
+                if isinstance(item, TarProblem):
+                    errors.append({"shard": uri, "key": item.key, "stage": "read", "reason": item.reason})
+                    continue
+                ignored.update(item.ignored)
+                try:
+                    fields = parse_sample(item)
+                except ValueError as e:
+                    errors.append({"shard": uri, "key": item.key, "stage": "read", "reason": str(e)})
+                    continue
+                containers[sniff(fields["media"])[1]] += 1
+                if decode:
+                    try:
+                        mtype, dec = decode_media(fields["media"], fields["media_ext"], sampling, DecodeConfig())
+                    except MediaError as e:
+                        errors.append({"shard": uri, "key": item.key, "stage": "decode", "reason": str(e)})
+                        continue
+                    media[mtype] += 1
+                    frames_hist[dec.n_source_frames] += 1
+                else:
+                    media[fields["media_ext"]] += 1
+                ok += 1
+                s_ok += 1
+        per_shard[uri] = {"samples": s_n, "ok": s_ok}
+    return {
+        "kind": "shards", "shards": len(shards), "samples": n, "ok": ok, "errors": len(errors),
+        "media_types": dict(media), "containers": dict(containers),
+        "source_frames": {"min": min(frames_hist) if frames_hist else 0, "max": max(frames_hist) if frames_hist else 0,
+                          "histogram": dict(sorted(frames_hist.items()))},
+        "ignored_members": dict(ignored), "per_shard": per_shard, "error_records": errors,
+    }
+
+
+def inspect_features(uri: str, storage: StorageConfig | None = None) -> dict:
+    manifest = get_json(uri, "manifest.json", storage)
+    fp = get_json(uri, "fingerprint.json", storage) or {}
+    done = committed_shards(uri, storage)
+    media = Counter()
+    for rec in done.values():
+        media.update(rec.get("media", {}))
+    errors = []
+    fs, root = get_fs(uri, storage)
+    p = root.rstrip("/") + "/errors.jsonl"
+    if fs.exists(p):
+        with fs.open(p, "rb") as f:
+            errors = [json.loads(x) for x in f.read().decode().splitlines() if x.strip()]
+    reasons = Counter(f"{e['stage']}: {e['reason'][:80]}" for e in errors)
+    return {
+        "kind": "features", "complete": manifest is not None and (
+            len(done) == len(manifest.get("inputs", []))),
+        "shards_committed": len(done), "shards_in_manifest": len(manifest["inputs"]) if manifest else None,
+        "samples": sum(r["n_ok"] for r in done.values()), "errors": sum(r["n_err"] for r in done.values()),
+        "frames": sum(r.get("frames", 0) for r in done.values()), "media_types": dict(media),
+        "mode": fp.get("mode"), "encoder": fp.get("encoder"), "sampling": fp.get("sampling"),
+        "vlp_version": manifest.get("vlp_version") if manifest else None,
+        "errors_by_reason": dict(reasons.most_common()),
+    }
+
+
+def format_report(rep: dict) -> str:
+    lines = []
+    if rep["kind"] == "shards":
+        lines.append(f"shard set: {rep['shards']} shard(s), {rep['samples']} sample(s), {rep['ok']} ok, "
+                     f"{rep['errors']} error(s)")
+        lines.append(f"  media types: {rep['media_types']}  containers: {rep['containers']}")
+        sf = rep["source_frames"]
+        lines.append(f"  source frames per sample: min {sf['min']}, max {sf['max']}")
+        if rep["ignored_members"]:
+            lines.append(f"  ignored members (never unpickled): {rep['ignored_members']}")
+        for e in rep["error_records"][:50]:
+            lines.append(f"  ! {e['shard'].rsplit('/', 1)[-1]} {e['key']} [{e['stage']}] {e['reason'][:160]}")
+        if len(rep["error_records"]) > 50:
+            lines.append(f"  ... {len(rep['error_records']) - 50} more")
+    else:
+        state = "complete" if rep["complete"] else "INCOMPLETE (resume with the same command)"
+        lines.append(f"feature set ({state}): {rep['shards_committed']} shard(s) committed, {rep['samples']} "
+                     f"sample(s), {rep['errors']} error(s), {rep['frames']} frames")
+        enc = rep.get("encoder") or {}
+        lines.append(f"  mode {rep['mode']}, encoder {enc.get('path')} layer {enc.get('layer')} "
+                     f"(d={enc.get('hidden_size')}, sha256 {str(enc.get('weights_sha256'))[:12]}), "
+                     f"media {rep['media_types']}")
+        for k, v in rep["errors_by_reason"].items():
+            lines.append(f"  ! {v} x {k}")
+    return "\n".join(lines)

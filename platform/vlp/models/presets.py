@@ -1,0 +1,118 @@
+"""Tiny, locally built models: the same load path as real checkpoints, no downloads.
+
+``preset:tiny-clip`` / ``preset:tiny-llama`` / ``preset:tiny-tokenizer`` resolve to folders under the
+vlp cache (``$VLP_CACHE``, default ``~/.cache/vlp``), built deterministically on first use with
+``save_pretrained`` and then always loaded through ``from_pretrained``, exactly like
+``openai/clip-vit-large-patch14`` or a Vicuna checkpoint would be.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from ..registry import Registry
+
+PRESETS: Registry[Callable[[Path], None]] = Registry("model preset")
+
+CHAT_SPECIAL_TOKENS = ["<image>", "<video>", "<|im_start|>", "<|im_end|>"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("VLP_CACHE", Path.home() / ".cache" / "vlp"))
+
+
+def resolve_model_path(path: str) -> str:
+    """``preset:NAME`` -> a local folder (built if missing); anything else is returned unchanged."""
+    if not path.startswith("preset:"):
+        return path
+    name = path.split(":", 1)[1]
+    builder = PRESETS.get(name)
+    target = cache_dir() / "presets" / name
+    if (target / ".complete").exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        builder(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / ".complete").exists():  # a half-built folder from a killed process
+                shutil.rmtree(target, ignore_errors=True)
+                os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def _corpus() -> list[str]:
+    from ..data.synth import vocabulary_corpus
+
+    return vocabulary_corpus()
+
+
+@PRESETS.register("tiny-tokenizer")
+def build_tiny_tokenizer(out: Path) -> None:
+    """Byte-level BPE trained on the synthetic captions/Q&A vocabulary, with chat special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, min_frequency=1,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>", *CHAT_SPECIAL_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=CHAT_SPECIAL_TOKENS)
+    fast.save_pretrained(out)
+
+
+@PRESETS.register("tiny-clip")
+def build_tiny_clip(out: Path) -> None:
+    """CLIP ViT with the real geometry (224 px, patch 14 -> 256 patches + CLS) but 2 layers of width 64."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=224, patch_size=14, projection_dim=64)
+    CLIPVisionModel(cfg).save_pretrained(out)
+    _write_preprocessor_config(out, 224)
+
+
+@PRESETS.register("tiny-llama")
+def build_tiny_llama(out: Path) -> None:
+    """LLaMA-family causal LM, 2 layers of width 64, sized to the tiny tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("preset:tiny-tokenizer"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _write_preprocessor_config(out: Path, size: int) -> None:
+    import json
+
+    from ..data.preprocess import CLIP_MEAN, CLIP_STD
+
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True,
+    }, indent=2))

@@ -1,0 +1,114 @@
+"""Frozen vision towers, chosen by ``type``. Only CLIP for now (LLaVA / Valley use CLIP ViT-L/14)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from ..config import Cfg
+from ..data.preprocess import CLIP_MEAN, CLIP_STD
+from ..registry import Registry
+from .presets import resolve_model_path
+
+VISION_TOWERS: Registry[Callable[["VisionTowerConfig"], "VisionTower"]] = Registry("vision tower")
+
+
+class VisionTowerConfig(Cfg):
+    """A frozen image encoder; ``path`` is a local folder, a hub id or ``preset:tiny-clip``."""
+
+    type: str = Field("clip", description="registered tower type")
+    path: str = Field("preset:tiny-clip", description="folder, hub id (e.g. openai/clip-vit-large-patch14) or preset:NAME")
+    layer: int = Field(-2, description="hidden-state index to keep (-2 = penultimate, as LLaVA/Valley)")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: float16 on GPU, float32 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is visible")
+
+    @field_validator("type")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in VISION_TOWERS:
+            raise ValueError(f"unknown vision tower type {v!r}; known: {', '.join(VISION_TOWERS.names())}")
+        return v
+
+
+@dataclass
+class VisionTower:
+    model: torch.nn.Module
+    image_size: int
+    hidden_size: int
+    num_layers: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    path: str
+    weights_sha256: str
+    device: torch.device
+    dtype: torch.dtype
+    layer: int
+
+    @torch.no_grad()
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalised -> (N, 1 + P, D) hidden states of ``layer`` (CLS first)."""
+        out = self.model(pixel_values=pixels.to(self.device, self.dtype), output_hidden_states=True)
+        return out.hidden_states[self.layer]
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda requested but no GPU is visible to this process")
+    if dtype == "auto":
+        dtype = "float16" if device == "cuda" else "float32"
+    return torch.device(device), getattr(torch, dtype)
+
+
+def weights_hash(folder: str) -> str:
+    """sha256 over the weight files of a local checkpoint (hub ids: over the cached snapshot)."""
+    p = Path(folder)
+    if not p.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            p = Path(snapshot_download(folder, local_files_only=True))
+        except Exception:
+            return "unknown"
+    h = hashlib.sha256()
+    files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest() if files else "unknown"
+
+
+@VISION_TOWERS.register("clip")
+def load_clip(cfg: VisionTowerConfig) -> VisionTower:
+    from transformers import CLIPVisionModel
+
+    path = resolve_model_path(cfg.path)
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    model = CLIPVisionModel.from_pretrained(path, torch_dtype=dtype).to(device).eval().requires_grad_(False)
+    mcfg = model.config
+    n_layers = mcfg.num_hidden_layers
+    if not -(n_layers + 1) <= cfg.layer <= n_layers:
+        raise ValueError(f"vision_tower.layer={cfg.layer} out of range for a {n_layers}-layer tower "
+                         f"(hidden states -{n_layers + 1}..{n_layers})")
+    mean, std = CLIP_MEAN, CLIP_STD
+    pp = Path(path) / "preprocessor_config.json"
+    if pp.exists():
+        d = json.loads(pp.read_text())
+        mean, std = tuple(d.get("image_mean", mean)), tuple(d.get("image_std", std))
+    return VisionTower(model=model, image_size=mcfg.image_size, hidden_size=mcfg.hidden_size, num_layers=n_layers,
+                       mean=mean, std=std, path=cfg.path, weights_sha256=weights_hash(path), device=device,
+                       dtype=dtype, layer=cfg.layer)
+
+
+def build_vision_tower(cfg: VisionTowerConfig) -> VisionTower:
+    return VISION_TOWERS.get(cfg.type)(cfg)

@@ -1,0 +1,60 @@
+"""Config of the feature precompute job (``vlp precompute`` / ``jobs/precompute.py``)."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from ..config import Cfg
+from ..data.media import DecodeConfig, SamplingConfig
+from ..data.preprocess import PreprocessConfig
+from ..models.vision import VisionTowerConfig
+from ..runtime import RayConfig
+from ..storage import StorageConfig
+
+
+class DataConfig(Cfg):
+    """Input shards and how their media become frames."""
+
+    shards: list[str] = Field(..., min_length=1, description="folders, globs, brace ranges or s3:// URLs of .tar shards")
+    storage: StorageConfig = StorageConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    decode: DecodeConfig = DecodeConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    read_cpus: float = Field(0.25, gt=0, description="CPUs reserved per shard-read task (I/O bound)")
+    decode_cpus: float = Field(1.0, gt=0, description="CPUs reserved per decode task")
+    decode_batch_size: int = Field(4, ge=1, description="samples per decode task call")
+    decode_memory_mb: int = Field(512, ge=1, description="memory reserved per decode task (MiB)")
+
+
+class EncoderConfig(Cfg):
+    """The frozen vision tower and its actor pool."""
+
+    tower: VisionTowerConfig = VisionTowerConfig()
+    batch_size: int = Field(8, ge=1, description="samples per encoder call")
+    max_frames_per_forward: int = Field(256, ge=1, description="frames per forward pass (memory bound)")
+    concurrency: int = Field(1, ge=1, description="encoder actors (one GPU each where GPUs exist)")
+    num_gpus_per_actor: float = Field(1.0, ge=0, description="used only when the tower runs on cuda")
+    cpus_per_actor: float = Field(1.0, gt=0)
+
+
+class OutputConfig(Cfg):
+    """Where features go and in which layout."""
+
+    uri: str = Field(..., description="output folder or s3:// prefix")
+    storage: StorageConfig = StorageConfig()
+    mode: Literal["frames", "valley_pooled"] = Field(
+        "valley_pooled", description="frames: (T, 1+P, D) per sample; valley_pooled: (P + T, D) = patch tokens "
+        "averaged over time, then the T per-frame CLS tokens")
+    overwrite: bool = Field(False, description="start over when the folder holds features of another config")
+
+
+class PrecomputeConfig(Cfg):
+    """``vlp precompute``: shards -> decoded frames -> frozen CLIP features, streamed by Ray Data."""
+
+    run_name: Optional[str] = Field(None, description="label in the manifest; defaults to the output folder name")
+    data: DataConfig
+    encoder: EncoderConfig = EncoderConfig()
+    output: OutputConfig
+    ray: RayConfig = RayConfig()

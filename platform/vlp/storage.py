@@ -1,0 +1,134 @@
+"""Local and S3 (or S3-compatible) storage through fsspec, plus shard-spec expansion.
+
+Credentials never live in configs: s3fs takes them from the environment / instance role
+(``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, IMDS). A config only says where the store is.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import os
+from typing import Optional
+
+import fsspec
+from braceexpand import braceexpand
+from pydantic import Field
+
+from .config import Cfg
+
+
+class StorageConfig(Cfg):
+    """Where remote data lives. Credentials come from the environment, never from here."""
+
+    endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint (MinIO, Ceph, moto); None = AWS")
+    region: Optional[str] = Field(None, description="S3 region name")
+    anon: bool = Field(False, description="anonymous access to public buckets")
+    profile: Optional[str] = Field(None, description="AWS profile name from ~/.aws/credentials")
+
+
+class StorageError(RuntimeError):
+    """A store could not be reached or read; the message says what to check."""
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def storage_options(uri: str, storage: StorageConfig | None) -> dict:
+    if not uri.startswith(("s3://", "s3a://")) or storage is None:
+        return {}
+    opts: dict = {"anon": storage.anon}
+    client_kwargs = {}
+    if storage.endpoint_url:
+        client_kwargs["endpoint_url"] = storage.endpoint_url
+    if storage.region:
+        client_kwargs["region_name"] = storage.region
+    if client_kwargs:
+        opts["client_kwargs"] = client_kwargs
+    if storage.profile:
+        opts["profile"] = storage.profile
+    return opts
+
+
+def get_fs(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path-within-it) for a local path or URL."""
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri, storage))
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    base = base.rstrip("/")
+    return "/".join([base, *[p.strip("/") for p in parts]])
+
+
+def describe_storage_error(uri: str, exc: BaseException) -> str:
+    """Turn botocore/s3fs exceptions into a message a user can act on."""
+    text = f"{type(exc).__name__}: {exc}"
+    low = text.lower()
+    hints = []
+    if any(s in low for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden",
+                              "nocredentials", "unable to locate credentials", "expiredtoken", "403")):
+        hints.append("credentials were rejected or missing: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                     "AWS_PROFILE (storage.profile) or the instance role")
+    if "nosuchbucket" in low:
+        hints.append("the bucket does not exist")
+    if "could not connect" in low or "connect timeout" in low or "endpoint" in low:
+        hints.append("the endpoint could not be reached: check storage.endpoint_url")
+    hint = ("; " + "; ".join(hints)) if hints else ""
+    return f"cannot access {uri}: {text}{hint}"
+
+
+def _has_glob(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def expand_shards(specs: list[str] | str, storage: StorageConfig | None = None,
+                  suffixes: tuple[str, ...] = (".tar",)) -> list[str]:
+    """Expand shard specs into a sorted, de-duplicated list of shard URIs.
+
+    Accepts local folders (every ``*.tar`` inside), globs, brace ranges
+    (``webvid-{00000..00099}.tar``) and ``s3://`` URLs of any of those. A spec that matches nothing
+    is an error, as is a brace-range member that does not exist.
+    """
+    if isinstance(specs, str):
+        specs = [specs]
+    out: list[str] = []
+    missing: list[str] = []
+    for spec in specs:
+        for one in braceexpand(spec):
+            remote = is_remote(one)
+            try:
+                fs, path = get_fs(one, storage)
+                if _has_glob(path):
+                    found = sorted(fs.glob(path)) if remote else sorted(_glob.glob(path))
+                    found = [f for f in found if f.endswith(suffixes)]
+                    if not found:
+                        missing.append(f"{one} (glob matched nothing)")
+                elif fs.isdir(path):
+                    found = sorted(f for f in fs.find(path) if f.endswith(suffixes))
+                    if not found:
+                        missing.append(f"{one} (folder holds no {'/'.join(suffixes)} files)")
+                elif fs.exists(path):
+                    found = [path]
+                else:
+                    found = []
+                    missing.append(f"{one} (does not exist)")
+            except (OSError, PermissionError) as e:
+                raise StorageError(describe_storage_error(one, e)) from e
+            except Exception as e:  # botocore errors are not OSError subclasses
+                if type(e).__module__.startswith(("botocore", "aiobotocore", "s3fs")):
+                    raise StorageError(describe_storage_error(one, e)) from e
+                raise
+            proto = one.split("://", 1)[0] + "://" if remote else ""
+            out.extend(f if not proto or f.startswith(proto) else proto + f for f in found)
+            if not remote:
+                out[len(out) - len(found):] = [os.path.abspath(f) for f in found]
+    if missing:
+        raise StorageError("shard spec matched nothing:\n  " + "\n  ".join(missing))
+    seen = set()
+    uniq = []
+    for f in out:
+        if f not in seen:
+            seen.add(f)
+            uniq.append(f)
+    return uniq
