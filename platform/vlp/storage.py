@@ -66,8 +66,9 @@ def describe_storage_error(uri: str, exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     low = text.lower()
     hints = []
-    if any(s in low for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden",
-                              "nocredentials", "unable to locate credentials", "expiredtoken", "403")):
+    if isinstance(exc, PermissionError) or any(s in low for s in (
+            "invalidaccesskeyid", "access key id", "signaturedoesnotmatch", "accessdenied", "forbidden",
+            "nocredentials", "unable to locate credentials", "expiredtoken", "403")):
         hints.append("credentials were rejected or missing: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
                      "AWS_PROFILE (storage.profile) or the instance role")
     if "nosuchbucket" in low:

@@ -1,0 +1,106 @@
+"""Shared fixtures: an isolated model cache, synthetic shards, and one local Ray for the session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MEDIA = ROOT.parent / "shared" / "media" / "llamafactory_mllm_demo"
+
+# Presets are built once per test session into a private cache (set before Ray starts so workers see it).
+_CACHE = Path(os.environ.get("VLP_TEST_CACHE", "/tmp/vlp-test-cache"))
+os.environ["VLP_CACHE"] = str(_CACHE)
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests only ever talk to S3 servers on loopback (moto); these dummy credentials are what they accept.
+# Set before Ray starts so that Ray workers inherit them.
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray (2 CPUs) for every test that needs it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True,
+                 object_store_memory=1 << 30, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path() -> str:
+    from vlp.models.presets import resolve_model_path
+
+    return resolve_model_path("preset:tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def synth_shards(tmp_path_factory) -> Path:
+    """A small synthetic shard set: 2 webvid, 1 cc3m, 1 instruct, 1 heldout shard."""
+    from vlp.data.synth import MakeShardsConfig, make_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    make_shards(MakeShardsConfig(out=str(out), videos=12, images=6, instructions=6, heldout=6,
+                                 samples_per_shard=6, num_frames=12))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto(env_extra: dict | None = None):
+    port = free_port()
+    env = {**os.environ, **(env_extra or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError("moto server did not start")
+    return proc, url
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-speaking server (moto in server mode) on loopback. Yields its endpoint URL."""
+    proc, url = start_moto()
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def s3_server_strict():
+    """A moto server that enforces IAM auth: every request with unknown keys is rejected."""
+    proc, url = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def make_bucket(endpoint: str, name: str) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=name)
