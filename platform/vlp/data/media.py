@@ -171,12 +171,16 @@ def decode_video_decord(data: bytes, sampling: SamplingConfig, cfg: DecodeConfig
         n = len(vr)
         if n <= 0:
             raise MediaError("decord: clip has no frames")
-        ts = None
-        if sampling.mode == "fps":
-            ts = vr.get_frame_timestamp(np.arange(n))[:, 0]
-        idx = sample_indices(n, sampling, ts, vr.get_avg_fps())
+        avg_fps = vr.get_avg_fps()
+        ts = np.asarray(vr.get_frame_timestamp(np.arange(n))[:, 0], dtype=np.float64)
+        if not (np.isfinite(ts).all() and (ts >= -1e-3).all() and (np.diff(ts) >= 0).all()):
+            # containers without per-frame pts (h264 in AVI) give decord AV_NOPTS_VALUE-derived garbage
+            # (about -1e18 s); fall back to constant-rate times from the average frame rate
+            ts = np.arange(n) / (avg_fps if avg_fps and avg_fps > 0 else 25.0)
+        ts = ts - ts[0]
+        idx = sample_indices(n, sampling, ts if sampling.mode == "fps" else None, avg_fps)
         frames = vr.get_batch(idx).asnumpy()
-        stamps = vr.get_frame_timestamp(idx)[:, 0] if ts is None else ts[idx]
+        stamps = ts[idx]
     except MediaError:
         raise
     except RuntimeError as e:
@@ -210,6 +214,7 @@ def decode_video_pyav(data: bytes, sampling: SamplingConfig, cfg: DecodeConfig) 
         with av.open(io.BytesIO(data), mode="r") as c:
             st = c.streams.video[0]
             st.thread_type = "AUTO" if cfg.threads != 1 else "SLICE"
+            rate = float(st.average_rate or st.guessed_rate or 0) or 25.0  # for frames without pts
             decoded_pts: list[float] = []
             frames_all: list[np.ndarray] = []
             want: Optional[set[int]] = None
@@ -218,14 +223,20 @@ def decode_video_pyav(data: bytes, sampling: SamplingConfig, cfg: DecodeConfig) 
                 idx = sample_indices(n_hint, sampling, sorted_ts - sorted_ts[0], None)
                 want = set(idx.tolist())
             kept: dict[int, np.ndarray] = {}
+            size0: Optional[tuple[int, int]] = None
             for i, fr in enumerate(c.decode(st)):
-                t = float(fr.pts * tb) if fr.pts is not None else float(i)
+                t = float(fr.pts * tb) if fr.pts is not None else i / rate
                 decoded_pts.append(t)
+                if size0 is None:
+                    size0 = (fr.width, fr.height)
+                # a stream that changes resolution mid-way is scaled to its first size (as decord does)
+                fmt = {"format": "rgb24"} if (fr.width, fr.height) == size0 else {
+                    "format": "rgb24", "width": size0[0], "height": size0[1]}
                 if want is None:
-                    frames_all.append(fr.to_ndarray(format="rgb24"))
+                    frames_all.append(fr.to_ndarray(**fmt))
                 elif i in want:
                     _check_pixels(fr.height, fr.width, cfg)
-                    kept[i] = fr.to_ndarray(format="rgb24")
+                    kept[i] = fr.to_ndarray(**fmt)
     except MediaError:
         raise
     except Exception as e:
@@ -233,8 +244,10 @@ def decode_video_pyav(data: bytes, sampling: SamplingConfig, cfg: DecodeConfig) 
     n = len(decoded_pts)
     if n == 0:
         raise MediaError("pyav: no decodable frames (unsupported codec or corrupt stream)")
-    t0 = decoded_pts[0]
-    times = np.asarray(decoded_pts, dtype=np.float64) - t0
+    # frames come out of the decoder in presentation order, but their pts can be out of order when the
+    # container has no real pts (h264 in AVI) or timestamps restart: the i-th frame gets the i-th time
+    times = np.sort(np.asarray(decoded_pts, dtype=np.float64))
+    times = times - times[0]
     if want is None or n != n_hint:
         # counts disagreed (corrupt tail, b-frames dropped): re-pick from what really decoded
         if want is None:

@@ -218,8 +218,9 @@ def make_shards(cfg: MakeShardsConfig) -> dict:
     for fam_i, (fam, count) in enumerate(families):
         rng = np.random.default_rng([cfg.seed, fam_i])
         shards: dict[int, list] = {}
-        for shard, key, members in make_samples(fam, count, cfg, rng, 0):
-            shards.setdefault(shard, []).append((key, members))
+        # keys are unique across families (as video2dataset's are across shards): family i uses shards i*1000+
+        for shard, key, members in make_samples(fam, count, cfg, rng, fam_i * 1000):
+            shards.setdefault(shard - fam_i * 1000, []).append((key, members))
         for shard, samples in sorted(shards.items()):
             name = f"{fam}-{shard:05d}.tar"
             path = join(root, name)

@@ -39,11 +39,28 @@ def split_name(name: str) -> tuple[str, str]:
     return key, ext.lower() if dot else ""
 
 
+class _HeaderWatch(tarfile.TarInfo):
+    """TarInfo that remembers why header reading stopped.
+
+    In stream mode ``tarfile`` ends the iteration *silently* (as if the archive were complete) when a
+    header after the first is missing, cut short or fails its checksum; only a zero block is a real
+    end-of-archive marker. This records the other cases so the reader can report them.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tf):
+        try:
+            return super().fromtarfile(tf)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as e:
+            tf._vlp_header_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            raise
+
+
 def iter_tar_samples(fileobj: IO[bytes]) -> Iterator[RawSample | TarProblem]:
     """Yield samples (and problems) from a tar stream, in order, grouping adjacent members by key."""
     cur: RawSample | None = None
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
+        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_HeaderWatch) as tf:
             for ti in tf:
                 if not ti.isfile():
                     continue
@@ -68,6 +85,10 @@ def iter_tar_samples(fileobj: IO[bytes]) -> Iterator[RawSample | TarProblem]:
                     raise tarfile.ReadError(f"member {ti.name} truncated: {len(data)} of {ti.size} bytes")
                 cur.members[ext] = data
                 cur.size += len(data)
+            bad_end = getattr(tf, "_vlp_header_error", None)
+            if bad_end:
+                # no end-of-archive marker: cut off at a member boundary or a corrupt header
+                raise tarfile.ReadError(f"archive ends without an end-of-archive marker ({bad_end})")
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         # truncated or corrupt archive: the sample being read is lost, report it and stop
         lost = cur.key if cur is not None else "<shard>"

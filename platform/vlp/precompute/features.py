@@ -109,7 +109,7 @@ def _decode_batch(batch: dict) -> dict:
 def open_feature_dataset(uri: str, storage: StorageConfig | None = None, decode: bool = True):
     """A Ray Dataset over the committed rows of a feature set (what training streams).
 
-    Columns: key, shard, media_type, caption, conversations (JSON), meta (JSON), timestamps, num_frames,
+    Columns: uid (``shard/key``, unique), key, shard, media_type, caption, conversations (JSON), meta (JSON), timestamps, num_frames,
     n_source_frames, features (float16 array when ``decode``), shape, mode.
     """
     import pyarrow.fs as pafs

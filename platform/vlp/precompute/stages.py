@@ -52,6 +52,8 @@ def parse_sample(raw: RawSample) -> dict[str, Any]:
             meta = json.loads(raw.members["json"].decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"json member is not valid UTF-8 JSON: {e}") from None
+        except RecursionError:  # json nested thousands deep: not a ValueError, would kill the reader
+            raise ValueError("json member is nested too deeply to parse") from None
         if not isinstance(meta, dict):
             raise ValueError("json member is not an object")
     caption = ""
@@ -102,8 +104,9 @@ class ReadShard:
                 else:
                     try:
                         fields = parse_sample(item_)
-                    except ValueError as e:
-                        yield make_row(shard=shard, key=item_.key, kind="error", stage="read", error=str(e),
+                    except Exception as e:  # ValueError(reason) by design; anything else is still bad data
+                        reason = str(e) if isinstance(e, ValueError) else f"cannot parse sample: {type(e).__name__}: {e}"
+                        yield make_row(shard=shard, key=item_.key, kind="error", stage="read", error=reason,
                                        bytes_in=item_.size, ignored=",".join(item_.ignored), t_read=dt)
                     else:
                         yield make_row(shard=shard, key=item_.key, kind="sample", bytes_in=item_.size,
@@ -155,6 +158,12 @@ class DecodeFrames:
         except MediaError as e:
             return {**r, "kind": "error", "stage": "decode", "error": str(e), "media": b"",
                     "t_decode": time.perf_counter() - t0}
+        except Exception as e:
+            if isinstance(e, RuntimeError) and "decode.device=cuda" in str(e):
+                raise  # a config error (no GPU decord), not bad data: the job must stop
+            # a decoder bug on one odd file must not kill the whole job: record it like any decode failure
+            return {**r, "kind": "error", "stage": "decode", "media": b"", "t_decode": time.perf_counter() - t0,
+                    "error": f"unexpected decode failure: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
         return {**r, "media": b"", "media_type": mtype, "frames": frames.tobytes(),
                 "frames_shape": ",".join(map(str, frames.shape)), "timestamps": ",".join(f"{t:.4f}" for t in dec.timestamps),
                 "n_source_frames": dec.n_source_frames, "decoder": dec.decoder, "t_decode": time.perf_counter() - t0}
@@ -225,6 +234,7 @@ def feature_table(rows: list[dict], mode: str):
     import pyarrow as pa
 
     return pa.table({
+        "uid": [f"{r['shard']}/{r['key']}" for r in rows],  # unique across a feature set
         "key": [r["key"] for r in rows],
         "shard": [r["shard"] for r in rows],
         "media_type": [r["media_type"] for r in rows],

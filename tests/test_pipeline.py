@@ -1,0 +1,163 @@
+"""The Ray Data precompute pipeline on a local Ray: outputs, feature values, manifest, resume, kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from vlp.config import validate
+from vlp.precompute import (FeatureSetMismatch, PrecomputeConfig, committed_shards, iter_feature_rows,
+                            open_feature_dataset, run_precompute)
+from vlp.storage import StorageError
+
+pytestmark = pytest.mark.ray
+
+
+def _cfg(shards, out, **kw) -> PrecomputeConfig:
+    d = {"data": {"shards": [str(s) for s in shards]}, "output": {"uri": str(out)}, "ray": {"progress_bars": False}}
+    for k, v in kw.items():  # dotted keys
+        node = d
+        *head, last = k.split(".")
+        for h in head:
+            node = node.setdefault(h, {})
+        node[last] = v
+    return validate(PrecomputeConfig, d)
+
+
+def _keys(out) -> Counter:
+    return Counter(r["uid"] for r in iter_feature_rows(str(out)))
+
+
+def test_features_pooled_shapes_values_and_manifest(ray_local, synth_shards, tmp_path, tiny_clip_path):
+    out = tmp_path / "feat"
+    cfg = _cfg([synth_shards / "webvid-00000.tar", synth_shards / "cc3m-00000.tar"], out)
+    summary = run_precompute(cfg, log=lambda *_: None)
+    assert summary["samples_ok"] == 12 and summary["samples_failed"] == 0
+    rows = {r["uid"]: r for r in iter_feature_rows(str(out))}
+    assert len(rows) == 12
+    vids = [r for r in rows.values() if r["media_type"] == "video"]
+    imgs = [r for r in rows.values() if r["media_type"] == "image"]
+    assert len(vids) == 6 and len(imgs) == 6
+    assert all(r["features"].shape == (256 + 8, 64) and r["features"].dtype == np.float16 for r in vids)
+    assert all(r["features"].shape == (256 + 1, 64) for r in imgs)
+    assert all(len(r["timestamps"]) == 8 and list(r["timestamps"]) == sorted(r["timestamps"]) for r in vids)
+    assert all(r["caption"] and json.loads(r["meta"])["key"] == r["key"] for r in rows.values())
+
+    # recompute one clip by hand: decode -> preprocess -> CLIP penultimate layer -> Valley pooling
+    from transformers import CLIPVisionModel
+
+    from vlp.data.media import DecodeConfig, SamplingConfig, decode_media
+    from vlp.data.preprocess import clip_preprocess
+    from vlp.data.tario import iter_tar_samples
+
+    raw = next(iter_tar_samples(open(synth_shards / "webvid-00000.tar", "rb")))
+    _, dec = decode_media(raw.members["mp4"], "mp4", SamplingConfig(), DecodeConfig())
+    model = CLIPVisionModel.from_pretrained(tiny_clip_path).eval()
+    with torch.no_grad():
+        h = model(pixel_values=clip_preprocess(dec.frames), output_hidden_states=True).hidden_states[-2]
+    expect = torch.cat([h[:, 1:].mean(0), h[:, 0]])  # (T, 257, D) -> (256 + T, D)
+    got = torch.from_numpy(rows["webvid-00000/" + raw.key]["features"].astype(np.float32))
+    assert torch.allclose(got, expect, atol=2e-2, rtol=1e-2), (got - expect).abs().max()
+
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["mode"] == "valley_pooled" and man["layer"] == -2
+    assert man["encoder"]["path"] == "preset:tiny-clip" and len(man["encoder"]["weights_sha256"]) == 64
+    assert man["vlp_version"] and man["config"]["data"]["shards"] == cfg.data.shards
+    assert set(man["shards"]) == {"webvid-00000", "cc3m-00000"}
+    assert man["shards"]["webvid-00000"]["n_ok"] == 6 and len(man["inputs"]) == 2
+    assert yaml.safe_load((out / "config.yaml").read_text())["output"]["uri"] == str(out)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["this_run"]["frames"] == 6 * 8 + 6 and s["this_run"]["bytes_in"] > 0 and s["this_run"]["bytes_out"] > 0
+
+    ds = open_feature_dataset(str(out))
+    assert ds.count() == 12
+    row = ds.take(1)[0]
+    assert row["features"].shape in ((264, 64), (257, 64))
+
+
+def test_frames_mode_and_fps_sampling(ray_local, synth_shards, tmp_path):
+    out = tmp_path / "frames"
+    cfg = _cfg([synth_shards / "webvid-00001.tar"], out, **{"output.mode": "frames", "data.sampling.mode": "fps",
+                                                            "data.sampling.fps": 2.0, "data.sampling.max_frames": 3})
+    run_precompute(cfg, log=lambda *_: None)
+    rows = list(iter_feature_rows(str(out)))
+    assert len(rows) == 6
+    # 12 frames at 8 fps = 1.5 s -> targets 0, 0.5, 1.0, 1.5 s, thinned to max_frames=3
+    assert all(r["features"].shape == (3, 257, 64) for r in rows)
+
+
+def test_resume_skips_complete_shards_and_mismatch_is_refused(ray_local, synth_shards, tmp_path):
+    out = tmp_path / "feat"
+    first = _cfg([synth_shards / "webvid-00000.tar"], out)
+    assert run_precompute(first, log=lambda *_: None)["shards_run"] == 1
+    both = _cfg([synth_shards / "webvid-0000*.tar"], out)
+    s = run_precompute(both, log=lambda *_: None)
+    assert s["shards_skipped_complete"] == 1 and s["shards_run"] == 1 and s["samples_ok"] == 12
+    assert set(_keys(out).values()) == {1} and len(_keys(out)) == 12
+    # same folder, different layer: refused, nothing deleted
+    other = _cfg([synth_shards / "webvid-00000.tar"], out, **{"encoder.tower.layer": -1})
+    with pytest.raises(FeatureSetMismatch, match="different encoder"):
+        run_precompute(other, log=lambda *_: None)
+    assert len(_keys(out)) == 12
+    over = _cfg([synth_shards / "webvid-00000.tar"], out, **{"encoder.tower.layer": -1, "output.overwrite": True})
+    run_precompute(over, log=lambda *_: None)
+    assert len(_keys(out)) == 6
+
+
+def test_missing_shards_fail_before_any_work(tmp_path):
+    with pytest.raises(StorageError, match="does not exist"):
+        run_precompute(_cfg([tmp_path / "webvid-{00000..00001}.tar"], tmp_path / "o"), log=lambda *_: None)
+    with pytest.raises(StorageError, match="glob matched nothing"):
+        run_precompute(_cfg([tmp_path / "*.tar"], tmp_path / "o"), log=lambda *_: None)
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_killed_run_leaves_nothing_complete_and_resume_is_exactly_once(ray_local, tmp_path):
+    """SIGKILL a precompute run mid-way; readers see only committed shards; the rerun ends exactly once."""
+    from vlp.data.synth import MakeShardsConfig, make_shards
+
+    shards = tmp_path / "shards"
+    make_shards(MakeShardsConfig(out=str(shards), videos=40, images=0, instructions=0, heldout=0,
+                                 samples_per_shard=4, num_frames=12, seed=3))
+    out = tmp_path / "feat"
+    cfg_path = tmp_path / "p.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "data": {"shards": [str(shards / "webvid-*.tar")]}, "output": {"uri": str(out)},
+        "encoder": {"batch_size": 2}, "ray": {"address": ray_local.get_runtime_context().gcs_address,
+                                             "progress_bars": False}}))
+    cmd = [sys.executable, "-m", "vlp.cli", "precompute", "--config", str(cfg_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            done = list((out / "shards").glob("*.json")) if (out / "shards").exists() else []
+            if len(done) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    committed = committed_shards(str(out))
+    assert 2 <= len(committed) < 10
+    assert not (out / "manifest.json").exists()
+    # readers see exactly the committed shards' rows, each once
+    keys = _keys(out)
+    assert set(keys.values()) == {1} and len(keys) == sum(r["n_ok"] for r in committed.values())
+
+    s = run_precompute(_cfg([shards / "webvid-*.tar"], out, **{"encoder.batch_size": 2}), log=lambda *_: None)
+    assert s["shards_skipped_complete"] == len(committed)
+    keys = _keys(out)
+    assert len(keys) == 40 and set(keys.values()) == {1}
+    assert s["samples_ok"] == 40 and s["samples_failed"] == 0
