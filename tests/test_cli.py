@@ -1,0 +1,94 @@
+"""The vlp CLI end to end: make-shards, inspect (shards and features), demo (shrunk), job entry point."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from vlp.cli import main
+
+
+def test_make_shards_is_deterministic_and_has_a_heldout_split(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ["videos=4", "images=2", "instructions=4", "heldout=2", "samples_per_shard=4"]
+    assert main(["make-shards", f"out={a}", *args]) == 0
+    assert main(["make-shards", f"out={b}", *args]) == 0
+    names = sorted(p.name for p in a.glob("*.tar"))
+    assert names == ["cc3m-00000.tar", "heldout-00000.tar", "instruct-00000.tar", "webvid-00000.tar"]
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+    assert main(["make-shards", f"out={tmp_path / 'c'}", *args, "seed=1"]) == 0
+    assert (tmp_path / "c" / "webvid-00000.tar").read_bytes() != (a / "webvid-00000.tar").read_bytes()
+
+    from vlp.data.tario import iter_tar_samples
+
+    held = [json.loads(s.members["json"]) for s in iter_tar_samples(open(a / "heldout-00000.tar", "rb"))]
+    assert all(m["split"] == "heldout" for m in held)
+    conv = held[0]["conversations"]
+    assert conv[0]["value"].startswith("<video>\n") and [t["from"] for t in conv] == ["human", "gpt"] * 3
+    assert f"moves {held[0]['direction']}" in conv[-1]["value"] or held[0]["direction"] in json.dumps(conv)
+    train = [json.loads(s.members["json"]) for s in iter_tar_samples(open(a / "webvid-00000.tar", "rb"))]
+    assert all(m["split"] == "train" and m["direction"] in m["caption"] and m["color"] in m["caption"] for m in train)
+    assert not {m["key"] for m in train} & {m["key"] for m in held}
+
+
+def test_inspect_shards_reports_counts_and_errors(tmp_path, capsys):
+    from vlp.data.tario import write_tar
+
+    d = tmp_path / "s"
+    assert main(["make-shards", f"out={d}", "videos=3", "images=2", "instructions=0", "heldout=0"]) == 0
+    with open(d / "bad-00000.tar", "wb") as f:
+        write_tar(f, [("k1", {"mp4": b"", "txt": b"x"}), ("k2", {"txt": b"caption only"})])
+    capsys.readouterr()
+    assert main(["inspect", str(d), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["samples"] == 7 and rep["ok"] == 5 and rep["errors"] == 2
+    assert rep["media_types"] == {"video": 3, "image": 2} and rep["source_frames"]["max"] == 16
+    reasons = sorted(e["reason"] for e in rep["error_records"])
+    assert reasons[0].startswith("empty media") and reasons[1].startswith("no media member")
+    assert main(["inspect", str(d)]) == 0
+    text = capsys.readouterr().out
+    assert "7 sample(s), 5 ok, 2 error(s)" in text and "bad-00000.tar k1 [decode] empty media" in text
+
+
+@pytest.mark.ray
+def test_demo_shrunk_runs_and_reuses_finished_steps(ray_local, tmp_path, capsys):
+    root = tmp_path / "demo"
+    args = ["demo", f"root={root}", "shards.videos=4", "shards.images=2", "shards.instructions=4",
+            "shards.heldout=2", "shards.samples_per_shard=4", "ray.progress_bars=false"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for name in ("pretrain", "instruct", "heldout"):
+        man = json.loads((root / "features" / name / "manifest.json").read_text())
+        assert man["totals"]["samples_failed"] == 0
+    assert "feature set (complete)" in out and (root / "demo_config.yaml").exists()
+    assert main(["inspect", str(root / "features" / "pretrain")]) == 0
+    assert "6 sample(s), 0 error(s)" in capsys.readouterr().out
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "shards: reused" in out and out.count("already complete, 0 to do") == 3
+
+
+def test_job_entry_point_is_thin_and_matches_the_cli():
+    src = (ROOT / "jobs" / "precompute.py").read_text()
+    assert len(src.splitlines()) < 150
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "precompute.py"), "--config",
+                        str(ROOT / "configs/local/precompute.yaml"), "--print-config", "data.sampling.num_frames=5"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "num_frames: 5" in r.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "precompute.py"), "data.shards=[]", "output.uri=o"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "data.shards" in r.stderr
+
+
+def test_no_platform_package_shadowing_stdlib():
+    assert not (ROOT / "platform" / "__init__.py").exists()
+    assert [p.name for p in (ROOT / "platform").iterdir() if p.is_file()] == []
+    import platform
+
+    assert hasattr(platform, "python_version")  # still the stdlib module
