@@ -3,7 +3,9 @@
 Every clip shows one coloured shape moving in one direction over a static textured background.
 Colour and shape are visible in any single frame; direction only from temporal order, so a model
 that gets direction right must be using temporal information (Valley's per-frame CLS tokens).
-Captions and Q&A state colour, shape and direction. Everything is deterministic from the seed.
+Captions and Q&A state colour, shape and direction. Everything is deterministic from the seed: attributes, captions, Q&A, JSON and the rendered pixels.
+libx264's bitstream has been seen to differ by a few bytes between runs on a loaded machine (the decoded
+frames agree to within a grey level); ``codec=mpeg4`` gave byte-identical files in our runs.
 The layout is what video2dataset / img2dataset write: ``{key}.mp4|jpg`` + ``{key}.txt`` + ``{key}.json``.
 """
 
