@@ -37,6 +37,7 @@ class DecodeConfig(Cfg):
     device: Literal["cpu", "cuda"] = Field("cpu", description="decord context; cuda needs a GPU build of decord")
     threads: int = Field(1, ge=0, le=64, description="decoder threads per task (0 = library default)")
     max_pixels: int = Field(4096 * 4096, ge=1, description="refuse frames larger than this (decompression bombs)")
+    max_aspect_ratio: float = Field(20.0, ge=1, description="refuse frames longer than this many times their width")
 
     @model_validator(mode="after")
     def _cuda_needs_decord(self):
@@ -127,6 +128,9 @@ def _check_pixels(h: int, w: int, cfg: DecodeConfig) -> None:
         raise MediaError(f"frame has no pixels ({w}x{h})")
     if h * w > cfg.max_pixels:
         raise MediaError(f"frame {w}x{h} exceeds decode.max_pixels={cfg.max_pixels}")
+    if max(h, w) > cfg.max_aspect_ratio * min(h, w):
+        # resizing the short side to 224 would blow the long side up (a 1 x N strip -> 224 x 224N floats)
+        raise MediaError(f"frame {w}x{h} has an aspect ratio over decode.max_aspect_ratio={cfg.max_aspect_ratio}")
 
 
 def decode_image(data: bytes, cfg: DecodeConfig) -> Decoded:

@@ -23,6 +23,7 @@ class RawSample:
     members: dict[str, bytes] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
     size: int = 0
+    problem: str = ""  # set when a member had to be refused: the whole sample is then reported, not used
 
 
 @dataclass
@@ -64,11 +65,11 @@ def iter_tar_samples(fileobj: IO[bytes]) -> Iterator[RawSample | TarProblem]:
             for ti in tf:
                 if not ti.isfile():
                     continue
-                if ti.name.startswith("__") or "/__" in ti.name or ti.name.startswith("._"):
+                if ti.name.startswith(("__", "._")) or "/__" in ti.name or "/._" in ti.name:
                     continue  # tar metadata / macOS resource forks, not samples
                 key, ext = split_name(ti.name)
                 if cur is not None and key != cur.key:
-                    yield cur
+                    yield _finish(cur)
                     cur = None
                 if cur is None:
                     cur = RawSample(key=key)
@@ -76,8 +77,7 @@ def iter_tar_samples(fileobj: IO[bytes]) -> Iterator[RawSample | TarProblem]:
                     cur.ignored.append(ext)
                     continue
                 if ti.size > MAX_MEMBER_BYTES:
-                    cur.ignored.append(ext)
-                    yield TarProblem(key, f"member {ti.name} is {ti.size} bytes, over the {MAX_MEMBER_BYTES} limit")
+                    cur.problem = f"member {ti.name} is {ti.size} bytes, over the {MAX_MEMBER_BYTES} limit"
                     continue
                 f = tf.extractfile(ti)
                 data = f.read() if f is not None else b""
@@ -95,7 +95,11 @@ def iter_tar_samples(fileobj: IO[bytes]) -> Iterator[RawSample | TarProblem]:
         yield TarProblem(lost, f"tar is truncated or corrupt: {type(e).__name__}: {e}")
         return
     if cur is not None:
-        yield cur
+        yield _finish(cur)
+
+
+def _finish(sample: RawSample) -> RawSample | TarProblem:
+    return TarProblem(sample.key, sample.problem) if sample.problem else sample
 
 
 def write_tar(fileobj: IO[bytes], samples: list[tuple[str, dict[str, bytes]]], mtime: float = 0.0) -> int:

@@ -99,7 +99,8 @@ class LLMConfig(Cfg):
 class ModelConfig(Cfg):
     """The VideoLLM parts. The vision tower is absent when training on precomputed features."""
 
-    vision_hidden_size: int = Field(..., ge=1, description="D of the visual features (must match the feature set)")
+    vision_hidden_size: Optional[int] = Field(
+        None, ge=1, description="D of the visual features; None = read from the feature set (must match it)")
     pooler: PoolerConfig = PoolerConfig()
     connector: ConnectorConfig = ConnectorConfig()
     llm: LLMConfig = LLMConfig()
@@ -110,6 +111,8 @@ class VideoLLM(nn.Module):
         super().__init__()
         from transformers import AutoModelForCausalLM
 
+        if cfg.vision_hidden_size is None:
+            raise ValueError("model.vision_hidden_size is not set (training fills it from the feature set)")
         self.cfg = cfg
         dtype = getattr(torch, cfg.llm.dtype)
         self.llm = llm if llm is not None else AutoModelForCausalLM.from_pretrained(

@@ -62,7 +62,7 @@ def parse_sample(raw: RawSample) -> dict[str, Any]:
             caption = raw.members["txt"].decode("utf-8").strip()
         except UnicodeDecodeError as e:
             raise ValueError(f"caption (.txt) is not valid UTF-8: {e}") from None
-    elif isinstance(meta.get("caption"), str):
+    if not caption and isinstance(meta.get("caption"), str):  # no .txt, or a blank one
         caption = meta["caption"].strip()
     conv = meta.get("conversations")
     if conv is not None:

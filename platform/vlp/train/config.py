@@ -1,0 +1,135 @@
+"""Config of ``vlp train`` (stage 1 projector pretraining, stage 2 instruction tuning)."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from ..config import Cfg
+from ..data.conversation import TEMPLATES
+from ..models.videollm import ModelConfig
+from ..runtime import RayConfig
+from ..storage import StorageConfig
+
+
+class FeatureSetRef(Cfg):
+    """One feature set of the mixture."""
+
+    uri: str = Field(..., description="feature-set folder or s3:// prefix written by vlp precompute")
+    weight: float = Field(1.0, gt=0, description="epoch share: 1 = every sample once, 0.5 = a seeded half, 2 = twice")
+    storage: StorageConfig = StorageConfig()
+    format: Literal["auto", "caption", "conversation"] = Field(
+        "auto", description="caption: train on captions; conversation: on conversations; auto: conversations if present")
+
+
+class TrainDataConfig(Cfg):
+    sets: list[FeatureSetRef] = Field(..., min_length=1)
+    template: str = Field("plain", description="plain (stage 1) | vicuna_v1 | chatml")
+    max_length: int = Field(2048, ge=8, description="tokens including visual tokens")
+    overlong: Literal["truncate", "skip"] = Field(
+        "truncate", description="truncate text after the visual span, or skip the sample (counted)")
+    group_by_length: bool = Field(True, description="length-grouped micro-batches (LLaVA group_by_modality_length)")
+    group_window: int = Field(8, ge=1, description="global batches pooled before sorting by length")
+    seed: int = 0
+
+    @field_validator("template")
+    @classmethod
+    def _known(cls, v):
+        if v not in TEMPLATES:
+            raise ValueError(f"unknown template {v!r}; known: {', '.join(TEMPLATES.names())}")
+        return v
+
+
+class OptimConfig(Cfg):
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = Field(1.0, ge=0)
+
+
+class BatchConfig(Cfg):
+    global_size: int = Field(128, ge=1, description="samples per optimizer step over all workers")
+    micro_size: int = Field(16, ge=1, description="samples per forward pass per worker")
+    grad_accum: Optional[int] = Field(None, ge=1, description="derived from global / (micro x workers) when omitted")
+
+
+class DeepSpeedConfig(Cfg):
+    zero_stage: int = Field(1, description="0 (DDP), 1, 2 (3 is estimated by the preflight only)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 where supported, else fp32")
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _stage(cls, v):
+        if v not in (0, 1, 2, 3):
+            raise ValueError(f"ZeRO stage {v} does not exist (0, 1, 2 or 3)")
+        if v == 3:
+            raise ValueError("ZeRO-3 training is not supported yet (use 1 or 2; the preflight reports ZeRO-3 sizes)")
+        return v
+
+
+class ScalingCfg(Cfg):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker; leave some for "
+                                   "the data pipeline (on a 2-core laptop: 0.5)")
+    data_cpus_per_task: float = Field(0.25, gt=0, description="CPUs per tokenise/mixture task of the data pipeline")
+    device_memory_gb: Optional[float] = Field(None, gt=0, description="override the device memory used by the preflight")
+
+
+class CheckpointCfg(Cfg):
+    every_n_steps: int = Field(50, ge=1)
+    keep_last: int = Field(2, ge=1)
+
+
+class LoraCfg(Cfg):
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class DebugCfg(Cfg):
+    fail_at_step: Optional[int] = Field(None, ge=1, description="raise once on fail_rank after this optimizer step (tests)")
+    fail_rank: int = Field(0, ge=0)
+
+
+class TrainConfig(Cfg):
+    """``vlp train``: a VideoLLM on precomputed features, DeepSpeed under Ray Train."""
+
+    run_name: str = Field(..., pattern=r"^[A-Za-z0-9._-]+$")
+    output_dir: str = Field("runs/train", description="runs go to <output_dir>/<run_name> (shared storage on clusters)")
+    stage: Literal["stage1", "stage2", "custom"] = "custom"
+    data: TrainDataConfig
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    batch: BatchConfig = BatchConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    scaling: ScalingCfg = ScalingCfg()
+    checkpoint: CheckpointCfg = CheckpointCfg()
+    lora: LoraCfg = LoraCfg()
+    epochs: int = Field(1, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps")
+    max_failures: int = Field(2, ge=0, description="automatic restarts from the last checkpoint")
+    log_every: int = Field(1, ge=1)
+    tensorboard: bool = True
+    debug: DebugCfg = DebugCfg()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _batch_math(self):
+        b, w = self.batch, self.scaling.num_workers
+        if b.grad_accum is None:
+            if b.global_size % (b.micro_size * w):
+                raise ValueError(f"batch.global_size={b.global_size} is not a multiple of batch.micro_size x "
+                                 f"scaling.num_workers = {b.micro_size} x {w}")
+            b.grad_accum = b.global_size // (b.micro_size * w)
+        elif b.micro_size * b.grad_accum * w != b.global_size:
+            raise ValueError(f"batch.global_size={b.global_size} != micro_size x grad_accum x num_workers = "
+                             f"{b.micro_size} x {b.grad_accum} x {w}")
+        if self.debug.fail_rank >= w:
+            raise ValueError(f"debug.fail_rank={self.debug.fail_rank} but only {w} workers")
+        return self

@@ -1,0 +1,261 @@
+"""The per-worker training loop: a DeepSpeed engine fed by this worker's split of the dataset."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Optional
+
+import numpy as np
+
+from .config import TrainConfig
+from .data import iter_rows, length_grouped, padding_fraction, write_state
+
+PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peak per device
+    "A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
+    b = cfg.batch
+    return {
+        "train_batch_size": b.global_size,
+        "train_micro_batch_size_per_gpu": b.micro_size,
+        "gradient_accumulation_steps": b.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage, "overlap_comm": False,
+                              "contiguous_gradients": True, "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(total: int, warmup_ratio: float, schedule: str):
+    warm = max(1, int(round(total * warmup_ratio))) if warmup_ratio > 0 else 0
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if schedule == "constant":
+            return 1.0
+        prog = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.5 * (1 + math.cos(math.pi * prog))
+
+    return f
+
+
+def _peak_flops(device) -> Optional[float]:
+    import torch
+
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def _fs_append(path: str, text: str) -> None:
+    from ..storage import get_fs
+
+    fs, p = get_fs(path)
+    if "://" not in path:
+        with open(p, "a") as f:
+            f.write(text)
+    else:  # object stores cannot append: rewrite (metrics files stay small)
+        old = fs.cat(p).decode() if fs.exists(p) else ""
+        with fs.open(p, "w") as f:
+            f.write(old + text)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    from ..models.videollm import VideoLLM
+    from .export import export_model, load_connector
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    meta = config["meta"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    run_dir, state_path = meta["run_dir"], meta["state_path"]
+    torch.manual_seed(cfg.data.seed)
+    if torch.cuda.is_available() and cfg.scaling.use_gpu:
+        device = torch.device("cuda", ray.train.torch.get_device().index or 0)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    bf16 = cfg.deepspeed.precision == "bf16" or (
+        cfg.deepspeed.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+    model = VideoLLM(cfg.model)
+    if cfg.model.connector.init_from:
+        load_connector(model.connector, cfg.model.connector.init_from)
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        model.llm = get_peft_model(model.llm, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                                                         lora_dropout=cfg.lora.dropout,
+                                                         target_modules=cfg.lora.target_modules))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+    total_steps = meta["total_steps"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, cfg.optim.warmup_ratio, cfg.optim.schedule))
+    engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                                 config=deepspeed_config(cfg, bf16))
+
+    step, start_epoch, seen, done = 0, 0, [], False
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(d, tag="state", load_module_strict=False)
+            st = json.loads(open(os.path.join(d, "vlp_state.json")).read())
+        step, start_epoch, seen = st["step"], st["epoch"], st["seen"]
+        done = bool(st.get("final"))
+        if rank == 0:
+            print(f"[vlp] resumed from step {step} (epoch {start_epoch}, {len(seen)} samples already seen in it)")
+
+    micro, accum = cfg.batch.micro_size, cfg.batch.grad_accum
+    n_trainable = sum(p.numel() for p in params)
+    n_total = sum(p.numel() for p in model.parameters())
+    peak = _peak_flops(device)
+    counters = {"skipped": {}, "tail_dropped": 0}
+    metrics: dict = {}
+    done = done or (cfg.max_steps is not None and step >= cfg.max_steps)
+
+    def save(epoch: int, seen_epoch: list[str], final: bool = False) -> None:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, seen_epoch)
+        merged = [u for part in gathered for u in part]
+        with tempfile.TemporaryDirectory() as d:
+            engine.save_checkpoint(d, tag="state")
+            if rank == 0:
+                with open(os.path.join(d, "vlp_state.json"), "w") as f:
+                    json.dump({"step": step, "epoch": epoch, "seen": merged, "final": final}, f)
+            ray.train.report({**metrics, "step": step, "epoch": epoch},
+                             checkpoint=Checkpoint.from_directory(d))
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if done:
+            break
+        seen_epoch_local: list[str] = []
+        if rank == 0:
+            write_state(state_path, epoch, seen if epoch == start_epoch else [])
+        dist.barrier()
+        rng = np.random.default_rng([cfg.data.seed, epoch, rank, len(seen)])
+        shard = ray.train.get_dataset_shard("train")
+        rows = iter_rows(shard.iter_batches(batch_size=64, batch_format="numpy", prefetch_batches=2))
+        window = micro * accum * cfg.data.group_window
+
+        def micro_batches():
+            buf = []
+            for r in rows:
+                if r["skip"]:
+                    counters["skipped"][r["skip"]] = counters["skipped"].get(r["skip"], 0) + 1
+                    continue
+                buf.append(r)
+                if len(buf) >= window:
+                    yield from length_grouped(buf, micro, rng, cfg.data.group_by_length)
+                    buf = []
+            if buf:
+                mbs = length_grouped(buf, micro, rng, cfg.data.group_by_length)
+                counters["tail_dropped"] += len(buf) - micro * len(mbs)
+                yield from mbs
+
+        gen = micro_batches()
+        while True:
+            t0 = time.perf_counter()
+            group = []
+            for _ in range(accum):
+                mb = next(gen, None)
+                if mb is None:
+                    break
+                group.append(mb)
+            t_data = time.perf_counter() - t0
+            flag = torch.tensor([1 if len(group) == accum else 0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if flag.item() == 0:
+                counters["tail_dropped"] += sum(len(mb) for mb in group)
+                break
+            t1 = time.perf_counter()
+            loss_sum, tokens, vis_tokens = 0.0, 0, 0
+            for mb in group:
+                feats = [torch.from_numpy(np.frombuffer(r["features"], np.float16).reshape(tuple(r["shape"])).copy())
+                         .to(device, torch.bfloat16 if bf16 else torch.float32) for r in mb]
+                out = engine([torch.as_tensor(r["input_ids"]) for r in mb], [torch.as_tensor(r["labels"]) for r in mb],
+                             feats, [r["mode"] for r in mb], [int(r["num_frames"]) for r in mb])
+                engine.backward(out.loss)
+                engine.step()
+                loss_sum += float(out.loss.detach())
+                tokens += sum(int(r["length"]) for r in mb)
+            t_compute = time.perf_counter() - t1
+            step += 1
+            seen_epoch_local += [str(r["uid"]) for mb in group for r in mb]
+            red = torch.tensor([loss_sum / accum, tokens, micro * accum, t_data, t_compute, padding_fraction(group)],
+                               dtype=torch.float64)
+            dist.all_reduce(red)
+            dt = (red[3] + red[4]).item() / world
+            flops = (4 * n_total + 2 * n_trainable) * red[1].item()  # fwd 2N + act-grad 2N + weight-grad 2N_train
+            mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+                   __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024)
+            metrics = {
+                "step": step, "epoch": epoch, "loss": red[0].item() / world, "lr": sched.get_last_lr()[0],
+                "tokens_per_s": red[1].item() / dt if dt else 0.0, "samples_per_s": red[2].item() / dt if dt else 0.0,
+                "data_wait_s": red[3].item() / world, "compute_s": red[4].item() / world,
+                "data_wait_frac": red[3].item() / (red[3] + red[4]).item() if (red[3] + red[4]).item() else 0.0,
+                "padding_frac": red[5].item() / world,
+                "mfu": (flops / dt / world / peak) if (peak and dt) else None,
+                "peak_mem_bytes": int(mem), "time": time.time(),
+            }
+            all_uids = [None] * world
+            dist.all_gather_object(all_uids, [str(r["uid"]) for mb in group for r in mb])
+            if rank == 0:
+                _fs_append(f"{run_dir}/metrics.jsonl", json.dumps(metrics) + "\n")
+                _fs_append(f"{run_dir}/samples.jsonl", json.dumps({"step": step, "uids": sum(all_uids, [])}) + "\n")
+                if step % cfg.log_every == 0:
+                    print(f"[vlp] step {step}/{total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                          f"{metrics['samples_per_s']:.1f} samples/s pad {metrics['padding_frac']:.1%} "
+                          f"data-wait {metrics['data_wait_frac']:.0%}", flush=True)
+            if cfg.debug.fail_at_step == step and rank == cfg.debug.fail_rank:
+                marker = f"{run_dir}/.injected_failure"
+                if not os.path.exists(marker):
+                    open(marker, "w").write(str(step))
+                    raise RuntimeError(f"injected failure at step {step} on rank {rank}")
+            done = cfg.max_steps is not None and step >= cfg.max_steps
+            if step % cfg.checkpoint.every_n_steps == 0 and not done:
+                save(epoch, seen + seen_epoch_local if epoch == start_epoch else seen_epoch_local)
+            if done:
+                break
+        if epoch == start_epoch:
+            seen = []
+
+    counts = [None] * world
+    dist.all_gather_object(counts, counters)
+    save(cfg.epochs, [], final=True)
+    if rank == 0:
+        skipped: dict = {}
+        for c in counts:
+            for k, v in c["skipped"].items():
+                skipped[k] = skipped.get(k, 0) + v
+        summary = {"steps": step, "skipped": skipped, "tail_dropped": sum(c["tail_dropped"] for c in counts),
+                   "final_metrics": metrics}
+        from ..storage import get_fs
+
+        fs, p = get_fs(f"{run_dir}/train_summary.json")
+        with fs.open(p, "w") as f:
+            f.write(json.dumps(summary, indent=2))
+        from transformers import AutoTokenizer
+
+        from ..models.presets import resolve_model_path
+
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.llm.tokenizer or cfg.model.llm.path))
+        export_model(engine.module, tok, f"{run_dir}/export", extra=meta["export_extra"])
+    dist.barrier()

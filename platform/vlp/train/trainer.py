@@ -1,0 +1,184 @@
+"""``vlp train``: checks, memory preflight, the Ray Data graph and the Ray Train ``TorchTrainer``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..config import dump_config
+from ..storage import get_fs, join
+from .config import TrainConfig
+from .data import DropSeen, Mixture, Tokenize, feature_set_info
+from .memory import GPU_MEMORY_GB, preflight
+
+
+class TrainSetupError(ValueError):
+    """The run cannot start; the message says why and what would work."""
+
+
+def param_counts(cfg: TrainConfig) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts without allocating weights (meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models.presets import resolve_model_path
+    from ..models.videollm import CONNECTORS
+
+    lcfg = AutoConfig.from_pretrained(resolve_model_path(cfg.model.llm.path))
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(lcfg)
+        d_model = llm.get_input_embeddings().weight.shape[1]
+        conn = CONNECTORS.get(cfg.model.connector.type)(cfg.model.vision_hidden_size, d_model)
+    n_llm = sum(p.numel() for p in llm.parameters())
+    n_conn = sum(p.numel() for p in conn.parameters())
+    trainable = (n_conn if cfg.model.connector.trainable else 0)
+    if cfg.model.llm.trainable:
+        trainable += n_llm
+    elif cfg.lora.enabled:  # LoRA adds r x (in + out) per adapted linear layer
+        lora = 0
+        for name, mod in llm.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in cfg.lora.target_modules:
+                lora += cfg.lora.r * (mod.in_features + mod.out_features)
+        trainable += lora
+    return trainable, n_llm + n_conn - trainable
+
+
+def check_setup(cfg: TrainConfig, log=print) -> dict:
+    """Everything that can be checked before a worker starts. Raises TrainSetupError listing every problem."""
+    problems = []
+    infos = []
+    for i, s in enumerate(cfg.data.sets):
+        try:
+            infos.append(feature_set_info(s.uri, s.storage))
+        except FileNotFoundError as e:
+            problems.append(f"data.sets[{i}].uri: {e}")
+    if infos:
+        sizes = {inf["hidden_size"] for inf in infos}
+        if len(sizes) > 1:
+            problems.append(f"data.sets: feature sets have different hidden sizes {sorted(sizes)}")
+        d = infos[0]["hidden_size"]
+        if cfg.model.vision_hidden_size is None:
+            cfg.model.vision_hidden_size = d
+        elif cfg.model.vision_hidden_size != d:
+            problems.append(f"model.vision_hidden_size={cfg.model.vision_hidden_size} does not match the feature "
+                            f"set's hidden size {d} (encoder {infos[0]['fingerprint']['encoder']['path']})")
+        if cfg.model.pooler.type == "none" and any(inf["mode"] != "frames" for inf in infos):
+            problems.append("model.pooler.type=none needs feature sets precomputed with output.mode=frames")
+    if cfg.model.connector.init_from and not Path(cfg.model.connector.init_from).exists():
+        problems.append(f"model.connector.init_from: {cfg.model.connector.init_from} does not exist")
+    if problems:
+        raise TrainSetupError("cannot start training:\n  - " + "\n  - ".join(problems))
+
+    trainable, frozen = param_counts(cfg)
+    if cfg.scaling.use_gpu:
+        gb = cfg.scaling.device_memory_gb or _detect_gpu_gb()
+    else:
+        import psutil
+
+        gb = cfg.scaling.device_memory_gb or psutil.virtual_memory().total / 2**30 / cfg.scaling.num_workers
+    pf = None
+    if gb:
+        pf = preflight(trainable, frozen, cfg.scaling.num_workers, cfg.deepspeed.zero_stage, gb)
+        if not pf.fits:
+            raise TrainSetupError(f"memory preflight: {pf.message}")
+        log(f"[vlp] memory preflight: {pf.message}")
+    else:
+        log("[vlp] memory preflight skipped: device memory unknown (set scaling.device_memory_gb)")
+    n_epoch = sum(int(inf["samples"] * s.weight) for inf, s in zip(infos, cfg.data.sets))
+    steps_per_epoch = n_epoch // cfg.batch.global_size
+    if steps_per_epoch == 0:
+        raise TrainSetupError(f"batch.global_size={cfg.batch.global_size} is larger than an epoch ({n_epoch} samples)")
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    return {"infos": infos, "trainable": trainable, "frozen": frozen, "total_steps": total,
+            "samples_per_epoch": n_epoch, "preflight": pf.message if pf else None}
+
+
+def _detect_gpu_gb():
+    import ray
+
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory / 2**30
+    except Exception:
+        pass
+    for key in ray.cluster_resources():
+        if key.startswith("accelerator_type:"):
+            t = key.split(":", 1)[1]
+            for name, gb in GPU_MEMORY_GB.items():
+                if name.split("-")[0] in t:
+                    return gb
+    return None
+
+
+def build_dataset(cfg: TrainConfig, state_path: str):
+    from ..precompute import open_feature_dataset
+
+    tok_path = cfg.model.llm.tokenizer or cfg.model.llm.path
+    ds = None
+    for i, s in enumerate(cfg.data.sets):
+        name = f"s{i}"
+        part = open_feature_dataset(s.uri, s.storage, decode=False).map_batches(
+            Mixture(name, s.weight, cfg.data.seed, state_path, s.format), batch_format="numpy", batch_size=256,
+            num_cpus=cfg.scaling.data_cpus_per_task)
+        ds = part if ds is None else ds.union(part)
+    ds = ds.map_batches(DropSeen(state_path), batch_format="numpy", batch_size=256,
+                        num_cpus=cfg.scaling.data_cpus_per_task)
+    ds = ds.map_batches(Tokenize(tok_path, cfg.data.template, cfg.data.max_length, cfg.data.overlong,
+                                 cfg.model.pooler.type), batch_format="numpy", batch_size=64,
+                        num_cpus=cfg.scaling.data_cpus_per_task)
+    return ds
+
+
+def run_train(cfg: TrainConfig, log=print) -> dict:
+    """Train (or resume, or reuse a finished run). Returns the training summary."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ..runtime import init_ray
+    from .loop import train_loop_per_worker
+
+    out_root = os.path.abspath(cfg.output_dir) if "://" not in cfg.output_dir else cfg.output_dir
+    run_dir = join(out_root, cfg.run_name)
+    fs, rd = get_fs(run_dir)
+    if fs.exists(join(rd, "export", "vlp_model.json")) and fs.exists(join(rd, "train_summary.json")):
+        log(f"[vlp] train {cfg.run_name}: finished earlier, reusing {run_dir}/export")
+        return {**json.loads(fs.cat(join(rd, "train_summary.json"))), "run_dir": run_dir,
+                "export": join(run_dir, "export"), "reused": True}
+    init_ray(cfg.ray)
+    setup = check_setup(cfg, log)
+    fs.makedirs(rd, exist_ok=True)
+    with fs.open(join(rd, "config.yaml"), "w") as f:
+        f.write(dump_config(cfg))
+    state_path = join(run_dir, "data_state.json")
+    ds = build_dataset(cfg, state_path)
+    fp = setup["infos"][0]["fingerprint"]
+    meta = {"run_dir": run_dir, "state_path": state_path, "total_steps": setup["total_steps"],
+            "export_extra": {"template": cfg.data.template, "feature_mode": fp["mode"],
+                             "encoder": fp["encoder"], "sampling": fp["sampling"], "preprocess": fp["preprocess"],
+                             "run": cfg.run_name}}
+    log(f"[vlp] train {cfg.run_name}: {setup['samples_per_epoch']} samples/epoch, {setup['total_steps']} steps, "
+        f"{cfg.scaling.num_workers} workers x micro {cfg.batch.micro_size} x accum {cfg.batch.grad_accum}, "
+        f"ZeRO-{cfg.deepspeed.zero_stage}, trainable {setup['trainable']:,} / frozen {setup['frozen']:,} params")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "meta": meta},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.run_name, storage_path=out_root,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last)),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    summary = json.loads(fs.cat(join(rd, "train_summary.json")))
+    log(f"[vlp] train {cfg.run_name}: done, {summary['steps']} steps, final loss "
+        f"{summary['final_metrics'].get('loss', float('nan')):.4f}; export: {run_dir}/export")
+    return {**summary, "run_dir": run_dir, "export": join(run_dir, "export"), "reused": False}

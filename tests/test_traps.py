@@ -1,0 +1,416 @@
+"""The data-ingestion trap list: every bad sample either decodes or becomes a clean error record with a
+clear reason; nothing raises out of ReadShard / DecodeFrames. Every trap is a real file in a real tar."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import tarfile
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from vlp.data.media import DecodeConfig, SamplingConfig
+from vlp.data.synth import Attributes, encode_jpeg, encode_mp4, render_clip
+from vlp.data.tario import write_tar
+from vlp.precompute.stages import DecodeFrames, ReadShard, _batch, _rows
+
+SIZE = 32  # crop size for DecodeFrames in these tests (small: fast)
+
+
+# ------------------------------------------------------------------------------------------------ makers
+
+def frames_of(n: int, h: int = 64, w: int = 96, seed: int = 0) -> np.ndarray:
+    return render_clip(Attributes("green", "square", "left"), np.random.default_rng(seed), h, w, n)
+
+
+def mp4(n: int = 12, seed: int = 0) -> bytes:
+    return encode_mp4(frames_of(n, seed=seed), 8)
+
+
+def jpeg(seed: int = 0) -> bytes:
+    return encode_jpeg(frames_of(1, seed=seed)[0])
+
+
+def encode(frames: np.ndarray, fmt: str, codec: str = "libx264", fps: int = 8, pix_fmt: str = "yuv420p") -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=fmt) as c:
+        st = c.add_stream(codec, rate=fps)
+        st.width, st.height, st.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        for f in frames:
+            for pkt in st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(pkt)
+        for pkt in st.encode():
+            c.mux(pkt)
+    return buf.getvalue()
+
+
+def mjpeg_still(fmt: str = "mp4") -> bytes:
+    """One MJPEG frame in an mp4/mov container: a still image saved as a "video"."""
+    return encode(frames_of(1, 65, 97), fmt, codec="mjpeg", fps=1, pix_fmt="yuvj420p")
+
+
+def bad_fourcc(data: bytes) -> bytes:
+    at = data.index(b"avc1", data.index(b"stsd"))  # the sample entry's codec, not the ftyp brand
+    return data[:at] + b"zzzz" + data[at + 4:]
+
+
+class Evil:
+    """Unpickling this creates a file: a harmless stand-in for arbitrary code execution."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def armed_pickle(marker: Path) -> bytes:
+    payload = pickle.dumps(Evil(marker))
+    pickle.loads(payload)  # prove the trap works: loading it does create the marker ...
+    assert marker.exists()
+    marker.unlink()  # ... then reset, so a later load would be seen
+    return payload
+
+
+def cap(text: str = "A green square moves left.") -> dict[str, bytes]:
+    return {"txt": text.encode()}
+
+
+def shard(tmp_path: Path, samples, name: str = "traps.tar", cut_at: int | None = None) -> Path:
+    buf = io.BytesIO()
+    write_tar(buf, samples)
+    data = buf.getvalue()
+    p = tmp_path / name
+    p.write_bytes(data if cut_at is None else data[:cut_at])
+    return p
+
+
+def member_offset(path_or_bytes, name: str) -> tuple[int, int]:
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        for ti in tf:
+            if ti.name == name:
+                return ti.offset, ti.offset_data
+    raise KeyError(name)
+
+
+def run(path: Path, sampling: SamplingConfig | None = None, decode: DecodeConfig | None = None) -> dict[str, dict]:
+    """ReadShard -> DecodeFrames (through the numpy batch format Ray uses). Checks the row contract and
+    returns {key: row} of the sample/error rows."""
+    rows = list(ReadShard()({"shard": "traps", "uri": str(path)}))
+    assert rows and rows[-1]["kind"] == "end" and [r["kind"] for r in rows].count("end") == 1
+    body = rows[:-1]
+    assert rows[-1]["expected"] == len(body)
+    stage = DecodeFrames(sampling or SamplingConfig(), decode or DecodeConfig(), SIZE)
+    out = []
+    for i in range(0, len(body), 3):  # batches of 3, like decode_batch_size
+        out += _rows(stage(_batch(body[i:i + 3])))
+    assert len(out) == len(body)
+    for r in out:
+        assert r["kind"] in ("sample", "error"), r["kind"]
+        assert r["media"] == b""  # media bytes are dropped after decode, for samples and errors alike
+        if r["kind"] == "error":
+            assert r["stage"] in ("read", "decode") and r["error"], r
+    by_key = {r["key"]: r for r in out}
+    assert len(by_key) == len(out), "duplicate keys"
+    return by_key
+
+
+def frames_shape(r: dict) -> tuple[int, ...]:
+    return tuple(int(x) for x in r["frames_shape"].split(","))
+
+
+def assert_decoded(r: dict, media_type: str, t: int) -> None:
+    assert r["kind"] == "sample", r["error"]
+    assert r["media_type"] == media_type and frames_shape(r) == (t, 3, SIZE, SIZE)
+    assert len(np.frombuffer(r["frames"], np.uint8)) == t * 3 * SIZE * SIZE
+    assert len(r["timestamps"].split(",")) == t
+
+
+def assert_error(r: dict, stage: str, *needles: str) -> None:
+    assert r["kind"] == "error", r
+    assert r["stage"] == stage, r["stage"]
+    for n in needles:
+        assert n.lower() in r["error"].lower(), r["error"]
+
+
+# ------------------------------------------------------------------------------------------------ the trap list
+
+def test_good_samples_baseline(tmp_path):
+    rows = run(shard(tmp_path, [("v", {"mp4": mp4(), **cap()}), ("i", {"jpg": jpeg(), **cap()})]))
+    assert_decoded(rows["v"], "video", 8)
+    assert_decoded(rows["i"], "image", 1)
+    assert rows["v"]["n_source_frames"] == 12 and rows["v"]["caption"] == "A green square moves left."
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "mov"])
+@pytest.mark.parametrize("backend", ["auto", "pyav"])
+def test_trap1_single_mjpeg_frame_named_mp4_is_an_image(tmp_path, fmt, backend):
+    rows = run(shard(tmp_path, [("still", {"mp4": mjpeg_still(fmt), **cap()})]), decode=DecodeConfig(backend=backend))
+    assert_decoded(rows["still"], "image", 1)
+    assert rows["still"]["n_source_frames"] == 1 and rows["still"]["timestamps"] == "0.0000"
+    if backend == "pyav":
+        assert rows["still"]["decoder"] == "pyav"
+
+
+def test_trap2_zero_length_media(tmp_path):
+    rows = run(shard(tmp_path, [("empty", {"mp4": b"", **cap()}), ("empty_img", {"jpg": b"", **cap()})]))
+    assert_error(rows["empty"], "decode", "empty media")
+    assert_error(rows["empty_img"], "decode", "empty media")
+
+
+def test_trap3_truncated_mp4(tmp_path):
+    data = mp4()
+    rows = run(shard(tmp_path, [("half", {"mp4": data[: len(data) // 2], **cap()}),
+                                ("ok", {"mp4": data, **cap()})]))
+    # PyAV writes the moov index last: half a file has no index, neither decoder can use it (deterministic)
+    assert_error(rows["half"], "decode", "decord:", "pyav:")
+    assert_decoded(rows["ok"], "video", 8)
+
+
+def test_trap4_wrong_extensions_decode_by_magic(tmp_path):
+    rows = run(shard(tmp_path, [("jpeg_as_mp4", {"mp4": jpeg(), **cap()}), ("mp4_as_jpg", {"jpg": mp4(), **cap()})]))
+    assert_decoded(rows["jpeg_as_mp4"], "image", 1)
+    assert rows["jpeg_as_mp4"]["decoder"] == "pillow" and rows["jpeg_as_mp4"]["media_ext"] == "mp4"
+    assert_decoded(rows["mp4_as_jpg"], "video", 8)
+    assert rows["mp4_as_jpg"]["n_source_frames"] == 12 and rows["mp4_as_jpg"]["media_ext"] == "jpg"
+
+
+def test_trap5_unknown_codec_fourcc(tmp_path):
+    rows = run(shard(tmp_path, [("zzzz", {"mp4": bad_fourcc(mp4()), **cap()})]))
+    assert_error(rows["zzzz"], "decode", "decord:", "pyav:", "decoder not found")
+
+
+@pytest.mark.parametrize("where", ["mid_member", "at_member_boundary"])
+def test_trap6_tar_cut_off(tmp_path, where):
+    samples = [(f"s{i}", {"mp4": mp4(6, seed=i), **cap()}) for i in range(4)]
+    full = shard(tmp_path, samples, "full.tar")
+    header, data = member_offset(full, "s2.mp4")
+    cut = data + 700 if where == "mid_member" else header
+    rows = run(shard(tmp_path, samples, "cut.tar", cut_at=cut))  # run() checks expected == rows
+    assert_decoded(rows["s0"], "video", 8)
+    lost = "s2" if where == "mid_member" else "s1"  # at a boundary, the sample being read is s1
+    assert_error(rows[lost], "read", "truncated")
+    assert set(rows) == ({"s0", "s1", "s2"} if where == "mid_member" else {"s0", "s1"})
+    if where == "mid_member":
+        assert_decoded(rows["s1"], "video", 8)
+
+
+def test_trap6_missing_and_garbage_shards(tmp_path):
+    rows = list(ReadShard()({"shard": "gone", "uri": str(tmp_path / "nope.tar")}))
+    assert [r["kind"] for r in rows] == ["error", "end"] and rows[0]["stage"] == "open" and rows[1]["expected"] == 1
+    (tmp_path / "junk.tar").write_bytes(b"not a tar at all\n" * 64)
+    rows = run(tmp_path / "junk.tar")
+    assert_error(rows["<shard>"], "read", "truncated or corrupt")
+
+
+def test_trap7_missing_caption(tmp_path):
+    rows = run(shard(tmp_path, [
+        ("nothing", {"mp4": mp4()}),
+        ("json_no_caption", {"mp4": mp4(), "json": json.dumps({"url": "x", "status": "success"}).encode()}),
+        ("empty_txt", {"mp4": mp4(), "txt": b"  \n"}),
+        ("json_caption", {"mp4": mp4(), "json": json.dumps({"caption": "from json"}).encode()}),
+        ("conversations_only", {"jpg": jpeg(), "json": json.dumps(
+            {"conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A square."}]}).encode()}),
+    ]))
+    for k in ("nothing", "json_no_caption", "empty_txt"):
+        assert_error(rows[k], "read", "missing caption")
+    assert_decoded(rows["json_caption"], "video", 8)
+    assert rows["json_caption"]["caption"] == "from json"
+    assert_decoded(rows["conversations_only"], "image", 1)
+    assert json.loads(rows["conversations_only"]["conversations"])[1]["value"] == "A square."
+
+
+def test_trap8_non_utf8_caption(tmp_path):
+    rows = run(shard(tmp_path, [
+        ("latin1_txt", {"mp4": mp4(), "txt": b"caf\xe9 au lait"}),
+        ("latin1_json", {"mp4": mp4(), "json": b'{"caption": "caf\xe9"}'}),
+    ]))
+    assert_error(rows["latin1_txt"], "read", "utf-8", ".txt")
+    assert_error(rows["latin1_json"], "read", "utf-8", "json")
+
+
+def test_trap9_pickle_members_never_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = armed_pickle(marker)
+    video = mp4()
+    rows = run(shard(tmp_path, [
+        ("with_pickles", {"mp4": video, "pyd": payload, "pickle": payload, **cap()}),
+        ("only_pickle", {"pkl": payload, **cap()}),
+    ]))
+    assert not marker.exists()
+    assert_decoded(rows["with_pickles"], "video", 8)  # still used: it has media and a caption
+    assert rows["with_pickles"]["ignored"] == "pyd,pickle"
+    assert rows["with_pickles"]["bytes_in"] == len(video) + len(cap()["txt"])  # pickles not even counted in
+    assert_error(rows["only_pickle"], "read", "no media member")
+    assert rows["only_pickle"]["ignored"] == "pkl"
+
+
+# ------------------------------------------------------------------------------------------------ more traps
+
+def test_deeply_nested_json_is_an_error_not_a_crash(tmp_path):
+    # json.loads raises RecursionError (not ValueError) on this; it used to escape ReadShard
+    rows = run(shard(tmp_path, [("deep", {"mp4": mp4(), **cap(), "json": b"[" * 100_000 + b"]" * 100_000}),
+                                ("after", {"mp4": mp4(), **cap()})]))
+    assert_error(rows["deep"], "read", "json")
+    assert_decoded(rows["after"], "video", 8)
+
+
+def test_bad_json_and_conversations(tmp_path):
+    rows = run(shard(tmp_path, [
+        ("not_json", {"mp4": mp4(), **cap(), "json": b"{oops"}),
+        ("json_list", {"mp4": mp4(), **cap(), "json": b"[1, 2]"}),
+        ("bad_conv", {"mp4": mp4(), **cap(), "json": json.dumps({"conversations": [{"from": "human"}]}).encode()}),
+        ("empty_conv", {"mp4": mp4(), "json": json.dumps({"conversations": []}).encode()}),
+    ]))
+    assert_error(rows["not_json"], "read", "json")
+    assert_error(rows["json_list"], "read", "not an object")
+    assert_error(rows["bad_conv"], "read", "conversations")
+    assert_error(rows["empty_conv"], "read", "conversations")
+
+
+def test_no_media_member(tmp_path):
+    rows = run(shard(tmp_path, [("audio", {"mp3": b"ID3\x03", **cap()}), ("nothing", {**cap()})]))
+    assert_error(rows["audio"], "read", "no media member", "mp3")
+    assert_error(rows["nothing"], "read", "no media member")
+
+
+def test_resolution_change_mid_stream_does_not_kill_decode(tmp_path):
+    # two h264 elementary streams of different sizes back to back; PyAV used to raise ValueError here
+    data = encode(frames_of(6, 64, 96), "h264") + encode(frames_of(6, 48, 64, seed=1), "h264")
+    rows = run(shard(tmp_path, [("resize", {"mp4": data, **cap()}), ("ok", {"mp4": mp4(), **cap()})]))
+    assert_decoded(rows["resize"], "video", 8)
+    assert_decoded(rows["ok"], "video", 8)
+
+
+def test_corrupt_image_and_garbage_video(tmp_path):
+    j = jpeg()
+    rows = run(shard(tmp_path, [("half_jpeg", {"jpg": j[: len(j) // 2], **cap()}),
+                                ("garbage", {"mp4": b"\x00garbage" * 100, **cap()})]))
+    assert_error(rows["half_jpeg"], "decode", "image decode failed")
+    assert_error(rows["garbage"], "decode", "unrecognised media")
+
+
+def test_short_clip_odd_size_and_vfr_in_a_shard(tmp_path):
+    from fractions import Fraction
+
+    fr = frames_of(5)
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as c:  # variable frame rate: pts by hand
+        st = c.add_stream("libx264", rate=25)
+        st.width, st.height, st.pix_fmt = 96, 64, "yuv420p"
+        st.time_base = st.codec_context.time_base = Fraction(1, 1000)
+        for f, t in zip(fr, [0, 100, 2000, 2100, 3000]):
+            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
+            vf.pts, vf.time_base = t, Fraction(1, 1000)
+            for pkt in st.encode(vf):
+                c.mux(pkt)
+        for pkt in st.encode():
+            c.mux(pkt)
+    samples = [("short", {"mp4": mp4(3), **cap()}), ("odd", {"mp4": encode_mp4(frames_of(5, 65, 97), 8), **cap()}),
+               ("odd_img", {"png": _png(frames_of(1, 65, 97)[0]), **cap()}), ("vfr", {"mp4": buf.getvalue(), **cap()})]
+    rows = run(shard(tmp_path, samples))
+    assert_decoded(rows["short"], "video", 8)
+    assert rows["short"]["timestamps"].split(",") == ["0.0000"] * 3 + ["0.1250"] * 2 + ["0.2500"] * 3
+    assert_decoded(rows["odd"], "video", 8)
+    assert_decoded(rows["odd_img"], "image", 1)
+    fps = run(shard(tmp_path, samples[3:], "vfr.tar"), sampling=SamplingConfig(mode="fps", fps=1.0))
+    assert_decoded(fps["vfr"], "video", 4)
+    assert fps["vfr"]["timestamps"] == "0.0000,0.1000,2.0000,3.0000"
+
+
+def _png(img: np.ndarray) -> bytes:
+    from PIL import Image
+
+    b = io.BytesIO()
+    Image.fromarray(img).save(b, format="PNG")
+    return b.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+@pytest.mark.ray
+def test_end_to_end_pipeline_with_traps(ray_local, tmp_path):
+    from vlp.config import validate
+    from vlp.precompute import PrecomputeConfig, iter_feature_rows, run_precompute
+
+    marker = tmp_path / "pwned"
+    payload = armed_pickle(marker)
+    v = mp4()
+    good = {
+        "v1": {"mp4": mp4(8, seed=1), **cap()},
+        "v2": {"mp4": mp4(10, seed=2), **cap(), "json": json.dumps({"caption": "x", "src": "webvid"}).encode()},
+        "img": {"jpg": jpeg(3), **cap("A green square.")},
+        "still": {"mp4": mjpeg_still(), **cap()},  # trap 1: decodes as an image
+        "jpeg_as_mp4": {"mp4": jpeg(4), **cap()},  # trap 4
+        "mp4_as_jpg": {"jpg": mp4(6, seed=5), **cap()},  # trap 4
+        "pickled": {"mp4": mp4(4, seed=6), "pyd": payload, "pickle": payload, **cap()},  # trap 9
+    }
+    bad = {  # key -> (stage, word in the reason)
+        "empty": ({"mp4": b"", **cap()}, "decode", "empty media"),
+        "half": ({"mp4": v[: len(v) // 2], **cap()}, "decode", "pyav"),
+        "zzzz": ({"mp4": bad_fourcc(v), **cap()}, "decode", "decoder not found"),
+        "nocap": ({"mp4": v, "json": b'{"url": "x"}'}, "read", "missing caption"),
+        "latin1": ({"mp4": v, "txt": b"caf\xe9"}, "read", "utf-8"),
+    }
+    samples = []
+    for i, k in enumerate(["v1", "empty", "img", "half", "still", "zzzz", "jpeg_as_mp4", "nocap", "mp4_as_jpg",
+                           "latin1", "pickled", "v2"]):
+        samples.append((k, good[k] if k in good else bad[k][0]))
+    mixed = shard(tmp_path, samples, "mixed-00000.tar")
+    # a second shard cut off in the middle of its third sample
+    cut_samples = [(f"c{i}", {"mp4": mp4(6, seed=10 + i), **cap()}) for i in range(4)]
+    _, off = member_offset(shard(tmp_path, cut_samples, "tmp.tar"), "c2.mp4")
+    cut = shard(tmp_path, cut_samples, "cut-00000.tar", cut_at=off + 600)
+    (tmp_path / "tmp.tar").unlink()
+
+    out = tmp_path / "features"
+    cfg = validate(PrecomputeConfig, {
+        "data": {"shards": [str(mixed), str(cut)], "decode_batch_size": 4},
+        "encoder": {"tower": {"path": "preset:tiny-clip"}, "batch_size": 8},
+        "output": {"uri": str(out)}, "ray": {"progress_bars": False}})
+    summary = run_precompute(cfg, log=lambda *_: None)
+
+    good_keys = {("mixed-00000", k) for k in good} | {("cut-00000", "c0"), ("cut-00000", "c1")}
+    bad_keys = {("mixed-00000", k) for k in bad} | {("cut-00000", "c2")}
+    assert summary["samples_ok"] == len(good_keys) == 9
+    assert summary["samples_failed"] == len(bad_keys) == 6
+    assert not marker.exists()
+
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert len(errors) == len(bad_keys)
+    assert {(e["shard"], e["key"]) for e in errors} == bad_keys
+    for e in errors:
+        assert set(e) >= {"shard", "key", "stage", "reason"} and e["reason"]
+        if e["shard"] == "cut-00000":
+            assert e["stage"] == "read" and "truncated" in e["reason"]
+        else:
+            _, stage, word = bad[e["key"]]
+            assert e["stage"] == stage and word in e["reason"].lower(), e
+
+    rows = list(iter_feature_rows(str(out)))
+    assert sorted((r["shard"], r["key"]) for r in rows) == sorted(good_keys)  # each good key exactly once
+    by_key = {r["key"]: r for r in rows}
+    assert {k for k, r in by_key.items() if r["media_type"] == "image"} == {"img", "still", "jpeg_as_mp4"}
+    assert by_key["v1"]["num_frames"] == 8 and by_key["still"]["num_frames"] == 1
+    assert all(np.isfinite(r["features"].astype(np.float32)).all() for r in rows)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shards"]["mixed-00000"]["ignored_members"] == {"pyd": 1, "pickle": 1}
+    assert manifest["shards"]["cut-00000"]["expected"] == 3 and manifest["shards"]["mixed-00000"]["expected"] == 12
+    assert sum(summary["errors_by_reason"].values()) == 6
+
+
+def test_blank_txt_falls_back_to_json_caption():
+    from vlp.data.tario import RawSample
+    from vlp.precompute.stages import parse_sample
+
+    raw = RawSample("k", {"jpg": jpeg(), "txt": b"  \n", "json": json.dumps({"caption": "A red circle."}).encode()})
+    assert parse_sample(raw)["caption"] == "A red circle."
+    raw = RawSample("k", {"jpg": jpeg(), "txt": b"", "json": b"{}"})
+    with pytest.raises(ValueError, match="missing caption"):
+        parse_sample(raw)
