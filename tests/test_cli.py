@@ -79,6 +79,7 @@ def test_demo_shrunk_runs_and_reuses_finished_steps(ray_local, tmp_path, capsys)
         man = json.loads((root / "features" / name / "manifest.json").read_text())
         assert man["totals"]["samples_failed"] == 0
     assert "feature set (complete)" in out and (root / "demo_config.yaml").exists()
+    assert (root / "shards" / "webvid-00000.tar").exists()
     assert main(["inspect", str(root / "features" / "pretrain")]) == 0
     assert "6 sample(s), 0 error(s)" in capsys.readouterr().out
     assert main(args) == 0

@@ -45,6 +45,21 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .train import TrainConfig, TrainSetupError, run_train
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg))
+        return 0
+    try:
+        run_train(cfg)
+    except TrainSetupError as e:
+        print(f"vlp train: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import DemoConfig, run_demo
 
@@ -75,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("make-shards", _cmd_make_shards, "write synthetic WebVid/CC3M/instruction shards")
     pc = with_config("precompute", _cmd_precompute, "decode shards and precompute frozen CLIP features")
     pc.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    tr = with_config("train", _cmd_train, "train a VideoLLM on feature sets (DeepSpeed on Ray Train)")
+    tr.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     with_config("demo", _cmd_demo, "run the built-in tiny end-to-end demo")
     sp = sub.add_parser("inspect", help="summarise a shard set or a feature set")
     sp.add_argument("uri", nargs="+", help="feature-set folder, or shard specs (folders, globs, brace ranges, s3://)")

@@ -12,8 +12,10 @@ def _register() -> None:
     from .data.synth import MakeShardsConfig
     from .demo import DemoConfig
     from .precompute import PrecomputeConfig
+    from .train import TrainConfig
 
-    for name, cls in (("precompute", PrecomputeConfig), ("make_shards", MakeShardsConfig), ("demo", DemoConfig)):
+    for name, cls in (("precompute", PrecomputeConfig), ("make_shards", MakeShardsConfig), ("demo", DemoConfig),
+                      ("train", TrainConfig)):
         if name not in CONFIG_KINDS:
             CONFIG_KINDS.register(name)(cls)
 

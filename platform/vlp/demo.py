@@ -20,11 +20,15 @@ from .runtime import RayConfig
 from .storage import get_fs, join
 
 
+class DemoShardsConfig(MakeShardsConfig):
+    out: str = Field("", description="empty: <root>/shards")
+
+
 class DemoConfig(Cfg):
     """Everything the demo does, with tiny defaults."""
 
     root: str = Field("runs/demo", description="run folder holding shards, features and reports")
-    shards: MakeShardsConfig = MakeShardsConfig(out="")
+    shards: DemoShardsConfig = DemoShardsConfig()
     sampling: SamplingConfig = SamplingConfig()
     tower: VisionTowerConfig = VisionTowerConfig()
     mode: str = Field("valley_pooled", pattern="^(frames|valley_pooled)$")

@@ -128,6 +128,11 @@ def train_loop_per_worker(config: dict) -> None:
     n_total = sum(p.numel() for p in model.parameters())
     peak = _peak_flops(device)
     counters = {"skipped": {}, "tail_dropped": 0}
+    tb = None
+    if rank == 0 and cfg.tensorboard and "://" not in run_dir:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(f"{run_dir}/tensorboard")
     metrics: dict = {}
     done = done or (cfg.max_steps is not None and step >= cfg.max_steps)
 
@@ -219,6 +224,10 @@ def train_loop_per_worker(config: dict) -> None:
             dist.all_gather_object(all_uids, [str(r["uid"]) for mb in group for r in mb])
             if rank == 0:
                 _fs_append(f"{run_dir}/metrics.jsonl", json.dumps(metrics) + "\n")
+                if tb is not None:
+                    for k, v in metrics.items():
+                        if isinstance(v, (int, float)) and k not in ("step", "time"):
+                            tb.add_scalar(f"train/{k}", v, step)
                 _fs_append(f"{run_dir}/samples.jsonl", json.dumps({"step": step, "uids": sum(all_uids, [])}) + "\n")
                 if step % cfg.log_every == 0:
                     print(f"[vlp] step {step}/{total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
@@ -237,6 +246,8 @@ def train_loop_per_worker(config: dict) -> None:
         if epoch == start_epoch:
             seen = []
 
+    if tb is not None:
+        tb.close()
     counts = [None] * world
     dist.all_gather_object(counts, counters)
     save(cfg.epochs, [], final=True)
@@ -257,5 +268,10 @@ def train_loop_per_worker(config: dict) -> None:
         from ..models.presets import resolve_model_path
 
         tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.llm.tokenizer or cfg.model.llm.path))
-        export_model(engine.module, tok, f"{run_dir}/export", extra=meta["export_extra"])
+        if "://" in run_dir:  # save_pretrained writes locally; upload the folder afterwards
+            with tempfile.TemporaryDirectory() as tmp:
+                export_model(engine.module, tok, tmp, extra=meta["export_extra"])
+                fs.put(tmp, f"{p.rsplit('/', 1)[0]}/export", recursive=True)
+        else:
+            export_model(engine.module, tok, f"{run_dir}/export", extra=meta["export_extra"])
     dist.barrier()

@@ -48,16 +48,13 @@ def preflight(trainable: int, frozen: int, world: int, stage: int, device_gb: fl
         return Preflight(True, need, device_gb, f"ZeRO-{stage} x{world}: {need:.1f} GiB model states per GPU "
                          f"of {device_gb:.0f} GiB ({budget:.1f} GiB usable after a {activation_margin:.0%} margin)")
     options = []
-    for s in range(stage + 1, 4):
-        n_s = model_state_bytes(trainable, frozen, world, s) / 2**30
-        if n_s <= budget:
-            options.append(f"zero_stage={s} ({n_s:.1f} GiB)")
-            break
-    for w in (2, 4, 8, 16, 32, 64, 128, 256):
-        if w > world:
-            n_w = model_state_bytes(trainable, frozen, w, max(stage, 1)) / 2**30
-            if n_w <= budget:
-                options.append(f"{w} workers at ZeRO-{max(stage, 1)} ({n_w:.1f} GiB)")
+    for s in (1, 2, 3):  # the smallest world size at which each ZeRO stage fits
+        for w in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            if (s, w) == (stage, world) or (s < stage and w <= world):
+                continue
+            n_sw = model_state_bytes(trainable, frozen, w, s) / 2**30
+            if n_sw <= budget:
+                options.append(f"zero_stage={s} with {w} worker(s) ({n_sw:.1f} GiB)")
                 break
     hint = "; would fit: " + ", ".join(options) if options else "; nothing up to 256 workers fits: use LoRA or a smaller model"
     return Preflight(False, need, device_gb,

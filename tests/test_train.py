@@ -1,0 +1,142 @@
+"""Training end to end on a local Ray with real DeepSpeed engines (gloo, CPU): stage 1 (ZeRO-1) ->
+stage 2 (ZeRO-2) -> export -> reload; fault injection and exact resume; re-run reuse; setup errors."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlp.config import validate
+from vlp.train import TrainConfig, TrainSetupError, check_setup, load_model, run_train
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="session")
+def demo_features(ray_local, tmp_path_factory) -> Path:
+    from vlp.demo import DemoConfig, run_demo
+
+    root = tmp_path_factory.mktemp("traindemo")
+    run_demo(validate(DemoConfig, {"root": str(root), "shards": {"videos": 16, "images": 8, "instructions": 16,
+                                                                  "heldout": 8, "samples_per_shard": 8},
+                                   "ray": {"progress_bars": False}}), log=lambda *_: None)
+    return root
+
+
+def _cfg(root: Path, out: Path, **over) -> TrainConfig:
+    d = {"run_name": "s1", "output_dir": str(out), "data": {"sets": [{"uri": str(root / "features/pretrain")}],
+                                                           "template": "plain", "max_length": 512},
+         "batch": {"global_size": 8, "micro_size": 2}, "deepspeed": {"zero_stage": 1},
+         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}, "checkpoint": {"every_n_steps": 2, "keep_last": 2},
+         "ray": {"progress_bars": False}}
+    for k, v in over.items():
+        node = d
+        *head, last = k.split(".")
+        for h in head:
+            node = node.setdefault(h, {})
+        node[last] = v
+    return validate(TrainConfig, d)
+
+
+def _steps(run_dir: Path) -> dict[int, list[str]]:
+    """step -> uids trained on in it (the last record wins: a step redone after a failure replaces the first)."""
+    out = {}
+    for line in (run_dir / "samples.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["uids"]
+    return out
+
+
+def test_stage1_zero1_then_stage2_zero2_export_and_reload(demo_features, tmp_path):
+    out = tmp_path / "runs"
+    s1 = run_train(_cfg(demo_features, out, epochs=2), log=print)
+    run1 = Path(s1["run_dir"])
+    assert s1["steps"] == 6 and not s1["reused"]  # 24 samples / 8 x 2 epochs
+    metrics = [json.loads(x) for x in (run1 / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    for k in ("loss", "lr", "tokens_per_s", "samples_per_s", "data_wait_frac", "padding_frac", "peak_mem_bytes"):
+        assert all(m[k] is not None for m in metrics), k
+    assert list((run1 / "tensorboard").iterdir())
+    ckpts = sorted(p for p in run1.iterdir() if p.name.startswith("checkpoint_") and p.is_dir())
+    assert len(ckpts) == 2  # keep_last
+    assert (ckpts[-1] / "vlp_state.json").exists() and (ckpts[-1] / "state").is_dir()
+    exp = run1 / "export"
+    assert (exp / "connector.safetensors").exists() and (exp / "llm" / "config.json").exists()
+    assert (exp / "tokenizer").is_dir() and json.loads((exp / "vlp_model.json").read_text())["template"] == "plain"
+    assert (run1 / "config.yaml").exists()
+    # the LLM was frozen in stage 1: exported LLM weights equal the preset's
+    from safetensors.torch import load_file
+
+    from vlp.models.presets import resolve_model_path
+
+    base = load_file(str(Path(resolve_model_path("preset:tiny-llama")) / "model.safetensors"))
+    after = load_file(str(exp / "llm" / "model.safetensors"))
+    assert all(torch.equal(base[k], after[k]) for k in base)
+
+    # stage 2: from stage 1's connector, LLM trained, ZeRO-2, conversations
+    c2 = _cfg(demo_features, out, run_name="s2", **{
+        "data.sets": [{"uri": str(demo_features / "features/instruct")}], "data.template": "vicuna_v1",
+        "deepspeed.zero_stage": 2, "model.llm.trainable": True, "model.llm.gradient_checkpointing": True,
+        "model.connector.init_from": str(exp), "optim.lr": 1e-3})
+    s2 = run_train(c2, log=print)
+    assert s2["steps"] == 2
+    exp2 = Path(s2["export"])
+    after2 = load_file(str(exp2 / "llm" / "model.safetensors"))
+    assert any(not torch.equal(base[k], after2[k]) for k in base)  # the LLM moved
+
+    model, tok, info = load_model(exp2)
+    assert info["template"] == "vicuna_v1" and info["feature_mode"] == "valley_pooled"
+    from safetensors.torch import load_file as lf
+
+    conn = lf(str(exp2 / "connector.safetensors"))
+    assert all(torch.equal(v, model.connector.state_dict()[k]) for k, v in conn.items())
+    from vlp.data.conversation import prompt_ids
+
+    ids = torch.tensor(prompt_ids([{"from": "human", "value": "<video>\nWhat color is the shape?"}], tok, "vicuna_v1"))
+    toks = list(model.generate(ids, torch.randn(264, 64), "valley_pooled", 8, max_new_tokens=5,
+                               eos_token_id=tok.eos_token_id))
+    assert len(toks) <= 5
+
+    # the same command again: the finished run is reused, not retrained
+    again = run_train(_cfg(demo_features, out, epochs=2), log=print)
+    assert again["reused"] and again["steps"] == 6
+
+
+def test_worker_failure_resumes_with_the_same_steps_and_samples(demo_features, tmp_path):
+    common = {"batch.global_size": 4, "batch.micro_size": 1, "checkpoint.every_n_steps": 2, "epochs": 1}
+    ok = run_train(_cfg(demo_features, tmp_path / "a", run_name="nofault", **common), log=print)
+    bad = run_train(_cfg(demo_features, tmp_path / "b", run_name="fault", **common,
+                         **{"debug.fail_at_step": 5, "debug.fail_rank": 1}), log=print)
+    assert (Path(bad["run_dir"]) / ".injected_failure").exists()
+    assert ok["steps"] == bad["steps"] == 6
+    a, b = _steps(Path(ok["run_dir"])), _steps(Path(bad["run_dir"]))
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    seen_a = Counter(u for uids in a.values() for u in uids)
+    seen_b = Counter(u for uids in b.values() for u in uids)
+    assert seen_a == seen_b and set(seen_b.values()) == {1} and len(seen_b) == 24
+    # the failed run really redid step 5 after restoring step 4 (samples.jsonl holds step 5 twice)
+    lines = [json.loads(x)["step"] for x in (Path(bad["run_dir"]) / "samples.jsonl").read_text().splitlines()]
+    assert lines.count(5) == 2 and lines.count(4) == 1
+
+
+def test_bad_setups_fail_before_any_worker_starts(demo_features, tmp_path):
+    cfg = _cfg(demo_features, tmp_path, **{
+        "data.sets": [{"uri": str(demo_features / "features/pretrain")}, {"uri": str(tmp_path / "nope")}],
+        "model.vision_hidden_size": 1024, "model.connector.init_from": str(tmp_path / "missing")})
+    with pytest.raises(TrainSetupError) as ei:
+        check_setup(cfg, log=lambda *_: None)
+    msg = str(ei.value)
+    assert "data.sets[1].uri" in msg and "no manifest.json" in msg
+    assert "model.vision_hidden_size=1024 does not match the feature set's hidden size 64" in msg
+    assert "model.connector.init_from" in msg
+    too_big = _cfg(demo_features, tmp_path, **{"batch.global_size": 64, "batch.micro_size": 32})
+    with pytest.raises(TrainSetupError, match="larger than an epoch"):
+        check_setup(too_big, log=lambda *_: None)
+    no_mem = _cfg(demo_features, tmp_path, **{"scaling.device_memory_gb": 0.0001})
+    with pytest.raises(TrainSetupError, match="memory preflight: does not fit"):
+        check_setup(no_mem, log=lambda *_: None)
+    assert not (tmp_path / "s1").exists()
