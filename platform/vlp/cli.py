@@ -60,6 +60,25 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from .config import validate
+    from .evaluate import evaluate
+    from .storage import StorageConfig
+
+    storage = validate(StorageConfig, {k: v for k, v in {"endpoint_url": args.endpoint_url}.items() if v})
+    rep = evaluate(args.model, args.features, storage, max_samples=args.max_samples, generate=not args.no_generate,
+                   pooler=args.pooler)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    print(f"eval {args.model} on {args.features} (pooler {rep['pooler']})")
+    print(f"  {'question':<10} {'n':>4} {'choice acc':>10} {'gen acc':>8} {'chance':>7}")
+    for k, v in rep["by_type"].items():
+        gen = f"{v['gen_acc']:.2f}" if v["gen_acc"] is not None else "-"
+        print(f"  {k:<10} {v['n']:>4} {v['choice_acc']:>10.2f} {gen:>8} {v['chance']:>7.2f}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import DemoConfig, run_demo
 
@@ -100,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-samples", type=int, default=None)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(fn=_cmd_inspect)
+    sp = sub.add_parser("eval", help="accuracy per question type on a held-out feature set")
+    sp.add_argument("--model", required=True, help="export folder of a trained run")
+    sp.add_argument("--features", required=True, help="held-out feature set (vlp precompute output)")
+    sp.add_argument("--pooler", default=None, help="evaluate with another pooler (ablation), e.g. patch_mean")
+    sp.add_argument("--max-samples", type=int, default=None)
+    sp.add_argument("--no-generate", action="store_true", help="choice accuracy only")
+    sp.add_argument("--endpoint-url", help="S3-compatible endpoint")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=_cmd_eval)
     sp = sub.add_parser("presets", help="build (if needed) and list the tiny model presets")
     sp.set_defaults(fn=_cmd_presets)
     return p
