@@ -105,3 +105,26 @@ def test_generation_greedy_is_deterministic_and_stops_on_eos(model, tok):
                             top_p=0.9, generator=g))
     assert 0 <= len(s) <= 6
     assert list(model.generate(ids, f, "valley_pooled", 8, max_new_tokens=6, eos_token_id=a[0])) == []
+
+
+def test_lora_export_merges_adapters_and_reloads(tmp_path, tok):
+    from peft import LoraConfig, get_peft_model
+
+    from vlp.train.export import export_model, load_model
+
+    torch.manual_seed(0)
+    m = VideoLLM(validate(ModelConfig, {"vision_hidden_size": 64}))
+    m.llm = get_peft_model(m.llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in m.llm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # make the adapters matter
+    ids = torch.tensor(tokenize_conversation([{"from": "human", "value": "<video>\nWhat color?"},
+                                              {"from": "gpt", "value": "red"}], tok, "vicuna_v1")[0])
+    f = torch.randn(264, 64)
+    before = m([ids], None, [f], ["valley_pooled"], [8]).logits
+    export_model(m, tok, tmp_path / "exp", extra={"template": "vicuna_v1"})
+    loaded, _, info = load_model(tmp_path / "exp")
+    assert not any("lora" in k for k in loaded.llm.state_dict())  # merged, plain HF weights
+    after = loaded([ids], None, [f], ["valley_pooled"], [8]).logits
+    assert torch.allclose(before, after, atol=1e-4) and info["template"] == "vicuna_v1"
