@@ -72,7 +72,7 @@ def test_inspect_shards_reports_counts_and_errors(tmp_path, capsys):
 def test_demo_shrunk_runs_and_reuses_finished_steps(ray_local, tmp_path, capsys):
     root = tmp_path / "demo"
     args = ["demo", f"root={root}", "shards.videos=4", "shards.images=2", "shards.instructions=4",
-            "shards.heldout=2", "shards.samples_per_shard=4", "ray.progress_bars=false"]
+            "shards.heldout=2", "shards.samples_per_shard=4", "ray.progress_bars=false", "train=false"]
     assert main(args) == 0
     out = capsys.readouterr().out
     for name in ("pretrain", "instruct", "heldout"):

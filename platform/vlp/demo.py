@@ -1,16 +1,18 @@
-"""``vlp demo``: the built-in tiny end-to-end run on one machine.
+"""``vlp demo`` / ``jobs/pipeline.py``: the whole platform on one machine, tiny defaults.
 
-Today it covers the data half of the platform: synthetic shards -> three feature sets (caption
-pretraining, instructions, held-out) -> a summary. Re-running reuses what is complete.
+shards -> three feature sets (caption pretraining, instructions, held-out) -> stage 1 (connector, ZeRO-1)
+-> stage 2 (connector + LLM, ZeRO-2) -> evaluation on the held-out split -> answers -> report.
+Everything lands in one run folder; re-running reuses every finished step.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 from pydantic import Field
 
-from .config import Cfg, dump_config
+from .config import Cfg, dump_config, validate
 from .data.media import SamplingConfig
 from .data.synth import MakeShardsConfig, make_shards
 from .inspect_ import format_report, inspect_features
@@ -22,21 +24,54 @@ from .storage import get_fs, join
 
 class DemoShardsConfig(MakeShardsConfig):
     out: str = Field("", description="empty: <root>/shards")
+    videos: int = 96
+    images: int = 32
+    instructions: int = 192
+    heldout: int = 32
+    samples_per_shard: int = 32
+    num_frames: int = 8
+    image_fraction_in_instructions: float = 0.0
+
+
+class DemoStageConfig(Cfg):
+    epochs: int = Field(..., ge=1)
+    lr: float = Field(..., gt=0)
+    global_batch: int = Field(16, ge=1)
+    micro_batch: int = Field(8, ge=1)
+    zero_stage: int = Field(1, ge=0, le=2)
 
 
 class DemoConfig(Cfg):
-    """Everything the demo does, with tiny defaults."""
+    """Everything the demo does, with tiny defaults (about 3-4 minutes on 2 CPU cores)."""
 
-    root: str = Field("runs/demo", description="run folder holding shards, features and reports")
+    root: str = Field("runs/demo", description="run folder holding everything")
     shards: DemoShardsConfig = DemoShardsConfig()
     sampling: SamplingConfig = SamplingConfig()
     tower: VisionTowerConfig = VisionTowerConfig()
     mode: str = Field("valley_pooled", pattern="^(frames|valley_pooled)$")
+    llm: str = Field("preset:tiny-llama", description="causal LM for training")
+    stage1: DemoStageConfig = DemoStageConfig(epochs=3, lr=2e-3, zero_stage=1)
+    stage2: DemoStageConfig = DemoStageConfig(epochs=15, lr=3e-3, zero_stage=2)
+    train: bool = Field(True, description="false: stop after the feature sets")
+    num_workers: int = Field(2, ge=1)
+    answers: int = Field(6, ge=0, description="held-out questions answered in the report")
     ray: RayConfig = RayConfig()
     run_name: Optional[str] = None
 
 
 FEATURE_SETS = {"pretrain": ("webvid", "cc3m"), "instruct": ("instruct",), "heldout": ("heldout",)}
+_COUNT = {"webvid": "videos", "cc3m": "images", "instruct": "instructions", "heldout": "heldout"}
+
+
+def _train_cfg(cfg: DemoConfig, name: str, st: DemoStageConfig, **kw):
+    from .train import TrainConfig
+
+    return validate(TrainConfig, {
+        "run_name": name, "output_dir": join(cfg.root, "train"), "stage": name, "epochs": st.epochs,
+        "batch": {"global_size": st.global_batch, "micro_size": st.micro_batch},
+        "optim": {"lr": st.lr}, "deepspeed": {"zero_stage": st.zero_stage},
+        "scaling": {"num_workers": cfg.num_workers, "cpus_per_worker": 0.5},
+        "checkpoint": {"every_n_steps": 50, "keep_last": 1}, "ray": cfg.ray.model_dump(), **kw})
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
@@ -45,31 +80,62 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     fs.makedirs(root, exist_ok=True)
     with fs.open(join(root, "demo_config.yaml"), "w") as f:
         f.write(dump_config(cfg))
+    n_steps = 6 if cfg.train else 2
     marker = join(shards_cfg.out, "_SUCCESS")
     sfs, _ = get_fs(shards_cfg.out)
     if sfs.exists(marker):
-        log(f"[vlp] step 1/2 shards: reused {shards_cfg.out}")
+        log(f"[vlp] step 1/{n_steps} shards: reused {shards_cfg.out}")
         written = None
     else:
-        log(f"[vlp] step 1/2 shards: writing synthetic shards to {shards_cfg.out}")
+        log(f"[vlp] step 1/{n_steps} shards: writing synthetic shards to {shards_cfg.out}")
         written = make_shards(shards_cfg)
         with sfs.open(marker, "w") as f:
             f.write("ok\n")
-    results = {}
+    features = {}
+    results: dict = {"shards": written, "features": {}}
     for name, families in FEATURE_SETS.items():
-        specs = [join(shards_cfg.out, f"{fam}-*.tar") for fam in families
-                 if getattr(shards_cfg, {"webvid": "videos", "cc3m": "images", "instruct": "instructions",
-                                         "heldout": "heldout"}[fam]) > 0]
+        specs = [join(shards_cfg.out, f"{fam}-*.tar") for fam in families if getattr(shards_cfg, _COUNT[fam]) > 0]
         if not specs:
             continue
         pc = PrecomputeConfig(
             run_name=name, data={"shards": specs, "sampling": cfg.sampling},
             encoder={"tower": cfg.tower}, output={"uri": join(cfg.root, "features", name), "mode": cfg.mode},
             ray=cfg.ray)
-        log(f"[vlp] step 2/2 features: {name} <- {', '.join(families)}")
+        log(f"[vlp] step 2/{n_steps} features: {name} <- {', '.join(families)}")
         run_precompute(pc, log=log)
         rep = inspect_features(pc.output.uri)
         log(format_report(rep))
-        results[name] = rep
-    log(f"[vlp] demo outputs are in {cfg.root}/ (shards/, features/<set>/manifest.json, errors.jsonl, summary.json)")
-    return {"shards": written, "features": results}
+        results["features"][name] = rep
+        features[name] = pc.output.uri
+    if not cfg.train:
+        log(f"[vlp] demo outputs are in {cfg.root}/")
+        return results
+
+    from .evaluate import evaluate
+    from .report import make_report
+    from .train import run_train
+
+    log(f"[vlp] step 3/{n_steps} stage 1: connector on captions, LLM frozen, ZeRO-{cfg.stage1.zero_stage}")
+    s1 = run_train(_train_cfg(cfg, "stage1", cfg.stage1, data={
+        "sets": [{"uri": features["pretrain"]}], "template": "plain", "max_length": 512},
+        model={"llm": {"path": cfg.llm}}), log=log)
+    log(f"[vlp] step 4/{n_steps} stage 2: connector + LLM on conversations, ZeRO-{cfg.stage2.zero_stage}")
+    s2 = run_train(_train_cfg(cfg, "stage2", cfg.stage2, data={
+        "sets": [{"uri": features["instruct"]}], "template": "vicuna_v1", "max_length": 512},
+        model={"llm": {"path": cfg.llm, "trainable": True}, "connector": {"init_from": s1["export"]}}), log=log)
+    log(f"[vlp] step 5/{n_steps} evaluation on the held-out split")
+    ev = evaluate(s2["export"], features["heldout"])
+    evals = {"stage2 (valley)": ev}
+    for q, v in ev["by_type"].items():
+        log(f"[vlp]   {q:<10} choice {v['choice_acc']:.2f}  generated {v['gen_acc']:.2f}  (chance {v['chance']:.2f})")
+    answers = ev["examples"][: cfg.answers]
+    for a in answers:
+        log(f"[vlp]   {a['uid']}: {a['question']} -> {a['generated'].strip()!r} (truth: {a['truth']})")
+    with fs.open(join(root, "eval.json"), "w") as f:
+        f.write(json.dumps(evals, indent=2))
+    log(f"[vlp] step 6/{n_steps} report")
+    report = make_report(join(cfg.root, "report"), {"stage1": s1["run_dir"], "stage2": s2["run_dir"]}, features,
+                         evals, answers)
+    log(f"[vlp] demo done. Run folder: {cfg.root}/  report: {report}  model: {s2['export']}")
+    results.update(stage1=s1, stage2=s2, eval=evals, report=str(report))
+    return results

@@ -1,0 +1,98 @@
+"""The run report: a Markdown page with PNG plots and an evaluation table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _plot(path: Path, title: str, ylabel: str, series: dict[str, tuple[list, list]], kind: str = "line") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
+    if kind == "bar":
+        labels = list(series)
+        vals = [series[k][1][0] for k in labels]
+        ax.barh(labels, vals, color="#4c72b0")
+        for i, v in enumerate(vals):
+            ax.text(v, i, f" {v:g}", va="center", fontsize=8)
+    else:
+        for name, (x, y) in series.items():
+            ax.plot(x, y, label=name, lw=1.5)
+        ax.set_xlabel("step")
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _metrics(run_dir: str) -> list[dict]:
+    p = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+
+def make_report(out_dir: str | Path, train_runs: dict[str, str], feature_sets: dict[str, str],
+                evals: dict[str, dict], answers: list[dict] | None = None) -> Path:
+    """Write ``out_dir/report.md`` and its PNGs; returns the Markdown path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ms = {name: _metrics(d) for name, d in train_runs.items()}
+    pngs = []
+
+    def series(key):
+        return {n: ([r["step"] for r in m], [r[key] for r in m]) for n, m in ms.items() if m}
+
+    for key, title, ylabel, fname in (
+            ("loss", "Training loss per stage", "loss", "loss.png"),
+            ("samples_per_s", "Throughput per stage", "samples / s", "throughput.png"),
+            ("data_wait_frac", "Share of step time waiting for data", "fraction", "data_wait.png"),
+            ("padding_frac", "Padding fraction of micro-batches", "fraction", "padding.png")):
+        s = series(key)
+        if s:
+            _plot(out / fname, title, ylabel, s)
+            pngs.append((title, fname))
+    errors: dict[str, int] = {}
+    rows = []
+    for name, uri in feature_sets.items():
+        sp = Path(uri) / "summary.json"
+        man = Path(uri) / "manifest.json"
+        if not man.exists():
+            continue
+        m = json.loads(man.read_text())
+        s = json.loads(sp.read_text()) if sp.exists() else {}
+        for k, v in s.get("errors_by_reason", {}).items():
+            errors[f"{name}: {k}"] = errors.get(f"{name}: {k}", 0) + v
+        rows.append(f"| {name} | {m['totals']['samples_ok']} | {m['totals']['samples_failed']} | {m['mode']} | "
+                    f"{len(m['shards'])} |")
+    _plot(out / "errors.png", "Error records by reason", "", {k: ([0], [v]) for k, v in errors.items()} or
+          {"no errors": ([0], [0])}, kind="bar")
+    pngs.append(("Error records by reason", "errors.png"))
+
+    md = ["# vlp run report", "", "## Feature sets", "", "| set | samples | errors | mode | shards |",
+          "|---|---|---|---|---|", *rows, "", "## Training", ""]
+    md += ["| stage | steps | first loss | last loss | samples/s (median) | padding (mean) |", "|---|---|---|---|---|---|"]
+    for n, m in ms.items():
+        if m:
+            sps = sorted(r["samples_per_s"] for r in m)[len(m) // 2]
+            md.append(f"| {n} | {m[-1]['step']} | {m[0]['loss']:.3f} | {m[-1]['loss']:.3f} | {sps:.1f} | "
+                      f"{sum(r['padding_frac'] for r in m) / len(m):.1%} |")
+    md += ["", "## Evaluation (held-out split)", "",
+           "| model | question | n | choice acc | generation acc | chance |", "|---|---|---|---|---|---|"]
+    for name, ev in evals.items():
+        for q, v in ev["by_type"].items():
+            gen = f"{v['gen_acc']:.2f}" if v.get("gen_acc") is not None else "-"
+            md.append(f"| {name} | {q} | {v['n']} | {v['choice_acc']:.2f} | {gen} | {v['chance']:.2f} |")
+    if answers:
+        md += ["", "## Answers on held-out clips", "", "| clip | question | truth | answer |", "|---|---|---|---|"]
+        md += [f"| {a['uid']} | {a['question']} | {a['truth']} | {a['generated'].strip()} |" for a in answers]
+    md += ["", "## Plots", ""] + [f"![{t}]({f})" for t, f in pngs]
+    p = out / "report.md"
+    p.write_text("\n".join(md) + "\n")
+    return p
