@@ -79,6 +79,14 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_chat(args) -> int:
+    from .chat import run_chat
+
+    media = args.video or args.image
+    return run_chat(args.model, media, args.question, max_new_tokens=args.max_new_tokens,
+                    do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-5), top_p=args.top_p)
+
+
 def _cmd_demo(args) -> int:
     from .demo import DemoConfig, run_demo
 
@@ -128,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--endpoint-url", help="S3-compatible endpoint")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=_cmd_eval)
+    sp = sub.add_parser("chat", help="ask a trained model about a video or an image (multi-turn without a question)")
+    sp.add_argument("--model", required=True, help="export folder of a trained run")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--video", help="video file (mp4, webm, avi, ...)")
+    g.add_argument("--image", help="image file")
+    sp.add_argument("question", nargs="?", help="one question; omit for an interactive session")
+    sp.add_argument("--max-new-tokens", type=int, default=64)
+    sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    sp.add_argument("--top-p", type=float, default=1.0)
+    sp.set_defaults(fn=_cmd_chat)
     sp = sub.add_parser("presets", help="build (if needed) and list the tiny model presets")
     sp.set_defaults(fn=_cmd_presets)
     return p

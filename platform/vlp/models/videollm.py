@@ -116,7 +116,7 @@ class VideoLLM(nn.Module):
         self.cfg = cfg
         dtype = getattr(torch, cfg.llm.dtype)
         self.llm = llm if llm is not None else AutoModelForCausalLM.from_pretrained(
-            resolve_model_path(cfg.llm.path), torch_dtype=dtype)
+            resolve_model_path(cfg.llm.path), dtype=dtype)
         d_model = self.llm.get_input_embeddings().weight.shape[1]
         self.connector = CONNECTORS.get(cfg.connector.type)(cfg.vision_hidden_size, d_model)
         self.pool = POOLERS.get(cfg.pooler.type)

@@ -94,7 +94,7 @@ def load_clip(cfg: VisionTowerConfig) -> VisionTower:
 
     path = resolve_model_path(cfg.path)
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
-    model = CLIPVisionModel.from_pretrained(path, torch_dtype=dtype).to(device).eval().requires_grad_(False)
+    model = CLIPVisionModel.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
     mcfg = model.config
     n_layers = mcfg.num_hidden_layers
     if not -(n_layers + 1) <= cfg.layer <= n_layers:

@@ -1,0 +1,93 @@
+"""``vlp chat``: ask a trained model about a video or image, decoding and encoding it online with the
+same sampling and preprocessing the model's features were precomputed with."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from .data.conversation import prompt_ids
+from .data.media import DecodeConfig, SamplingConfig, decode_media
+from .data.preprocess import normalize, resize_crop
+
+
+class ChatSession:
+    """Holds the model, the media's visual features and the conversation so far."""
+
+    def __init__(self, export_dir: str, device: str = "cpu"):
+        from .models.vision import VisionTowerConfig, build_vision_tower
+        from .train.export import load_model
+
+        self.model, self.tok, self.info = load_model(export_dir, device)
+        enc = self.info["encoder"]
+        self.tower = build_vision_tower(VisionTowerConfig(type=enc["type"], path=enc["path"], layer=enc["layer"],
+                                                          device=device))
+        self.sampling = SamplingConfig(**self.info["sampling"])
+        pp = self.info.get("preprocess", {})
+        self.size = pp.get("size") or self.tower.image_size
+        self.pad = bool(pp.get("pad_to_square", False))
+        self.template = self.info["template"]
+        self.conv: list[dict] = []
+        self.feats: Optional[torch.Tensor] = None
+        self.media_type = "video"
+        self.num_frames = 1
+
+    @torch.no_grad()
+    def load_media(self, path: str) -> str:
+        """Decode + sample + preprocess + encode; returns the media type found."""
+        data = Path(path).read_bytes()
+        mtype, dec = decode_media(data, Path(path).suffix.lstrip(".").lower(), self.sampling, DecodeConfig())
+        x = resize_crop(dec.frames, self.size, self.pad)  # (T, H, W, 3) -> (T, 3, S, S) uint8
+        px = normalize(x, self.tower.mean, self.tower.std, self.tower.dtype)
+        self.feats = self.tower.features(px).float().cpu()  # (T, 1 + P, D)
+        self.media_type, self.num_frames = mtype, self.feats.shape[0]
+        self.conv = []
+        return mtype
+
+    def ask(self, question: str, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
+            top_p: float = 1.0) -> Iterator[str]:
+        """Stream the answer as text pieces; the turn is added to the conversation."""
+        text = (f"<{self.media_type}>\n" if not self.conv and self.feats is not None else "") + question
+        self.conv.append({"from": "human", "value": text})
+        ids = torch.tensor(prompt_ids(self.conv, self.tok, self.template))
+        out: list[int] = []
+        shown = ""
+        for tok in self.model.generate(ids, self.feats, "frames", self.num_frames, max_new_tokens=max_new_tokens,
+                                       do_sample=do_sample, temperature=temperature, top_p=top_p,
+                                       eos_token_id=self.tok.eos_token_id):
+            out.append(tok)
+            full = self.tok.decode(out, skip_special_tokens=True)
+            if len(full) > len(shown):
+                yield full[len(shown):]
+                shown = full
+        self.conv.append({"from": "gpt", "value": shown.strip()})
+
+
+def run_chat(export_dir: str, media: Optional[str], question: Optional[str], write: Callable[[str], None] = None,
+             read: Callable[[str], str] = input, **gen) -> int:
+    write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    session = ChatSession(export_dir)
+    if media:
+        mtype = session.load_media(media)
+        if question is None:
+            write(f"[{mtype}: {media}, {session.num_frames} frame(s)] ask away; empty line or Ctrl-D to quit\n")
+    if question is not None:
+        for piece in session.ask(question, **gen):
+            write(piece)
+        write("\n")
+        return 0
+    while True:
+        try:
+            q = read("you> ")
+        except EOFError:
+            break
+        if not q.strip():
+            break
+        write("vlp> ")
+        for piece in session.ask(q.strip(), **gen):
+            write(piece)
+        write("\n")
+    return 0
