@@ -87,6 +87,13 @@ def _cmd_chat(args) -> int:
                     do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-5), top_p=args.top_p)
 
 
+def _cmd_infer(args) -> int:
+    from .infer import InferConfig, run_infer
+
+    run_infer(load_config(InferConfig, args.config, args.overrides))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import DemoConfig, run_demo
 
@@ -119,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     tr = with_config("train", _cmd_train, "train a VideoLLM on feature sets (DeepSpeed on Ray Train)")
     tr.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    with_config("infer", _cmd_infer, "batch inference over a shard set (answers next to keys)")
     with_config("demo", _cmd_demo, "run the built-in tiny end-to-end demo")
     sp = sub.add_parser("inspect", help="summarise a shard set or a feature set")
     sp.add_argument("uri", nargs="+", help="feature-set folder, or shard specs (folders, globs, brace ranges, s3://)")

@@ -11,11 +11,12 @@ CONFIG_KINDS: Registry[type[Cfg]] = Registry("config kind")
 def _register() -> None:
     from .data.synth import MakeShardsConfig
     from .demo import DemoConfig
+    from .infer import InferConfig
     from .precompute import PrecomputeConfig
     from .train import TrainConfig
 
     for name, cls in (("precompute", PrecomputeConfig), ("make_shards", MakeShardsConfig), ("demo", DemoConfig),
-                      ("train", TrainConfig)):
+                      ("train", TrainConfig), ("infer", InferConfig)):
         if name not in CONFIG_KINDS:
             CONFIG_KINDS.register(name)(cls)
 

@@ -1,0 +1,133 @@
+"""``vlp infer``: batch inference over a shard set with Ray Data, answers written next to keys.
+
+shards --read--> --decode (same sampling/preprocessing as the model's features)--> --answer (actor pool:
+frozen tower + VideoLLM, greedy)--> driver writes ``answers.jsonl`` (shard, key, question, answer) and
+``errors.jsonl``. Bad samples become error records exactly as in precompute.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Optional
+
+import numpy as np
+from pydantic import Field
+
+from .config import Cfg
+from .data.media import DecodeConfig, SamplingConfig
+from .runtime import RayConfig
+from .storage import StorageConfig, expand_shards, get_fs, join
+
+
+class InferConfig(Cfg):
+    """``vlp infer``: answer a question about every sample of a shard set."""
+
+    model: str = Field(..., description="export folder of a trained run")
+    shards: list[str] = Field(..., min_length=1, description="shard specs (folders, globs, brace ranges, s3://)")
+    storage: StorageConfig = StorageConfig()
+    question: Optional[str] = Field(None, description="asked of every sample; None = each sample's first "
+                                    "human turn from its conversations")
+    output: str = Field(..., description="folder for answers.jsonl / errors.jsonl (local or s3://)")
+    output_storage: StorageConfig = StorageConfig()
+    max_new_tokens: int = Field(32, ge=1)
+    decode: DecodeConfig = DecodeConfig()
+    batch_size: int = Field(8, ge=1)
+    concurrency: int = Field(1, ge=1, description="answer actors (one GPU each where GPUs exist)")
+    use_gpu: bool = False
+    ray: RayConfig = RayConfig()
+
+
+class AnswerBatch:
+    """Actor stage: decoded frames -> tower features -> VideoLLM answer."""
+
+    def __init__(self, export_dir: str, question: Optional[str], max_new_tokens: int):
+        import torch
+
+        from .models.vision import VisionTowerConfig, build_vision_tower
+        from .train.export import load_model
+
+        torch.set_grad_enabled(False)
+        self.model, self.tok, self.info = load_model(export_dir)
+        enc = self.info["encoder"]
+        self.tower = build_vision_tower(VisionTowerConfig(type=enc["type"], path=enc["path"], layer=enc["layer"]))
+        self.question, self.max_new = question, max_new_tokens
+
+    def _question(self, r: dict) -> Optional[str]:
+        if self.question:
+            return self.question
+        conv = json.loads(r["conversations"]) if r["conversations"] else []
+        first = next((t["value"] for t in conv if t.get("from") in ("human", "user")), None)
+        return first.replace("<video>", "").replace("<image>", "").strip() if first else None
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from .data.conversation import prompt_ids
+        from .data.preprocess import normalize
+        from .precompute.stages import _rows, shape_of
+
+        out = {"shard": [], "key": [], "question": [], "answer": [], "error": [], "stage": [], "kind": []}
+        for r in _rows(batch):
+            if r["kind"] == "end":
+                continue
+            q = self._question(r) if r["kind"] == "sample" else None
+            ans, err, stage = "", r["error"], r["stage"]
+            if r["kind"] == "sample" and q is None:
+                err, stage = "no question: set question or give the sample conversations", "answer"
+            elif r["kind"] == "sample":
+                x = torch.from_numpy(np.frombuffer(r["frames"], np.uint8).reshape(shape_of(r["frames_shape"])).copy())
+                feats = self.tower.features(normalize(x, self.tower.mean, self.tower.std, self.tower.dtype)).float()
+                ids = torch.tensor(prompt_ids([{"from": "human", "value": f"<{r['media_type']}>\n{q}"}], self.tok,
+                                              self.info["template"]))
+                toks = list(self.model.generate(ids, feats.cpu(), "frames", feats.shape[0],
+                                                max_new_tokens=self.max_new, eos_token_id=self.tok.eos_token_id))
+                ans = self.tok.decode(toks, skip_special_tokens=True).strip()
+            for k, v in (("shard", r["shard"]), ("key", r["key"]), ("question", q or ""), ("answer", ans),
+                         ("error", err), ("stage", stage), ("kind", "answer" if not err else "error")):
+                out[k].append(v)
+        return out
+
+
+def run_infer(cfg: InferConfig, log=print) -> dict:
+    import ray
+
+    from .precompute.pipeline import shard_names
+    from .precompute.stages import DecodeFrames, ReadShard
+    from .runtime import init_ray
+
+    mfs, mpath = get_fs(join(cfg.model, "vlp_model.json"))
+    info = json.loads(mfs.cat(mpath))
+    shards = expand_shards(cfg.shards, cfg.storage)
+    names = shard_names(shards)
+    init_ray(cfg.ray)
+    t0 = time.time()
+    sampling = SamplingConfig(**info["sampling"])
+    pp = info.get("preprocess", {})
+    ds = ray.data.from_items([{"shard": names[u], "uri": u} for u in shards], override_num_blocks=len(shards))
+    ds = ds.flat_map(ReadShard(cfg.storage), num_cpus=0.25)
+    ds = ds.map_batches(DecodeFrames(sampling, cfg.decode, pp.get("size") or info["encoder"]["image_size"],
+                                     bool(pp.get("pad_to_square", False))), batch_size=4, batch_format="numpy",
+                        memory=512 << 20)
+    ds = ds.map_batches(AnswerBatch, fn_constructor_kwargs=dict(export_dir=cfg.model, question=cfg.question,
+                                                                max_new_tokens=cfg.max_new_tokens),
+                        batch_size=cfg.batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_gpus=1 if cfg.use_gpu else 0)
+    answers, errors = [], []
+    for r in ds.iter_rows():
+        rec = {"shard": r["shard"], "key": r["key"]}
+        if r["kind"] == "answer":
+            answers.append({**rec, "question": r["question"], "answer": r["answer"]})
+        else:
+            errors.append({**rec, "stage": r["stage"], "reason": r["error"]})
+    answers.sort(key=lambda a: (a["shard"], a["key"]))
+    fs, root = get_fs(cfg.output, cfg.output_storage)
+    fs.makedirs(root, exist_ok=True)
+    for name, rows in (("answers.jsonl", answers), ("errors.jsonl", errors)):
+        with fs.open(join(root, name), "w") as f:
+            f.write("".join(json.dumps(x) + "\n" for x in rows))
+    summary = {"answers": len(answers), "errors": len(errors), "wall_s": round(time.time() - t0, 2),
+               "output": cfg.output}
+    log(f"[vlp] infer: {len(answers)} answers, {len(errors)} errors in {summary['wall_s']}s -> "
+        f"{join(cfg.output, 'answers.jsonl')}")
+    return summary

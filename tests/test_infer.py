@@ -1,0 +1,45 @@
+"""vlp infer: batch answers over a shard set with Ray Data; bad samples become error records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_chat import export  # noqa: F401  (module-scoped fixture: an untrained export)
+from vlp.config import validate
+from vlp.infer import InferConfig, run_infer
+
+pytestmark = pytest.mark.ray
+
+
+def test_infer_answers_every_sample_and_records_errors(ray_local, export, synth_shards, tmp_path):  # noqa: F811
+    from vlp.data.tario import write_tar
+
+    bad = tmp_path / "bad-00000.tar"
+    with open(bad, "wb") as f:
+        write_tar(f, [("b1", {"mp4": b"", "txt": b"x"}), ("b2", {"jpg": (synth_shards / "cc3m-00000.tar").read_bytes()[:10],
+                                                              "json": json.dumps({"caption": "c"}).encode()})])
+    out = tmp_path / "out"
+    s = run_infer(validate(InferConfig, {
+        "model": str(export), "shards": [str(synth_shards / "heldout-00000.tar"), str(bad)], "output": str(out),
+        "max_new_tokens": 4, "ray": {"progress_bars": False}}), log=print)
+    answers = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
+    errors = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
+    assert s["answers"] == len(answers) == 6 and s["errors"] == len(errors) == 2
+    assert {a["question"] for a in answers} == {"What color is the shape?"}  # first human turn of each sample
+    assert all(a["shard"] == "heldout-00000" and a["key"] for a in answers)
+    assert sorted(e["key"] for e in errors) == ["b1", "b2"] and all(e["stage"] == "decode" for e in errors)
+
+    fixed = tmp_path / "fixed"
+    run_infer(validate(InferConfig, {"model": str(export), "shards": [str(synth_shards / "webvid-00000.tar")],
+                                     "question": "Which direction does the shape move?", "output": str(fixed),
+                                     "max_new_tokens": 4, "ray": {"progress_bars": False}}), log=print)
+    rows = [json.loads(x) for x in (fixed / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {r["question"] for r in rows} == {"Which direction does the shape move?"}
+    # captions-only samples without a question configured become error records, not silent drops
+    none = tmp_path / "none"
+    s = run_infer(validate(InferConfig, {"model": str(export), "shards": [str(synth_shards / "webvid-00000.tar")],
+                                         "output": str(none), "ray": {"progress_bars": False}}), log=print)
+    assert s["answers"] == 0 and s["errors"] == 6
+    assert "no question" in (none / "errors.jsonl").read_text()
