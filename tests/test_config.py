@@ -113,3 +113,11 @@ def test_cli_print_config(capsys):
                  "data.sampling.num_frames=3"]) == 0
     out = yaml.safe_load(capsys.readouterr().out)
     assert out["data"]["sampling"]["num_frames"] == 3 and out["output"]["mode"] == "valley_pooled"
+
+
+def test_configuration_reference_is_current():
+    from vlp.configdoc import config_reference
+
+    committed = (ROOT / "docs" / "configuration.md").read_text()
+    assert committed.strip() == config_reference().strip(), "run: vlp config-docs > docs/configuration.md"
+    assert "`data.sampling.num_frames`" in committed and "`deepspeed.zero_stage`" in committed

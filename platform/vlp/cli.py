@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     sp.add_argument("--top-p", type=float, default=1.0)
     sp.set_defaults(fn=_cmd_chat)
+    sp = sub.add_parser("config-docs", help="print the configuration reference (Markdown)")
+    sp.set_defaults(fn=lambda a: (print(__import__("vlp.configdoc", fromlist=["x"]).config_reference()), 0)[1])
     sp = sub.add_parser("presets", help="build (if needed) and list the tiny model presets")
     sp.set_defaults(fn=_cmd_presets)
     return p

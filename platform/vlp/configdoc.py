@@ -1,0 +1,55 @@
+"""Configuration reference generated from the config classes (``vlp config-docs``)."""
+
+from __future__ import annotations
+
+import typing
+
+from pydantic import BaseModel
+
+
+def _type_name(ann) -> str:
+    origin = typing.get_origin(ann)
+    args = typing.get_args(ann)
+    if origin is typing.Literal:
+        return " \\| ".join(repr(a) for a in args)
+    if origin is typing.Union:
+        return " \\| ".join(_type_name(a) for a in args if a is not type(None)) + (
+            " \\| None" if type(None) in args else "")
+    if origin in (list, tuple):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args if a is not Ellipsis)}]"
+    return getattr(ann, "__name__", str(ann))
+
+
+def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
+    rows = []
+    for name, f in model.model_fields.items():
+        path = f"{prefix}{name}"
+        ann = f.annotation
+        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if typing.get_origin(ann) is list and typing.get_args(ann) and isinstance(typing.get_args(ann)[0], type) \
+                and issubclass(typing.get_args(ann)[0], BaseModel):
+            rows += _rows(typing.get_args(ann)[0], f"{path}[].")
+            continue
+        if sub is not None:
+            rows += _rows(sub, f"{path}.")
+            continue
+        default = "required" if f.is_required() else repr(f.default)
+        desc = (f.description or "").replace("|", "\\|")
+        rows.append(f"| `{path}` | {_type_name(ann)} | `{default}` | {desc} |")
+    return rows
+
+
+def config_reference() -> str:
+    from .config_kinds import CONFIG_KINDS, _register
+
+    _register()
+    out = ["# Configuration reference", "",
+           "Generated from the config classes by `vlp config-docs` (a test checks it is current). Every key can be "
+           "set in YAML or overridden on the command line as `dotted.path=value`; unknown keys and bad values fail "
+           "before any work with one message listing every problem.", ""]
+    for name in CONFIG_KINDS.names():
+        cls = CONFIG_KINDS.get(name)
+        out += [f"## `{name}` ({cls.__name__})", "", (cls.__doc__ or "").strip().splitlines()[0], "",
+                "Shipped files: `configs/**/" + name + "*.yaml`.", "",
+                "| key | type | default | description |", "|---|---|---|---|", *_rows(cls), ""]
+    return "\n".join(out)
