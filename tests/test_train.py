@@ -23,7 +23,7 @@ def demo_features(ray_local, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("traindemo")
     run_demo(validate(DemoConfig, {"root": str(root), "shards": {"videos": 16, "images": 8, "instructions": 16,
                                                                   "heldout": 8, "samples_per_shard": 8},
-                                   "ray": {"progress_bars": False}}), log=lambda *_: None)
+                                   "train": False, "ray": {"progress_bars": False}}), log=lambda *_: None)
     return root
 
 
