@@ -140,3 +140,19 @@ def test_bad_setups_fail_before_any_worker_starts(demo_features, tmp_path):
     with pytest.raises(TrainSetupError, match="memory preflight: does not fit"):
         check_setup(no_mem, log=lambda *_: None)
     assert not (tmp_path / "s1").exists()
+
+
+def test_rerunning_the_same_command_resumes_an_unfinished_run(demo_features, tmp_path):
+    common = {"batch.global_size": 4, "batch.micro_size": 1, "checkpoint.every_n_steps": 2, "epochs": 1}
+    dying = _cfg(demo_features, tmp_path, run_name="again", max_failures=0, **common,
+                 **{"debug.fail_at_step": 3, "debug.fail_rank": 0})
+    with pytest.raises(Exception, match="injected failure at step 3"):
+        run_train(dying, log=print)
+    run_dir = tmp_path / "again"
+    assert not (run_dir / "export").exists()
+    done = run_train(_cfg(demo_features, tmp_path, run_name="again", **common), log=print)
+    assert done["steps"] == 6 and not done["reused"]
+    steps = [json.loads(x)["step"] for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 3, 4, 5, 6]  # resumed from the step-2 checkpoint, step 3 redone
+    seen = Counter(u for uids in _steps(run_dir).values() for u in uids)
+    assert len(seen) == 24 and set(seen.values()) == {1}
