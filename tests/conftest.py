@@ -56,6 +56,17 @@ def synth_shards(tmp_path_factory) -> Path:
     return out
 
 
+def dotted(base: dict, **kw) -> dict:
+    """Set nested keys named by dotted paths: dotted(d, **{"a.b": 1}) sets d["a"]["b"] = 1."""
+    for k, v in kw.items():
+        node = base
+        *head, last = k.split(".")
+        for h in head:
+            node = node.setdefault(h, {})
+        node[last] = v
+    return base
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import dotted
 import torch
 import yaml
 
@@ -26,12 +28,7 @@ pytestmark = pytest.mark.ray
 
 def _cfg(shards, out, **kw) -> PrecomputeConfig:
     d = {"data": {"shards": [str(s) for s in shards]}, "output": {"uri": str(out)}, "ray": {"progress_bars": False}}
-    for k, v in kw.items():  # dotted keys
-        node = d
-        *head, last = k.split(".")
-        for h in head:
-            node = node.setdefault(h, {})
-        node[last] = v
+    dotted(d, **kw)
     return validate(PrecomputeConfig, d)
 
 

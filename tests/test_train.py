@@ -8,6 +8,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from conftest import dotted
 import torch
 
 from vlp.config import validate
@@ -33,12 +35,7 @@ def _cfg(root: Path, out: Path, **over) -> TrainConfig:
          "batch": {"global_size": 8, "micro_size": 2}, "deepspeed": {"zero_stage": 1},
          "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}, "checkpoint": {"every_n_steps": 2, "keep_last": 2},
          "ray": {"progress_bars": False}}
-    for k, v in over.items():
-        node = d
-        *head, last = k.split(".")
-        for h in head:
-            node = node.setdefault(h, {})
-        node[last] = v
+    dotted(d, **over)
     return validate(TrainConfig, d)
 
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import dotted
 from vlp.config import ConfigError, validate
 from vlp.data.conversation import IGNORE_INDEX, VISUAL_TOKEN_INDEX
 from vlp.train.config import TrainConfig
@@ -41,12 +42,7 @@ BASE = {"run_name": "r", "data": {"sets": [{"uri": "x"}]}, "scaling": {"num_work
 
 def _cfg(**over):
     d = json.loads(json.dumps(BASE))
-    for k, v in over.items():
-        node = d
-        *head, last = k.split(".")
-        for h in head:
-            node = node.setdefault(h, {})
-        node[last] = v
+    dotted(d, **over)
     return validate(TrainConfig, d)
 
 

@@ -33,6 +33,12 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} type {name!r}; known: {', '.join(sorted(self._items)) or '(none)'}"
             ) from None
 
+    def validate(self, name: str) -> str:
+        """For config validators: the name if registered, else ValueError listing the known names."""
+        if name not in self._items:
+            raise ValueError(f"unknown {self.kind} type {name!r}; known: {', '.join(self.names()) or '(none)'}")
+        return name
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

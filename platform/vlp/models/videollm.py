@@ -70,9 +70,7 @@ class PoolerConfig(Cfg):
     @field_validator("type")
     @classmethod
     def _known(cls, v):
-        if v not in POOLERS:
-            raise ValueError(f"unknown temporal pooler type {v!r}; known: {', '.join(POOLERS.names())}")
-        return v
+        return POOLERS.validate(v)
 
 
 class ConnectorConfig(Cfg):
@@ -83,9 +81,7 @@ class ConnectorConfig(Cfg):
     @field_validator("type")
     @classmethod
     def _known(cls, v):
-        if v not in CONNECTORS:
-            raise ValueError(f"unknown connector type {v!r}; known: {', '.join(CONNECTORS.names())}")
-        return v
+        return CONNECTORS.validate(v)
 
 
 class LLMConfig(Cfg):

@@ -32,9 +32,7 @@ class VisionTowerConfig(Cfg):
     @field_validator("type")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in VISION_TOWERS:
-            raise ValueError(f"unknown vision tower type {v!r}; known: {', '.join(VISION_TOWERS.names())}")
-        return v
+        return VISION_TOWERS.validate(v)
 
 
 @dataclass

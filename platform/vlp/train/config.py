@@ -36,9 +36,7 @@ class TrainDataConfig(Cfg):
     @field_validator("template")
     @classmethod
     def _known(cls, v):
-        if v not in TEMPLATES:
-            raise ValueError(f"unknown template {v!r}; known: {', '.join(TEMPLATES.names())}")
-        return v
+        return TEMPLATES.validate(v)
 
 
 class OptimConfig(Cfg):
