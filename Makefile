@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --upgrade pip setuptools wheel
 	$(PIP) install -c constraints.txt "$(TORCH)"
 	$(PIP) install -c constraints.txt --no-build-isolation deepspeed
-	$(PIP) install -c constraints.txt -e ".[test,report]"
+	$(PIP) install -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 demo: $(STAMP)
