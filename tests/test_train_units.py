@@ -113,5 +113,7 @@ def test_length_grouping_cuts_padding():
     random = length_grouped(list(rng.permutation(rows)), 8, np.random.default_rng(1), group=False)
     assert len(grouped) == len(random) == 64
     assert padding_fraction(grouped) < 0.1 < padding_fraction(random)
-    mixed = sum(len({r["media_type"] for r in mb}) > 1 for mb in grouped)
-    assert mixed <= 1  # grouped by modality first: at most the boundary micro-batch mixes
+    by_mod = length_grouped(rows, 8, np.random.default_rng(1), group=True, by_modality=True)
+    mixed = sum(len({r["media_type"] for r in mb}) > 1 for mb in by_mod)
+    assert mixed <= 1  # modality first: at most the boundary micro-batch mixes
+    assert padding_fraction(grouped) <= padding_fraction(by_mod) < padding_fraction(random)

@@ -29,7 +29,9 @@ class TrainDataConfig(Cfg):
     max_length: int = Field(2048, ge=8, description="tokens including visual tokens")
     overlong: Literal["truncate", "skip"] = Field(
         "truncate", description="truncate text after the visual span, or skip the sample (counted)")
-    group_by_length: bool = Field(True, description="length-grouped micro-batches (LLaVA group_by_modality_length)")
+    group_by_length: bool = Field(True, description="length-grouped micro-batches")
+    group_by_modality: bool = Field(False, description="sort by modality before length (LLaVA's "
+                                    "group_by_modality_length); costs padding on mixed sets (see docs/benchmarks.md)")
     group_window: int = Field(8, ge=1, description="global batches pooled before sorting by length")
     seed: int = 0
 

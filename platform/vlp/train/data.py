@@ -182,11 +182,14 @@ def feature_set_info(uri: str, storage: Optional[StorageConfig]) -> dict:
             "fingerprint": fp}
 
 
-def length_grouped(rows: list[dict], micro: int, rng: np.random.Generator, group: bool) -> list[list[dict]]:
-    """Split a window of rows into micro-batches; with ``group`` sort by (modality, length) first so that
-    padding stays small, then shuffle the micro-batch order."""
+def length_grouped(rows: list[dict], micro: int, rng: np.random.Generator, group: bool,
+                   by_modality: bool = False) -> list[list[dict]]:
+    """Split a window of rows into micro-batches; with ``group`` sort by length first (and by modality before
+    length with ``by_modality``, as LLaVA's group_by_modality_length) so that padding stays small, then
+    shuffle the micro-batch order."""
     if group:
-        rows = sorted(rows, key=lambda r: (r["media_type"], r["length"]))
+        key = (lambda r: (r["media_type"], r["length"])) if by_modality else (lambda r: r["length"])
+        rows = sorted(rows, key=key)
     mbs = [rows[i:i + micro] for i in range(0, len(rows) - micro + 1, micro)]
     order = rng.permutation(len(mbs))
     return [mbs[i] for i in order]

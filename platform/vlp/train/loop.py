@@ -168,10 +168,12 @@ def train_loop_per_worker(config: dict) -> None:
                     continue
                 buf.append(r)
                 if len(buf) >= window:
-                    yield from length_grouped(buf, micro, rng, cfg.data.group_by_length)
+                    yield from length_grouped(buf, micro, rng, cfg.data.group_by_length,
+                                              cfg.data.group_by_modality)
                     buf = []
             if buf:
-                mbs = length_grouped(buf, micro, rng, cfg.data.group_by_length)
+                mbs = length_grouped(buf, micro, rng, cfg.data.group_by_length,
+                                              cfg.data.group_by_modality)
                 counters["tail_dropped"] += len(buf) - micro * len(mbs)
                 yield from mbs
 
