@@ -172,8 +172,7 @@ def train_loop_per_worker(config: dict) -> None:
                                               cfg.data.group_by_modality)
                     buf = []
             if buf:
-                mbs = length_grouped(buf, micro, rng, cfg.data.group_by_length,
-                                              cfg.data.group_by_modality)
+                mbs = length_grouped(buf, micro, rng, cfg.data.group_by_length, cfg.data.group_by_modality)
                 counters["tail_dropped"] += len(buf) - micro * len(mbs)
                 yield from mbs
 
