@@ -29,19 +29,7 @@ def frames_of(n: int, h: int = 64, w: int = 96, seed: int = 0, direction: str = 
 def encode(frames: np.ndarray, fmt: str = "mp4", codec: str = "libx264", fps: int = 8,
            pix_fmt: str = "yuv420p", options: dict | None = None) -> bytes:
     """Frames -> a container in memory, with PyAV (constant frame rate)."""
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format=fmt) as c:
-        st = c.add_stream(codec, rate=fps)
-        st.width, st.height = frames.shape[2], frames.shape[1]
-        st.pix_fmt = pix_fmt
-        if options:
-            st.options = options
-        for f in frames:
-            for pkt in st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(pkt)
-        for pkt in st.encode():
-            c.mux(pkt)
-    return buf.getvalue()
+    return encode_mp4(frames, fps, codec, pix_fmt, container=fmt, options=options)
 
 
 def encode_vfr(frames: np.ndarray, times: list[float], fmt: str = "mp4") -> bytes:

@@ -36,16 +36,7 @@ def jpeg(seed: int = 0) -> bytes:
 
 
 def encode(frames: np.ndarray, fmt: str, codec: str = "libx264", fps: int = 8, pix_fmt: str = "yuv420p") -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format=fmt) as c:
-        st = c.add_stream(codec, rate=fps)
-        st.width, st.height, st.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        for f in frames:
-            for pkt in st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(pkt)
-        for pkt in st.encode():
-            c.mux(pkt)
-    return buf.getvalue()
+    return encode_mp4(frames, fps, codec, pix_fmt, container=fmt)
 
 
 def mjpeg_still(fmt: str = "mp4") -> bytes:

@@ -118,17 +118,20 @@ def render_clip(attrs: Attributes, rng: np.random.Generator, h: int, w: int, n: 
     return frames
 
 
-def encode_mp4(frames: np.ndarray, fps: int, codec: str = "libx264", pix_fmt: str | None = None) -> bytes:
-    """(n, h, w, 3) uint8 -> mp4 bytes with PyAV."""
+def encode_mp4(frames: np.ndarray, fps: int, codec: str = "libx264", pix_fmt: str | None = None,
+               container: str = "mp4", options: dict | None = None) -> bytes:
+    """(n, h, w, 3) uint8 -> video bytes with PyAV (mp4 unless ``container`` says otherwise)."""
     import av
 
     buf = io.BytesIO()
     n, h, w, _ = frames.shape
-    with av.open(buf, mode="w", format="mp4") as c:
+    with av.open(buf, mode="w", format=container) as c:
         st = c.add_stream(codec, rate=fps)
         st.width, st.height = w, h
         st.pix_fmt = pix_fmt or ("yuv420p" if (w % 2 == 0 and h % 2 == 0) else "yuv444p")
-        if codec == "libx264":
+        if options is not None:
+            st.options = options
+        elif codec == "libx264":
             st.options = {"crf": "18", "preset": "veryfast"}
         for f in frames:
             for pkt in st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
