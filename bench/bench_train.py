@@ -5,9 +5,10 @@
 Writes bench/results/train.json (train.quick.json with --quick). Every number that depends on how busy
 the machine is comes as a ratio against a baseline measured in the same script, interleaved in rounds.
 
-Inputs: a small demo feature set made with ``vlp.demo.run_demo(train=false)`` (synthetic 8-frame clips
-and images, preset:tiny-clip features, Valley-pooled: 264 visual tokens per video, 257 per image),
-cached under $VLP_CACHE/bench/train (default ~/.cache/vlp/bench/train). Model everywhere: VideoLLM with
+Inputs: demo feature sets made with ``vlp.demo.run_demo(train=false)`` (synthetic 8-frame clips and
+images, preset:tiny-clip features, Valley-pooled: 264 visual tokens per video, 257 per image; the
+instruction set has 480 conversations, a quarter of them on images), made once and cached under
+$VLP_CACHE/bench/train (default ~/.cache/vlp/bench/train). Model everywhere: VideoLLM with
 preset:tiny-llama (2 layers, width 64) and a linear connector (vision_hidden_size 64), stage-2 style:
 LLM + connector trained, AdamW, fp32, CPU.
 
@@ -15,7 +16,8 @@ LLM + connector trained, AdamW, fp32, CPU.
             2 workers ZeRO-0) vs a plain single-process PyTorch loop (fresh subprocess, no Ray, no
             DeepSpeed) that replays exactly the micro-batches the Ray run logged in samples.jsonl, with the
             same model, trainable set, AdamW, LR schedule, gradient clipping and torch thread count (the
-            losses agree step for step). Rounds: plain run, Ray run, plain replay, Ray run, plain replay...;
+            losses agree step for step). One epoch over the instruction set (quick: a seeded half), global
+            batch 8. A third run per round, DeepSpeed alone (one process, no Ray), splits the overhead. Rounds: plain run, Ray run, plain replay, Ray run, plain replay...;
             each Ray run is compared with the mean of the plain runs just before and after it. Steady state:
             steps after the first DROP. overhead = plain samples/s / Ray samples/s (Ray: from metrics.jsonl
             compute_s + data_wait_s per step). Wall time including start-up is reported separately.
@@ -60,12 +62,13 @@ import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve()
 TRAIN_WORK = WORK / "train"
-SHARDS = {"videos": 8, "images": 8, "instructions": 96, "heldout": 4, "samples_per_shard": 16,
+SHARDS = {"videos": 8, "images": 8, "instructions": 480, "heldout": 4, "samples_per_shard": 32,
           "image_fraction_in_instructions": 0.25}
 TEMPLATE, MAX_LEN, LR, SEED = "vicuna_v1", 512, 1e-3, 0
 GLOBAL = 8          # samples per optimizer step (all workers)
 DROP = 3            # first steps of a run left out of steady state
 TARGET_OVERHEAD, TARGET_ZERO2, TARGET_PAD = 1.15, 0.6, 0.10
+ONLINE_ROWS = 96    # part 3 holds these samples' decoded frames in memory (8 x 3 x 224 x 224 uint8 each)
 
 
 def log(*a):
@@ -301,12 +304,14 @@ def run_ray(uri: str, runs: Path, name: str, workers: int, zero: int, weight: fl
 
 
 def local_schedule(uri: str, weight: float, micro: int) -> list[list[str]]:
-    """A schedule like the worker builds (Mixture copies, windows of micro x group_window, length_grouped),
-    from the feature rows in file order; used for the plain run before the first Ray run."""
-    from vlp.train.data import length_grouped
+    """A schedule built like the worker builds it (the library's Mixture picks the epoch's rows, windows of
+    micro x group_window, length_grouped), from the rows in file order; for the plain run before round 1."""
+    from vlp.train.data import Mixture, length_grouped
 
-    rows = tokenise(read_feature_rows(uri))
-    stream = [{**r, "uid": f"s0:{r['uid']}" + (f"#{k}" if k else "")} for k in range(int(weight)) for r in rows]
+    rows = {f"s0:{r['uid']}": r for r in tokenise(read_feature_rows(uri))}
+    uids = np.asarray([u.split(":", 1)[1] for u in rows], dtype=object)
+    picked = Mixture("s0", weight, SEED, str(TRAIN_WORK / "no-state.json"), "auto")({"uid": uids})["uid"]
+    stream = [{**rows["s0:" + strip_uid(u)], "uid": u} for u in picked]
     rng = np.random.default_rng([SEED, 0, 0, 0])
     mbs = []
     for s in range(0, len(stream), micro * 8):
@@ -426,7 +431,9 @@ def bench_step(root: Path, rounds: int, quick: bool, work: Path) -> dict:
 
     uri = str(root / "features" / "instruct")
     n_rows = len(read_feature_rows(uri))
-    weight = 4.0 if quick else 8.0  # Mixture repeats the set so one epoch has enough steps (no epoch restarts)
+    # a seeded half of the set (quick) or all of it, once: no Mixture copies (weight > 1 puts a row's copies
+    # next to each other, and length grouping then into the same micro-batch: unrealistic zero padding)
+    weight = 0.5 if quick else 1.0
     runs = work / "runs"
     t0 = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
@@ -521,8 +528,8 @@ def bench_step(root: Path, rounds: int, quick: bool, work: Path) -> dict:
         out["runs"].append(rec)
         prev = {"threads": threads, "schedule": r["schedule"], "result": p}
     if not quick:  # what a short epoch costs: Ray Data runs the whole graph again at every epoch start
-        log("step throughput: epoch restarts (the set once per epoch, 3 epochs, 1 worker ZeRO-0)")
-        r = run_ray(uri, runs, "epochs", 1, 0, 1.0, epochs=3)
+        log("step throughput: epoch restarts (a seeded quarter of the set per epoch, 3 epochs, 1 worker ZeRO-0)")
+        r = run_ray(uri, runs, "epochs", 1, 0, 0.25, epochs=3)
         ms = r["metrics"]
         firsts = [m for k, m in enumerate(ms) if k == 0 or m["epoch"] != ms[k - 1]["epoch"]]
         med = statistics.median(m["compute_s"] + m["data_wait_s"] for m in ms if m not in firsts)
@@ -834,7 +841,7 @@ def bench_online(root: Path, rounds: int, steps_per_block: int) -> dict:
     from vlp.train.data import length_grouped
 
     torch.set_num_threads(1)
-    rows = tokenise(read_feature_rows(str(root / "features" / "instruct")))
+    rows = tokenise(read_feature_rows(str(root / "features" / "instruct")))[:ONLINE_ROWS]
     frames = decode_frames(root, {r["uid"] for r in rows})
     rows = [r for r in rows if r["uid"] in frames]
     mbs = length_grouped(rows, GLOBAL, np.random.default_rng(SEED), True)
