@@ -182,3 +182,30 @@ class CpuAccount:
                 "cpu_s": {k: round(v, 1) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
                 "idle_s": round(max(0.0, wall * ncpu - used), 1),
                 "processes_busy": procs, "processes_started_during": started}
+
+
+def cpu_idle_share(window: float = 5.0) -> float:
+    """Share of the machine's CPU time that was idle over the next ``window`` seconds (/proc/stat)."""
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)  # idle + iowait, total
+
+    i0, t0 = read()
+    time.sleep(window)
+    i1, t1 = read()
+    return (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_quiet(max_wait: float, idle: float = 0.9, window: float = 5.0, log=print) -> dict:
+    """Wait (at most ``max_wait`` s) until the machine has been at least ``idle`` idle for ``window`` s.
+    For shared machines; returns what it saw so that the results can say so."""
+    t0 = time.perf_counter()
+    share = cpu_idle_share(window)
+    told = False
+    while share < idle and time.perf_counter() - t0 < max_wait:
+        if not told:
+            log(f"  waiting for a quiet machine (idle {share:.0%} < {idle:.0%}, at most {max_wait:.0f}s)")
+            told = True
+        share = cpu_idle_share(window)
+    return {"waited_s": round(time.perf_counter() - t0, 1), "idle_share": round(share, 3), "quiet": share >= idle}

@@ -25,10 +25,11 @@ niceness 15, like Ray's workers, so both sides compete alike with anything else 
 Each child first runs a small warm-up job (one 8-sample shard, separate output) in the same process
 / Ray session, then the timed job: interpreter start-up, imports and ray.init are not counted (they
 are recorded). The encoder actor still starts inside the timed job (run_precompute creates its actor
-pool per job), as it would for a user; "steady" rates (samples between the first and the last
-Parquet file written) leave that out as well. While a timed job runs, /proc is sampled to account
-for the machine's CPU time: the run's own processes by role, and "other processes" (a busy
-neighbour, which makes the numbers unreliable: the JSON and the output say how busy it was).
+pool per job), as it does for a user: a few seconds of each pipeline run. The features both sides
+wrote are compared at the end (same work, same numbers). While a timed job runs, /proc is sampled
+to account for the machine's CPU time: the run's own processes by role, and "other processes" (a
+busy neighbour makes the numbers unreliable: the JSON and the output say how busy it was;
+--wait-quiet waits for a quiet machine before each run).
 
 Inputs: synthetic 596x336 clips (5 s at 25 fps, libx264) made with vlp.data.synth.make_shards, tiled
 into 16-sample shards (each clip appears several times under distinct keys, so generating them
@@ -52,7 +53,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _benchutil import WORK, loadavg, spread, write_json  # noqa: E402
+from _benchutil import WORK, loadavg, wait_quiet, write_json  # noqa: E402
 
 W, H, FPS, FRAMES, T = 596, 336, 25, 125, 8
 TOWER = "preset:tiny-clip"
@@ -116,19 +117,6 @@ def prepare_shards(n_samples: int, per_shard: int, distinct: int, warmup: int) -
         print(f"[bench_precompute] generated {n_samples} samples in {n_shards} shards ({distinct} distinct clips) "
               f"in {time.perf_counter() - t0:.0f}s -> {root}", flush=True)
     return sorted(glob.glob(str(root / "timed" / "*.tar"))), sorted(glob.glob(str(root / "warmup" / "*.tar")))
-
-
-def steady_rate(out: Path) -> dict:
-    """Samples/s between the first and the last Parquet file written (mtimes): excludes start-up."""
-    import pyarrow.parquet as pq
-
-    parts = sorted((p.stat().st_mtime, pq.read_metadata(p).num_rows) for p in out.rglob("*.parquet"))
-    if len(parts) < 3:
-        return {"parts": len(parts)}
-    span = parts[-1][0] - parts[0][0]
-    rows = sum(n for _, n in parts[1:])
-    return {"parts": len(parts), "span_s": round(span, 2), "samples": rows,
-            "samples_per_s": round(rows / span, 3) if span > 0 else None}
 
 
 # ---------------------------------------------------------------------------------------------- baseline
@@ -245,7 +233,6 @@ def child_baseline(spec: dict) -> dict:
     acct = CpuAccount()
     timed = run_baseline(spec["shards"], out / "timed")
     timed["cpu_accounting"] = acct.stop()
-    timed["steady"] = steady_rate(out / "timed")
     return {"config": "baseline", "warmup": warm, "timed": timed,
             "threads": {"torch_num_threads": torch.get_num_threads(),
                         "torch_interop_threads": torch.get_num_interop_threads(),
@@ -330,7 +317,7 @@ def child_pipeline(spec: dict) -> dict:
         "warmup": {"samples": sw["this_run"]["samples_ok"], "wall_s": round(t_warm, 3),
                    "samples_per_s": round(sw["this_run"]["samples_ok"] / t_warm, 3)},
         "timed": {"samples": tr["samples_ok"], "failed": tr["samples_failed"], "wall_s": round(wall, 3),
-                  "samples_per_s": round(tr["samples_ok"] / wall, 3), "steady": steady_rate(out / "timed"),
+                  "samples_per_s": round(tr["samples_ok"] / wall, 3),
                   "stage_cpu_seconds": tr["stage_cpu_seconds"], "cpu_accounting": cpu},
         "effective_config": {"data.read_cpus": cfg.data.read_cpus, "data.decode_cpus": cfg.data.decode_cpus,
                              "data.decode_batch_size": cfg.data.decode_batch_size,
@@ -459,6 +446,8 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline-runs", type=int, default=None, choices=(0, 1, 2),
                     help="baseline runs: 2 = before and after the pipeline runs (default; quick: 1)")
     ap.add_argument("--timeout", type=float, default=360, help="seconds per child before it counts as hung")
+    ap.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                    help="before each run, wait up to SECONDS for the machine to be >= 90%% idle (shared machines)")
     ap.add_argument("--name", default="precompute", help="results file bench/results/<name>.json")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -495,7 +484,10 @@ def main(argv=None) -> int:
         if conf != "baseline":
             c, v = conf.split("@")[1].split(":")
             spec.update(num_cpus=int(c), variant=v, overrides=COMMON_OVERRIDES + VARIANTS[v] + args.set)
+        quiet = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
         runs.append(run_child(spec, args.timeout, work / "logs", ray_env if conf != "baseline" else {}))
+        if quiet:
+            runs[-1]["waited_for_quiet"] = quiet
 
     # same work? compare every pipeline run's features with the first baseline run's
     base_out = next((Path(r["out"]) for r in runs if r["config"] == "baseline" and "error" not in r), None)
@@ -505,11 +497,8 @@ def main(argv=None) -> int:
 
     base = [r for r in runs if r["config"] == "baseline" and "error" not in r]
     base_sps = sum(r["timed"]["samples_per_s"] for r in base) / len(base) if base else None
-    steadies = [r["timed"]["steady"].get("samples_per_s") for r in base]
-    base_steady = sum(steadies) / len(steadies) if steadies and all(steadies) else None
     summary = {"baseline": {"samples_per_s": round(base_sps, 3) if base_sps else None,
                             "runs_samples_per_s": [r["timed"]["samples_per_s"] for r in base],
-                            "steady_samples_per_s": round(base_steady, 3) if base_steady else None,
                             "own_cpu_ms_per_sample": [own_cpu_per_sample(r) for r in base],
                             "noise_other_processes_share": [noise(r) for r in base]}}
     for r in runs:
@@ -519,11 +508,8 @@ def main(argv=None) -> int:
             summary[r["config"]] = {"error": r["error"]}
             continue
         sps = r["timed"]["samples_per_s"]
-        st = r["timed"]["steady"].get("samples_per_s")
         summary[r["config"]] = {
             "samples_per_s": sps, "ratio_vs_baseline": round(sps / base_sps, 3) if base_sps else None,
-            "steady_samples_per_s": st,
-            "steady_ratio_vs_baseline": round(st / base_steady, 3) if st and base_steady else None,
             "own_cpu_ms_per_sample": own_cpu_per_sample(r), "noise_other_processes_share": noise(r),
             "features_vs_baseline": r.get("features_vs_baseline"),
             "cold_first_job": r["warmup"], "ray_init_s": r["ray_init_s"]}
@@ -555,11 +541,10 @@ def main(argv=None) -> int:
         for r in runs:
             shutil.rmtree(r.get("out", work / "-"), ignore_errors=True)  # keep only the logs
 
-    print(f"\n{'config':20s} {'samples/s':>10s} {'ratio':>7s} {'steady/s':>9s} {'ratio':>7s} {'own CPU ms/sample':>18s} "
-          f"{'noise':>6s}")
+    print(f"\n{'config':20s} {'samples/s':>10s} {'ratio':>7s} {'own CPU ms/sample':>18s} {'noise':>6s}")
     b = summary["baseline"]
-    print(f"{'baseline':20s} {base_sps or 0:10.2f} {1:7.3f} {base_steady or 0:9.2f} {1:7.3f} "
-          f"{str(b['own_cpu_ms_per_sample']):>18s} {str(b['noise_other_processes_share']):>6s}")
+    print(f"{'baseline':20s} {base_sps or 0:10.2f} {1:7.3f} {str(b['own_cpu_ms_per_sample']):>18s} "
+          f"{str(b['noise_other_processes_share']):>6s}")
     for conf, sm in summary.items():
         if conf == "baseline":
             continue
@@ -567,7 +552,6 @@ def main(argv=None) -> int:
             print(f"{conf:20s} ERROR {sm['error']}")
         else:
             print(f"{conf:20s} {sm['samples_per_s']:10.2f} {sm['ratio_vs_baseline'] or 0:7.3f} "
-                  f"{sm['steady_samples_per_s'] or 0:9.2f} {sm['steady_ratio_vs_baseline'] or 0:7.3f} "
                   f"{str(sm['own_cpu_ms_per_sample']):>18s} {str(sm['noise_other_processes_share']):>6s}")
     for conf, sm in summary.items():
         fv = sm.get("features_vs_baseline") if isinstance(sm, dict) else None

@@ -17,8 +17,9 @@ LLM + connector trained, AdamW, fp32, CPU.
             DeepSpeed) that replays exactly the micro-batches the Ray run logged in samples.jsonl, with the
             same model, trainable set, AdamW, LR schedule, gradient clipping and torch thread count (the
             losses agree step for step). One epoch over the instruction set (quick: a seeded half), global
-            batch 8. A third run per round, DeepSpeed alone (one process, no Ray), splits the overhead. Rounds: plain run, Ray run, plain replay, Ray run, plain replay...;
-            each Ray run is compared with the mean of the plain runs just before and after it. Steady state:
+            batch 8. A third run per round, DeepSpeed alone (one process, no Ray), splits the overhead.
+            Rounds: plain run, Ray run, plain replay, Ray run, plain replay...; each Ray run is compared
+            with the mean of the plain runs just before and after it. Steady state:
             steps after the first DROP. overhead = plain samples/s / Ray samples/s (Ray: from metrics.jsonl
             compute_s + data_wait_s per step). Wall time including start-up is reported separately.
 2. memory   per-rank model-state bytes under ZeRO-0/1/2 at world size 2: torch.distributed (gloo) in 2
@@ -32,9 +33,11 @@ LLM + connector trained, AdamW, fp32, CPU.
 3. online   one process, the same micro-batches: (a) Valley-pooled features read from the feature set vs
             (b) uint8 frames (decoded + resized once), each step normalize + tiny-clip tower forward +
             pool_valley(mode="frames") before the LLM forward/backward. Alternating blocks of steps.
-4. padding  padding fraction of micro-batches with vlp.train.data.length_grouped(group=True) vs random
-            batching, on tokenised rows of a mixture: instruction videos (264 visual tokens) and images
-            (257), caption rows, long multi-turn conversations and text-only conversations.
+4. padding  padding fraction of micro-batches with vlp.train.data.length_grouped(group=True) (by length, the
+            default; and by_modality=True, LLaVA's modality-first order) vs random batching, in windows of
+            micro x grad_accum x group_window rows as the worker does, on tokenised rows of a mixture:
+            instruction videos (264 visual tokens) and images (257), caption rows, long multi-turn
+            conversations and text-only conversations.
 """
 
 from __future__ import annotations
@@ -142,7 +145,8 @@ def strip_uid(u: str) -> str:
 def model_config():
     from vlp.models.videollm import ModelConfig
 
-    return ModelConfig.model_validate({"vision_hidden_size": 64, "llm": {"path": "preset:tiny-llama", "trainable": True}})
+    return ModelConfig.model_validate({"vision_hidden_size": 64,
+                                       "llm": {"path": "preset:tiny-llama", "trainable": True}})
 
 
 def feats_of(r, dtype):
@@ -500,7 +504,8 @@ def bench_step(root: Path, rounds: int, quick: bool, work: Path) -> dict:
         ray_ms = [round(1000 * (x["data_wait_s"] + x["compute_s"]), 1) for x in ray_steps]
         plain_ms = [round(1000 * (x["data_wait_s"] + x["compute_s"]), 1) for x in p["steps"]]
         # the same micro-batch in both: per-step ratios cancel batch-to-batch differences in length
-        ov["overhead_paired_median"] = round(statistics.median(a / b for a, b in zip(ray_ms[DROP:n], plain_ms[DROP:n])), 3)
+        ov["overhead_paired_median"] = round(
+            statistics.median(a / b for a, b in zip(ray_ms[DROP:n], plain_ms[DROP:n])), 3)
         rec = {
             "label": label, "workers": workers, "zero_stage": zero, "micro_per_worker": GLOBAL // workers,
             "torch_threads": {"ray_per_worker": 1, "plain": threads}, "steps": r["steps"],
@@ -512,7 +517,8 @@ def bench_step(root: Path, rounds: int, quick: bool, work: Path) -> dict:
                      "plain_phases_s": {k: round(v, 2) for k, v in p["phases_s"].items()},
                      "ratio": round((r["wall_s"] + (t_ray_init if cold else 0.0)) / p["wall_s_subprocess"], 2),
                      "includes_ray_init": cold},
-            "loss_max_abs_diff_ray_vs_plain": round(max(abs(a - m["loss"]) for a, m in zip(p["losses"][:n], r["metrics"][:n])), 6),
+            "loss_max_abs_diff_ray_vs_plain": round(
+                max(abs(a - m["loss"]) for a, m in zip(p["losses"][:n], r["metrics"][:n])), 6),
             "padding_frac_mean_ray": round(statistics.mean(m["padding_frac"] for m in r["metrics"]), 4),
             "loadavg": loadavg(),
             "step_ms": {"ray": ray_ms, "plain_after": plain_ms},
@@ -653,7 +659,8 @@ def _mem_stage(rank: int, world: int, stage: int, precision: str, mbs: list) -> 
 
     cfg = validate(TrainConfig, {
         "run_name": "mem", "data": {"sets": [{"uri": "unused"}]}, "model": model_config().model_dump(mode="json"),
-        "batch": {"global_size": 4 * world, "micro_size": 4}, "deepspeed": {"zero_stage": stage, "precision": precision},
+        "batch": {"global_size": 4 * world, "micro_size": 4},
+        "deepspeed": {"zero_stage": stage, "precision": precision},
         "scaling": {"num_workers": world}})
     bf16 = precision == "bf16"
     torch.manual_seed(SEED)
@@ -828,7 +835,8 @@ def decode_frames(root: Path, uids: set[str]) -> dict:
             if row["kind"] != "sample" or uid not in uids:
                 continue
             r = dec.decode_row(row)
-            out[uid] = torch.from_numpy(np.frombuffer(r["frames"], np.uint8).reshape(shape_of(r["frames_shape"])).copy())
+            arr = np.frombuffer(r["frames"], np.uint8).reshape(shape_of(r["frames_shape"]))
+            out[uid] = torch.from_numpy(arr.copy())
     return out
 
 
@@ -932,19 +940,21 @@ def mixture_rows(root: Path) -> tuple[list[dict], dict]:
     return rows, kinds
 
 
-def _grouped_by(key):
-    """length_grouped with another sort key (for comparison; the library sorts by (media_type, length))."""
-    def f(rows, micro, rng, group):
+def _length_grouped_variant(by_modality: bool):
+    """vlp.train.data.length_grouped with by_modality set (LLaVA-style modality first, then length)."""
+    import inspect
+
+    from vlp.train.data import length_grouped
+
+    if "by_modality" in inspect.signature(length_grouped).parameters:
+        return lambda rows, micro, rng, group: length_grouped(rows, micro, rng, group, by_modality=by_modality)
+
+    def fallback(rows, micro, rng, group):  # a library from before data.group_by_modality existed
+        key = (lambda r: (r["media_type"], r["length"])) if by_modality else (lambda r: r["length"])
         rows = sorted(rows, key=key)
         mbs = [rows[i:i + micro] for i in range(0, len(rows) - micro + 1, micro)]
         return [mbs[i] for i in rng.permutation(len(mbs))]
-    return f
-
-
-def _has_visual(r) -> bool:
-    from vlp.data.conversation import VISUAL_TOKEN_INDEX
-
-    return bool((np.asarray(r["input_ids"]) == VISUAL_TOKEN_INDEX).any())
+    return fallback
 
 
 def stream_batches(rows: list[dict], micro: int, window: int, rng, group: bool, fn=None) -> list[list[dict]]:
@@ -958,7 +968,8 @@ def stream_batches(rows: list[dict], micro: int, window: int, rng, group: bool, 
     return out
 
 
-PAD_CONFIGS = ((4, 1), (8, 1), (8, 2), (16, 1), (16, 4))  # (micro, grad_accum); (16, 4) = TrainConfig defaults at 2 workers
+# (micro, grad_accum); (16, 4) = the TrainConfig defaults at 2 workers
+PAD_CONFIGS = ((4, 1), (8, 1), (8, 2), (16, 1), (16, 4))
 
 
 def bench_padding(root: Path, seeds: int) -> dict:
@@ -972,9 +983,8 @@ def bench_padding(root: Path, seeds: int) -> dict:
            "note": "text-only rows keep the media_type of the feature row they came from (a feature set has no "
                    "text-only media type); window = micro x grad_accum x group_window (8), 1 worker",
            "configs": []}
-    keys = {"library_media_type_then_length": None,
-            "length_only": _grouped_by(lambda r: int(r["length"])),
-            "has_visual_then_length": _grouped_by(lambda r: (_has_visual(r), int(r["length"])))}
+    keys = {"grouped_by_length": None,  # the library's default (data.group_by_modality=false)
+            "grouped_by_modality_then_length": _length_grouped_variant(True)}
     for mix_name, mix in (("with_text_only", rows), ("without_text_only", no_text)):
         for micro, accum in PAD_CONFIGS:
             window = micro * accum * 8  # TrainDataConfig.group_window default
@@ -991,13 +1001,14 @@ def bench_padding(root: Path, seeds: int) -> dict:
             for name, v in acc.items():
                 rec[name] = round(float(statistics.mean(v)), 4)
             res["configs"].append(rec)
-    lib = "library_media_type_then_length"
-    main = next(c for c in res["configs"] if c["mixture"] == "with_text_only" and c["micro"] == 8 and c["grad_accum"] == 1)
+    lib, mod = "grouped_by_length", "grouped_by_modality_then_length"
+    main = next(c for c in res["configs"]
+                if c["mixture"] == "with_text_only" and c["micro"] == 8 and c["grad_accum"] == 1)
     res["summary"] = {
         "micro8_window64_grouped": main[lib], "micro8_window64_random": main["random"],
-        "micro8_window64_length_only": main["length_only"],
+        "micro8_window64_by_modality": main[mod],
         "worst_grouped": max(c[lib] for c in res["configs"]),
-        "worst_grouped_length_only": max(c["length_only"] for c in res["configs"]),
+        "worst_by_modality": max(c[mod] for c in res["configs"]),
         "target": TARGET_PAD, "met": all(c[lib] < TARGET_PAD for c in res["configs"]),
         "met_configs": sum(c[lib] < TARGET_PAD for c in res["configs"]), "configs": len(res["configs"])}
     return res
@@ -1008,7 +1019,8 @@ def bench_padding(root: Path, seeds: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 rounds, fewer steps, fp32 memory only (about 4 minutes)")
-    ap.add_argument("--rounds", type=int, default=None, help="Ray-vs-plain rounds, 1 worker ZeRO-0 (default 2 quick, 4 full)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="Ray-vs-plain rounds, 1 worker ZeRO-0 (default 2 quick, 4 full)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: step,memory,online,padding")
     ap.add_argument("--_plain", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
