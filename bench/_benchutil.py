@@ -25,6 +25,8 @@ def versions() -> dict:
         try:
             m = __import__(mod)
             out[mod] = getattr(m, "__version__", "?")
+            if mod == "vlp":
+                out["vlp_path"] = str(Path(m.__file__).parent)  # which checkout (PYTHONPATH can point elsewhere)
         except Exception as e:  # a missing optional package is recorded, not fatal
             out[mod] = f"unavailable ({type(e).__name__})"
     return out

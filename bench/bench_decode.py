@@ -197,9 +197,9 @@ def main(argv=None) -> int:
         if r >= 0:
             print(f"  round {r + 1}/{rounds} done ({time.perf_counter() - t_start:.0f}s)", flush=True)
     elapsed = time.perf_counter() - t_start
-    cpu = acct.stop()
+    usage = acct.stop()
     # this process is pinned to one core: a neighbour only hurts it when it needs more than the other one
-    other_share = round(cpu["cpu_s"].get("other_processes", 0.0) / cpu["cpu_s_available"], 3)
+    other_share = round(usage["cpu_s"].get("other_processes", 0.0) / usage["cpu_s_available"], 3)
 
     sets = {"all": list(range(len(clips))), **{s: [i for i, c in enumerate(clips) if c["set"] == s]
                                                  for s in ("demo", "synthetic")}}
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
         "target": {"what": "vlp_decode >= 0.90 x raw_decord frames/s per core (all clips)",
                    "ratio": vlp_ratio, "met": vlp_ratio >= 0.90},
         "elapsed_s": round(elapsed, 1), "loadavg_before": load_before, "loadavg_after": loadavg(),
-        "cpu_accounting": cpu, "noise_other_processes_share": other_share,
+        "cpu_accounting": usage, "noise_other_processes_share": other_share,
     }
     path = write_json("decode", args.quick, payload)
 

@@ -12,10 +12,11 @@ write them to Parquet (zstd).
                 default threads, vlp.data.preprocess.resize_crop, CLIPVisionModel forward in batches
                 of 8 samples, torch at its default thread count, one Parquet file per shard.
   pipeline@N:V  vlp.precompute.run_precompute (output.mode=valley_pooled) in a fresh
-                ``ray.init(num_cpus=N)`` with config variant V: "defaults" (what ``vlp precompute`` does
-                out of the box) or "cpu" (two CPU reservations changed, see VARIANTS below). The default
-                runs are 1:cpu, 2:defaults, 2:cpu; 1:defaults is left out because it cannot run (the
-                encoder actor and a decode task each reserve a whole CPU: it waits forever).
+                ``ray.init(num_cpus=N)`` with variant V: "defaults" (what ``vlp precompute`` does out
+                of the box), "cpu" (two CPU reservations changed) or "tuned" ("cpu" plus two Ray
+                settings that vlp does not set today); see VARIANTS below. The default runs are
+                1:cpu, 2:defaults, 2:tuned; 1:defaults is left out because it cannot run (the encoder
+                actor and a decode task each reserve a whole CPU: the job waits forever).
 
 Every configuration runs in its own subprocess of this script (Ray restarted clean each time), one
 after another, the baseline first and again last (the mean of the two is the reference), so each
@@ -59,15 +60,22 @@ W, H, FPS, FRAMES, T = 596, 336, 25, 125, 8
 TOWER = "preset:tiny-clip"
 # Applied to every pipeline run: a non-interactive run has no use for progress bars.
 COMMON_OVERRIDES = ["ray.progress_bars=false"]
-# Config variants. "defaults" is what `vlp precompute` does out of the box. "cpu" only changes two
-# CPU reservations, to values that suit a CPU-only host whose encoder is light (see docs/benchmarks.md):
-# the encoder actor is busy ~20% of the time, yet by default it reserves a whole CPU and every decode
-# task another whole CPU, which leaves room for one decode task on 2 CPUs and none on 1 (a hang).
+# Variants of the pipeline run. "defaults" is what `vlp precompute` does out of the box. "cpu" changes
+# two CPU reservations, to values that suit a CPU-only host whose encoder is light: the encoder actor
+# is busy ~20% of the time, yet by default it reserves a whole CPU, and every decode task another
+# whole CPU, which on 1 CPU leaves no room for any decode task (the job waits forever) and on 2 CPUs
+# room for one. "tuned" adds two settings that are not vlp config (see docs/benchmarks.md): Ray Data's
+# per-operator resource reservation off (on 2 CPUs it still holds decode to ~1 task at a time) and a
+# higher Ray worker soft limit (else Ray keeps killing idle task workers above num_cpus and starting
+# new ones, each re-importing torch: 10-16 worker start-ups per job).
 VARIANTS = {
-    "defaults": [],
-    "cpu": ["encoder.cpus_per_actor=0.25", "data.decode_cpus=0.75"],
+    "defaults": {"overrides": []},
+    "cpu": {"overrides": ["encoder.cpus_per_actor=0.25", "data.decode_cpus=0.75"]},
+    "tuned": {"overrides": ["encoder.cpus_per_actor=0.25", "data.decode_cpus=0.75"],
+              "data_context": {"op_resource_reservation_enabled": False},
+              "env": {"RAY_num_workers_soft_limit": "8"}},
 }
-DEFAULT_RUNS = "1:cpu,2:defaults,2:cpu"
+DEFAULT_RUNS = "1:cpu,2:defaults,2:tuned"
 # Ray starts its workers at niceness 15 (raylet worker_niceness). The baseline child takes the same
 # niceness, so that both sides compete alike with anything else running on the machine.
 RAY_WORKER_NICENESS = 15
@@ -274,6 +282,7 @@ def _probe():
 
 def child_pipeline(spec: dict) -> dict:
     import ray
+    import ray.data
 
     from _benchutil import CpuAccount
     from vlp.config import apply_overrides, validate
@@ -294,6 +303,9 @@ def child_pipeline(spec: dict) -> dict:
     ray.init(address="local", num_cpus=n, include_dashboard=False, log_to_driver=False,
              object_store_memory=cfg.ray.object_store_memory)
     t_init = time.perf_counter() - t0
+    ctx = ray.data.DataContext.get_current()  # run_precompute uses (and keeps) the current context
+    for k, v in spec.get("data_context", {}).items():
+        setattr(ctx, k, v)
     quiet = lambda *a, **k: None  # noqa: E731
     try:
         t0 = time.perf_counter()
@@ -312,8 +324,8 @@ def child_pipeline(spec: dict) -> dict:
         ray.shutdown()
     tr = s["this_run"]
     return {
-        "config": spec["config"], "num_cpus": n, "overrides": spec["overrides"], "ray_init_s": round(t_init, 3),
-        "ray_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_") and k != "RAY_DEDUP_LOGS"},
+        "config": spec["config"], "num_cpus": n, "overrides": spec["overrides"],
+        "data_context": spec.get("data_context", {}), "ray_init_s": round(t_init, 3),
         "warmup": {"samples": sw["this_run"]["samples_ok"], "wall_s": round(t_warm, 3),
                    "samples_per_s": round(sw["this_run"]["samples_ok"] / t_warm, 3)},
         "timed": {"samples": tr["samples_ok"], "failed": tr["samples_failed"], "wall_s": round(wall, 3),
@@ -483,9 +495,11 @@ def main(argv=None) -> int:
                 "out": str(work / f"{i}-{tag}")}
         if conf != "baseline":
             c, v = conf.split("@")[1].split(":")
-            spec.update(num_cpus=int(c), variant=v, overrides=COMMON_OVERRIDES + VARIANTS[v] + args.set)
+            spec.update(num_cpus=int(c), variant=v, overrides=COMMON_OVERRIDES + VARIANTS[v]["overrides"] + args.set,
+                        data_context=VARIANTS[v].get("data_context", {}))
         quiet = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
-        runs.append(run_child(spec, args.timeout, work / "logs", ray_env if conf != "baseline" else {}))
+        env = {**VARIANTS[spec["variant"]].get("env", {}), **ray_env} if conf != "baseline" else {}
+        runs.append(run_child(spec, args.timeout, work / "logs", env))
         if quiet:
             runs[-1]["waited_for_quiet"] = quiet
 
@@ -523,7 +537,7 @@ def main(argv=None) -> int:
         "inputs": {"samples": n, "shards": len(shards), "samples_per_shard": args.samples_per_shard,
                    "distinct_clips": distinct, "clip": f"{W}x{H}, {FRAMES} frames at {FPS} fps, libx264 crf 18",
                    "frames_per_sample": T, "tower": TOWER, "mode": "valley_pooled", "warmup_samples": 8},
-        "variants": {k: COMMON_OVERRIDES + v + args.set for k, v in VARIANTS.items()},
+        "variants": {k: {**v, "overrides": COMMON_OVERRIDES + v["overrides"] + args.set} for k, v in VARIANTS.items()},
         "ray_env": ray_env,
         "baseline_settings": {"niceness": RAY_WORKER_NICENESS, "torch_threads": "default (all cores)",
                               "decord_threads": "default", "encoder_batch_samples": T},
