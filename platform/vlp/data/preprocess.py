@@ -19,6 +19,9 @@ from ..config import Cfg
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Names the resampling code: stored in feature-set fingerprints, so features made by an older
+# resampler are never mixed with new ones. Change it whenever resize_crop's output can change.
+RESAMPLER = "bicubic-aa-u8-pil-like-v2"
 
 
 class PreprocessConfig(Cfg):
@@ -50,6 +53,21 @@ def pad_to_square(x: torch.Tensor, mean: tuple[float, float, float]) -> torch.Te
     return out
 
 
+def _resize_bicubic_aa(x: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
+    """(T, 3, H, W) uint8 -> (T, 3, nh, nw) uint8, antialiased bicubic.
+
+    On CPU this uses torch's uint8 kernel, which resamples like PIL (two separable passes with a uint8
+    intermediate: within 1 level of PIL's bicubic where the float path differs by up to 10-20 levels on
+    high-contrast edges) and is ~14x faster than the float path on channels-last frames, which is the
+    layout a (T, H, W, 3) decode permuted to (T, 3, H, W) already has. Other devices have no uint8 kernel:
+    there the float path runs and rounds once at the end."""
+    if x.device.type == "cpu" and x.dtype == torch.uint8:
+        x = x.contiguous(memory_format=torch.channels_last)  # no copy for permuted (T, H, W, 3) frames
+        return F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+    y = F.interpolate(x.float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+    return y.round_().clamp_(0, 255).to(torch.uint8)
+
+
 def resize_crop(frames: np.ndarray | torch.Tensor, size: int, pad_square: bool = False,
                 mean: tuple[float, float, float] = CLIP_MEAN) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> (T, 3, size, size) uint8: shortest side to ``size`` (bicubic, antialiased
@@ -65,8 +83,7 @@ def resize_crop(frames: np.ndarray | torch.Tensor, size: int, pad_square: bool =
     h, w = x.shape[-2:]
     nh, nw = resize_output_size(h, w, size)
     if (nh, nw) != (h, w):
-        y = F.interpolate(x.float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-        x = y.round_().clamp_(0, 255).to(torch.uint8)  # (T, 3, nh, nw)
+        x = _resize_bicubic_aa(x, nh, nw)  # (T, 3, h, w) -> (T, 3, nh, nw) uint8
     top, left = (nh - size) // 2, (nw - size) // 2
     if top < 0 or left < 0:  # image smaller than the crop: pad like transformers' center_crop
         x = F.pad(x, (max(0, -left), max(0, size - nw - max(0, -left)), max(0, -top), max(0, size - nh - max(0, -top))))

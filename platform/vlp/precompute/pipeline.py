@@ -18,6 +18,7 @@ from typing import Optional
 
 from .. import __version__
 from ..config import dump_config
+from ..data.preprocess import RESAMPLER
 from ..storage import StorageConfig, expand_shards, get_fs, join
 from .config import PrecomputeConfig
 from .features import committed_shards, get_json, put_bytes, put_json
@@ -81,7 +82,7 @@ def fingerprint(cfg: PrecomputeConfig, size: int, hidden: int, sha: str) -> dict
                     "layer": cfg.encoder.tower.layer, "hidden_size": hidden, "image_size": size},
         "mode": cfg.output.mode,
         "sampling": cfg.data.sampling.model_dump(),
-        "preprocess": {**cfg.data.preprocess.model_dump(mode="json"), "size": size},
+        "preprocess": {**cfg.data.preprocess.model_dump(mode="json"), "size": size, "resampler": RESAMPLER},
     }
 
 
