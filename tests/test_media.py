@@ -282,6 +282,37 @@ def test_mpegts_falls_back_to_pyav():
     np.testing.assert_allclose(d.timestamps, sample_indices(12, UNIFORM8) / 8.0, atol=1e-3)
 
 
+SELECTIVE_CASES = {
+    "h264-bframes-mp4": dict(fmt="mp4", codec="libx264", options={"crf": "18", "bf": "3", "g": "48"}),
+    "h264-mkv": dict(fmt="matroska", codec="libx264", options={"crf": "18", "bf": "2"}),
+    "hevc-mp4": dict(fmt="mp4", codec="libx265", options={"crf": "20", "x265-params": "log-level=error"}),
+    "mpeg4-bframes-mp4": dict(fmt="mp4", codec="mpeg4", options={"bf": "2", "qscale": "3"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SELECTIVE_CASES))
+@pytest.mark.parametrize("sampling", [UNIFORM8, SamplingConfig(mode="fps", fps=3.0)], ids=["uniform", "fps"])
+def test_selective_decode_gives_the_same_frames_as_a_full_decode(case, sampling):
+    """Skipping non-reference frames that are not sampled must not change a single pixel or stamp."""
+    data = encode(frames_of(40, 64, 96, seed=3), fps=12, **SELECTIVE_CASES[case])
+    full = decode_video_pyav(data, sampling, DecodeConfig(selective=False))
+    sel = decode_video_pyav(data, sampling, DecodeConfig(selective=True))
+    assert np.array_equal(full.frames, sel.frames)
+    assert np.array_equal(full.timestamps, sel.timestamps) and full.n_source_frames == sel.n_source_frames == 40
+    assert full.n_decoded is None and sel.n_decoded is not None
+    assert sel.n_decoded < 40, "selective decode skipped nothing"
+
+
+def test_selective_decode_is_not_used_where_pts_may_be_decode_order():
+    """h264 with B-frames in AVI: packet stamps are not presentation times, so ranks would pick wrong
+    frames; the full decode (display order) runs instead and agrees with decord."""
+    data = encode(frames_of(24, 64, 96), "avi", options={"crf": "18", "bf": "3"})
+    d = decode_video_pyav(data, UNIFORM8, DecodeConfig(selective=True))
+    assert d.n_decoded is None
+    ref = decode_video_pyav(data, UNIFORM8, DecodeConfig(selective=False))
+    assert np.array_equal(d.frames, ref.frames)
+
+
 def test_webm_vp8():
     mtype, d = decode_media(encode(frames_of(10, 32, 48), "webm", codec="libvpx"), "webm", UNIFORM8, DEC)
     assert mtype == "video" and d.frames.shape == (8, 32, 48, 3) and d.n_source_frames == 10
@@ -373,7 +404,7 @@ def test_truncated_mp4_is_a_clean_error(clip12):
         with pytest.raises(MediaError) as ei:
             decode_media(half, "mp4", UNIFORM8, DecodeConfig(backend=backend))
         assert str(ei.value)
-    with pytest.raises(MediaError, match=r"decord: .* \| pyav: "):
+    with pytest.raises(MediaError, match=r"pyav: .* \| decord: "):  # auto on CPU: PyAV first, then decord
         decode_media(half, "mp4", UNIFORM8, DEC)
 
 
