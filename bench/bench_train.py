@@ -195,7 +195,7 @@ def plain_job(spec: dict) -> dict:
                                      "deepspeed": {"zero_stage": spec["zero_stage"], "precision": "fp32"},
                                      "scaling": {"num_workers": 1}})
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                               config=deepspeed_config(cfg, False))
+                                               config=deepspeed_config(cfg, "fp32", sum(p.numel() for p in params)))
     t_model = time.perf_counter()
     micro = spec["micro"]
     per_step, ends, cpu_ends, losses = [], [], [], []
@@ -671,7 +671,7 @@ def _mem_stage(rank: int, world: int, stage: int, precision: str, mbs: list) -> 
     opt = torch.optim.AdamW(params, lr=LR)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(10, 0.03, "cosine"))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(cfg, bf16))
+                                           config=deepspeed_config(cfg, precision, n_trainable))
     del model, opt, params, sched
     snaps = {}
     state = {"step": 0}
@@ -776,7 +776,7 @@ def bench_memory(root: Path, work: Path, precisions: tuple[str, ...]) -> dict:
             og = [a["optimizer"] + a["gradients"] for a in ab]
             w, g, o = _expected(prec, stage, world, True)
             exp = {"opt_grad": P * (g + o), "total": P * (w + g + o),
-                   "vlp_model_state_bytes": model_state_bytes(P, F, world, stage)}
+                   "vlp_model_state_bytes": model_state_bytes(P, F, world, stage, prec)}
             rec = {
                 "engine_optimizer": rk[0]["engine_optimizer"], "param_dtype": rk[0]["param_dtype"],
                 "per_rank": [{k: r.get(k) for k in ("during_backward", "after_backward", "after_step")} for r in rk],

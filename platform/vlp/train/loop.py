@@ -13,22 +13,32 @@ import numpy as np
 
 from .config import TrainConfig
 from .data import iter_rows, length_grouped, padding_fraction, write_state
+from .memory import default_bucket_elems, resolve_precision
 
 PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peak per device
     "A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12, "T4": 65e12,
 }
 
 
-def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
-    b = cfg.batch
+def deepspeed_config(cfg: TrainConfig, precision: str, n_trainable: int) -> dict:
+    """The DeepSpeed JSON config of a run; ``precision`` is resolved (bf16/fp16/fp32), bucket sizes not set in
+    ``cfg.deepspeed`` are sized to the trainable parameter count (:func:`vlp.train.memory.default_bucket_elems`)."""
+    b, ds = cfg.batch, cfg.deepspeed
+    bucket = ds.reduce_bucket_size or default_bucket_elems(n_trainable)
+    zero = {"stage": ds.zero_stage, "overlap_comm": False, "contiguous_gradients": True,
+            "reduce_bucket_size": bucket, "allgather_bucket_size": ds.allgather_bucket_size or bucket}
+    if ds.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=bucket if ds.stage3_prefetch_bucket_size is None
+                    else ds.stage3_prefetch_bucket_size,
+                    stage3_gather_16bit_weights_on_model_save=True)
     return {
         "train_batch_size": b.global_size,
         "train_micro_batch_size_per_gpu": b.micro_size,
         "gradient_accumulation_steps": b.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage, "overlap_comm": False,
-                              "contiguous_gradients": True, "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
-        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -93,8 +103,9 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    bf16 = cfg.deepspeed.precision == "bf16" or (
-        cfg.deepspeed.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    precision = resolve_precision(cfg.deepspeed.precision, device.type == "cuda",
+                                  device.type == "cuda" and torch.cuda.is_bf16_supported())
+    feat_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
     model = VideoLLM(cfg.model)
     if cfg.model.connector.init_from:
@@ -110,7 +121,7 @@ def train_loop_per_worker(config: dict) -> None:
     total_steps = meta["total_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, cfg.optim.warmup_ratio, cfg.optim.schedule))
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                                 config=deepspeed_config(cfg, bf16))
+                                                 config=deepspeed_config(cfg, precision, sum(p.numel() for p in params)))
 
     step, start_epoch, seen, done = 0, 0, [], False
     ckpt = ray.train.get_checkpoint()
@@ -195,7 +206,7 @@ def train_loop_per_worker(config: dict) -> None:
             loss_sum, tokens, vis_tokens = 0.0, 0, 0
             for mb in group:
                 feats = [torch.from_numpy(np.frombuffer(r["features"], np.float16).reshape(tuple(r["shape"])).copy())
-                         .to(device, torch.bfloat16 if bf16 else torch.float32) for r in mb]
+                         .to(device, feat_dtype) for r in mb]
                 out = engine([torch.as_tensor(r["input_ids"]) for r in mb], [torch.as_tensor(r["labels"]) for r in mb],
                              feats, [r["mode"] for r in mb], [int(r["num_frames"]) for r in mb])
                 engine.backward(out.loss)
