@@ -11,7 +11,7 @@ from conftest import dotted
 from vlp.config import ConfigError, validate
 from vlp.data.conversation import IGNORE_INDEX, VISUAL_TOKEN_INDEX
 from vlp.train.config import TrainConfig
-from vlp.train.data import Mixture, Tokenize, length_grouped, padding_fraction, write_state
+from vlp.train.data import Mixture, Tokenize, base_uid, length_grouped, mixture_passes, padding_fraction, write_state
 from vlp.train.memory import bucket_bytes, default_bucket_elems, model_state_bytes, preflight, resolve_precision
 
 
@@ -126,9 +126,52 @@ def test_mixture_is_seeded_and_replayable(tmp_path):
     assert list(Mixture("a", 0.5, seed=2, state_path=state, fmt="auto")(_batch(uids))["uid"]) != list(a["uid"])
     write_state(state, 1, [])
     assert list(half(_batch(uids))["uid"]) != list(a["uid"])  # a new epoch draws a new half
-    twice = Mixture("b", 2.0, seed=1, state_path=state, fmt="caption")(_batch(uids[:3]))
-    assert list(twice["uid"]) == ["b:u0", "b:u0#1", "b:u1", "b:u1#1", "b:u2", "b:u2#1"]
-    assert list(twice["x"]) == [0, 0, 1, 1, 2, 2] and set(twice["format"]) == {"caption"}
+    # weight 2: copy k of every sample in pass k (not adjacent), uids unique per copy
+    passes = [Mixture("b", 2.0, seed=1, state_path=state, fmt="caption", copy=k)(_batch(uids[:3])) for k in (0, 1)]
+    assert [list(p["uid"]) for p in passes] == [["b:u0", "b:u1", "b:u2"], ["b:u0#1", "b:u1#1", "b:u2#1"]]
+    assert [list(p["x"]) for p in passes] == [[0, 1, 2], [0, 1, 2]] and set(passes[1]["format"]) == {"caption"}
+    with pytest.raises(ValueError, match="pass 2 of a set with weight 2.0 does not exist"):
+        Mixture("b", 2.0, seed=1, state_path=state, fmt="auto", copy=2)
+
+
+def test_fractional_weight_samples_a_seeded_subset_in_the_last_pass(tmp_path):
+    state = str(tmp_path / "state.json")
+    write_state(state, 0, [])
+    uids = [f"u{i}" for i in range(400)]
+    assert [mixture_passes(w) for w in (0.5, 1.0, 2.0, 2.5)] == [1, 1, 2, 3]
+    run = lambda: [list(Mixture("c", 2.5, seed=3, state_path=state, fmt="auto", copy=k)(_batch(uids))["uid"])
+                   for k in range(3)]
+    p0, p1, p2 = run()
+    assert run() == [p0, p1, p2]  # replayed exactly from the seed
+    assert len(p0) == len(p1) == 400 and 150 < len(p2) < 250 and all(u.endswith("#2") for u in p2)
+    allu = p0 + p1 + p2
+    assert len(set(allu)) == len(allu)  # uids unique per copy: DropSeen can drop exactly what a checkpoint saw
+    assert {base_uid(u) for u in p2} <= set(p0)
+
+
+def _rows_with_copies(n_samples=40, copies=2, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(20, 300, n_samples)
+    rows = []
+    for k in range(copies):  # one pass per copy, as the data graph streams them
+        rows += [{"uid": f"s0:u{i}" + (f"#{k}" if k else ""), "media_type": "video", "length": int(lengths[i])}
+                 for i in range(n_samples)]
+    return rows
+
+
+def test_copies_of_a_sample_never_share_a_micro_batch():
+    rows = _rows_with_copies()  # a window holding both copies of each sample: same length, sorted next to each other
+    plain_sort = sorted(rows, key=lambda r: r["length"])
+    assert any(base_uid(plain_sort[i]["uid"]) == base_uid(plain_sort[i + 1]["uid"]) for i in range(0, 79, 2))
+    for by_mod in (False, True):
+        mbs = length_grouped(rows, 4, np.random.default_rng(1), group=True, by_modality=by_mod)
+        assert sum(len(mb) for mb in mbs) == 80
+        for mb in mbs:
+            assert len({base_uid(r["uid"]) for r in mb}) == len(mb), [r["uid"] for r in mb]
+        assert padding_fraction(mbs) < 0.1  # the swaps stay between neighbouring (similar-length) micro-batches
+    a = length_grouped(rows, 4, np.random.default_rng(5), group=True)
+    b = length_grouped(rows, 4, np.random.default_rng(5), group=True)
+    assert [[r["uid"] for r in mb] for mb in a] == [[r["uid"] for r in mb] for mb in b]  # replayable
 
 
 def _row(conv=None, caption="", media="video", shape=(264, 64), mode="valley_pooled", t=8, fmt="auto"):

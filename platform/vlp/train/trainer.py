@@ -9,7 +9,7 @@ from pathlib import Path
 from ..config import dump_config
 from ..storage import get_fs, join
 from .config import TrainConfig
-from .data import DropSeen, Mixture, Tokenize, feature_set_info
+from .data import DropSeen, Mixture, Tokenize, feature_set_info, mixture_passes
 from .memory import BF16_GPUS, GPU_MEMORY_GB, default_bucket_elems, preflight, resolve_precision
 
 
@@ -143,12 +143,14 @@ def build_dataset(cfg: TrainConfig, state_path: str):
 
     tok_path = cfg.model.llm.tokenizer or cfg.model.llm.path
     ds = None
-    for i, s in enumerate(cfg.data.sets):
-        name = f"s{i}"
-        part = open_feature_dataset(s.uri, s.storage, decode=False).map_batches(
-            Mixture(name, s.weight, cfg.data.seed, state_path, s.format), batch_format="numpy", batch_size=256,
-            num_cpus=cfg.scaling.data_cpus_per_task)
-        ds = part if ds is None else ds.union(part)
+    for k in range(max(mixture_passes(s.weight) for s in cfg.data.sets)):  # pass k holds every set's copy k
+        for i, s in enumerate(cfg.data.sets):
+            if k >= mixture_passes(s.weight):
+                continue
+            part = open_feature_dataset(s.uri, s.storage, decode=False).map_batches(
+                Mixture(f"s{i}", s.weight, cfg.data.seed, state_path, s.format, copy=k), batch_format="numpy",
+                batch_size=256, num_cpus=cfg.scaling.data_cpus_per_task)
+            ds = part if ds is None else ds.union(part)
     ds = ds.map_batches(DropSeen(state_path), batch_format="numpy", batch_size=256,
                         num_cpus=cfg.scaling.data_cpus_per_task)
     ds = ds.map_batches(Tokenize(tok_path, cfg.data.template, cfg.data.max_length, cfg.data.overlong,
