@@ -198,7 +198,7 @@ def test_lora_stage2_under_zero2_trains_checkpoints_and_exports_merged(demo_feat
 def test_zero3_trains_resumes_from_a_checkpoint_and_exports_full_weights(demo_features, tmp_path):
     from safetensors.torch import load_file
 
-    cfg = _cfg(demo_features, tmp_path, run_name="z3", max_steps=3, **{
+    cfg = _cfg(demo_features, tmp_path, run_name="z3", max_steps=3, **{"batch.global_size": 4, "batch.micro_size": 1,
         "data.sets": [{"uri": str(demo_features / "features/instruct")}], "data.template": "vicuna_v1",
         "deepspeed.zero_stage": 3, "model.llm.trainable": True, "optim.lr": 1e-2,
         "checkpoint.every_n_steps": 1, "debug.fail_at_step": 2, "debug.fail_rank": 1})
