@@ -59,7 +59,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _benchutil import WORK, loadavg, spread, write_json  # noqa: E402
+from _benchutil import RESULTS, WORK, loadavg, spread, write_json  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -195,7 +195,7 @@ def plain_job(spec: dict) -> dict:
                                      "deepspeed": {"zero_stage": spec["zero_stage"], "precision": "fp32"},
                                      "scaling": {"num_workers": 1}})
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                               config=deepspeed_config(cfg, False))
+                                               config=deepspeed_config(cfg, "fp32", sum(p.numel() for p in params)))
     t_model = time.perf_counter()
     micro = spec["micro"]
     per_step, ends, cpu_ends, losses = [], [], [], []
@@ -671,7 +671,7 @@ def _mem_stage(rank: int, world: int, stage: int, precision: str, mbs: list) -> 
     opt = torch.optim.AdamW(params, lr=LR)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(10, 0.03, "cosine"))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(cfg, bf16))
+                                           config=deepspeed_config(cfg, precision, n_trainable))
     del model, opt, params, sched
     snaps = {}
     state = {"step": 0}
@@ -746,7 +746,7 @@ def bench_memory(root: Path, work: Path, precisions: tuple[str, ...]) -> dict:
     import torch.multiprocessing as mp
 
     from vlp.train.data import length_grouped
-    from vlp.train.memory import model_state_bytes
+    from vlp.train.memory import default_bucket_elems, model_state_bytes
 
     world = 2
     rows = tokenise(read_feature_rows(str(root / "features" / "instruct")))
@@ -755,7 +755,8 @@ def bench_memory(root: Path, work: Path, precisions: tuple[str, ...]) -> dict:
     bp.write_bytes(pickle.dumps([mbs[0:2], mbs[2:4]]))
     out = {"method": "torch.distributed gloo, 2 local processes (torch.multiprocessing.spawn), not Ray Train; "
                      "model + AdamW + deepspeed.initialize with vlp.train.loop.deepspeed_config (contiguous_gradients, "
-                     "reduce_bucket_size 5e7), 2 micro-batches of 4 per rank; every live tensor storage classified "
+                     "reduce_bucket_size sized to the model by vlp.train.memory.default_bucket_elems = "
+                     "max(5e5, trainable) elements here), 2 micro-batches of 4 per rank; every live tensor storage classified "
                      "during the 2nd backward (late: all gradients exist, reduction bucket allocated), after it "
                      "(the gradients the optimizer step will use) and after the 2nd step",
            "world": world, "precisions": {}}
@@ -776,7 +777,7 @@ def bench_memory(root: Path, work: Path, precisions: tuple[str, ...]) -> dict:
             og = [a["optimizer"] + a["gradients"] for a in ab]
             w, g, o = _expected(prec, stage, world, True)
             exp = {"opt_grad": P * (g + o), "total": P * (w + g + o),
-                   "vlp_model_state_bytes": model_state_bytes(P, F, world, stage)}
+                   "vlp_model_state_bytes": model_state_bytes(P, F, world, stage, prec)}
             rec = {
                 "engine_optimizer": rk[0]["engine_optimizer"], "param_dtype": rk[0]["param_dtype"],
                 "per_rank": [{k: r.get(k) for k in ("during_backward", "after_backward", "after_step")} for r in rk],
@@ -788,6 +789,9 @@ def bench_memory(root: Path, work: Path, precisions: tuple[str, ...]) -> dict:
                     max(a["optimizer"] + a["gradients"] + a["weights"] for a in ab) / exp["vlp_model_state_bytes"], 3),
                 "reduce_bucket_bytes_during_backward": max((r.get("during_backward") or {}).get("reduce_bucket", 0)
                                                            for r in rk),
+                "peak_during_backward_bytes_per_rank": [
+                    sum(v for k, v in (r.get("during_backward") or {}).items()
+                        if k in ("weights", "optimizer", "gradients", "reduce_bucket")) for r in rk],
                 "wall_s": stages[stage]["wall_s"],
             }
             if prec == "fp32":
@@ -799,7 +803,9 @@ def bench_memory(root: Path, work: Path, precisions: tuple[str, ...]) -> dict:
             res["stages"][s_]["opt_plus_grad_vs_zero0"] = round(
                 max(res["stages"][s_]["opt_plus_grad_bytes_per_rank"]) / z0, 3)
         e0, e2 = sum(_expected(prec, 0, world, True)[1:]), sum(_expected(prec, 2, world, True)[1:])
-        res["summary"] = {"zero1_vs_zero0": res["stages"]["zero1"]["opt_plus_grad_vs_zero0"],
+        res["summary"] = {"reduce_bucket_elems": default_bucket_elems(P),
+                          "zero2_reduce_bucket_bytes": res["stages"]["zero2"]["reduce_bucket_bytes_during_backward"],
+                          "zero1_vs_zero0": res["stages"]["zero1"]["opt_plus_grad_vs_zero0"],
                           "zero2_vs_zero0": res["stages"]["zero2"]["opt_plus_grad_vs_zero0"],
                           "expected_zero2_vs_zero0": round(e2 / e0, 3),
                           "target": TARGET_ZERO2,
@@ -1056,6 +1062,16 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     payload["loadavg_end"] = loadavg()
     payload["total_s"] = round(time.perf_counter() - t_all, 1)
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    parts_run = {k: now for k in ("padding", "online", "memory", "step") if k in payload}
+    old_path = RESULTS / f"train{'.quick' if a.quick else ''}.json"
+    if skip and old_path.exists():  # a partial run keeps the skipped parts of the last results, marked as older
+        old = json.loads(old_path.read_text())
+        for k in ("padding", "online", "memory", "step"):
+            if k in skip and k in old:
+                payload[k] = old[k]
+                parts_run[k] = old.get("parts_run", {}).get(k, old.get("created_at"))
+    payload["parts_run"] = parts_run
     payload["targets"] = {k: payload[k]["summary"]["met"] for k in ("step", "memory", "padding") if k in payload}
     path = write_json("train", a.quick, payload)
     log(f"wrote {path} in {payload['total_s']:.0f}s")

@@ -55,8 +55,12 @@ def test_stage1_zero1_then_stage2_zero2_export_and_reload(demo_features, tmp_pat
     assert s1["steps"] == 6 and not s1["reused"]  # 24 samples / 8 x 2 epochs
     metrics = [json.loads(x) for x in (run1 / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 7))
-    for k in ("loss", "lr", "tokens_per_s", "samples_per_s", "data_wait_frac", "padding_frac", "peak_mem_bytes"):
+    for k in ("loss", "lr", "tokens_per_s", "samples_per_s", "data_wait_frac", "padding_frac", "peak_mem_bytes",
+              "compute_samples_per_s", "step_wall_s"):
         assert all(m[k] is not None for m in metrics), k
+    for m in metrics:  # end to end (wall per step incl. data wait) is never faster than compute alone
+        assert m["step_wall_s"] >= m["compute_s"] and m["samples_per_s"] <= m["compute_samples_per_s"]
+        assert m["samples_per_s"] == pytest.approx(8 / m["step_wall_s"])
     assert list((run1 / "tensorboard").iterdir())
     ckpts = sorted(p for p in run1.iterdir() if p.name.startswith("checkpoint_") and p.is_dir())
     assert len(ckpts) == 2  # keep_last
@@ -153,3 +157,66 @@ def test_rerunning_the_same_command_resumes_an_unfinished_run(demo_features, tmp
     assert steps == [1, 2, 3, 3, 4, 5, 6]  # resumed from the step-2 checkpoint, step 3 redone
     seen = Counter(u for uids in _steps(run_dir).values() for u in uids)
     assert len(seen) == 24 and set(seen.values()) == {1}
+
+
+def _probe_matches_export(summary: dict) -> "torch.Tensor":
+    """Reload the export and run the loop's probe: the logits must equal the trained engine's."""
+    from vlp.train.export import probe_logits
+
+    probe = summary["probe"]
+    assert probe is not None and len(probe["logits"]) > 0
+    model, _, _ = load_model(summary["export"])
+    after = probe_logits(model, probe)
+    assert torch.isfinite(after).all()
+    assert torch.allclose(after, torch.tensor(probe["logits"]), atol=1e-4), (after[:5], probe["logits"][:5])
+    return model
+
+
+def test_lora_stage2_under_zero2_trains_checkpoints_and_exports_merged(demo_features, tmp_path):
+    from safetensors.torch import load_file
+
+    from vlp.models.presets import resolve_model_path
+
+    cfg = _cfg(demo_features, tmp_path, run_name="lora", max_steps=2, **{
+        "data.sets": [{"uri": str(demo_features / "features/instruct")}], "data.template": "vicuna_v1",
+        "deepspeed.zero_stage": 2, "lora.enabled": True, "lora.r": 4, "lora.target_modules": ["q_proj", "v_proj"],
+        "optim.lr": 5e-2, "checkpoint.every_n_steps": 1})
+    s = run_train(cfg, log=print)
+    assert s["steps"] == 2
+    run = Path(s["run_dir"])
+    ckpts = sorted(p for p in run.iterdir() if p.name.startswith("checkpoint_") and p.is_dir())
+    assert ckpts and all((c / "state").is_dir() for c in ckpts)
+    exp = Path(s["export"])
+    after = load_file(str(exp / "llm" / "model.safetensors"))
+    assert not any("lora" in k for k in after)  # merged into plain HF weights
+    base = load_file(str(Path(resolve_model_path("preset:tiny-llama")) / "model.safetensors"))
+    moved = {k for k in base if not torch.equal(base[k], after[k])}
+    assert moved and all(("q_proj" in k or "v_proj" in k) for k in moved), moved  # only adapted layers changed
+    _probe_matches_export(s)
+
+
+def test_zero3_trains_resumes_from_a_checkpoint_and_exports_full_weights(demo_features, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = _cfg(demo_features, tmp_path, run_name="z3", max_steps=3, **{"batch.global_size": 4, "batch.micro_size": 1,
+        "data.sets": [{"uri": str(demo_features / "features/instruct")}], "data.template": "vicuna_v1",
+        "deepspeed.zero_stage": 3, "model.llm.trainable": True, "optim.lr": 1e-2,
+        "checkpoint.every_n_steps": 1, "debug.fail_at_step": 2, "debug.fail_rank": 1})
+    s = run_train(cfg, log=print)
+    run = Path(s["run_dir"])
+    assert s["steps"] == 3 and (run / ".injected_failure").exists()
+    lines = [json.loads(x)["step"] for x in (run / "samples.jsonl").read_text().splitlines()]
+    assert lines == [1, 2, 2, 3]  # resumed from the partitioned step-1 checkpoint
+    losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(l == l and l < 100 for l in losses)
+    exp = Path(s["export"])
+    weights = load_file(str(exp / "llm" / "model.safetensors"))
+    from vlp.models.presets import resolve_model_path
+
+    base = load_file(str(Path(resolve_model_path("preset:tiny-llama")) / "model.safetensors"))
+    assert set(weights) == set(base) and all(weights[k].shape == base[k].shape for k in base)  # gathered, not shards
+    assert any(not torch.equal(base[k], weights[k]) for k in base)
+    model = _probe_matches_export(s)
+    from vlp.train.export import probe_logits
+
+    assert torch.isfinite(probe_logits(model, s["probe"])).all()

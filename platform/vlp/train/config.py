@@ -33,6 +33,9 @@ class TrainDataConfig(Cfg):
     group_by_modality: bool = Field(False, description="sort by modality before length (LLaVA's "
                                     "group_by_modality_length); costs padding on mixed sets (see docs/benchmarks.md)")
     group_window: int = Field(8, ge=1, description="global batches pooled before sorting by length")
+    local_shuffle_buffer_size: int = Field(
+        256, ge=0, description="rows each worker shuffles its stream in (Ray Data local shuffle, seeded from "
+        "data.seed, epoch, rank) before the length-grouping windows; 0 = off")
     seed: int = 0
 
     @field_validator("template")
@@ -57,16 +60,29 @@ class BatchConfig(Cfg):
 
 
 class DeepSpeedConfig(Cfg):
-    zero_stage: int = Field(1, description="0 (DDP), 1, 2 (3 is estimated by the preflight only)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 where supported, else fp32")
+    zero_stage: int = Field(1, description="0 (DDP), 1, 2 or 3 (parameters partitioned too; export gathers them)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, else fp32 (CPU); the preflight counts bytes for it")
+    reduce_bucket_size: Optional[int] = Field(
+        None, ge=512, description="elements in DeepSpeed's gradient reduction bucket (ZeRO 1-3); default "
+        "min(5e8, max(5e5, trainable params)) so tiny models do not allocate 5e7-element buckets")
+    allgather_bucket_size: Optional[int] = Field(
+        None, ge=512, description="elements per ZeRO-1/2 weight all-gather; default as reduce_bucket_size")
+    stage3_prefetch_bucket_size: Optional[int] = Field(
+        None, ge=0, description="ZeRO-3 parameter prefetch elements; default as reduce_bucket_size")
 
     @field_validator("zero_stage")
     @classmethod
     def _stage(cls, v):
         if v not in (0, 1, 2, 3):
             raise ValueError(f"ZeRO stage {v} does not exist (0, 1, 2 or 3)")
-        if v == 3:
-            raise ValueError("ZeRO-3 training is not supported yet (use 1 or 2; the preflight reports ZeRO-3 sizes)")
+        return v
+
+    @field_validator("allgather_bucket_size")
+    @classmethod
+    def _even(cls, v):
+        if v is not None and v % 2:
+            raise ValueError(f"{v} is odd: DeepSpeed needs a multiple of 2 (4-byte NCCL alignment of 2-byte elements)")
         return v
 
 

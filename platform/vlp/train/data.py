@@ -2,7 +2,8 @@
 
 The Ray Data graph (built on the driver, executed per epoch as workers iterate):
 
-    each feature set --Mixture(weight, seed, epoch)--> union --DropSeen (resume)--> Tokenize --> split per worker
+    each feature set x pass k < ceil(weight) --Mixture(weight, seed, epoch, k)--> union --DropSeen (resume)
+        --> Tokenize --> split per worker --> local shuffle buffer --> length-grouped windows
 
 ``Mixture`` and ``DropSeen`` read the run's ``data_state.json`` at execution time, which rank 0 writes
 at the start of every epoch (epoch number + samples already trained on in it, restored from the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from typing import Iterator, Optional
 
@@ -58,27 +60,46 @@ def _u01(*parts) -> float:
     return int.from_bytes(h, "little") / 2**64
 
 
-class Mixture:
-    """Rows of one feature set -> its share of the epoch: floor(w) copies + one more with prob frac(w),
-    decided by a hash of (seed, epoch, uid). Copies get uids ``uid#k``."""
+def mixture_passes(weight: float) -> int:
+    """How many passes over a feature set its weight takes: ceil(weight) (2 -> 2 full passes, 2.5 -> 2 full
+    passes and a seeded half in a third, 0.5 -> one seeded half)."""
+    return max(1, math.ceil(weight - 1e-9))
 
-    def __init__(self, set_name: str, weight: float, seed: int, state_path: str, fmt: str):
+
+def copies_of(weight: float, seed: int, epoch: int, set_name: str, uid: str) -> int:
+    """Copies of one sample in an epoch: floor(w), one more with probability frac(w) (a hash of seed, epoch, uid)."""
+    whole, frac = int(weight), weight - int(weight)
+    return whole + (1 if frac and _u01(seed, epoch, set_name, uid) < frac else 0)
+
+
+class Mixture:
+    """One pass ``copy`` (0-based) over a feature set -> the rows whose copy count (:func:`copies_of`) is larger
+    than ``copy``, with uid ``set:uid`` in pass 0 and ``set:uid#k`` in pass k. The data graph unions the
+    :func:`mixture_passes` passes, so copy k of a sample streams in pass k, a whole pass away from copy k-1 (not
+    next to it, where it would land in the same micro-batch), and the uids stay unique per copy for resume."""
+
+    def __init__(self, set_name: str, weight: float, seed: int, state_path: str, fmt: str, copy: int = 0):
+        if not 0 <= copy < mixture_passes(weight):
+            raise ValueError(f"pass {copy} of a set with weight {weight} does not exist "
+                             f"({mixture_passes(weight)} passes)")
         self.set_name, self.weight, self.seed, self.state_path, self.fmt = set_name, weight, seed, state_path, fmt
+        self.copy = copy
 
     def __call__(self, batch: dict) -> dict:
         epoch = read_state(self.state_path)["epoch"]
-        whole, frac = int(self.weight), self.weight - int(self.weight)
-        idx, uids = [], []
         base = batch["uid"] if "uid" in batch else [f"{s}/{k}" for s, k in zip(batch["shard"], batch["key"])]
-        for i, uid in enumerate(base):
-            n = whole + (1 if frac and _u01(self.seed, epoch, self.set_name, uid) < frac else 0)
-            for k in range(n):
-                idx.append(i)
-                uids.append(f"{self.set_name}:{uid}" + (f"#{k}" if k else ""))
+        idx = [i for i, uid in enumerate(base)
+               if copies_of(self.weight, self.seed, epoch, self.set_name, uid) > self.copy]
+        suffix = f"#{self.copy}" if self.copy else ""
         out = {k: v[idx] if len(idx) else v[:0] for k, v in batch.items()}
-        out["uid"] = np.asarray(uids, dtype=object)
+        out["uid"] = np.asarray([f"{self.set_name}:{base[i]}{suffix}" for i in idx], dtype=object)
         out["format"] = np.asarray([self.fmt] * len(idx), dtype=object)
         return out
+
+
+def base_uid(uid: str) -> str:
+    """``set:uid#k`` -> ``set:uid`` (the sample a copy was made from)."""
+    return str(uid).rsplit("#", 1)[0] if "#" in str(uid) else str(uid)
 
 
 class DropSeen:
@@ -186,13 +207,44 @@ def length_grouped(rows: list[dict], micro: int, rng: np.random.Generator, group
                    by_modality: bool = False) -> list[list[dict]]:
     """Split a window of rows into micro-batches; with ``group`` sort by length first (and by modality before
     length with ``by_modality``, as LLaVA's group_by_modality_length) so that padding stays small, then
-    shuffle the micro-batch order."""
+    shuffle the micro-batch order. Two copies of one sample (uids ``x`` and ``x#1``) that meet in a window sort
+    next to each other (same length); they are moved to different micro-batches (:func:`spread_copies`)."""
     if group:
         key = (lambda r: (r["media_type"], r["length"])) if by_modality else (lambda r: r["length"])
         rows = sorted(rows, key=key)
     mbs = [rows[i:i + micro] for i in range(0, len(rows) - micro + 1, micro)]
+    spread_copies(mbs)
     order = rng.permutation(len(mbs))
     return [mbs[i] for i in order]
+
+
+def spread_copies(mbs: list[list[dict]]) -> None:
+    """In place: swap a row whose sample already is in its micro-batch with the nearest row (in micro-batch
+    order, so of a similar length) of another micro-batch where neither sample is yet. Rows without a ``uid``
+    are left alone; a copy stays put only when no swap exists (a window of copies of one sample)."""
+    if not mbs or "uid" not in mbs[0][0]:
+        return
+    bases = [[base_uid(r["uid"]) for r in mb] for mb in mbs]
+    for i, mb in enumerate(mbs):
+        for j in range(len(mb)):
+            b = bases[i][j]
+            if bases[i].index(b) == j:
+                continue  # the first of its sample in this micro-batch
+            for dist in range(1, len(mbs)):
+                done = False
+                for o in (i + dist, i - dist):
+                    if not 0 <= o < len(mbs) or b in bases[o]:
+                        continue
+                    for q, ob in enumerate(bases[o]):
+                        if ob not in bases[i]:
+                            mbs[i][j], mbs[o][q] = mbs[o][q], mbs[i][j]
+                            bases[i][j], bases[o][q] = ob, b
+                            done = True
+                            break
+                    if done:
+                        break
+                if done:
+                    break
 
 
 def padding_fraction(micro_batches: list[list[dict]]) -> float:

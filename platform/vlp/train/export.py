@@ -66,3 +66,22 @@ def load_model(path: str | Path, device: str = "cpu"):
     load_connector(model.connector, cfg.connector.init_from)
     tok = AutoTokenizer.from_pretrained(cfg.llm.tokenizer)
     return model.to(device).eval(), tok, info
+
+
+def probe_logits(model: VideoLLM, probe: dict) -> torch.Tensor:
+    """Logits at the last position for a fixed probe: ``probe["input_ids"]`` (a tokenised training row) with
+    features drawn from a seeded generator of ``probe["shape"]`` (+ mode, num_frames). Eval mode, no grad; the
+    model's train/eval state is restored. Under ZeRO-3 every rank must call this (the forward gathers weights).
+    Used to check that an export reloads to the model that was trained (train_summary.json ``probe``)."""
+    was_training = model.training
+    model.eval()
+    try:
+        w = next(model.connector.parameters())
+        g = torch.Generator().manual_seed(int(probe.get("seed", 0)))
+        feats = torch.randn(tuple(probe["shape"]), generator=g).to(w.device, w.dtype)  # (T+P, D) or (T, P+1, D)
+        ids = torch.as_tensor(probe["input_ids"], dtype=torch.long)
+        with torch.no_grad():
+            out = model([ids], None, [feats], [probe["mode"]], [int(probe["num_frames"])])
+        return out.logits[0, -1, :1024].float().cpu()  # (V,) capped
+    finally:
+        model.train(was_training)

@@ -9,8 +9,8 @@ from pathlib import Path
 from ..config import dump_config
 from ..storage import get_fs, join
 from .config import TrainConfig
-from .data import DropSeen, Mixture, Tokenize, feature_set_info
-from .memory import GPU_MEMORY_GB, preflight
+from .data import DropSeen, Mixture, Tokenize, feature_set_info, mixture_passes
+from .memory import BF16_GPUS, GPU_MEMORY_GB, default_bucket_elems, preflight, resolve_precision
 
 
 class TrainSetupError(ValueError):
@@ -78,8 +78,12 @@ def check_setup(cfg: TrainConfig, log=print) -> dict:
 
         gb = cfg.scaling.device_memory_gb or psutil.virtual_memory().total / 2**30 / cfg.scaling.num_workers
     pf = None
+    precision = resolve_precision(cfg.deepspeed.precision, cfg.scaling.use_gpu,
+                                  _gpu_bf16_supported() if cfg.scaling.use_gpu else False)
     if gb:
-        pf = preflight(trainable, frozen, cfg.scaling.num_workers, cfg.deepspeed.zero_stage, gb)
+        pf = preflight(trainable, frozen, cfg.scaling.num_workers, cfg.deepspeed.zero_stage, gb,
+                       precision=precision,
+                       reduce_bucket_elems=cfg.deepspeed.reduce_bucket_size or default_bucket_elems(trainable))
         if not pf.fits:
             raise TrainSetupError(f"memory preflight: {pf.message}")
         log(f"[vlp] memory preflight: {pf.message}")
@@ -93,7 +97,26 @@ def check_setup(cfg: TrainConfig, log=print) -> dict:
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     return {"infos": infos, "trainable": trainable, "frozen": frozen, "total_steps": total,
-            "samples_per_epoch": n_epoch, "preflight": pf.message if pf else None}
+            "samples_per_epoch": n_epoch, "preflight": pf.message if pf else None, "precision": precision}
+
+
+def _gpu_bf16_supported():
+    """bf16 support of the training GPUs as seen from the driver: the local GPU if there is one, else Ray's
+    accelerator type; None when unknown (then ``auto`` is counted as fp32, the larger count)."""
+    import ray
+
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return bool(torch.cuda.is_bf16_supported())
+    except Exception:
+        pass
+    types = [k.split(":", 1)[1] for k in (ray.cluster_resources() if ray.is_initialized() else {})
+             if k.startswith("accelerator_type:")]
+    if not types:
+        return None
+    return all(any(name in t for name in BF16_GPUS) for t in types)
 
 
 def _detect_gpu_gb():
@@ -120,12 +143,14 @@ def build_dataset(cfg: TrainConfig, state_path: str):
 
     tok_path = cfg.model.llm.tokenizer or cfg.model.llm.path
     ds = None
-    for i, s in enumerate(cfg.data.sets):
-        name = f"s{i}"
-        part = open_feature_dataset(s.uri, s.storage, decode=False).map_batches(
-            Mixture(name, s.weight, cfg.data.seed, state_path, s.format), batch_format="numpy", batch_size=256,
-            num_cpus=cfg.scaling.data_cpus_per_task)
-        ds = part if ds is None else ds.union(part)
+    for k in range(max(mixture_passes(s.weight) for s in cfg.data.sets)):  # pass k holds every set's copy k
+        for i, s in enumerate(cfg.data.sets):
+            if k >= mixture_passes(s.weight):
+                continue
+            part = open_feature_dataset(s.uri, s.storage, decode=False).map_batches(
+                Mixture(f"s{i}", s.weight, cfg.data.seed, state_path, s.format, copy=k), batch_format="numpy",
+                batch_size=256, num_cpus=cfg.scaling.data_cpus_per_task)
+            ds = part if ds is None else ds.union(part)
     ds = ds.map_batches(DropSeen(state_path), batch_format="numpy", batch_size=256,
                         num_cpus=cfg.scaling.data_cpus_per_task)
     ds = ds.map_batches(Tokenize(tok_path, cfg.data.template, cfg.data.max_length, cfg.data.overlong,
