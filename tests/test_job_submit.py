@@ -234,9 +234,10 @@ def head(tiny_clip_path):
     finally:
         proc.send_signal(signal.SIGTERM)  # `ray start --block` stops every process of its node on SIGTERM
         try:
-            proc.wait(60)
+            proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(10)
         _sweep(str(temp))  # not `ray stop`: that kills every Ray on the machine, other tests' included
         shutil.rmtree(temp, ignore_errors=True)
         if home_before is not None:  # (a local ray.init() elsewhere on the machine may create a missing one)
