@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from ..config import Cfg
 from ..data.media import DecodeConfig, SamplingConfig
 from ..data.preprocess import PreprocessConfig
 from ..models.vision import VisionTowerConfig
-from ..runtime import RayConfig
+from ..runtime import RayConfig, check_accelerator_type
 from ..storage import StorageConfig
 
 
@@ -37,6 +37,21 @@ class EncoderConfig(Cfg):
     concurrency: int = Field(1, ge=1, description="encoder actors (one GPU each where GPUs exist)")
     num_gpus_per_actor: float = Field(1.0, ge=0, description="used only when the tower runs on cuda")
     cpus_per_actor: float = Field(1.0, gt=0)
+    accelerator_type: Optional[str] = Field(
+        None, description="GPU type the encoder actors need (Ray's accelerator_type: A100, A100-80G, H100, ...); "
+        "implies a GPU tower")
+
+    @field_validator("accelerator_type")
+    @classmethod
+    def _accel(cls, v):
+        return check_accelerator_type(v)
+
+    @model_validator(mode="after")
+    def _accel_needs_gpu(self):
+        if self.accelerator_type and (self.tower.device == "cpu" or self.num_gpus_per_actor == 0):
+            raise ValueError(f"accelerator_type={self.accelerator_type} needs GPU actors, but tower.device="
+                             f"{self.tower.device} and num_gpus_per_actor={self.num_gpus_per_actor}")
+        return self
 
 
 class OutputConfig(Cfg):

@@ -86,6 +86,26 @@ def fingerprint(cfg: PrecomputeConfig, size: int, hidden: int, sha: str) -> dict
     }
 
 
+def encoder_on_gpu(cfg: PrecomputeConfig, cluster_gpus: float) -> bool:
+    """Whether the encoder actors ask for GPUs: tower.device=cuda, or auto with GPUs in the cluster or an
+    accelerator_type asked for (an autoscaling cluster may have no GPU node up yet)."""
+    device = cfg.encoder.tower.device
+    return device == "cuda" or (device == "auto" and (cluster_gpus > 0 or cfg.encoder.accelerator_type is not None))
+
+
+def stage_resources(cfg: PrecomputeConfig, on_gpu: bool) -> dict[str, dict]:
+    """Ray resource requests per stage, the numbers the autoscaler scales on. Reads, decodes and writes are
+    CPU tasks; the encoder is an actor pool, each actor holding ``num_gpus_per_actor`` GPUs (of
+    ``accelerator_type`` when set) when the tower runs on cuda, else CPUs only."""
+    enc = {"num_cpus": cfg.encoder.cpus_per_actor, "num_gpus": cfg.encoder.num_gpus_per_actor if on_gpu else 0}
+    if on_gpu and cfg.encoder.accelerator_type:
+        enc["accelerator_type"] = cfg.encoder.accelerator_type
+    return {"read": {"num_cpus": cfg.data.read_cpus},
+            "decode": {"num_cpus": cfg.data.decode_cpus, "memory": cfg.data.decode_memory_mb << 20},
+            "encode": enc,
+            "write": {"num_cpus": 0.25}}
+
+
 def _clear_uncommitted(out: str, storage: StorageConfig, names: list[str]) -> None:
     fs, root = get_fs(out, storage)
     for sub in ("parts", "errors"):
@@ -136,26 +156,23 @@ def run_precompute(cfg: PrecomputeConfig, log=print) -> dict:
         init_ray(cfg.ray)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = cfg.ray.progress_bars
-        tower_on_gpu = cfg.encoder.tower.device == "cuda" or (
-            cfg.encoder.tower.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+        res = stage_resources(cfg, encoder_on_gpu(cfg, ray.cluster_resources().get("GPU", 0)))
         items = [{"shard": names[u], "uri": u} for u in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.flat_map(ReadShard(cfg.data.storage), num_cpus=cfg.data.read_cpus)
+        ds = ds.flat_map(ReadShard(cfg.data.storage), **res["read"])
         # Decode runs as stateless CPU tasks (not actors, so it never pins CPUs that reads and writes need).
         # Its memory reservation also keeps Ray Data from fusing it into the encoder actor, which would
         # serialise decoding and encoding in one process.
         ds = ds.map_batches(
             DecodeFrames(cfg.data.sampling, cfg.data.decode, size, cfg.data.preprocess.pad_to_square, mean),
-            batch_size=cfg.data.decode_batch_size, num_cpus=cfg.data.decode_cpus, batch_format="numpy",
-            memory=cfg.data.decode_memory_mb << 20)
+            batch_size=cfg.data.decode_batch_size, batch_format="numpy", **res["decode"])
         ds = ds.map_batches(
             EncodeFeatures, fn_constructor_kwargs=dict(tower_cfg=cfg.encoder.tower, mode=cfg.output.mode,
                                                        max_frames_per_forward=cfg.encoder.max_frames_per_forward),
             batch_size=cfg.encoder.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.encoder.concurrency),
-            num_gpus=cfg.encoder.num_gpus_per_actor if tower_on_gpu else 0, num_cpus=cfg.encoder.cpus_per_actor)
+            compute=ray.data.ActorPoolStrategy(size=cfg.encoder.concurrency), **res["encode"])
         ds = ds.map_batches(WriteParts(out, ost, cfg.output.mode), batch_size=cfg.encoder.batch_size * 2,
-                            batch_format="numpy", num_cpus=0.25)
+                            batch_format="numpy", **res["write"])
         for meta in ds.iter_rows():
             st = states[meta["shard"]]
             if meta["kind"] == "end":

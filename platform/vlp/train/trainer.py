@@ -138,6 +138,15 @@ def _detect_gpu_gb():
     return None
 
 
+def scaling_kwargs(cfg: TrainConfig) -> dict:
+    """Arguments of Ray Train's ``ScalingConfig``: one GPU per worker when use_gpu (of accelerator_type
+    when set), plus the worker's CPUs. These are the requests the autoscaler scales GPU nodes on."""
+    s = cfg.scaling
+    res = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    return {"num_workers": s.num_workers, "use_gpu": s.use_gpu, "resources_per_worker": res,
+            "accelerator_type": s.accelerator_type}
+
+
 def build_dataset(cfg: TrainConfig, state_path: str):
     from ..precompute import open_feature_dataset
 
@@ -193,8 +202,7 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "meta": meta},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        scaling_config=ScalingConfig(**scaling_kwargs(cfg)),
         run_config=RunConfig(name=cfg.run_name, storage_path=out_root,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last)),
