@@ -138,7 +138,7 @@ def test_kuberay_cluster_structure(kube, aws):
     assert groups["a100-40g"]["maxReplicas"] == aws_types["gpu_a100_40g"]["max_workers"]
     assert groups["a100-80g"]["maxReplicas"] == aws_types["gpu_a100_80g"]["max_workers"]
     assert groups["cpu-decode"]["maxReplicas"] == aws_types["cpu_decode"]["max_workers"]
-    assert _ray_resources(groups["a100-80g"]["rayStartParams"])["a100_80g"] == 1
+    assert _ray_resources(groups["a100-80g"]["rayStartParams"])["accelerator_type:A100-80G"] == 1
     spot = groups["a100-40g-spot"]["template"]["spec"]["nodeSelector"]
     assert "SPOT" in spot.values() or "spot" in spot.values()
     (sa,) = [d for d in kube["docs"]["kuberay-a100.yaml"] if d["kind"] == "ServiceAccount"]
@@ -196,3 +196,24 @@ def test_cluster_files_hold_no_credentials():
     assert AWS_KEY.search("aws_key: AKIAABCDEFGHIJKLMNOP") and SECRETISH.search("auth_token: abc")
     assert SECRETISH.search("- {name: AWS_SECRET_ACCESS_KEY, value: x}")
     assert not SECRETISH.search("~/.ray/auth_token: ~/.ray/auth_token")
+
+
+def test_every_accelerator_type_the_shipped_configs_ask_for_has_a_node_type(aws, kube):
+    """A request no node type advertises is never scheduled: the autoscaler cannot start a node for it."""
+    from vlp.config import load_config
+    from vlp.config_kinds import kind_of
+
+    wanted = {}
+    for path in sorted((ROOT / "configs").rglob("*.yaml")):
+        cfg = load_config(kind_of(path.name), str(path))
+        for section in ("encoder", "scaling"):
+            acc = getattr(getattr(cfg, section, None), "accelerator_type", None)
+            if acc:
+                wanted[f"{path.relative_to(ROOT)}:{section}"] = acc
+    assert "A100-80G" in wanted.values() and "A100" in wanted.values(), wanted
+    aws_offers = {k for t in aws["available_node_types"].values() for k in t["resources"]}
+    cluster = kube["cluster"]
+    kube_offers = {k for g in cluster["spec"]["workerGroupSpecs"] for k in _ray_resources(g["rayStartParams"])}
+    for where, acc in wanted.items():
+        assert f"accelerator_type:{acc}" in aws_offers, f"{where} asks for {acc}: no aws-a100.yaml node type has it"
+        assert f"accelerator_type:{acc}" in kube_offers, f"{where} asks for {acc}: no KubeRay worker group has it"
