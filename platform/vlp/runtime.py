@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from .config import Cfg
 
@@ -53,6 +53,10 @@ def check_accelerator_type(v: Optional[str]) -> Optional[str]:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown accelerator type {v!r}{hint} (Ray knows: {', '.join(known)})")
     return v
+
+
+# A config field holding an optional Ray accelerator type, validated by check_accelerator_type.
+AcceleratorType = Annotated[Optional[str], AfterValidator(check_accelerator_type)]
 
 
 def vlp_package_dir() -> Path:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from ..config import Cfg
 from ..data.media import DecodeConfig, SamplingConfig
 from ..data.preprocess import PreprocessConfig
 from ..models.vision import VisionTowerConfig
-from ..runtime import RayConfig, check_accelerator_type
+from ..runtime import AcceleratorType, RayConfig
 from ..storage import StorageConfig
 
 
@@ -37,14 +37,9 @@ class EncoderConfig(Cfg):
     concurrency: int = Field(1, ge=1, description="encoder actors (one GPU each where GPUs exist)")
     num_gpus_per_actor: float = Field(1.0, ge=0, description="used only when the tower runs on cuda")
     cpus_per_actor: float = Field(1.0, gt=0)
-    accelerator_type: Optional[str] = Field(
+    accelerator_type: AcceleratorType = Field(
         None, description="GPU type the encoder actors need (Ray's accelerator_type: A100, A100-80G, H100, ...); "
         "implies a GPU tower")
-
-    @field_validator("accelerator_type")
-    @classmethod
-    def _accel(cls, v):
-        return check_accelerator_type(v)
 
     @model_validator(mode="after")
     def _accel_needs_gpu(self):

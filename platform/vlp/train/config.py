@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from ..config import Cfg
 from ..data.conversation import TEMPLATES
 from ..models.videollm import ModelConfig
-from ..runtime import RayConfig, check_accelerator_type
+from ..runtime import AcceleratorType, RayConfig
 from ..storage import StorageConfig
 
 
@@ -93,14 +93,9 @@ class ScalingCfg(Cfg):
                                    "the data pipeline (on a 2-core laptop: 0.5)")
     data_cpus_per_task: float = Field(0.25, gt=0, description="CPUs per tokenise/mixture task of the data pipeline")
     device_memory_gb: Optional[float] = Field(None, gt=0, description="override the device memory used by the preflight")
-    accelerator_type: Optional[str] = Field(
+    accelerator_type: AcceleratorType = Field(
         None, description="GPU type every worker needs (Ray's accelerator_type: A100, A100-80G, H100, ...); "
         "needs use_gpu")
-
-    @field_validator("accelerator_type")
-    @classmethod
-    def _accel(cls, v):
-        return check_accelerator_type(v)
 
     @model_validator(mode="after")
     def _accel_needs_gpu(self):
