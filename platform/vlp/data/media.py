@@ -206,9 +206,18 @@ def decode_video_decord(data: bytes, sampling: SamplingConfig, cfg: DecodeConfig
 _REAL_PTS_FORMATS = {"mov", "mp4", "matroska", "webm"}
 
 
+def _to_rgb(fr, size0: tuple[int, int]) -> np.ndarray:
+    """PyAV frame -> (H, W, 3) uint8; a stream that changes resolution mid-way is scaled to its first
+    size ``size0`` = (width, height), as decord does."""
+    if (fr.width, fr.height) == size0:
+        return fr.to_ndarray(format="rgb24")
+    return fr.to_ndarray(format="rgb24", width=size0[0], height=size0[1])
+
+
 def _pyav_selective(data: bytes, pts: list[int], want_ranks: set[int], cfg: DecodeConfig
                     ) -> Optional[tuple[dict[int, np.ndarray], int]]:
-    """Decode only what the wanted frames need. Returns {display rank: (H, W, 3) uint8} or None.
+    """Decode only what the wanted frames need. Returns ({display rank: (H, W, 3) uint8}, frames the
+    decoder produced) or None.
 
     Packets are fed one by one; a packet whose frame is not wanted is sent with ``skip_frame=NONREF``,
     so the decoder drops it if no other frame references it (h264/hevc non-reference pictures, MPEG-4
@@ -249,9 +258,7 @@ def _pyav_selective(data: bytes, pts: list[int], want_ranks: set[int], cfg: Deco
                 last = r
                 if r in want_ranks and r not in kept:
                     _check_pixels(fr.height, fr.width, cfg)
-                    fmt = {"format": "rgb24"} if (fr.width, fr.height) == size0 else {
-                        "format": "rgb24", "width": size0[0], "height": size0[1]}
-                    kept[r] = fr.to_ndarray(**fmt)
+                    kept[r] = _to_rgb(fr, size0)
             if len(kept) == len(want_ranks):
                 return kept, n_out
     return None  # a wanted frame never came out (corrupt stream?): let the full decode judge
@@ -275,11 +282,14 @@ def decode_video_pyav(data: bytes, sampling: SamplingConfig, cfg: DecodeConfig) 
             # some containers carry no pts; fall back to decoding order
             pts = None
         n_hint = len(pts) if pts else None
-        if pts and real_pts and cfg.selective and cfg.threads == 1:
+        want: Optional[set[int]] = None
+        if n_hint:  # frames to keep, by display index, from the packets' presentation times
             sorted_ts = np.sort(np.asarray(pts, dtype=np.float64) * tb)
             times = sorted_ts - sorted_ts[0]
             idx = sample_indices(n_hint, sampling, times, None)
-            got = _pyav_selective(data, pts, set(idx.tolist()), cfg)
+            want = set(idx.tolist())
+        if want is not None and real_pts and cfg.selective and cfg.threads == 1:
+            got = _pyav_selective(data, pts, want, cfg)
             if got is not None:
                 frames = np.stack([got[0][i] for i in idx.tolist()])
                 _check_pixels(frames.shape[1], frames.shape[2], cfg)
@@ -291,11 +301,6 @@ def decode_video_pyav(data: bytes, sampling: SamplingConfig, cfg: DecodeConfig) 
             rate = float(st.average_rate or st.guessed_rate or 0) or 25.0  # for frames without pts
             decoded_pts: list[float] = []
             frames_all: list[np.ndarray] = []
-            want: Optional[set[int]] = None
-            if n_hint:
-                sorted_ts = np.sort(np.asarray(pts, dtype=np.float64) * tb)
-                idx = sample_indices(n_hint, sampling, sorted_ts - sorted_ts[0], None)
-                want = set(idx.tolist())
             kept: dict[int, np.ndarray] = {}
             size0: Optional[tuple[int, int]] = None
             for i, fr in enumerate(c.decode(st)):
@@ -303,14 +308,11 @@ def decode_video_pyav(data: bytes, sampling: SamplingConfig, cfg: DecodeConfig) 
                 decoded_pts.append(t)
                 if size0 is None:
                     size0 = (fr.width, fr.height)
-                # a stream that changes resolution mid-way is scaled to its first size (as decord does)
-                fmt = {"format": "rgb24"} if (fr.width, fr.height) == size0 else {
-                    "format": "rgb24", "width": size0[0], "height": size0[1]}
                 if want is None:
-                    frames_all.append(fr.to_ndarray(**fmt))
+                    frames_all.append(_to_rgb(fr, size0))
                 elif i in want:
                     _check_pixels(fr.height, fr.width, cfg)
-                    kept[i] = fr.to_ndarray(**fmt)
+                    kept[i] = _to_rgb(fr, size0)
     except MediaError:
         raise
     except Exception as e:
