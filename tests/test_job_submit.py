@@ -121,6 +121,7 @@ def test_job_scripts_put_their_checkouts_platform_first(tmp_path):
         probe.parent.mkdir(parents=True)
         # the job's own preamble, then report where vlp came from
         probe.write_text(src.split("from vlp.cli import main")[0] + "import vlp; print(vlp.__file__)\n")
+        shutil.copy(ROOT / "jobs" / "_checkout.py", probe.parent)
         (tmp_path / job / "platform").symlink_to(ROOT / "platform")
         r = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, env=env, timeout=60)
         assert r.returncode == 0, r.stderr
