@@ -10,7 +10,7 @@ from ..config import dump_config
 from ..storage import get_fs, join
 from .config import TrainConfig
 from .data import DropSeen, Mixture, Tokenize, feature_set_info, mixture_passes
-from .memory import BF16_GPUS, GPU_MEMORY_GB, default_bucket_elems, preflight, resolve_precision
+from .memory import BF16_GPUS, GPU_MEMORY_GB, preflight, resolve_precision
 
 
 class TrainSetupError(ValueError):
@@ -83,7 +83,7 @@ def check_setup(cfg: TrainConfig, log=print) -> dict:
     if gb:
         pf = preflight(trainable, frozen, cfg.scaling.num_workers, cfg.deepspeed.zero_stage, gb,
                        precision=precision,
-                       reduce_bucket_elems=cfg.deepspeed.reduce_bucket_size or default_bucket_elems(trainable))
+                       reduce_bucket_elems=cfg.deepspeed.reduce_bucket_size)  # None: sized to the model
         if not pf.fits:
             raise TrainSetupError(f"memory preflight: {pf.message}")
         log(f"[vlp] memory preflight: {pf.message}")
