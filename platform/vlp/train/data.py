@@ -99,7 +99,7 @@ class Mixture:
 
 def base_uid(uid: str) -> str:
     """``set:uid#k`` -> ``set:uid`` (the sample a copy was made from)."""
-    return str(uid).rsplit("#", 1)[0] if "#" in str(uid) else str(uid)
+    return str(uid).rsplit("#", 1)[0]
 
 
 class DropSeen:
@@ -230,21 +230,24 @@ def spread_copies(mbs: list[list[dict]]) -> None:
             b = bases[i][j]
             if bases[i].index(b) == j:
                 continue  # the first of its sample in this micro-batch
-            for dist in range(1, len(mbs)):
-                done = False
-                for o in (i + dist, i - dist):
-                    if not 0 <= o < len(mbs) or b in bases[o]:
-                        continue
-                    for q, ob in enumerate(bases[o]):
-                        if ob not in bases[i]:
-                            mbs[i][j], mbs[o][q] = mbs[o][q], mbs[i][j]
-                            bases[i][j], bases[o][q] = ob, b
-                            done = True
-                            break
-                    if done:
-                        break
-                if done:
-                    break
+            partner = _swap_partner(bases, i, b)
+            if partner is not None:
+                o, q = partner
+                mbs[i][j], mbs[o][q] = mbs[o][q], mbs[i][j]
+                bases[i][j], bases[o][q] = bases[o][q], b
+
+
+def _swap_partner(bases: list[list[str]], i: int, b: str) -> Optional[tuple[int, int]]:
+    """(micro-batch o, row q) nearest to micro-batch ``i`` whose micro-batch lacks sample ``b`` and whose
+    row's sample is not yet in micro-batch ``i``; None when there is none."""
+    for dist in range(1, len(bases)):
+        for o in (i + dist, i - dist):
+            if not 0 <= o < len(bases) or b in bases[o]:
+                continue
+            for q, ob in enumerate(bases[o]):
+                if ob not in bases[i]:
+                    return o, q
+    return None
 
 
 def padding_fraction(micro_batches: list[list[dict]]) -> float:
