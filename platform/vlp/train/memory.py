@@ -101,8 +101,9 @@ def preflight(trainable: int, frozen: int, world: int, stage: int, device_gb: fl
               reduce_bucket_elems: Optional[int] = None) -> Preflight:
     """Compare model-state bytes (+ the reduction bucket, + a margin for activations and buffers) with device
     memory. ``reduce_bucket_elems`` None: :func:`default_bucket_elems` of the trainable count."""
+    bucket = default_bucket_elems(trainable) if reduce_bucket_elems is None else reduce_bucket_elems
+
     def need_of(s: int, w: int) -> float:
-        bucket = default_bucket_elems(trainable) if reduce_bucket_elems is None else reduce_bucket_elems
         return (model_state_bytes(trainable, frozen, w, s, precision) + bucket_bytes(s, precision, bucket)) / 2**30
 
     need = need_of(stage, world)
