@@ -50,3 +50,12 @@ def test_patch_mean_is_blind_to_order_and_valley_is_not(tower, a, b):
     torch.testing.assert_close(va[:256], vb[:256], rtol=0, atol=1e-5)
     torch.testing.assert_close(va[256:], vb[256:].flip(0))  # the CLS tokens: same frames, reverse order
     assert (va[256:] - vb[256:]).abs().max() > 1e-3  # ... which valley's token sequence keeps apart
+
+
+def test_unknown_ablation_pooler_fails_at_config_load():
+    from vlp.config import ConfigError, validate
+    from vlp.demo import DemoConfig
+
+    with pytest.raises(ConfigError, match="ablation_pooler"):
+        validate(DemoConfig, {"ablation_pooler": "mean_of_everything"})
+    assert validate(DemoConfig, {"ablation_pooler": None}).ablation_pooler is None
