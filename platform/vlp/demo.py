@@ -44,7 +44,7 @@ class DemoStageConfig(Cfg):
 
 
 class DemoConfig(Cfg):
-    """Everything the demo does, with tiny defaults (about 5 minutes on 2 quiet CPU cores)."""
+    """Everything the demo does, with tiny defaults (a few minutes on 2 CPU cores)."""
 
     root: str = Field("runs/demo", description="run folder holding everything")
     shards: DemoShardsConfig = DemoShardsConfig()
