@@ -72,10 +72,10 @@ def _cmd_eval(args) -> int:
         print(json.dumps(rep, indent=2))
         return 0
     print(f"eval {args.model} on {args.features} (pooler {rep['pooler']})")
-    print(f"  {'question':<10} {'n':>4} {'choice acc':>10} {'gen acc':>8} {'chance':>7}")
+    print(f"  {'question':<21} {'n':>4} {'choice acc':>10} {'gen acc':>8} {'chance':>7}")
     for k, v in rep["by_type"].items():
         gen = f"{v['gen_acc']:.2f}" if v["gen_acc"] is not None else "-"
-        print(f"  {k:<10} {v['n']:>4} {v['choice_acc']:>10.2f} {gen:>8} {v['chance']:>7.2f}")
+        print(f"  {k:<21} {v['n']:>4} {v['choice_acc']:>10.2f} {gen:>8} {v['chance']:>7.2f}")
     return 0
 
 

@@ -3,6 +3,11 @@
 Two measures per question: *choice* accuracy (the answer template filled with each candidate value
 is scored by the model's log-likelihood; the best one must be right; chance = 1 / #candidates) and
 *generation* accuracy (greedy answer names the right value and no other candidate).
+
+One derived row, ``direction_vs_opposite``: the same direction scores, but the choice is only between the true
+direction and its opposite (left/right, up/down; chance 0.5). It isolates temporal *order*: features averaged
+over time (pooler ``patch_mean``) are identical for a shape moving left or right along the same path, so they
+can show the axis of motion but never its sign.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from .precompute.features import iter_feature_rows
 from .storage import StorageConfig
 
 CANDIDATES = {"color": list(COLORS), "shape": list(SHAPES), "direction": list(DIRECTIONS)}
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
 def question_type(question: str) -> Optional[str]:
@@ -54,6 +60,7 @@ def evaluate(export_dir: str, feature_uri: str, storage: StorageConfig | None = 
         model.pool = POOLERS.get(pooler)
     template = info["template"]
     per: dict[str, dict] = {k: {"n": 0, "choice_correct": 0, "gen_correct": 0} for k in CANDIDATES}
+    order = {"n": 0, "choice_correct": 0}
     examples = []
     for i, row in enumerate(iter_feature_rows(feature_uri, storage)):
         if max_samples is not None and i >= max_samples:
@@ -78,6 +85,9 @@ def evaluate(export_dir: str, feature_uri: str, storage: StorageConfig | None = 
             st = per[qtype]
             st["n"] += 1
             st["choice_correct"] += int(choice == truth)
+            if qtype == "direction" and truth in OPPOSITE:
+                order["n"] += 1
+                order["choice_correct"] += int(scores[cands.index(truth)] > scores[cands.index(OPPOSITE[truth])])
             gen_text = ""
             if generate:
                 ids = torch.tensor(prompt_ids([{"from": "human", "value": q}], tok, template))
@@ -95,5 +105,8 @@ def evaluate(export_dir: str, feature_uri: str, storage: StorageConfig | None = 
             by_type[k] = {"n": st["n"], "choice_acc": st["choice_correct"] / st["n"],
                           "gen_acc": st["gen_correct"] / st["n"] if generate else None,
                           "chance": 1 / len(CANDIDATES[k])}
+    if order["n"]:
+        by_type["direction_vs_opposite"] = {"n": order["n"], "choice_acc": order["choice_correct"] / order["n"],
+                                            "gen_acc": None, "chance": 0.5}
     return {"export": str(export_dir), "features": feature_uri, "pooler": pooler or model.cfg.pooler.type,
             "by_type": by_type, "examples": examples}

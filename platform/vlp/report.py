@@ -38,6 +38,35 @@ def _metrics(run_dir: str) -> list[dict]:
     return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
 
 
+def _eval_intro(evals: dict[str, dict]) -> str:
+    text = ("Accuracy per question type on held-out clips. *choice*: the answer filled with each candidate value "
+            "is scored by the model's log-likelihood and the best must be right; *generated*: the greedy answer "
+            "names the right value and no other.")
+    if len(evals) > 1:
+        text += (" The models side by side differ only in the temporal pooler (same stage-1 connector, data and "
+                 "steps): `valley` = patch tokens averaged over time + one CLS token per frame; `patch_mean` = "
+                 "the time-averaged patch tokens only, which look the same whichever way the shape moves along "
+                 "its path, so only the CLS tokens carry the order of the frames.")
+    return text
+
+
+def _eval_table(evals: dict[str, dict]) -> list[str]:
+    """One row per question type, the models side by side (choice / generated accuracy), with chance."""
+    names = list(evals)
+    qs = list(dict.fromkeys(q for ev in evals.values() for q in ev["by_type"]))
+    head = "| question | n | chance | " + " | ".join(f"{n} choice | {n} generated" for n in names) + " |"
+    rows = [head, "|---|---|---|" + "---|---|" * len(names)]
+    for q in qs:
+        first = next(ev["by_type"][q] for ev in evals.values() if q in ev["by_type"])
+        cells = []
+        for n in names:
+            v = evals[n]["by_type"].get(q)
+            gen = v.get("gen_acc") if v else None
+            cells += [f"{v['choice_acc']:.2f}" if v else "-", f"{gen:.2f}" if gen is not None else "-"]
+        rows.append(f"| {q} | {first['n']} | {first['chance']:.2f} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def make_report(out_dir: str | Path, train_runs: dict[str, str], feature_sets: dict[str, str],
                 evals: dict[str, dict], answers: list[dict] | None = None) -> Path:
     """Write ``out_dir/report.md`` and its PNGs; returns the Markdown path."""
@@ -83,12 +112,7 @@ def make_report(out_dir: str | Path, train_runs: dict[str, str], feature_sets: d
             sps = sorted(r["samples_per_s"] for r in m)[len(m) // 2]
             md.append(f"| {n} | {m[-1]['step']} | {m[0]['loss']:.3f} | {m[-1]['loss']:.3f} | {sps:.1f} | "
                       f"{sum(r['padding_frac'] for r in m) / len(m):.1%} |")
-    md += ["", "## Evaluation (held-out split)", "",
-           "| model | question | n | choice acc | generation acc | chance |", "|---|---|---|---|---|---|"]
-    for name, ev in evals.items():
-        for q, v in ev["by_type"].items():
-            gen = f"{v['gen_acc']:.2f}" if v.get("gen_acc") is not None else "-"
-            md.append(f"| {name} | {q} | {v['n']} | {v['choice_acc']:.2f} | {gen} | {v['chance']:.2f} |")
+    md += ["", "## Evaluation (held-out split)", "", _eval_intro(evals), "", *_eval_table(evals)]
     if answers:
         md += ["", "## Answers on held-out clips", "", "| clip | question | truth | answer |", "|---|---|---|---|"]
         md += [f"| {a['uid']} | {a['question']} | {a['truth']} | {a['generated'].strip()} |" for a in answers]
