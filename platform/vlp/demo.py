@@ -49,11 +49,11 @@ class DemoConfig(Cfg):
     root: str = Field("runs/demo", description="run folder holding everything")
     shards: DemoShardsConfig = DemoShardsConfig()
     sampling: SamplingConfig = SamplingConfig()
-    tower: VisionTowerConfig = VisionTowerConfig()
+    tower: VisionTowerConfig = VisionTowerConfig(path="preset:tiny-clip-synth")
     mode: str = Field("valley_pooled", pattern="^(frames|valley_pooled)$")
     llm: str = Field("preset:tiny-llama", description="causal LM for training")
     stage1: DemoStageConfig = DemoStageConfig(epochs=3, lr=2e-3, zero_stage=1)
-    stage2: DemoStageConfig = DemoStageConfig(epochs=15, lr=3e-3, zero_stage=2)
+    stage2: DemoStageConfig = DemoStageConfig(epochs=75, lr=3e-3, global_batch=32, micro_batch=16, zero_stage=2)
     train: bool = Field(True, description="false: stop after the feature sets")
     num_workers: int = Field(2, ge=1)
     ablation_pooler: Optional[str] = Field(
@@ -84,7 +84,7 @@ def _train_cfg(cfg: DemoConfig, name: str, st: DemoStageConfig, **kw):
         "batch": {"global_size": st.global_batch, "micro_size": st.micro_batch},
         "optim": {"lr": st.lr}, "deepspeed": {"zero_stage": st.zero_stage},
         "scaling": {"num_workers": cfg.num_workers, "cpus_per_worker": 0.5},
-        "checkpoint": {"every_n_steps": 50, "keep_last": 1}, "ray": cfg.ray.model_dump()} | kw)
+        "checkpoint": {"every_n_steps": 150, "keep_last": 1}, "ray": cfg.ray.model_dump()} | kw)
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:

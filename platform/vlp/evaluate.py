@@ -19,12 +19,11 @@ import numpy as np
 import torch
 
 from .data.conversation import IGNORE_INDEX, prompt_ids, tokenize_conversation
-from .data.synth import COLORS, DIRECTIONS, QUESTIONS, SHAPES
+from .data.synth import COLORS, DIRECTIONS, OPPOSITE, QUESTIONS, SHAPES
 from .precompute.features import iter_feature_rows
 from .storage import StorageConfig
 
 CANDIDATES = {"color": list(COLORS), "shape": list(SHAPES), "direction": list(DIRECTIONS)}
-OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
 def question_type(question: str) -> Optional[str]:

@@ -26,6 +26,7 @@ from .tario import write_tar
 COLORS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (30, 60, 230), "yellow": (235, 215, 20)}
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 QUESTIONS = {
     "color": ("What color is the shape?", "The shape is {color}."),
@@ -100,7 +101,7 @@ def _mask(shape: str, h: int, w: int, cx: float, cy: float, r: float) -> np.ndar
 def render_clip(attrs: Attributes, rng: np.random.Generator, h: int, w: int, n: int) -> np.ndarray:
     """(n, h, w, 3) uint8 frames of the shape moving in ``attrs.direction``."""
     bg = _texture(rng, h, w)
-    r = max(3.0, min(h, w) * 0.16)
+    r = shape_radius(h, w)
     margin = r + 1
     # travel across most of the frame along the motion axis; random position on the other axis
     a0, a1 = margin, (w if attrs.direction in ("left", "right") else h) - margin
@@ -108,14 +109,37 @@ def render_clip(attrs: Attributes, rng: np.random.Generator, h: int, w: int, n: 
     pos = np.linspace(a0, a1, n)
     if attrs.direction in ("left", "up"):
         pos = pos[::-1]
-    color = np.array(COLORS[attrs.color], dtype=np.uint8)
     frames = np.empty((n, h, w, 3), dtype=np.uint8)
     for i, p in enumerate(pos):
         cx, cy = (p, other) if attrs.direction in ("left", "right") else (other, p)
-        f = bg.copy()
-        f[_mask(attrs.shape, h, w, cx, cy, r)] = color
-        frames[i] = f
+        frames[i] = draw_shape(bg, attrs.color, attrs.shape, cx, cy, r)
     return frames
+
+
+def shape_radius(h: int, w: int) -> float:
+    return max(3.0, min(h, w) * 0.16)
+
+
+def draw_shape(bg: np.ndarray, color: str, shape: str, cx: float, cy: float, r: float) -> np.ndarray:
+    """(h, w, 3) background -> a copy with the shape drawn at (cx, cy)."""
+    f = bg.copy()
+    f[_mask(shape, bg.shape[0], bg.shape[1], cx, cy, r)] = np.array(COLORS[color], dtype=np.uint8)
+    return f
+
+
+def render_stills(rng: np.random.Generator, n: int, h: int, w: int) -> tuple[np.ndarray, dict]:
+    """n single frames like the clips' (one shape anywhere a clip can put it, fresh background each):
+    (n, h, w, 3) uint8 and labels {color: (n,) int, shape: (n,) int, xy: (n, 2) float in [-1, 1]}."""
+    r = shape_radius(h, w)
+    margin = r + 1
+    frames = np.empty((n, h, w, 3), dtype=np.uint8)
+    col = rng.integers(len(COLORS), size=n)
+    shp = rng.integers(len(SHAPES), size=n)
+    xy = np.stack([rng.uniform(margin, w - margin, n), rng.uniform(margin, h - margin, n)], 1)
+    names = list(COLORS)
+    for i in range(n):
+        frames[i] = draw_shape(_texture(rng, h, w), names[col[i]], SHAPES[shp[i]], xy[i, 0], xy[i, 1], r)
+    return frames, {"color": col, "shape": shp, "xy": xy / np.array([w, h]) * 2 - 1}
 
 
 def encode_mp4(frames: np.ndarray, fps: int, codec: str = "libx264", pix_fmt: str | None = None,
@@ -184,11 +208,24 @@ def vocabulary_corpus() -> list[str]:
 
 
 def make_samples(kind: str, count: int, cfg: MakeShardsConfig, rng: np.random.Generator, shard_base: int):
-    """Yield (key, members) for one shard family."""
+    """Yield (key, members) for one shard family.
+
+    Held-out clips come in reversed pairs: clip 2k+1 is clip 2k played backwards (same colour, shape, texture
+    and path, opposite direction), so that a model blind to temporal order scores exactly chance on telling a
+    direction from its opposite."""
+    pair_seed, prev = 0, None
     for i in range(count):
         shard, idx = divmod(i, cfg.samples_per_shard)
         key = f"{shard_base + shard:05d}{idx:04d}"
-        attrs = _attrs(rng)
+        reverse_of = None
+        if kind == "heldout" and i % 2 == 1:
+            attrs = Attributes(prev[1].color, prev[1].shape, OPPOSITE[prev[1].direction])
+            reverse_of = prev[0]
+        else:
+            attrs = _attrs(rng)
+            pair_seed = int(rng.integers(2**62))
+            prev = (key, attrs)
+        clip_rng = np.random.default_rng(pair_seed) if kind == "heldout" else rng
         media = "video"
         if kind == "cc3m" or (kind == "instruct" and rng.random() < cfg.image_fraction_in_instructions):
             media = "image"
@@ -196,8 +233,10 @@ def make_samples(kind: str, count: int, cfg: MakeShardsConfig, rng: np.random.Ge
                 "width": cfg.width, "height": cfg.height, **attrs.__dict__,
                 "split": "heldout" if kind == "heldout" else "train", "media": media}
         members: dict[str, bytes] = {}
+        if reverse_of is not None:
+            meta["reverse_of"] = reverse_of
         if media == "video":
-            frames = render_clip(attrs, rng, cfg.height, cfg.width, cfg.num_frames)
+            frames = render_clip(attrs, clip_rng, cfg.height, cfg.width, cfg.num_frames)
             members["mp4"] = encode_mp4(frames, cfg.fps, cfg.codec)
             meta["duration"] = cfg.num_frames / cfg.fps
             meta["num_frames"] = cfg.num_frames

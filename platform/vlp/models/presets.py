@@ -1,6 +1,6 @@
 """Tiny, locally built models: the same load path as real checkpoints, no downloads.
 
-``preset:tiny-clip`` / ``preset:tiny-llama`` / ``preset:tiny-tokenizer`` resolve to folders under the
+``preset:tiny-clip`` / ``preset:tiny-clip-synth`` / ``preset:tiny-llama`` / ``preset:tiny-tokenizer`` resolve to folders under the
 vlp cache (``$VLP_CACHE``, default ``~/.cache/vlp``), built deterministically on first use with
 ``save_pretrained`` and then always loaded through ``from_pretrained``, exactly like
 ``openai/clip-vit-large-patch14`` or a Vicuna checkpoint would be.
@@ -19,6 +19,9 @@ from ..registry import Registry
 PRESETS: Registry[Callable[[Path], None]] = Registry("model preset")
 
 CHAT_SPECIAL_TOKENS = ["<image>", "<video>", "<|im_start|>", "<|im_end|>"]
+# Bump a preset's version whenever its builder can produce different weights: the cache folder is named
+# after it, so an old build is never reused for a new recipe.
+PRESET_VERSIONS = {"tiny-clip-synth": 1}
 
 
 def cache_dir() -> Path:
@@ -31,11 +34,12 @@ def resolve_model_path(path: str) -> str:
         return path
     name = path.split(":", 1)[1]
     builder = PRESETS.get(name)
-    target = cache_dir() / "presets" / name
+    version = PRESET_VERSIONS.get(name)
+    target = cache_dir() / "presets" / (name if version is None else f"{name}.v{version}")
     if (target / ".complete").exists():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         builder(tmp)
         (tmp / ".complete").write_text("ok\n")
@@ -77,16 +81,35 @@ def build_tiny_tokenizer(out: Path) -> None:
 
 
 @PRESETS.register("tiny-clip")
-def build_tiny_clip(out: Path) -> None:
+def build_tiny_clip(out: Path, image_size: int = 224) -> None:
     """CLIP ViT with the real geometry (224 px, patch 14 -> 256 patches + CLS) but 2 layers of width 64."""
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(0)
     cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=224, patch_size=14, projection_dim=64)
+                           image_size=image_size, patch_size=14, projection_dim=64)
     CLIPVisionModel(cfg).save_pretrained(out)
-    _write_preprocessor_config(out, 224)
+    _write_preprocessor_config(out, image_size)
+
+
+@PRESETS.register("tiny-clip-synth")
+def build_tiny_clip_synth(out: Path) -> None:
+    """``tiny-clip`` at 112 px (patch 14 -> 64 patches + CLS, so T + 64 Valley tokens) trained ~20 s on single
+    synthetic frames so that its CLS tokens know colour, shape and position: the demo's stand-in for a
+    pretrained CLIP (see vlp.models.synth_tower). The smaller grid makes the demo's sequences ~3x shorter, which
+    is what lets stage 2 run enough steps in the demo's budget. Build stats in pretraining.json."""
+    import json
+
+    from transformers import CLIPVisionModel
+
+    from .synth_tower import pretrain_on_stills
+
+    build_tiny_clip(out, image_size=112)
+    model = CLIPVisionModel.from_pretrained(out)
+    stats = pretrain_on_stills(model, log=print)
+    model.save_pretrained(out)
+    (out / "pretraining.json").write_text(json.dumps(stats, indent=2))
 
 
 @PRESETS.register("tiny-llama")
