@@ -59,3 +59,43 @@ def test_unknown_ablation_pooler_fails_at_config_load():
     with pytest.raises(ConfigError, match="ablation_pooler"):
         validate(DemoConfig, {"ablation_pooler": "mean_of_everything"})
     assert validate(DemoConfig, {"ablation_pooler": None}).ablation_pooler is None
+
+
+def test_demo_refuses_to_reuse_shards_made_with_other_settings(tmp_path):
+    """A re-run with changed shard settings must not silently train on the old shards."""
+    from vlp.config import ConfigError, validate
+    from vlp.demo import DemoConfig, run_demo
+
+    base = {"root": str(tmp_path / "demo"), "train": False,
+            "shards": {"videos": 2, "images": 0, "instructions": 0, "heldout": 0, "samples_per_shard": 2}}
+    shards = tmp_path / "demo" / "shards"
+    shards.mkdir(parents=True)
+    made = validate(DemoConfig, base).shards.model_copy(update={"out": str(shards)}).model_dump(mode="json")
+    (shards / "_SUCCESS").write_text(__import__("json").dumps(made | {"videos": 5}))
+    with pytest.raises(ConfigError) as e:
+        run_demo(validate(DemoConfig, base), log=lambda m: None)
+    assert "shards.videos" in str(e.value) and "made with 5" in str(e.value) and "says 2" in str(e.value)
+
+
+def test_heldout_clips_come_in_reversed_pairs(tmp_path):
+    """Clip 2k+1 of the held-out split is clip 2k played backwards: the pairs that make an order-blind
+    model score exactly chance on direction-vs-opposite."""
+    import json
+
+    from vlp.data.media import DecodeConfig, SamplingConfig, decode_video_pyav
+    from vlp.data.synth import OPPOSITE, MakeShardsConfig, make_shards
+    from vlp.data.tario import iter_tar_samples
+
+    make_shards(MakeShardsConfig(out=str(tmp_path), videos=0, images=0, instructions=0, heldout=4,
+                                 samples_per_shard=4, num_frames=8))
+    samples = list(iter_tar_samples(open(tmp_path / "heldout-00000.tar", "rb")))
+    metas = [json.loads(s.members["json"]) for s in samples]
+    sampling = SamplingConfig(mode="uniform", num_frames=8)
+    frames = [decode_video_pyav(s.members["mp4"], sampling, DecodeConfig()).frames.astype(np.int16) for s in samples]
+    for a, b in ((0, 1), (2, 3)):
+        assert metas[b]["reverse_of"] == metas[a]["key"] and "reverse_of" not in metas[a]
+        assert metas[b]["direction"] == OPPOSITE[metas[a]["direction"]]
+        assert (metas[b]["color"], metas[b]["shape"]) == (metas[a]["color"], metas[a]["shape"])
+        assert np.abs(frames[a] - frames[b][::-1]).mean() < 1.5  # equal up to video compression
+        assert np.abs(frames[a] - frames[b]).mean() > 5  # ... and not simply the same clip
+    assert np.abs(frames[0] - frames[2]).mean() > 5  # pairs differ from each other

@@ -48,6 +48,24 @@ def _steps(run_dir: Path) -> dict[int, list[str]]:
     return out
 
 
+def test_materialized_feature_rows_give_the_same_epoch(demo_features, tmp_path):
+    """data.materialize keeps the raw rows in the object store; the per-epoch graph on top must be unchanged."""
+    from vlp.train.trainer import build_dataset, should_materialize
+
+    rows = {}
+    for mode in ("always", "never"):
+        cfg = _cfg(demo_features, tmp_path / mode, **{"data.materialize": mode,
+                                                       "data.sets": [{"uri": str(demo_features / "features/pretrain")},
+                                                                     {"uri": str(demo_features / "features/instruct"),
+                                                                      "weight": 1.5}]})
+        assert should_materialize(cfg) == (mode == "always")
+        got = build_dataset(cfg, str(tmp_path / mode / "state.json")).take_all()
+        rows[mode] = sorted((str(r["uid"]), list(r["input_ids"])) for r in got)
+    assert 24 + 16 < len(rows["always"]) < 24 + 32 and rows["always"] == rows["never"]  # 1.5: a seeded subset again
+    auto = _cfg(demo_features, tmp_path, **{"data.materialize_max_mb": 1e-3})  # a few KB: the set is bigger
+    assert not should_materialize(auto) and should_materialize(_cfg(demo_features, tmp_path))
+
+
 def test_stage1_zero1_then_stage2_zero2_export_and_reload(demo_features, tmp_path):
     out = tmp_path / "runs"
     s1 = run_train(_cfg(demo_features, out, epochs=2), log=print)

@@ -14,7 +14,7 @@ from typing import Optional
 
 from pydantic import Field, field_validator
 
-from .config import Cfg, dump_config, validate
+from .config import Cfg, ConfigError, dump_config, validate
 from .data.media import SamplingConfig
 from .data.synth import MakeShardsConfig, make_shards
 from .inspect_ import format_report, inspect_features
@@ -87,6 +87,16 @@ def _train_cfg(cfg: DemoConfig, name: str, st: DemoStageConfig, **kw):
         "checkpoint": {"every_n_steps": 150, "keep_last": 1}, "ray": cfg.ray.model_dump()} | kw)
 
 
+def _check_same_shards(old: dict, new: dict, where: str) -> None:
+    """Reusing shards made with other settings would silently train on the wrong data: refuse instead."""
+    problems = [(f"shards.{k}", f"the shards in {where} were made with {old.get(k)!r}, this config says {v!r}")
+                for k, v in new.items() if k != "storage" and old.get(k) != v]
+    if problems:
+        problems.append(("root", "use another root, or delete the old shards (and the features/train folders "
+                                 "made from them) to rebuild"))
+        raise ConfigError(problems, source="demo re-run")
+
+
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     shards_cfg = cfg.shards.model_copy(update={"out": cfg.shards.out or join(cfg.root, "shards")})
     fs, root = get_fs(cfg.root)
@@ -97,14 +107,18 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     n_steps = (7 if ablate else 6) if cfg.train else 2
     marker = join(shards_cfg.out, "_SUCCESS")
     sfs, _ = get_fs(shards_cfg.out)
+    made_with = shards_cfg.model_dump(mode="json")
     if sfs.exists(marker):
+        recorded = sfs.cat(marker).decode()
+        if recorded.lstrip().startswith("{"):  # older run folders hold a bare "ok": nothing to compare
+            _check_same_shards(json.loads(recorded), made_with, shards_cfg.out)
         log(f"[vlp] step 1/{n_steps} shards: reused {shards_cfg.out}")
         written = None
     else:
         log(f"[vlp] step 1/{n_steps} shards: writing synthetic shards to {shards_cfg.out}")
         written = make_shards(shards_cfg)
         with sfs.open(marker, "w") as f:
-            f.write("ok\n")
+            f.write(json.dumps(made_with, indent=2))
     features = {}
     results: dict = {"shards": written, "features": {}}
     for name, families in FEATURE_SETS.items():

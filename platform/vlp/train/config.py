@@ -37,6 +37,11 @@ class TrainDataConfig(Cfg):
         256, ge=0, description="rows each worker shuffles its stream in (Ray Data local shuffle, seeded from "
         "data.seed, epoch, rank) before the length-grouping windows; 0 = off")
     seed: int = 0
+    materialize: Literal["auto", "always", "never"] = Field(
+        "auto", description="keep the feature rows in Ray's object store after the first read, so later epochs "
+        "skip Ray Data's read start-up (~1.5 s per epoch measured on 2 CPUs; the per-epoch mixture, resume filter "
+        "and tokenisation still run every epoch); auto: when all sets together are at most materialize_max_mb")
+    materialize_max_mb: float = Field(256, gt=0, description="size limit for materialize=auto (bytes on storage)")
 
     @field_validator("template")
     @classmethod

@@ -147,16 +147,33 @@ def scaling_kwargs(cfg: TrainConfig) -> dict:
             "accelerator_type": s.accelerator_type}
 
 
+def should_materialize(cfg: TrainConfig) -> bool:
+    """``data.materialize``: always / never, or auto = the sets' stored bytes are within the limit."""
+    if cfg.data.materialize != "auto":
+        return cfg.data.materialize == "always"
+    total = 0
+    for s in cfg.data.sets:
+        fs, root = get_fs(s.uri, s.storage)
+        total += fs.du(root)
+    return total <= cfg.data.materialize_max_mb * 2**20
+
+
 def build_dataset(cfg: TrainConfig, state_path: str):
     from ..precompute import open_feature_dataset
 
     tok_path = cfg.model.llm.tokenizer or cfg.model.llm.path
+    keep = should_materialize(cfg)
+    raw = {}
+    for i, s in enumerate(cfg.data.sets):
+        raw[i] = open_feature_dataset(s.uri, s.storage, decode=False)
+        if keep:
+            raw[i] = raw[i].materialize()  # read once; every epoch and mixture pass reuses these blocks
     ds = None
     for k in range(max(mixture_passes(s.weight) for s in cfg.data.sets)):  # pass k holds every set's copy k
         for i, s in enumerate(cfg.data.sets):
             if k >= mixture_passes(s.weight):
                 continue
-            part = open_feature_dataset(s.uri, s.storage, decode=False).map_batches(
+            part = raw[i].map_batches(
                 Mixture(f"s{i}", s.weight, cfg.data.seed, state_path, s.format, copy=k), batch_format="numpy",
                 batch_size=256, num_cpus=cfg.scaling.data_cpus_per_task)
             ds = part if ds is None else ds.union(part)
