@@ -20,20 +20,23 @@ def _type_name(ann) -> str:
     return getattr(ann, "__name__", str(ann))
 
 
-def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
+def _rows(model: type[BaseModel], prefix: str = "", inst: BaseModel | None = None) -> list[str]:
+    """One table row per leaf field; ``inst`` is the parent's default instance of ``model`` (its values, not the
+    class defaults, are what a config gets: e.g. the demo's tower path or stage-2 epochs)."""
     rows = []
     for name, f in model.model_fields.items():
         path = f"{prefix}{name}"
         ann = f.annotation
+        cur = getattr(inst, name) if inst is not None else (None if f.is_required() else f.default)
         sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
         if typing.get_origin(ann) is list and typing.get_args(ann) and isinstance(typing.get_args(ann)[0], type) \
                 and issubclass(typing.get_args(ann)[0], BaseModel):
             rows += _rows(typing.get_args(ann)[0], f"{path}[].")
             continue
         if sub is not None:
-            rows += _rows(sub, f"{path}.")
+            rows += _rows(sub, f"{path}.", cur if isinstance(cur, BaseModel) else None)
             continue
-        default = "required" if f.is_required() else repr(f.default)
+        default = "required" if inst is None and f.is_required() else repr(cur)
         desc = (f.description or "").replace("|", "\\|")
         rows.append(f"| `{path}` | {_type_name(ann)} | `{default}` | {desc} |")
     return rows

@@ -53,7 +53,7 @@ class DemoConfig(Cfg):
     mode: str = Field("valley_pooled", pattern="^(frames|valley_pooled)$")
     llm: str = Field("preset:tiny-llama", description="causal LM for training")
     stage1: DemoStageConfig = DemoStageConfig(epochs=3, lr=2e-3, zero_stage=1)
-    stage2: DemoStageConfig = DemoStageConfig(epochs=75, lr=3e-3, global_batch=32, micro_batch=16, zero_stage=2)
+    stage2: DemoStageConfig = DemoStageConfig(epochs=100, lr=3e-3, global_batch=32, micro_batch=16, zero_stage=2)
     train: bool = Field(True, description="false: stop after the feature sets")
     num_workers: int = Field(2, ge=1)
     ablation_pooler: Optional[str] = Field(
@@ -174,10 +174,11 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
             gen = "-" if v.get("gen_acc") is None else f"{v['gen_acc']:.2f}"
             log(f"[vlp]   {name:<22} {q:<21} choice {v['choice_acc']:.2f}  generated {gen:<4}  "
                 f"(chance {v['chance']:.2f})")
-    if sa is not None and all("direction" in e["by_type"] for e in evals.values()):
-        d = {n: e["by_type"]["direction"]["choice_acc"] for n, e in evals.items()}
-        log("[vlp] what the per-frame CLS tokens buy, direction accuracy (chance 0.25): "
-            + ", ".join(f"{n} {v:.2f}" for n, v in d.items()))
+    if sa is not None and all("direction_vs_opposite" in e["by_type"] for e in evals.values()):
+        log("[vlp] what the per-frame CLS tokens buy: direction of motion (chance 0.25) / direction vs its opposite "
+            "(chance 0.50): " + ", ".join(f"{n} {e['by_type']['direction']['choice_acc']:.2f} / "
+                                         f"{e['by_type']['direction_vs_opposite']['choice_acc']:.2f}"
+                                         for n, e in evals.items()))
     ev = evals["stage2 (valley)"]
     answers = ev["examples"][: cfg.answers]
     for a in answers:

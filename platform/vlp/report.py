@@ -46,7 +46,9 @@ def _eval_intro(evals: dict[str, dict]) -> str:
         text += (" The models side by side differ only in the temporal pooler (same stage-1 connector, data and "
                  "steps): `valley` = patch tokens averaged over time + one CLS token per frame; `patch_mean` = "
                  "the time-averaged patch tokens only, which look the same whichever way the shape moves along "
-                 "its path, so only the CLS tokens carry the order of the frames.")
+                 "its path, so only the CLS tokens carry the order of the frames. The held-out clips come in "
+                 "reversed pairs (each clip and the same clip played backwards), so on *direction_vs_opposite* "
+                 "(true direction vs its opposite, chance 0.5) an order-blind model scores 0.5 by construction.")
     return text
 
 
