@@ -61,6 +61,49 @@ def test_features_match_precompute_path(export, clip):
     assert np.allclose(stored, online, atol=2e-2)
 
 
+@pytest.fixture(scope="module")
+def padded_export(export, tmp_path_factory):
+    """The same export, as if its features were precomputed with pad_to_square and a non-CLIP padding colour."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("padded") / "export"
+    shutil.copytree(export, out)
+    info = json.loads((out / "vlp_model.json").read_text())
+    info["preprocess"] = {"size": 224, "pad_to_square": True, "mean": [0.9, 0.1, 0.6]}
+    (out / "vlp_model.json").write_text(json.dumps(info))
+    return out
+
+
+@pytest.mark.parametrize("name", ["photo.jpg", "clip.mp4"])
+def test_chat_and_infer_pad_with_the_colour_precompute_used(padded_export, clip, name):
+    """A non-square 64x96 image/clip with pad_to_square: the padding colour is the feature set's mean, in
+    chat, in infer and in precompute alike (the pixels are identical, so are the features)."""
+    from vlp.chat import ChatSession
+    from vlp.data.media import DecodeConfig, SamplingConfig
+    from vlp.infer import decode_stage
+    from vlp.precompute.stages import DecodeFrames, _batch, make_row, shape_of
+
+    info = json.loads((padded_export / "vlp_model.json").read_text())
+    row = make_row(shard="x", key="k", kind="sample", media=(clip / name).read_bytes(), media_ext=name.split(".")[1])
+
+    def pixels(stage):
+        out = stage(_batch([row]))
+        assert out["kind"][0] == "sample", out["error"][0]
+        return torch.from_numpy(np.frombuffer(out["frames"][0], np.uint8).reshape(shape_of(out["frames_shape"][0])).copy())
+
+    sampling = SamplingConfig(**info["sampling"])
+    precomputed = pixels(DecodeFrames(sampling, DecodeConfig(), 224, True, (0.9, 0.1, 0.6)))
+    clip_mean = pixels(DecodeFrames(sampling, DecodeConfig(), 224, True))
+    assert not torch.equal(precomputed, clip_mean)  # the padding colour shows: a mismatch would be caught
+    corner = precomputed[0, :, 0, 0].float()  # the top rows of a 64x96 frame padded to 96x96
+    assert torch.allclose(corner, torch.tensor([0.9, 0.1, 0.6]) * 255, atol=1)
+    s = ChatSession(str(padded_export))
+    mtype, online = s.frames(str(clip / name))
+    assert mtype == ("image" if name.endswith("jpg") else "video")
+    assert torch.equal(online, precomputed)
+    assert torch.equal(pixels(decode_stage(info, DecodeConfig())), precomputed)
+
+
 def test_single_question_streams_and_is_deterministic(export, clip):
     from vlp.chat import run_chat
 
@@ -70,7 +113,9 @@ def test_single_question_streams_and_is_deterministic(export, clip):
         assert run_chat(str(export), str(clip / "clip.mp4"), "What color is the shape?", write=pieces.append,
                         max_new_tokens=8) == 0
         outs.append(pieces)
-    assert outs[0] == outs[1] and len(outs[0]) >= 2 and outs[0][-1] == "\n"
+    assert outs[0] == outs[1] and outs[0][-1] == "\n"
+    text = outs[0][:-1]  # the answer's pieces, as ask() yields them token by token, before the final newline
+    assert len(text) >= 2 and all(text), outs[0]
 
 
 def test_multi_turn_session_keeps_history(export, clip):

@@ -68,13 +68,24 @@ def test_inspect_shards_reports_counts_and_errors(tmp_path, capsys):
     assert "7 sample(s), 5 ok, 2 error(s)" in text and "bad-00000.tar k1 [decode] empty media" in text
 
 
-@pytest.mark.ray
-def test_demo_shrunk_runs_and_reuses_finished_steps(ray_local, tmp_path, capsys):
-    root = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def shrunk_demo(ray_local, tmp_path_factory):
+    """``vlp demo`` without training: shards and the three feature sets (held-out included). -> (root, args, stdout)"""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("cli") / "demo"
     args = ["demo", f"root={root}", "shards.videos=4", "shards.images=2", "shards.instructions=4",
             "shards.heldout=2", "shards.samples_per_shard=4", "ray.progress_bars=false", "train=false"]
-    assert main(args) == 0
-    out = capsys.readouterr().out
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(args) == 0
+    return root, args, buf.getvalue()
+
+
+@pytest.mark.ray
+def test_demo_shrunk_runs_and_reuses_finished_steps(shrunk_demo, capsys):
+    root, args, out = shrunk_demo
     for name in ("pretrain", "instruct", "heldout"):
         man = json.loads((root / "features" / name / "manifest.json").read_text())
         assert man["totals"]["samples_failed"] == 0
@@ -85,6 +96,45 @@ def test_demo_shrunk_runs_and_reuses_finished_steps(ray_local, tmp_path, capsys)
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "shards: reused" in out and out.count("already complete, 0 to do") == 3
+
+
+@pytest.mark.ray
+def test_eval_command_on_a_tiny_export_and_the_heldout_features(shrunk_demo, tmp_path, capsys):
+    """``vlp eval`` (table, --json, --no-generate, --pooler) on an untrained tiny export sized to the held-out
+    feature set: accuracies are not meaningful here, the command's plumbing and report are."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from vlp.config import validate
+    from vlp.evaluate import evaluate
+    from vlp.models.presets import resolve_model_path
+    from vlp.models.videollm import ModelConfig, VideoLLM
+    from vlp.train.export import export_model
+
+    feats = shrunk_demo[0] / "features" / "heldout"
+    fp = json.loads((feats / "fingerprint.json").read_text())
+    torch.manual_seed(0)
+    model = VideoLLM(validate(ModelConfig, {"vision_hidden_size": fp["encoder"]["hidden_size"]}))
+    exp = export_model(model, AutoTokenizer.from_pretrained(resolve_model_path("preset:tiny-tokenizer")),
+                       tmp_path / "export", extra={"template": "vicuna_v1", "feature_mode": fp["mode"],
+                                                  "encoder": fp["encoder"], "sampling": fp["sampling"],
+                                                  "preprocess": fp["preprocess"]})
+    capsys.readouterr()
+    assert main(["eval", "--model", str(exp), "--features", str(feats), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep == evaluate(str(exp), str(feats))  # the command reports what the library computes
+    assert rep["pooler"] == "valley" and set(rep["by_type"]) == {"color", "shape", "direction",
+                                                                 "direction_vs_opposite"}
+    assert all(v["n"] == 2 and 0 <= v["choice_acc"] <= 1 for v in rep["by_type"].values())  # 2 held-out clips
+    assert rep["by_type"]["color"]["gen_acc"] is not None and rep["by_type"]["direction_vs_opposite"]["chance"] == 0.5
+
+    assert main(["eval", "--model", str(exp), "--features", str(feats), "--no-generate", "--pooler", "patch_mean",
+                 "--max-samples", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"eval {exp} on {feats} (pooler patch_mean)"
+    rows = {ln.split()[0]: ln.split()[1:] for ln in lines[2:]}
+    assert set(rows) == {"color", "shape", "direction", "direction_vs_opposite"}
+    assert all(r[0] == "1" and r[2] == "-" for r in rows.values())  # n=1 (one clip), no generated accuracy
 
 
 def test_job_entry_point_is_thin_and_matches_the_cli():

@@ -10,9 +10,31 @@ from test_chat import export  # noqa: F401  (module-scoped fixture: an untrained
 from vlp.config import validate
 from vlp.infer import InferConfig, run_infer
 
-pytestmark = pytest.mark.ray
+
+def test_answer_actor_runs_where_the_config_says(export, synth_shards):  # noqa: F811
+    """use_gpu picks the device of the tower and the LLM (cuda; not testable here, CPU only); the CPU path
+    answers a decoded batch end to end without Ray."""
+    from vlp.data.media import DecodeConfig
+    from vlp.data.tario import iter_tar_samples
+    from vlp.infer import AnswerBatch, answer_device, decode_stage
+    from vlp.precompute.stages import _batch, make_row, parse_sample
+
+    base = {"model": str(export), "shards": ["x"], "output": "o"}
+    assert answer_device(validate(InferConfig, base)) == "cpu"
+    assert answer_device(validate(InferConfig, {**base, "use_gpu": True})) == "cuda"
+
+    actor = AnswerBatch(str(export), None, 3, device=answer_device(validate(InferConfig, base)))
+    assert next(actor.model.parameters()).device.type == "cpu" and actor.tower.device.type == "cpu"
+    info = json.loads((export / "vlp_model.json").read_text())
+    with open(synth_shards / "heldout-00000.tar", "rb") as f:
+        item = next(iter_tar_samples(f))
+    row = make_row(shard="heldout-00000", key=item.key, kind="sample", **parse_sample(item))
+    out = actor(decode_stage(info, DecodeConfig())(_batch([row])))
+    assert out["kind"] == ["answer"] and out["key"] == [item.key], out["error"]
+    assert isinstance(out["answer"][0], str) and out["question"][0] == "What color is the shape?"
 
 
+@pytest.mark.ray
 def test_infer_answers_every_sample_and_records_errors(ray_local, export, synth_shards, tmp_path):  # noqa: F811
     from vlp.data.tario import write_tar
 

@@ -111,6 +111,63 @@ def test_global_batch_is_checked_at_config_load():
     assert {"deepspeed.zero_stage", "data.template", "model.connector.type"} <= paths
 
 
+def _finished_run(tmp_path, cfg, finished=True):
+    """A run folder as run_train leaves it: config.yaml, plus the markers of a finished run (or a checkpoint)."""
+    from vlp.config import dump_config
+
+    run = tmp_path / cfg.run_name
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(cfg))
+    if finished:
+        (run / "export").mkdir()
+        (run / "export" / "vlp_model.json").write_text("{}")
+        (run / "train_summary.json").write_text(json.dumps({"steps": 3}))
+    else:
+        (run / "checkpoint_000000").mkdir()
+    return run
+
+
+def test_rerun_with_a_changed_config_is_refused_with_every_difference(tmp_path):
+    from vlp.train import run_train
+
+    first = _cfg(output_dir=str(tmp_path), **{"model.vision_hidden_size": 64})  # as check_setup resolved it
+    _finished_run(tmp_path, first)
+    logs = []
+    # the same config, up to what may change between attempts (and vision_hidden_size left to the data): reused
+    same = _cfg(output_dir=str(tmp_path), max_failures=0, log_every=5, tensorboard=False,
+                **{"ray.num_cpus": 1, "debug.fail_at_step": 2, "checkpoint.every_n_steps": 7,
+                   "scaling.cpus_per_worker": 0.5, "data.sets": [{"uri": "x", "storage": {"region": "eu-west-1"}}]})
+    res = run_train(same, log=logs.append)
+    assert res["reused"] and res["steps"] == 3 and "reusing" in logs[0]
+    changed = _cfg(output_dir=str(tmp_path), epochs=3, **{
+        "optim.lr": 1e-4, "optim.betas": [0.9, 0.95], "model.llm.path": "preset:other", "data.sets": [{"uri": "y"}],
+        "model.vision_hidden_size": 32, "scaling.num_workers": 1, "batch.global_size": 64, "batch.micro_size": 16})
+    with pytest.raises(ConfigError) as ei:
+        run_train(changed, log=logs.append)
+    got = {p: m for p, m in ei.value.problems}
+    assert got == {"epochs": "1 -> 3", "optim.lr": "0.002 -> 0.0001", "optim.betas[1]": "0.999 -> 0.95",
+                   "model.llm.path": "'preset:tiny-llama' -> 'preset:other'", "data.sets[0].uri": "'x' -> 'y'",
+                   "model.vision_hidden_size": "64 -> 32", "scaling.num_workers": "2 -> 1",
+                   "batch.global_size": "128 -> 64"}
+    msg = str(ei.value)
+    assert "use a new run_name or delete the run folder" in msg and "epochs: 1 -> 3" in msg
+    # a differing number of feature sets is one difference of the whole list
+    two = _cfg(output_dir=str(tmp_path), **{"data.sets": [{"uri": "x"}, {"uri": "z"}]})
+    with pytest.raises(ConfigError) as ei:
+        run_train(two, log=logs.append)
+    assert [p for p, _ in ei.value.problems] == ["data.sets"]
+
+
+def test_resuming_an_unfinished_run_with_a_changed_config_is_refused(tmp_path):
+    from vlp.train import run_train
+
+    run = _finished_run(tmp_path, _cfg(output_dir=str(tmp_path)), finished=False)
+    before = (run / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"lora.enabled: False -> True"):  # refused before Ray starts
+        run_train(_cfg(output_dir=str(tmp_path), **{"lora.enabled": True}), log=lambda *_: None)
+    assert (run / "config.yaml").read_text() == before
+
+
 def _batch(uids):
     n = len(uids)
     return {"uid": np.asarray(uids, dtype=object), "x": np.arange(n)}

@@ -11,7 +11,7 @@ import torch
 
 from .data.conversation import prompt_ids
 from .data.media import DecodeConfig, SamplingConfig, decode_media
-from .data.preprocess import normalize, resize_crop
+from .data.preprocess import model_geometry, normalize, resize_crop
 
 
 class ChatSession:
@@ -26,21 +26,23 @@ class ChatSession:
         self.tower = build_vision_tower(VisionTowerConfig(type=enc["type"], path=enc["path"], layer=enc["layer"],
                                                           device=device))
         self.sampling = SamplingConfig(**self.info["sampling"])
-        pp = self.info.get("preprocess", {})
-        self.size = pp.get("size") or self.tower.image_size
-        self.pad = bool(pp.get("pad_to_square", False))
+        self.size, self.pad, self.pad_mean = model_geometry(self.info, self.tower.image_size)
         self.template = self.info["template"]
         self.conv: list[dict] = []
         self.feats: Optional[torch.Tensor] = None
         self.media_type = "video"
         self.num_frames = 1
 
+    def frames(self, path: str) -> tuple[str, torch.Tensor]:
+        """Decode + sample + resize/pad/crop as precompute did: (media type, (T, 3, S, S) uint8)."""
+        data = Path(path).read_bytes()
+        mtype, dec = decode_media(data, Path(path).suffix.lstrip(".").lower(), self.sampling, DecodeConfig())
+        return mtype, resize_crop(dec.frames, self.size, self.pad, self.pad_mean)  # (T, H, W, 3) -> (T, 3, S, S)
+
     @torch.no_grad()
     def load_media(self, path: str) -> str:
         """Decode + sample + preprocess + encode; returns the media type found."""
-        data = Path(path).read_bytes()
-        mtype, dec = decode_media(data, Path(path).suffix.lstrip(".").lower(), self.sampling, DecodeConfig())
-        x = resize_crop(dec.frames, self.size, self.pad)  # (T, H, W, 3) -> (T, 3, S, S) uint8
+        mtype, x = self.frames(path)
         px = normalize(x, self.tower.mean, self.tower.std, self.tower.dtype)
         self.feats = self.tower.features(px).float().cpu()  # (T, 1 + P, D)
         self.media_type, self.num_frames = mtype, self.feats.shape[0]

@@ -1,4 +1,9 @@
-"""The ``vlp`` command line. Every subcommand: ``vlp <cmd> [--config FILE] [dotted.key=value ...]``."""
+"""The ``vlp`` command line.
+
+Config-driven subcommands (make-shards, precompute, train, infer, demo): ``vlp <cmd> [--config FILE]
+[dotted.key=value ...]``. The others take plain flags: ``eval --model --features``, ``chat --model --video|--image
+[question]``, ``inspect URI...``; ``presets`` and ``config-docs`` take none.
+"""
 
 from __future__ import annotations
 
@@ -138,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("eval", help="accuracy per question type on a held-out feature set")
     sp.add_argument("--model", required=True, help="export folder of a trained run")
     sp.add_argument("--features", required=True, help="held-out feature set (vlp precompute output)")
-    sp.add_argument("--pooler", default=None, help="evaluate with another pooler (ablation), e.g. patch_mean")
+    sp.add_argument("--pooler", default=None,
+                    help="evaluate the export with another pooler than it was trained with (e.g. patch_mean on "
+                    "valley-trained weights): a probe, not the pooling ablation, which is a stage 2 trained with "
+                    "that pooler (vlp demo's train/stage2_patch_mean/export)")
     sp.add_argument("--max-samples", type=int, default=None)
     sp.add_argument("--no-generate", action="store_true", help="choice accuracy only")
     sp.add_argument("--endpoint-url", help="S3-compatible endpoint")

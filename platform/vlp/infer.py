@@ -34,23 +34,26 @@ class InferConfig(Cfg):
     decode: DecodeConfig = DecodeConfig()
     batch_size: int = Field(8, ge=1)
     concurrency: int = Field(1, ge=1, description="answer actors (one GPU each where GPUs exist)")
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="each answer actor asks Ray for one GPU and runs the tower and the "
+                          "VideoLLM on cuda; false: both on CPU")
     ray: RayConfig = RayConfig()
 
 
 class AnswerBatch:
     """Actor stage: decoded frames -> tower features -> VideoLLM answer."""
 
-    def __init__(self, export_dir: str, question: Optional[str], max_new_tokens: int):
+    def __init__(self, export_dir: str, question: Optional[str], max_new_tokens: int, device: str = "cpu"):
         import torch
 
         from .models.vision import VisionTowerConfig, build_vision_tower
         from .train.export import load_model
 
         torch.set_grad_enabled(False)
-        self.model, self.tok, self.info = load_model(export_dir)
+        self.device = device
+        self.model, self.tok, self.info = load_model(export_dir, device)
         enc = self.info["encoder"]
-        self.tower = build_vision_tower(VisionTowerConfig(type=enc["type"], path=enc["path"], layer=enc["layer"]))
+        self.tower = build_vision_tower(VisionTowerConfig(type=enc["type"], path=enc["path"], layer=enc["layer"],
+                                                          device=device))
         self.question, self.max_new = question, max_new_tokens
 
     def _question(self, r: dict) -> Optional[str]:
@@ -77,10 +80,11 @@ class AnswerBatch:
                 err, stage = "no question: set question or give the sample conversations", "answer"
             elif r["kind"] == "sample":
                 x = torch.from_numpy(np.frombuffer(r["frames"], np.uint8).reshape(shape_of(r["frames_shape"])).copy())
-                feats = self.tower.features(normalize(x, self.tower.mean, self.tower.std, self.tower.dtype)).float()
+                px = normalize(x.to(self.tower.device), self.tower.mean, self.tower.std, self.tower.dtype)
+                feats = self.tower.features(px).float().to(self.device)  # (T, 3, S, S) -> (T, 1 + P, D)
                 ids = torch.tensor(prompt_ids([{"from": "human", "value": f"<{r['media_type']}>\n{q}"}], self.tok,
-                                              self.info["template"]))
-                toks = list(self.model.generate(ids, feats.cpu(), "frames", feats.shape[0],
+                                              self.info["template"]), device=self.device)
+                toks = list(self.model.generate(ids, feats, "frames", feats.shape[0],
                                                 max_new_tokens=self.max_new, eos_token_id=self.tok.eos_token_id))
                 ans = self.tok.decode(toks, skip_special_tokens=True).strip()
             for k, v in (("shard", r["shard"]), ("key", r["key"]), ("question", q or ""), ("answer", ans),
@@ -89,11 +93,27 @@ class AnswerBatch:
         return out
 
 
+def answer_device(cfg: InferConfig) -> str:
+    """Where the answer actors run the tower and the LLM: chosen by the config (use_gpu, which also makes Ray
+    give each actor a GPU), never by probing the driver, which may have no GPU while the workers do."""
+    return "cuda" if cfg.use_gpu else "cpu"
+
+
+def decode_stage(info: dict, decode: DecodeConfig):
+    """The decode stage for a model: the sampling, crop size, padding and padding colour its features were
+    precomputed with (export info), as precompute's DecodeFrames was built."""
+    from .data.preprocess import model_geometry
+    from .precompute.stages import DecodeFrames
+
+    size, pad, mean = model_geometry(info, info["encoder"]["image_size"])
+    return DecodeFrames(SamplingConfig(**info["sampling"]), decode, size, pad, mean)
+
+
 def run_infer(cfg: InferConfig, log=print) -> dict:
     import ray
 
     from .precompute.pipeline import shard_names
-    from .precompute.stages import DecodeFrames, ReadShard
+    from .precompute.stages import ReadShard
     from .runtime import init_ray
 
     mfs, mpath = get_fs(join(cfg.model, "vlp_model.json"))
@@ -102,15 +122,12 @@ def run_infer(cfg: InferConfig, log=print) -> dict:
     names = shard_names(shards)
     init_ray(cfg.ray)
     t0 = time.time()
-    sampling = SamplingConfig(**info["sampling"])
-    pp = info.get("preprocess", {})
     ds = ray.data.from_items([{"shard": names[u], "uri": u} for u in shards], override_num_blocks=len(shards))
     ds = ds.flat_map(ReadShard(cfg.storage), num_cpus=0.25)
-    ds = ds.map_batches(DecodeFrames(sampling, cfg.decode, pp.get("size") or info["encoder"]["image_size"],
-                                     bool(pp.get("pad_to_square", False))), batch_size=4, batch_format="numpy",
-                        memory=512 << 20)
+    ds = ds.map_batches(decode_stage(info, cfg.decode), batch_size=4, batch_format="numpy", memory=512 << 20)
     ds = ds.map_batches(AnswerBatch, fn_constructor_kwargs=dict(export_dir=cfg.model, question=cfg.question,
-                                                                max_new_tokens=cfg.max_new_tokens),
+                                                                max_new_tokens=cfg.max_new_tokens,
+                                                                device=answer_device(cfg)),
                         batch_size=cfg.batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_gpus=1 if cfg.use_gpu else 0)
     answers, errors = [], []

@@ -92,6 +92,15 @@ def resize_crop(frames: np.ndarray | torch.Tensor, size: int, pad_square: bool =
     return x[:, :, top:top + size, left:left + size].contiguous()  # (T, 3, size, size)
 
 
+def model_geometry(info: dict, image_size: int) -> tuple[int, bool, tuple[float, float, float]]:
+    """(crop size, pad_to_square, padding colour) a model's features were precomputed with, read from its export
+    info (vlp_model.json ``preprocess``, copied from the feature set's fingerprint). Chat and infer must decode
+    with exactly these, as precompute's DecodeFrames did. ``image_size``: the tower's, when no size is recorded."""
+    pp = info.get("preprocess") or {}
+    return (pp.get("size") or image_size, bool(pp.get("pad_to_square", False)),
+            tuple(pp.get("mean") or CLIP_MEAN))
+
+
 def normalize(x: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD, dtype=torch.float32) -> torch.Tensor:
     """(N, 3, S, S) uint8 -> (N, 3, S, S) float: rescale 1/255 then (x - mean) / std."""
     m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)

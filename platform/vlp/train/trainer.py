@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
-from ..config import dump_config
+import yaml
+
+from ..config import ConfigError, dump_config
 from ..storage import get_fs, join
 from .config import TrainConfig
 from .data import DropSeen, Mixture, Tokenize, feature_set_info, mixture_passes
@@ -185,8 +188,76 @@ def build_dataset(cfg: TrainConfig, state_path: str):
     return ds
 
 
+# Fields that may differ between attempts of one run (a re-run reuses the finished run or resumes it from its
+# checkpoints): they change how the run is reached, scheduled, logged or fault-injected, never what is trained.
+# Everything else of TrainConfig must equal the run folder's config.yaml. ``[*]`` matches any list index.
+RERUN_MAY_CHANGE = (
+    "run_name",                    # names the folder; equal by construction
+    "output_dir",                  # the same folder may be spelled differently (relative / absolute)
+    "stage",                       # a label; nothing reads it
+    "data.sets[*].storage",        # how the data is reached (endpoint, region, profile), not which data
+    "scaling.cpus_per_worker",     # Ray resource requests only
+    "scaling.data_cpus_per_task",
+    "scaling.device_memory_gb",    # only the preflight reads it
+    "checkpoint",                  # cadence / retention: resume is exact from any checkpoint
+    "max_failures",                # restarts allowed
+    "log_every", "tensorboard",    # logging
+    "debug",                       # fault injection (tests fail an attempt, then re-run without it)
+    "ray",                         # how Ray is reached
+)
+# Filled in by check_setup when left None; the saved config holds the resolved value.
+_RESOLVED_AT_SETUP = ("model.vision_hidden_size",)
+
+
+def _may_change(path: str) -> bool:
+    generic = re.sub(r"\[\d+\]", "[*]", path)
+    return any(generic == a or generic.startswith(a + ".") or generic.startswith(a + "[") for a in RERUN_MAY_CHANGE)
+
+
+def _diff(old, new, path: str = "") -> list[tuple[str, object, object]]:
+    """(dotted path, old, new) of every leaf that differs; a list of another length differs as a whole."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in list(old) + [k for k in new if k not in old]:
+            out += _diff(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{path}.{k}" if path else str(k))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _diff(a, b, f"{path}[{i}]")]
+    return [] if old == new else [(path, old, new)]
+
+
+def config_changes(saved: dict, cfg: TrainConfig) -> list[tuple[str, object, object]]:
+    """What differs between a run folder's saved config and ``cfg``, outside RERUN_MAY_CHANGE."""
+    new = yaml.safe_load(dump_config(cfg))  # the same JSON-mode dump config.yaml holds (tuples as lists)
+    out = []
+    for path, a, b in _diff(saved, new):
+        if _may_change(path) or (path in _RESOLVED_AT_SETUP and b is None):
+            continue
+        out.append((path, a, b))
+    return out
+
+
+def check_same_config(fs, rd: str, run_dir: str, cfg: TrainConfig) -> bool:
+    """Raise ConfigError when the run folder holds a config.yaml that differs from ``cfg`` in anything that
+    is trained on; True when there is a saved config (and it matches)."""
+    path = join(rd, "config.yaml")
+    if not fs.exists(path):
+        return False
+    saved = yaml.safe_load(fs.cat(path)) or {}
+    changes = config_changes(saved, cfg)
+    if changes:
+        raise ConfigError(
+            [(p, f"{a!r} -> {b!r}") for p, a, b in changes],
+            f"run {cfg.run_name}: {run_dir} was trained with another config (old -> new); use a new run_name "
+            "or delete the run folder")
+    return True
+
+
 def run_train(cfg: TrainConfig, log=print) -> dict:
-    """Train (or resume, or reuse a finished run). Returns the training summary."""
+    """Train (or resume, or reuse a finished run). Returns the training summary.
+
+    A run folder that already exists must have been started with the same config (up to RERUN_MAY_CHANGE),
+    else ConfigError; its config.yaml keeps the first attempt's config."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -197,6 +268,7 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     out_root = os.path.abspath(cfg.output_dir) if "://" not in cfg.output_dir else cfg.output_dir
     run_dir = join(out_root, cfg.run_name)
     fs, rd = get_fs(run_dir)
+    saved = check_same_config(fs, rd, run_dir, cfg)
     if fs.exists(join(rd, "export", "vlp_model.json")) and fs.exists(join(rd, "train_summary.json")):
         log(f"[vlp] train {cfg.run_name}: finished earlier, reusing {run_dir}/export")
         return {**json.loads(fs.cat(join(rd, "train_summary.json"))), "run_dir": run_dir,
@@ -204,8 +276,12 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     init_ray(cfg.ray)
     setup = check_setup(cfg, log)
     fs.makedirs(rd, exist_ok=True)
-    with fs.open(join(rd, "config.yaml"), "w") as f:
-        f.write(dump_config(cfg))
+    if saved:
+        log(f"[vlp] train {cfg.run_name}: {run_dir} exists with the same config, continuing it "
+            "(from its last checkpoint if it has one)")
+    else:
+        with fs.open(join(rd, "config.yaml"), "w") as f:
+            f.write(dump_config(cfg))
     state_path = join(run_dir, "data_state.json")
     ds = build_dataset(cfg, state_path)
     fp = setup["infos"][0]["fingerprint"]
