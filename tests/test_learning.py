@@ -70,3 +70,4 @@ def test_demo_end_to_end_learns_and_the_ablation_shows_what_cls_tokens_buy(ray_l
     text = "\n".join(map(str, lines))
     assert "shards: reused" in text and text.count("already complete, 0 to do") == 3
     assert again["stage1"]["reused"] and again["stage2"]["reused"] and again["ablation"]["reused"]
+    assert "evaluation: reused" in text and again["eval"] == res["eval"]

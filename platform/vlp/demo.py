@@ -163,12 +163,20 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
             "connector": {"init_from": s1["export"]}}), log=log)
         runs[name] = sa["run_dir"]
         step += 1
-    log(f"[vlp] step {step}/{n_steps} evaluation on the held-out split")
-    evals = {"stage2 (valley)": evaluate(s2["export"], features["heldout"])}
-    if sa is not None:
-        # choice accuracy only: greedy generation would double the evaluation time for a number the
-        # ablation does not need (in our runs generated accuracy equalled choice accuracy to the clip)
-        evals[f"stage2 ({cfg.ablation_pooler})"] = evaluate(sa["export"], features["heldout"], generate=False)
+    models = {"stage2 (valley)": s2} | ({f"stage2 ({cfg.ablation_pooler})": sa} if sa is not None else {})
+    eval_path = join(root, "eval.json")
+    old = json.loads(fs.cat(eval_path)) if fs.exists(eval_path) else None
+    # every model reused (their configs checked equal by run_train) and evaluated on the same features: reuse
+    if old is not None and all(m["reused"] for m in models.values()) and set(old) == set(models) and all(
+            old[n]["export"] == str(m["export"]) and old[n]["features"] == features["heldout"]
+            for n, m in models.items()):
+        log(f"[vlp] step {step}/{n_steps} evaluation: reused {eval_path}")
+        evals = old
+    else:
+        log(f"[vlp] step {step}/{n_steps} evaluation on the held-out split")
+        # the ablation by choice accuracy only: greedy generation would double the evaluation time for a number
+        # it does not need (in our runs generated accuracy equalled choice accuracy to the clip)
+        evals = {n: evaluate(m["export"], features["heldout"], generate=(m is s2)) for n, m in models.items()}
     for name, e in evals.items():
         for q, v in e["by_type"].items():
             gen = "-" if v.get("gen_acc") is None else f"{v['gen_acc']:.2f}"
@@ -183,7 +191,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     answers = ev["examples"][: cfg.answers]
     for a in answers:
         log(f"[vlp]   {a['uid']}: {a['question']} -> {a['generated'].strip()!r} (truth: {a['truth']})")
-    with fs.open(join(root, "eval.json"), "w") as f:
+    with fs.open(eval_path, "w") as f:
         f.write(json.dumps(evals, indent=2))
     log(f"[vlp] step {step + 1}/{n_steps} report")
     report = make_report(join(cfg.root, "report"), runs, features, evals, answers)

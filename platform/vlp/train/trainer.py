@@ -196,6 +196,7 @@ RERUN_MAY_CHANGE = (
     "output_dir",                  # the same folder may be spelled differently (relative / absolute)
     "stage",                       # a label; nothing reads it
     "data.sets[*].storage",        # how the data is reached (endpoint, region, profile), not which data
+    "data.materialize", "data.materialize_max_mb",  # where the rows are kept between epochs, not which rows
     "scaling.cpus_per_worker",     # Ray resource requests only
     "scaling.data_cpus_per_task",
     "scaling.device_memory_gb",    # only the preflight reads it
