@@ -102,6 +102,11 @@ def make_report(out_dir: str | Path, train_runs: dict[str, str], feature_sets: d
             errors[f"{name}: {k}"] = errors.get(f"{name}: {k}", 0) + v
         rows.append(f"| {name} | {m['totals']['samples_ok']} | {m['totals']['samples_failed']} | {m['mode']} | "
                     f"{len(m['shards'])} |")
+    for name, d in train_runs.items():  # samples training skipped (over-long, bad conversation), by reason
+        ts = Path(d) / "train_summary.json"
+        skipped = json.loads(ts.read_text()).get("skipped", {}) if ts.exists() else {}
+        for k, v in skipped.items():
+            errors[f"{name}: skipped, {k}"] = errors.get(f"{name}: skipped, {k}", 0) + v
     _plot(out / "errors.png", "Error records by reason", "", {k: ([0], [v]) for k, v in errors.items()} or
           {"no errors": ([0], [0])}, kind="bar")
     pngs.append(("Error records by reason", "errors.png"))
@@ -114,6 +119,9 @@ def make_report(out_dir: str | Path, train_runs: dict[str, str], feature_sets: d
             sps = sorted(r["samples_per_s"] for r in m)[len(m) // 2]
             md.append(f"| {n} | {m[-1]['step']} | {m[0]['loss']:.3f} | {m[-1]['loss']:.3f} | {sps:.1f} | "
                       f"{sum(r['padding_frac'] for r in m) / len(m):.1%} |")
+    md += ["", "## Errors and skips", ""]
+    md += (["| where: reason | count |", "|---|---|", *[f"| {k} | {v} |" for k, v in sorted(errors.items())]]
+           if errors else ["None: every sample was decoded, encoded and trained on."])
     md += ["", "## Evaluation (held-out split)", "", _eval_intro(evals), "", *_eval_table(evals)]
     if answers:
         md += ["", "## Answers on held-out clips", "", "| clip | question | truth | answer |", "|---|---|---|---|"]
