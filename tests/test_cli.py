@@ -137,14 +137,21 @@ def test_eval_command_on_a_tiny_export_and_the_heldout_features(shrunk_demo, tmp
     assert all(r[0] == "1" and r[2] == "-" for r in rows.values())  # n=1 (one clip), no generated accuracy
 
 
-def test_job_entry_point_is_thin_and_matches_the_cli():
-    src = (ROOT / "jobs" / "precompute.py").read_text()
+@pytest.mark.parametrize("job,config,override,expect", [
+    ("precompute", "configs/local/precompute.yaml", "data.sampling.num_frames=5", "num_frames: 5"),
+    ("train", "configs/local/train_stage1.yaml", "epochs=7", "epochs: 7"),
+    ("pipeline", "configs/local/demo.yaml", "stage2.lr=0.007", "lr: 0.007"),
+])
+def test_job_entry_points_are_thin_and_load_their_configs(job, config, override, expect):
+    src = (ROOT / "jobs" / f"{job}.py").read_text()
     assert len(src.splitlines()) < 150
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "precompute.py"), "--config",
-                        str(ROOT / "configs/local/precompute.yaml"), "--print-config", "data.sampling.num_frames=5"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / f"{job}.py"), "--config", str(ROOT / config),
+                        "--print-config", override], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "num_frames: 5" in r.stdout
+    assert expect in r.stdout
+
+
+def test_job_entry_point_rejects_a_bad_config():
     r = subprocess.run([sys.executable, str(ROOT / "jobs" / "precompute.py"), "data.shards=[]", "output.uri=o"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "data.shards" in r.stderr

@@ -15,10 +15,21 @@ from typing import Callable, Sequence
 from .config import ConfigError, dump_config, load_config
 
 
+def _load(cls, args):
+    """The command's resolved config, or None after printing it (``--print-config``)."""
+    cfg = load_config(cls, args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg))
+        return None
+    return cfg
+
+
 def _cmd_make_shards(args) -> int:
     from .data.synth import MakeShardsConfig, make_shards
 
-    cfg = load_config(MakeShardsConfig, args.config, args.overrides)
+    cfg = _load(MakeShardsConfig, args)
+    if cfg is None:
+        return 0
     written = make_shards(cfg)
     for fam, uris in written.items():
         print(f"{fam}: {len(uris)} shard(s) -> {uris[0].rsplit('/', 1)[0]}/{fam}-*.tar")
@@ -28,9 +39,8 @@ def _cmd_make_shards(args) -> int:
 def _cmd_precompute(args) -> int:
     from .precompute import PrecomputeConfig, run_precompute
 
-    cfg = load_config(PrecomputeConfig, args.config, args.overrides)
-    if args.print_config:
-        print(dump_config(cfg))
+    cfg = _load(PrecomputeConfig, args)
+    if cfg is None:
         return 0
     run_precompute(cfg)
     return 0
@@ -53,9 +63,8 @@ def _cmd_inspect(args) -> int:
 def _cmd_train(args) -> int:
     from .train import TrainConfig, TrainSetupError, run_train
 
-    cfg = load_config(TrainConfig, args.config, args.overrides)
-    if args.print_config:
-        print(dump_config(cfg))
+    cfg = _load(TrainConfig, args)
+    if cfg is None:
         return 0
     try:
         run_train(cfg)
@@ -95,15 +104,18 @@ def _cmd_chat(args) -> int:
 def _cmd_infer(args) -> int:
     from .infer import InferConfig, run_infer
 
-    run_infer(load_config(InferConfig, args.config, args.overrides))
+    cfg = _load(InferConfig, args)
+    if cfg is not None:
+        run_infer(cfg)
     return 0
 
 
 def _cmd_demo(args) -> int:
     from .demo import DemoConfig, run_demo
 
-    cfg = load_config(DemoConfig, args.config, args.overrides)
-    run_demo(cfg)
+    cfg = _load(DemoConfig, args)
+    if cfg is not None:
+        run_demo(cfg)
     return 0
 
 
@@ -123,14 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.add_argument("--config", "-c", help="YAML config file (defaults built in when omitted)")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.sampling.num_frames=8")
+        sp.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         sp.set_defaults(fn=fn)
         return sp
 
     with_config("make-shards", _cmd_make_shards, "write synthetic WebVid/CC3M/instruction shards")
-    pc = with_config("precompute", _cmd_precompute, "decode shards and precompute frozen CLIP features")
-    pc.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    tr = with_config("train", _cmd_train, "train a VideoLLM on feature sets (DeepSpeed on Ray Train)")
-    tr.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    with_config("precompute", _cmd_precompute, "decode shards and precompute frozen CLIP features")
+    with_config("train", _cmd_train, "train a VideoLLM on feature sets (DeepSpeed on Ray Train)")
     with_config("infer", _cmd_infer, "batch inference over a shard set (answers next to keys)")
     with_config("demo", _cmd_demo, "run the built-in tiny end-to-end demo")
     sp = sub.add_parser("inspect", help="summarise a shard set or a feature set")
