@@ -212,7 +212,8 @@ def make_samples(kind: str, count: int, cfg: MakeShardsConfig, rng: np.random.Ge
 
     Held-out clips come in reversed pairs: clip 2k+1 is clip 2k played backwards (same colour, shape, texture
     and path, opposite direction), so that a model blind to temporal order scores exactly chance on telling a
-    direction from its opposite."""
+    direction from its opposite. They are encoded losslessly (libx264), so that the two clips of a pair decode to
+    exactly the same frames in reverse order."""
     pair_seed, prev = 0, None
     for i in range(count):
         shard, idx = divmod(i, cfg.samples_per_shard)
@@ -237,7 +238,9 @@ def make_samples(kind: str, count: int, cfg: MakeShardsConfig, rng: np.random.Ge
             meta["reverse_of"] = reverse_of
         if media == "video":
             frames = render_clip(attrs, clip_rng, cfg.height, cfg.width, cfg.num_frames)
-            members["mp4"] = encode_mp4(frames, cfg.fps, cfg.codec)
+            # held-out clips lossless (x264 qp 0): a reversed pair then decodes to exactly reversed frames
+            lossless = {"qp": "0", "preset": "veryfast"} if kind == "heldout" and cfg.codec == "libx264" else None
+            members["mp4"] = encode_mp4(frames, cfg.fps, cfg.codec, options=lossless)
             meta["duration"] = cfg.num_frames / cfg.fps
             meta["num_frames"] = cfg.num_frames
         else:
