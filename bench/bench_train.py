@@ -852,6 +852,7 @@ def bench_online(root: Path, rounds: int, steps_per_block: int) -> dict:
     from vlp.data.preprocess import normalize
     from vlp.models.videollm import VideoLLM
     from vlp.models.vision import VisionTowerConfig, build_vision_tower
+    from vlp.precompute.features import get_json
     from vlp.train.data import length_grouped
 
     torch.set_num_threads(1)
@@ -860,6 +861,7 @@ def bench_online(root: Path, rounds: int, steps_per_block: int) -> dict:
     rows = [r for r in rows if r["uid"] in frames]
     mbs = length_grouped(rows, GLOBAL, np.random.default_rng(SEED), True)
     tower = build_vision_tower(VisionTowerConfig(path="preset:tiny-clip", device="cpu", dtype="float32"))
+    pp = get_json(str(root / "features" / "instruct"), "fingerprint.json")["preprocess"]  # mean/std precompute used
     torch.manual_seed(SEED)
     model = VideoLLM(model_config())
     params = [p for p in model.parameters() if p.requires_grad]
@@ -870,7 +872,7 @@ def bench_online(root: Path, rounds: int, steps_per_block: int) -> dict:
         if online:
             x = torch.cat([frames[r["uid"]] for r in mb])  # (sum T, 3, S, S) uint8
             lens = [frames[r["uid"]].shape[0] for r in mb]
-            px = normalize(x, tower.mean, tower.std, tower.dtype)
+            px = normalize(x, pp["mean"], pp["std"], tower.dtype)
             f = tower.features(px)  # (sum T, 1 + P, D), no grad (frozen tower)
             feats, modes = list(torch.split(f, lens)), ["frames"] * len(mb)  # pool_valley(mode="frames") in the model
         else:

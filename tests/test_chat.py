@@ -61,29 +61,48 @@ def test_features_match_precompute_path(export, clip):
     assert np.allclose(stored, online, atol=2e-2)
 
 
+PAD_MEAN, PAD_STD = [0.9, 0.1, 0.6], [0.2, 0.3, 0.4]
+
+
+def _padded_precompute(sampling: dict):
+    """What precompute plans for pad_to_square with a non-CLIP mean/std: (fingerprint, decode stage, encoder
+    kwargs), resolved on the driver as run_precompute does."""
+    from vlp.precompute import PrecomputeConfig
+    from vlp.precompute.pipeline import plan_stages
+
+    return plan_stages(validate(PrecomputeConfig, {
+        "data": {"shards": ["unused.tar"], "sampling": sampling,
+                 "preprocess": {"pad_to_square": True, "mean": PAD_MEAN, "std": PAD_STD}},
+        "output": {"uri": "unused", "mode": "frames"}}))
+
+
 @pytest.fixture(scope="module")
 def padded_export(export, tmp_path_factory):
-    """The same export, as if its features were precomputed with pad_to_square and a non-CLIP padding colour."""
+    """The same export, as if its features were precomputed with pad_to_square and a non-CLIP mean/std: its
+    ``preprocess`` is that feature set's fingerprint's, as training copies it into the export."""
     import shutil
 
     out = tmp_path_factory.mktemp("padded") / "export"
     shutil.copytree(export, out)
     info = json.loads((out / "vlp_model.json").read_text())
-    info["preprocess"] = {"size": 224, "pad_to_square": True, "mean": [0.9, 0.1, 0.6]}
+    info["preprocess"] = _padded_precompute(info["sampling"])[0]["preprocess"]
     (out / "vlp_model.json").write_text(json.dumps(info))
     return out
 
 
 @pytest.mark.parametrize("name", ["photo.jpg", "clip.mp4"])
-def test_chat_and_infer_pad_with_the_colour_precompute_used(padded_export, clip, name):
-    """A non-square 64x96 image/clip with pad_to_square: the padding colour is the feature set's mean, in
-    chat, in infer and in precompute alike (the pixels are identical, so are the features)."""
+def test_chat_and_infer_preprocess_as_precompute_did(padded_export, clip, name):
+    """A non-square 64x96 image/clip, pad_to_square and a custom mean/std: chat and infer pad with the feature
+    set's mean (identical pixels) and normalise with its mean/std (the same features) as precompute did."""
     from vlp.chat import ChatSession
     from vlp.data.media import DecodeConfig, SamplingConfig
-    from vlp.infer import decode_stage
-    from vlp.precompute.stages import DecodeFrames, _batch, make_row, shape_of
+    from vlp.infer import AnswerBatch, decode_stage
+    from vlp.models.vision import VisionTowerConfig
+    from vlp.precompute.stages import DecodeFrames, EncodeFeatures, _batch, make_row, shape_of
 
     info = json.loads((padded_export / "vlp_model.json").read_text())
+    assert info["preprocess"]["mean"] == PAD_MEAN and info["preprocess"]["std"] == PAD_STD
+    _, decode, encode = _padded_precompute(info["sampling"])
     row = make_row(shard="x", key="k", kind="sample", media=(clip / name).read_bytes(), media_ext=name.split(".")[1])
 
     def pixels(stage):
@@ -91,17 +110,30 @@ def test_chat_and_infer_pad_with_the_colour_precompute_used(padded_export, clip,
         assert out["kind"][0] == "sample", out["error"][0]
         return torch.from_numpy(np.frombuffer(out["frames"][0], np.uint8).reshape(shape_of(out["frames_shape"][0])).copy())
 
-    sampling = SamplingConfig(**info["sampling"])
-    precomputed = pixels(DecodeFrames(sampling, DecodeConfig(), 224, True, (0.9, 0.1, 0.6)))
-    clip_mean = pixels(DecodeFrames(sampling, DecodeConfig(), 224, True))
+    def features(stage, decoded):
+        out = stage(decoded)
+        return torch.from_numpy(np.frombuffer(out["features"][0], np.float16).reshape(
+            shape_of(out["features_shape"][0])).astype(np.float32))
+
+    precomputed = pixels(decode)
+    clip_mean = pixels(DecodeFrames(SamplingConfig(**info["sampling"]), DecodeConfig(), 224, True))
     assert not torch.equal(precomputed, clip_mean)  # the padding colour shows: a mismatch would be caught
     corner = precomputed[0, :, 0, 0].float()  # the top rows of a 64x96 frame padded to 96x96
-    assert torch.allclose(corner, torch.tensor([0.9, 0.1, 0.6]) * 255, atol=1)
+    assert torch.allclose(corner, torch.tensor(PAD_MEAN) * 255, atol=1)
     s = ChatSession(str(padded_export))
     mtype, online = s.frames(str(clip / name))
     assert mtype == ("image" if name.endswith("jpg") else "video")
     assert torch.equal(online, precomputed)
     assert torch.equal(pixels(decode_stage(info, DecodeConfig())), precomputed)
+
+    decoded = decode(_batch([row]))
+    stored = features(EncodeFeatures(**encode), decoded)  # (T, 1 + P, D), as precompute stores in frames mode
+    towers_own = features(EncodeFeatures(VisionTowerConfig(), "frames"), decoded)
+    assert (stored - towers_own).abs().max() > 0.5  # the mean/std show in the features
+    s.load_media(str(clip / name))
+    assert torch.allclose(s.feats, stored, atol=2e-2, rtol=1e-2), (s.feats - stored).abs().max()
+    actor = AnswerBatch(str(padded_export), None, 3)
+    assert torch.allclose(actor.features(precomputed), stored, atol=2e-2, rtol=1e-2)
 
 
 def test_single_question_streams_and_is_deterministic(export, clip):

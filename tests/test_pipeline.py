@@ -158,3 +158,127 @@ def test_killed_run_leaves_nothing_complete_and_resume_is_exactly_once(ray_local
     keys = _keys(out)
     assert len(keys) == 40 and set(keys.values()) == {1}
     assert s["samples_ok"] == 40 and s["samples_failed"] == 0
+
+
+# ------------------------------------------------------------------------------------ normalisation (no Ray)
+
+def _encoded(cfg, media: bytes, ext: str):
+    """Run the stages the driver plans for ``cfg`` on one sample, as the Ray graph would, without Ray:
+    (fingerprint, decoded uint8 frames (T, 3, S, S), features (T, 1 + P, D) float32)."""
+    from vlp.precompute.pipeline import plan_stages
+    from vlp.precompute.stages import EncodeFeatures, _batch, make_row, shape_of
+
+    fp, decode, encode = plan_stages(cfg)
+    dec = decode(_batch([make_row(shard="s", key="k", kind="sample", media=media, media_ext=ext)]))
+    assert dec["kind"][0] == "sample", dec["error"][0]
+    frames = np.frombuffer(dec["frames"][0], np.uint8).reshape(shape_of(dec["frames_shape"][0]))
+    enc = EncodeFeatures(**encode)(dec)
+    feats = np.frombuffer(enc["features"][0], np.float16).reshape(shape_of(enc["features_shape"][0]))
+    return fp, torch.from_numpy(frames.copy()), torch.from_numpy(feats.astype(np.float32))
+
+
+def _by_hand(tower_path: str, frames: torch.Tensor, mean, std) -> torch.Tensor:
+    """(T, 3, S, S) uint8 -> (T, 1 + P, D): the tower's penultimate layer on frames normalised with mean/std."""
+    from transformers import CLIPVisionModel
+
+    from vlp.data.preprocess import normalize
+
+    model = CLIPVisionModel.from_pretrained(tower_path).eval()
+    with torch.no_grad():
+        return model(pixel_values=normalize(frames, mean, std), output_hidden_states=True).hidden_states[-2]
+
+
+@pytest.fixture(scope="module")
+def wide_photo() -> bytes:
+    """A 64x96 (non-square) JPEG, so that pad_to_square shows its colour."""
+    from vlp.data.synth import Attributes, encode_jpeg, render_clip
+
+    return encode_jpeg(render_clip(Attributes("red", "square", "left"), np.random.default_rng(0), 64, 96, 1)[0])
+
+
+def test_preprocess_std_and_mean_reach_the_encoder_and_the_fingerprint(tmp_path, tiny_clip_path, wide_photo,
+                                                                        synth_shards):
+    """data.preprocess.std changes what the encoder sees (its features), mean also the padding colour; both are
+    recorded in the fingerprint, so a resume with other values is refused before any work."""
+    from vlp.data.preprocess import CLIP_MEAN, CLIP_STD
+
+    kw = {"output.mode": "frames", "data.preprocess.pad_to_square": True}
+    fp0, frames0, f0 = _encoded(_cfg(["x.tar"], tmp_path / "a", **kw), wide_photo, "jpg")
+    assert fp0["preprocess"]["mean"] == list(CLIP_MEAN) and fp0["preprocess"]["std"] == list(CLIP_STD)
+
+    std = (0.1, 0.2, 0.3)
+    fp1, frames1, f1 = _encoded(_cfg(["x.tar"], tmp_path / "a", **kw, **{"data.preprocess.std": list(std)}),
+                                wide_photo, "jpg")
+    assert fp1["preprocess"]["std"] == list(std) and fp1["preprocess"]["mean"] == list(CLIP_MEAN)
+    assert torch.equal(frames1, frames0)  # std is not a geometry setting
+    assert torch.allclose(f1, _by_hand(tiny_clip_path, frames1, CLIP_MEAN, std), atol=2e-2, rtol=1e-2)
+    assert (f1 - f0).abs().max() > 0.5  # the std shows in the features: the check above could fail
+
+    mean = (0.9, 0.1, 0.6)
+    fp2, frames2, f2 = _encoded(_cfg(["x.tar"], tmp_path / "a", **kw, **{"data.preprocess.std": list(std),
+                                                                         "data.preprocess.mean": list(mean)}),
+                                wide_photo, "jpg")
+    assert fp2["preprocess"]["mean"] == list(mean) and fp2["preprocess"]["std"] == list(std)
+    assert frames2[0, :, 0, 0].tolist() == [int(m * 255) for m in mean]  # padded rows: the configured mean
+    assert torch.allclose(f2, _by_hand(tiny_clip_path, frames2, mean, std), atol=2e-2, rtol=1e-2)
+
+    # a folder of default-normalised features refuses features made with another std
+    out = tmp_path / "feat"
+    out.mkdir()
+    (out / "fingerprint.json").write_text(json.dumps(fp0))
+    with pytest.raises(FeatureSetMismatch, match="different preprocess"):
+        run_precompute(_cfg([synth_shards / "cc3m-00000.tar"], out, **kw, **{"data.preprocess.std": list(std)}),
+                       log=lambda *_: None)
+    assert json.loads((out / "fingerprint.json").read_text()) == fp0 and os.listdir(out) == ["fingerprint.json"]
+
+
+def test_default_normalisation_is_the_towers_own(tmp_path, wide_photo):
+    """mean/std None = the tower's preprocessor_config.json values (here not CLIP's): used for padding and
+    normalisation and recorded in the fingerprint."""
+    from vlp.data.preprocess import CLIP_MEAN, CLIP_STD
+    from vlp.models.presets import build_tiny_clip
+
+    tower = tmp_path / "tower"
+    build_tiny_clip(tower, image_size=56)
+    pp = json.loads((tower / "preprocessor_config.json").read_text())
+    mean, std = (0.5, 0.25, 0.75), (0.2, 0.4, 0.6)
+    (tower / "preprocessor_config.json").write_text(json.dumps({**pp, "image_mean": mean, "image_std": std}))
+
+    fp, frames, feats = _encoded(_cfg(["x.tar"], tmp_path / "o", **{
+        "output.mode": "frames", "data.preprocess.pad_to_square": True, "encoder.tower.path": str(tower)}),
+        wide_photo, "jpg")
+    assert fp["preprocess"]["mean"] == list(mean) and fp["preprocess"]["std"] == list(std)
+    assert fp["preprocess"]["size"] == 56 and frames.shape == (1, 3, 56, 56)
+    assert frames[0, :, 0, 0].tolist() == [int(m * 255) for m in mean]
+    assert torch.allclose(feats, _by_hand(str(tower), frames, mean, std), atol=2e-2, rtol=1e-2)
+    assert not torch.allclose(feats, _by_hand(str(tower), frames, CLIP_MEAN, CLIP_STD), atol=0.1)
+
+
+def test_old_fingerprints_still_match_and_bad_values_are_refused(tmp_path, tiny_clip_path):
+    """A feature set fingerprinted before mean/std were resolved recorded the config's defaults (CLIP's); with a
+    tower whose preprocessor_config holds CLIP's values (tiny-clip, openai/clip-*) the resolved fingerprint is
+    the same, so such sets resume. Bad values, in the config or the tower's file, are clear errors."""
+    from vlp.config import ConfigError
+    from vlp.data.preprocess import CLIP_MEAN, CLIP_STD, RESAMPLER
+    from vlp.models.vision import tower_mean_std
+    from vlp.precompute.pipeline import plan_stages
+
+    fp, _, _ = plan_stages(_cfg(["x.tar"], tmp_path / "o"))
+    old = {"size": 224, "pad_to_square": False, "mean": list(CLIP_MEAN), "std": list(CLIP_STD), "resampler": RESAMPLER}
+    assert json.loads(json.dumps(fp))["preprocess"] == old == fp["preprocess"]
+
+    with pytest.raises(ConfigError) as ei:
+        _cfg(["x.tar"], tmp_path / "o", **{"data.preprocess.std": [0.2, 0, 0.2], "data.preprocess.mean": [1.5, 0, 0]})
+    assert "data.preprocess.std" in str(ei.value) and "data.preprocess.mean" in str(ei.value)
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for body, msg in (({"image_mean": [0.5, 0.5]}, "image_mean must be 3 numbers"),
+                      ({"image_std": [0.5, 0.0, 0.5]}, "image_std must be positive")):
+        (bad / "preprocessor_config.json").write_text(json.dumps(body))
+        with pytest.raises(ValueError, match=msg):
+            tower_mean_std(str(bad))
+    (bad / "preprocessor_config.json").unlink()
+    assert tower_mean_std(str(bad)) == (CLIP_MEAN, CLIP_STD)  # no file: CLIP's
+    (bad / "preprocessor_config.json").write_text(json.dumps({"image_mean": 0.5, "image_std": 0.5}))
+    assert tower_mean_std(str(bad)) == ((0.5,) * 3, (0.5,) * 3)  # one number: every channel

@@ -26,7 +26,7 @@ class ChatSession:
         self.tower = build_vision_tower(VisionTowerConfig(type=enc["type"], path=enc["path"], layer=enc["layer"],
                                                           device=device))
         self.sampling = SamplingConfig(**self.info["sampling"])
-        self.size, self.pad, self.pad_mean = model_geometry(self.info, self.tower.image_size)
+        self.geom = model_geometry(self.info, self.tower.image_size, self.tower.mean, self.tower.std)
         self.template = self.info["template"]
         self.conv: list[dict] = []
         self.feats: Optional[torch.Tensor] = None
@@ -37,13 +37,14 @@ class ChatSession:
         """Decode + sample + resize/pad/crop as precompute did: (media type, (T, 3, S, S) uint8)."""
         data = Path(path).read_bytes()
         mtype, dec = decode_media(data, Path(path).suffix.lstrip(".").lower(), self.sampling, DecodeConfig())
-        return mtype, resize_crop(dec.frames, self.size, self.pad, self.pad_mean)  # (T, H, W, 3) -> (T, 3, S, S)
+        g = self.geom
+        return mtype, resize_crop(dec.frames, g.size, g.pad_to_square, g.mean)  # (T, H, W, 3) -> (T, 3, S, S)
 
     @torch.no_grad()
     def load_media(self, path: str) -> str:
         """Decode + sample + preprocess + encode; returns the media type found."""
         mtype, x = self.frames(path)
-        px = normalize(x, self.tower.mean, self.tower.std, self.tower.dtype)
+        px = normalize(x, self.geom.mean, self.geom.std, self.tower.dtype)  # the feature set's mean/std
         self.feats = self.tower.features(px).float().cpu()  # (T, 1 + P, D)
         self.media_type, self.num_frames = mtype, self.feats.shape[0]
         self.conv = []

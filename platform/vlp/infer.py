@@ -45,6 +45,7 @@ class AnswerBatch:
     def __init__(self, export_dir: str, question: Optional[str], max_new_tokens: int, device: str = "cpu"):
         import torch
 
+        from .data.preprocess import model_geometry
         from .models.vision import VisionTowerConfig, build_vision_tower
         from .train.export import load_model
 
@@ -55,6 +56,15 @@ class AnswerBatch:
         self.tower = build_vision_tower(VisionTowerConfig(type=enc["type"], path=enc["path"], layer=enc["layer"],
                                                           device=device))
         self.question, self.max_new = question, max_new_tokens
+        self.geom = model_geometry(self.info, self.tower.image_size, self.tower.mean, self.tower.std)
+
+    def features(self, x):
+        """(T, 3, S, S) uint8 frames -> (T, 1 + P, D) float features, normalised with the mean/std the model's
+        features were precomputed with (export info), as precompute's EncodeFeatures did."""
+        from .data.preprocess import normalize
+
+        px = normalize(x.to(self.tower.device), self.geom.mean, self.geom.std, self.tower.dtype)
+        return self.tower.features(px).float().to(self.device)  # (T, 3, S, S) -> (T, 1 + P, D)
 
     def _question(self, r: dict) -> Optional[str]:
         if self.question:
@@ -67,7 +77,6 @@ class AnswerBatch:
         import torch
 
         from .data.conversation import prompt_ids
-        from .data.preprocess import normalize
         from .precompute.stages import _rows, shape_of
 
         out = {"shard": [], "key": [], "question": [], "answer": [], "error": [], "stage": [], "kind": []}
@@ -80,8 +89,7 @@ class AnswerBatch:
                 err, stage = "no question: set question or give the sample conversations", "answer"
             elif r["kind"] == "sample":
                 x = torch.from_numpy(np.frombuffer(r["frames"], np.uint8).reshape(shape_of(r["frames_shape"])).copy())
-                px = normalize(x.to(self.tower.device), self.tower.mean, self.tower.std, self.tower.dtype)
-                feats = self.tower.features(px).float().to(self.device)  # (T, 3, S, S) -> (T, 1 + P, D)
+                feats = self.features(x)  # (T, 3, S, S) -> (T, 1 + P, D)
                 ids = torch.tensor(prompt_ids([{"from": "human", "value": f"<{r['media_type']}>\n{q}"}], self.tok,
                                               self.info["template"]), device=self.device)
                 toks = list(self.model.generate(ids, feats, "frames", feats.shape[0],
@@ -101,12 +109,17 @@ def answer_device(cfg: InferConfig) -> str:
 
 def decode_stage(info: dict, decode: DecodeConfig):
     """The decode stage for a model: the sampling, crop size, padding and padding colour its features were
-    precomputed with (export info), as precompute's DecodeFrames was built."""
+    precomputed with (export info), as precompute's DecodeFrames was built. An export that records no mean
+    (none written by vlp) pads with the tower's own, as AnswerBatch then normalises."""
     from .data.preprocess import model_geometry
+    from .models.presets import resolve_model_path
+    from .models.vision import tower_mean_std
     from .precompute.stages import DecodeFrames
 
-    size, pad, mean = model_geometry(info, info["encoder"]["image_size"])
-    return DecodeFrames(SamplingConfig(**info["sampling"]), decode, size, pad, mean)
+    pp = info.get("preprocess") or {}
+    tower = tower_mean_std(resolve_model_path(info["encoder"]["path"])) if not pp.get("mean") else ()
+    g = model_geometry(info, info["encoder"]["image_size"], *tower)
+    return DecodeFrames(SamplingConfig(**info["sampling"]), decode, g.size, g.pad_to_square, g.mean)
 
 
 def run_infer(cfg: InferConfig, log=print) -> dict:

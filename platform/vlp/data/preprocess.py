@@ -8,12 +8,12 @@ tasks and only uint8 pixels travel to the encoder, which normalises on its devic
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..config import Cfg
 
@@ -24,13 +24,40 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RESAMPLER = "bicubic-aa-u8-pil-like-v2"
 
 
+Rgb = tuple[float, float, float]
+
+
 class PreprocessConfig(Cfg):
     """Geometry and normalisation of encoder inputs."""
 
     size: Optional[int] = Field(None, ge=8, description="crop size; None = the encoder's image size")
     pad_to_square: bool = Field(False, description="pad to a square with the mean colour first (LLaVA-1.5)")
-    mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
+    mean: Optional[Rgb] = Field(
+        None, description="per-channel mean (0..1) to normalise with and the pad_to_square colour; None = the "
+        "tower's image_mean from its preprocessor_config.json (CLIP's if it has none)")
+    std: Optional[Rgb] = Field(
+        None, description="per-channel std to normalise with; None = the tower's image_std from its "
+        "preprocessor_config.json (CLIP's if it has none)")
+
+    @field_validator("mean")
+    @classmethod
+    def _unit(cls, v):
+        if v is not None and not all(0 <= m <= 1 for m in v):
+            raise ValueError(f"each channel's mean must be within 0..1 (it is also the padding colour), got {v}")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and not all(s > 0 for s in v):
+            raise ValueError(f"each channel's std must be > 0, got {v}")
+        return v
+
+    def resolve(self, tower_mean: Rgb, tower_std: Rgb) -> tuple[Rgb, Rgb]:
+        """(mean, std) encoder inputs are normalised (and padded) with: these when set, else the tower's."""
+        mean = self.mean if self.mean is not None else tower_mean
+        std = self.std if self.std is not None else tower_std
+        return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
 def resize_output_size(h: int, w: int, shortest: int) -> tuple[int, int]:
@@ -92,13 +119,21 @@ def resize_crop(frames: np.ndarray | torch.Tensor, size: int, pad_square: bool =
     return x[:, :, top:top + size, left:left + size].contiguous()  # (T, 3, size, size)
 
 
-def model_geometry(info: dict, image_size: int) -> tuple[int, bool, tuple[float, float, float]]:
-    """(crop size, pad_to_square, padding colour) a model's features were precomputed with, read from its export
-    info (vlp_model.json ``preprocess``, copied from the feature set's fingerprint). Chat and infer must decode
-    with exactly these, as precompute's DecodeFrames did. ``image_size``: the tower's, when no size is recorded."""
+class Geometry(NamedTuple):
+    size: int
+    pad_to_square: bool
+    mean: Rgb
+    std: Rgb
+
+
+def model_geometry(info: dict, image_size: int, tower_mean: Rgb = CLIP_MEAN, tower_std: Rgb = CLIP_STD) -> Geometry:
+    """(crop size, pad_to_square, mean, std) a model's features were precomputed with, read from its export info
+    (vlp_model.json ``preprocess``, copied from the feature set's fingerprint, which records the mean/std actually
+    used). Chat and infer must pad with that mean and normalise with that mean/std, as precompute did. The
+    ``image_size``/``tower_*`` arguments (the tower's own) fill in what an export does not record."""
     pp = info.get("preprocess") or {}
-    return (pp.get("size") or image_size, bool(pp.get("pad_to_square", False)),
-            tuple(pp.get("mean") or CLIP_MEAN))
+    return Geometry(pp.get("size") or image_size, bool(pp.get("pad_to_square", False)),
+                    tuple(pp.get("mean") or tower_mean), tuple(pp.get("std") or tower_std))
 
 
 def normalize(x: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD, dtype=torch.float32) -> torch.Tensor:

@@ -86,6 +86,26 @@ def weights_hash(folder: str) -> str:
     return h.hexdigest() if files else "unknown"
 
 
+def tower_mean_std(path: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """(image_mean, image_std) of a tower checkpoint's preprocessor_config.json (a local folder, or a hub id
+    as ``from_pretrained`` finds it); CLIP's constants where it has none. ``path`` as resolve_model_path gives.
+    The driver reads it without building the model (precompute's tower_geometry); load_clip reads it too."""
+    from transformers.utils import cached_file
+
+    f = cached_file(path, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+    d = json.loads(Path(f).read_text()) if f else {}
+    out = []
+    for key, default in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
+        v = d.get(key, default)
+        v = [v] * 3 if isinstance(v, (int, float)) else v
+        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
+            raise ValueError(f"{f}: {key} must be 3 numbers (or one), got {v!r}")
+        if key == "image_std" and min(v) <= 0:
+            raise ValueError(f"{f}: image_std must be positive, got {v!r}")
+        out.append(tuple(float(x) for x in v))
+    return out[0], out[1]
+
+
 @VISION_TOWERS.register("clip")
 def load_clip(cfg: VisionTowerConfig) -> VisionTower:
     from transformers import CLIPVisionModel
@@ -98,11 +118,7 @@ def load_clip(cfg: VisionTowerConfig) -> VisionTower:
     if not -(n_layers + 1) <= cfg.layer <= n_layers:
         raise ValueError(f"vision_tower.layer={cfg.layer} out of range for a {n_layers}-layer tower "
                          f"(hidden states -{n_layers + 1}..{n_layers})")
-    mean, std = CLIP_MEAN, CLIP_STD
-    pp = Path(path) / "preprocessor_config.json"
-    if pp.exists():
-        d = json.loads(pp.read_text())
-        mean, std = tuple(d.get("image_mean", mean)), tuple(d.get("image_std", std))
+    mean, std = tower_mean_std(path)
     return VisionTower(model=model, image_size=mcfg.image_size, hidden_size=mcfg.hidden_size, num_layers=n_layers,
                        mean=mean, std=std, path=cfg.path, weights_sha256=weights_hash(path), device=device,
                        dtype=dtype, layer=cfg.layer)

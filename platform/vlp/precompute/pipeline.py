@@ -62,28 +62,44 @@ def shard_names(uris: list[str]) -> dict[str, str]:
         depth += 1
 
 
-def tower_geometry(cfg: PrecomputeConfig) -> tuple[int, int, str, tuple]:
-    """(image size, hidden size, weights sha256, mean) without building the model on the driver."""
+def tower_geometry(cfg: PrecomputeConfig) -> tuple[int, int, str, tuple, tuple]:
+    """(image size, hidden size, weights sha256, mean, std) without building the model on the driver. mean/std
+    are resolved: ``data.preprocess.mean/std`` when set, else the tower's own (its preprocessor_config.json)."""
     from transformers import AutoConfig
 
     from ..models.presets import resolve_model_path
-    from ..models.vision import weights_hash
+    from ..models.vision import tower_mean_std, weights_hash
 
     path = resolve_model_path(cfg.encoder.tower.path)
     c = AutoConfig.from_pretrained(path)
     vc = getattr(c, "vision_config", c)
-    mean = cfg.data.preprocess.mean
-    return vc.image_size, vc.hidden_size, weights_hash(path), mean
+    mean, std = cfg.data.preprocess.resolve(*tower_mean_std(path))
+    return vc.image_size, vc.hidden_size, weights_hash(path), mean, std
 
 
-def fingerprint(cfg: PrecomputeConfig, size: int, hidden: int, sha: str) -> dict:
+def fingerprint(cfg: PrecomputeConfig, size: int, hidden: int, sha: str, mean: tuple, std: tuple) -> dict:
+    """What the features depend on. ``preprocess`` holds the crop size and the mean/std actually used (resolved,
+    never None): chat and infer read them back from the export, and a resume with other values is refused."""
     return {
         "encoder": {"type": cfg.encoder.tower.type, "path": cfg.encoder.tower.path, "weights_sha256": sha,
                     "layer": cfg.encoder.tower.layer, "hidden_size": hidden, "image_size": size},
         "mode": cfg.output.mode,
         "sampling": cfg.data.sampling.model_dump(),
-        "preprocess": {**cfg.data.preprocess.model_dump(mode="json"), "size": size, "resampler": RESAMPLER},
+        "preprocess": {**cfg.data.preprocess.model_dump(mode="json"), "size": size, "mean": list(mean),
+                       "std": list(std), "resampler": RESAMPLER},
     }
+
+
+def plan_stages(cfg: PrecomputeConfig) -> tuple[dict, DecodeFrames, dict]:
+    """(fingerprint, decode stage, encoder actor kwargs), resolved once on the driver: the decode stage pads with
+    the resolved mean and the encoder normalises with the resolved mean/std, the values the fingerprint records."""
+    size, hidden, sha, mean, std = tower_geometry(cfg)
+    size = cfg.data.preprocess.size or size
+    fp = fingerprint(cfg, size, hidden, sha, mean, std)
+    decode = DecodeFrames(cfg.data.sampling, cfg.data.decode, size, cfg.data.preprocess.pad_to_square, mean)
+    encode = dict(tower_cfg=cfg.encoder.tower, mode=cfg.output.mode,
+                  max_frames_per_forward=cfg.encoder.max_frames_per_forward, mean=mean, std=std)
+    return fp, decode, encode
 
 
 def encoder_on_gpu(cfg: PrecomputeConfig, cluster_gpus: float) -> bool:
@@ -125,9 +141,7 @@ def run_precompute(cfg: PrecomputeConfig, log=print) -> dict:
     out, ost = cfg.output.uri, cfg.output.storage
     shards = expand_shards(cfg.data.shards, cfg.data.storage)
     names = shard_names(shards)
-    size, hidden, sha, mean = tower_geometry(cfg)
-    size = cfg.data.preprocess.size or size
-    fp = fingerprint(cfg, size, hidden, sha)
+    fp, decode, encode = plan_stages(cfg)
 
     fs, root = get_fs(out, ost)
     fs.makedirs(root, exist_ok=True)
@@ -163,13 +177,9 @@ def run_precompute(cfg: PrecomputeConfig, log=print) -> dict:
         # Decode runs as stateless CPU tasks (not actors, so it never pins CPUs that reads and writes need).
         # Its memory reservation also keeps Ray Data from fusing it into the encoder actor, which would
         # serialise decoding and encoding in one process.
+        ds = ds.map_batches(decode, batch_size=cfg.data.decode_batch_size, batch_format="numpy", **res["decode"])
         ds = ds.map_batches(
-            DecodeFrames(cfg.data.sampling, cfg.data.decode, size, cfg.data.preprocess.pad_to_square, mean),
-            batch_size=cfg.data.decode_batch_size, batch_format="numpy", **res["decode"])
-        ds = ds.map_batches(
-            EncodeFeatures, fn_constructor_kwargs=dict(tower_cfg=cfg.encoder.tower, mode=cfg.output.mode,
-                                                       max_frames_per_forward=cfg.encoder.max_frames_per_forward),
-            batch_size=cfg.encoder.batch_size, batch_format="numpy",
+            EncodeFeatures, fn_constructor_kwargs=encode, batch_size=cfg.encoder.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=cfg.encoder.concurrency), **res["encode"])
         ds = ds.map_batches(WriteParts(out, ost, cfg.output.mode), batch_size=cfg.encoder.batch_size * 2,
                             batch_format="numpy", **res["write"])

@@ -187,15 +187,18 @@ def valley_pool(feats):
 
 
 class EncodeFeatures:
-    """Actor stage: uint8 frames -> frozen-tower features (fp16), pooled per ``mode``."""
+    """Actor stage: uint8 frames -> frozen-tower features (fp16), pooled per ``mode``. Normalises with
+    ``mean``/``std`` (the driver's resolved values, see pipeline.plan_stages); None = the tower's own."""
 
-    def __init__(self, tower_cfg, mode: str, max_frames_per_forward: int = 256):
+    def __init__(self, tower_cfg, mode: str, max_frames_per_forward: int = 256, mean=None, std=None):
         import torch
 
         from ..models.vision import build_vision_tower
 
         torch.set_grad_enabled(False)
         self.tower = build_vision_tower(tower_cfg)
+        self.mean = tuple(mean) if mean is not None else self.tower.mean
+        self.std = tuple(std) if std is not None else self.tower.std
         self.mode = mode
         self.chunk = max_frames_per_forward
 
@@ -211,7 +214,7 @@ class EncodeFeatures:
             x = torch.from_numpy(np.concatenate(stacks))  # (sum T, 3, S, S) uint8
             feats = []
             for s in range(0, x.shape[0], self.chunk):
-                px = normalize(x[s:s + self.chunk].to(self.tower.device), self.tower.mean, self.tower.std, self.tower.dtype)
+                px = normalize(x[s:s + self.chunk].to(self.tower.device), self.mean, self.std, self.tower.dtype)
                 feats.append(self.tower.features(px))  # (n, 3, S, S) -> (n, 1 + P, D)
             allf = torch.cat(feats)  # (sum T, 1 + P, D)
             dt = (time.perf_counter() - t0) / len(todo)
