@@ -270,3 +270,29 @@ def test_length_grouping_cuts_padding():
     mixed = sum(len({r["media_type"] for r in mb}) > 1 for mb in by_mod)
     assert mixed <= 1  # modality first: at most the boundary micro-batch mixes
     assert padding_fraction(grouped) <= padding_fraction(by_mod) < padding_fraction(random)
+
+
+def test_sets_from_different_encoders_or_preprocessing_are_refused(tmp_path):
+    """Features from another tower (or normalisation) mixed into one run would train on two vector spaces."""
+    from vlp.train import TrainSetupError, check_setup
+
+    def fset(name, sha, mean):
+        d = tmp_path / name
+        d.mkdir()
+        fp = {"encoder": {"type": "clip", "path": "preset:tiny-clip", "weights_sha256": sha, "layer": -2,
+                          "hidden_size": 64, "image_size": 224},
+              "mode": "valley_pooled", "sampling": {"mode": "uniform", "num_frames": 8 if name != "img" else 1},
+              "preprocess": {"size": 224, "pad_to_square": False, "mean": mean, "std": [0.27, 0.26, 0.28]}}
+        (d / "fingerprint.json").write_text(json.dumps(fp))
+        (d / "manifest.json").write_text(json.dumps({"totals": {"samples_ok": 64}}))
+        return {"uri": str(d)}
+
+    base = {"run_name": "x", "output_dir": str(tmp_path / "out"), "batch": {"global_size": 8, "micro_size": 4},
+            "scaling": {"num_workers": 2}, "data": {"template": "plain"}}
+    a, img = fset("a", "aaa", [0.48, 0.46, 0.41]), fset("img", "aaa", [0.48, 0.46, 0.41])
+    b, c = fset("b", "bbb", [0.48, 0.46, 0.41]), fset("c", "aaa", [0.5, 0.5, 0.5])
+    with pytest.raises(TrainSetupError) as e:
+        check_setup(validate(TrainConfig, dotted(dict(base), **{"data.sets": [a, img, b, c]})), log=lambda m: None)
+    msg = str(e.value)
+    assert "data.sets[2]: made with another encoder" in msg and "weights_sha256: 'aaa' vs 'bbb'" in msg
+    assert "data.sets[3]: made with another preprocess" in msg and "data.sets[1]" not in msg  # sampling may differ

@@ -47,6 +47,21 @@ def param_counts(cfg: TrainConfig) -> tuple[int, int]:
     return trainable, n_llm + n_conn - trainable
 
 
+def _mixed_encoders(infos: list[dict]) -> list[str]:
+    """Sets of one run must come from the same tower, layer and preprocessing (sampling may differ: images vs
+    videos); the export records the first set's, which chat/infer then reproduce for every input."""
+    out = []
+    ref = infos[0]["fingerprint"]
+    for i, inf in enumerate(infos[1:], 1):
+        fp = inf["fingerprint"]
+        for part in ("encoder", "preprocess"):
+            diff = sorted(k for k in set(ref[part]) | set(fp[part]) if ref[part].get(k) != fp[part].get(k))
+            if diff:
+                out.append(f"data.sets[{i}]: made with another {part} than data.sets[0] "
+                           f"({', '.join(f'{k}: {ref[part].get(k)!r} vs {fp[part].get(k)!r}' for k in diff)})")
+    return out
+
+
 def check_setup(cfg: TrainConfig, log=print) -> dict:
     """Everything that can be checked before a worker starts. Raises TrainSetupError listing every problem."""
     problems = []
@@ -60,6 +75,7 @@ def check_setup(cfg: TrainConfig, log=print) -> dict:
         sizes = {inf["hidden_size"] for inf in infos}
         if len(sizes) > 1:
             problems.append(f"data.sets: feature sets have different hidden sizes {sorted(sizes)}")
+        problems += _mixed_encoders(infos)
         d = infos[0]["hidden_size"]
         if cfg.model.vision_hidden_size is None:
             cfg.model.vision_hidden_size = d
