@@ -99,3 +99,28 @@ def test_heldout_clips_come_in_reversed_pairs(tmp_path):
         assert np.array_equal(frames[a], frames[b][::-1])  # held-out clips are lossless
         assert np.abs(frames[a] - frames[b]).mean() > 5  # ... and not simply the same clip
     assert np.abs(frames[0] - frames[2]).mean() > 5  # pairs differ from each other
+
+
+def test_demo_tower_encodes_position_in_its_cls_token():
+    """preset:tiny-clip-synth (the demo's stand-in for a pretrained CLIP): its penultimate CLS token must carry
+    the shape's position linearly, on frames it never saw, or no pooler can show what temporal CLS tokens buy."""
+    import json
+    from pathlib import Path
+
+    from vlp.data.synth import render_stills
+    from vlp.models.presets import resolve_model_path
+    from vlp.models.vision import VisionTowerConfig, build_vision_tower
+
+    path = resolve_model_path("preset:tiny-clip-synth")
+    assert Path(path).name == "tiny-clip-synth.v1"  # versioned folder: a new recipe never reuses an old build
+    stats = json.loads((Path(path) / "pretraining.json").read_text())
+    assert stats["steps"] == 600 and stats["color_acc"] >= 0.9, stats
+    tower = build_vision_tower(VisionTowerConfig(path="preset:tiny-clip-synth", device="cpu", dtype="float32"))
+    assert tower.image_size == 112
+    frames, y = render_stills(np.random.default_rng(123), 160, 64, 96)
+    cls = tower.features(clip_preprocess(frames, tower.image_size, mean=tower.mean, std=tower.std))[:, 0]  # (N, D)
+    x = torch.cat([cls, torch.ones(len(cls), 1)], 1).double()
+    t = torch.as_tensor(y["xy"], dtype=torch.float64)
+    w = torch.linalg.lstsq(x[:100], t[:100]).solution  # a linear read-out fitted on 100 frames ...
+    err = (x[100:] @ w - t[100:]).abs().mean().item()  # ... and tested on 60 others (positions span [-1, 1])
+    assert err < 0.2, err
