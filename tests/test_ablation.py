@@ -62,6 +62,8 @@ def test_unknown_ablation_pooler_fails_at_config_load():
 
 
 def test_demo_refuses_to_reuse_shards_made_with_other_settings(tmp_path):
+    import json
+
     """A re-run with changed shard settings must not silently train on the old shards."""
     from vlp.config import ConfigError, validate
     from vlp.demo import DemoConfig, run_demo
@@ -71,10 +73,15 @@ def test_demo_refuses_to_reuse_shards_made_with_other_settings(tmp_path):
     shards = tmp_path / "demo" / "shards"
     shards.mkdir(parents=True)
     made = validate(DemoConfig, base).shards.model_copy(update={"out": str(shards)}).model_dump(mode="json")
-    (shards / "_SUCCESS").write_text(__import__("json").dumps(made | {"videos": 5}))
+    from vlp.data.synth import SYNTH_VERSION
+
+    (shards / "_SUCCESS").write_text(json.dumps(made | {"videos": 5, "synth_version": SYNTH_VERSION}))
     with pytest.raises(ConfigError) as e:
         run_demo(validate(DemoConfig, base), log=lambda m: None)
     assert "shards.videos" in str(e.value) and "made with 5" in str(e.value) and "says 2" in str(e.value)
+    (shards / "_SUCCESS").write_text("ok\n")  # a run folder from before the check: an older generator
+    with pytest.raises(ConfigError, match="older shard generator"):
+        run_demo(validate(DemoConfig, base), log=lambda m: None)
 
 
 def test_heldout_clips_come_in_reversed_pairs(tmp_path):

@@ -16,7 +16,7 @@ from pydantic import Field, field_validator
 
 from .config import Cfg, ConfigError, dump_config, validate
 from .data.media import SamplingConfig
-from .data.synth import MakeShardsConfig, make_shards
+from .data.synth import SYNTH_VERSION, MakeShardsConfig, make_shards
 from .inspect_ import format_report, inspect_features
 from .models.vision import VisionTowerConfig
 from .precompute import PrecomputeConfig, run_precompute
@@ -89,8 +89,12 @@ def _train_cfg(cfg: DemoConfig, name: str, st: DemoStageConfig, **kw):
 
 def _check_same_shards(old: dict, new: dict, where: str) -> None:
     """Reusing shards made with other settings would silently train on the wrong data: refuse instead."""
-    problems = [(f"shards.{k}", f"the shards in {where} were made with {old.get(k)!r}, this config says {v!r}")
-                for k, v in new.items() if k != "storage" and old.get(k) != v]
+    if old.get("synth_version") != new["synth_version"]:
+        problems = [("shards", f"the shards in {where} were made by an older shard generator (version "
+                               f"{old.get('synth_version')}, now {new['synth_version']})")]
+    else:
+        problems = [(f"shards.{k}", f"the shards in {where} were made with {old.get(k)!r}, this config says {v!r}")
+                    for k, v in new.items() if k != "storage" and old.get(k) != v]
     if problems:
         problems.append(("root", "use another root, or delete the old shards (and the features/train folders "
                                  "made from them) to rebuild"))
@@ -107,11 +111,12 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     n_steps = (7 if ablate else 6) if cfg.train else 2
     marker = join(shards_cfg.out, "_SUCCESS")
     sfs, _ = get_fs(shards_cfg.out)
-    made_with = shards_cfg.model_dump(mode="json")
+    made_with = {**shards_cfg.model_dump(mode="json"), "synth_version": SYNTH_VERSION}
     if sfs.exists(marker):
         recorded = sfs.cat(marker).decode()
-        if recorded.lstrip().startswith("{"):  # older run folders hold a bare "ok": nothing to compare
-            _check_same_shards(json.loads(recorded), made_with, shards_cfg.out)
+        # run folders of vlp before the check hold a bare "ok": made by synth version 1
+        _check_same_shards(json.loads(recorded) if recorded.lstrip().startswith("{") else {"synth_version": 1},
+                           made_with, shards_cfg.out)
         log(f"[vlp] step 1/{n_steps} shards: reused {shards_cfg.out}")
         written = None
     else:

@@ -23,6 +23,10 @@ from ..config import Cfg
 from ..storage import StorageConfig, get_fs, join
 from .tario import write_tar
 
+# Bump when make_shards writes different samples for the same config (2: held-out clips in reversed,
+# lossless pairs). The demo records it with the settings its shards were made with and refuses stale ones.
+SYNTH_VERSION = 2
+
 COLORS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (30, 60, 230), "yellow": (235, 215, 20)}
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
