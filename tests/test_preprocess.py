@@ -114,3 +114,21 @@ def test_resize_rule_matches_transformers():
 def test_bad_frame_shape_is_a_clear_error():
     with pytest.raises(ValueError, match=r"\(T, H, W, 3\)"):
         clip_preprocess(np.zeros((2, 3, 64, 64), np.uint8))
+
+
+def test_normalize_equals_the_plain_formula_and_leaves_its_input_alone():
+    """normalize works in place on one float copy: same values as ((x / 255 - mean) / std), bit for bit, for
+    uint8 and float input, and never writes into the caller's tensor (x.float() of a float tensor is x)."""
+    from vlp.data.preprocess import normalize
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    u8 = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8, generator=g)
+    for x in (u8, u8.float()):
+        before = x.clone()
+        got = normalize(x, mean, std)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, (x.float() / 255.0 - m) / s)
+        assert torch.equal(x, before)
+    assert normalize(u8, mean, std, torch.bfloat16).dtype == torch.bfloat16
