@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 
@@ -89,7 +90,7 @@ def make_report(out_dir: str | Path, train_runs: dict[str, str], feature_sets: d
         if s:
             _plot(out / fname, title, ylabel, s)
             pngs.append((title, fname))
-    errors: dict[str, int] = {}
+    errors: Counter[str] = Counter()
     rows = []
     for name, uri in feature_sets.items():
         sp = Path(uri) / "summary.json"
@@ -99,14 +100,14 @@ def make_report(out_dir: str | Path, train_runs: dict[str, str], feature_sets: d
         m = json.loads(man.read_text())
         s = json.loads(sp.read_text()) if sp.exists() else {}
         for k, v in s.get("errors_by_reason", {}).items():
-            errors[f"{name}: {k}"] = errors.get(f"{name}: {k}", 0) + v
+            errors[f"{name}: {k}"] += v
         rows.append(f"| {name} | {m['totals']['samples_ok']} | {m['totals']['samples_failed']} | {m['mode']} | "
                     f"{len(m['shards'])} |")
     for name, d in train_runs.items():  # samples training skipped (over-long, bad conversation), by reason
         ts = Path(d) / "train_summary.json"
         skipped = json.loads(ts.read_text()).get("skipped", {}) if ts.exists() else {}
         for k, v in skipped.items():
-            errors[f"{name}: skipped, {k}"] = errors.get(f"{name}: skipped, {k}", 0) + v
+            errors[f"{name}: skipped, {k}"] += v
     _plot(out / "errors.png", "Error records by reason", "", {k: ([0], [v]) for k, v in errors.items()} or
           {"no errors": ([0], [0])}, kind="bar")
     pngs.append(("Error records by reason", "errors.png"))

@@ -1,7 +1,7 @@
 """Tiny, locally built models: the same load path as real checkpoints, no downloads.
 
-``preset:tiny-clip`` / ``preset:tiny-clip-synth`` / ``preset:tiny-llama`` / ``preset:tiny-tokenizer`` resolve to folders under the
-vlp cache (``$VLP_CACHE``, default ``~/.cache/vlp``), built deterministically on first use with
+``preset:tiny-clip`` / ``preset:tiny-clip-synth`` / ``preset:tiny-llama`` / ``preset:tiny-tokenizer`` resolve to
+folders under the vlp cache (``$VLP_CACHE``, default ``~/.cache/vlp``), built deterministically on first use with
 ``save_pretrained`` and then always loaded through ``from_pretrained``, exactly like
 ``openai/clip-vit-large-patch14`` or a Vicuna checkpoint would be.
 """
@@ -95,7 +95,7 @@ def build_tiny_clip(out: Path, image_size: int = 224) -> None:
 
 @PRESETS.register("tiny-clip-synth")
 def build_tiny_clip_synth(out: Path) -> None:
-    """``tiny-clip`` at 112 px (patch 14 -> 64 patches + CLS, so T + 64 Valley tokens) trained ~20 s on single
+    """``tiny-clip`` at 112 px (patch 14 -> 64 patches + CLS, so T + 64 Valley tokens) trained ~20-40 s on single
     synthetic frames so that its CLS tokens know colour, shape and position: the demo's stand-in for a
     pretrained CLIP (see vlp.models.synth_tower). The smaller grid makes the demo's sequences ~3x shorter, which
     is what lets stage 2 run enough steps in the demo's budget. Build stats in pretraining.json."""

@@ -3,7 +3,7 @@
 A real CLIP ViT-L/14 arrives knowing colours, shapes and where things are in the picture; a randomly
 initialised tiny one knows none of it (its per-frame CLS tokens carry almost no position, so no pooler can
 show what Valley's temporal CLS tokens buy). ``preset:tiny-clip-synth`` therefore trains the tiny tower
-for a few hundred steps (~40 s on 2 CPU cores) on single synthetic frames: linear heads on the CLS token of
+for 600 steps (~20-40 s on 2 CPU cores) on single synthetic frames: linear heads on the CLS token of
 the layer the features are taken from (penultimate) predict the shape's colour, its kind and its (x, y)
 position. It never sees a clip, a direction, a caption or a held-out sample; the tower is frozen afterwards
 like any CLIP. Position embeddings start as fixed 2-D sin-cos codes (as MAE's), which makes position

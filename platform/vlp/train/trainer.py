@@ -55,10 +55,10 @@ def _mixed_encoders(infos: list[dict]) -> list[str]:
     for i, inf in enumerate(infos[1:], 1):
         fp = inf["fingerprint"]
         for part in ("encoder", "preprocess"):
-            diff = sorted(k for k in set(ref[part]) | set(fp[part]) if ref[part].get(k) != fp[part].get(k))
+            diff = _diff(ref[part], fp[part])
             if diff:
                 out.append(f"data.sets[{i}]: made with another {part} than data.sets[0] "
-                           f"({', '.join(f'{k}: {ref[part].get(k)!r} vs {fp[part].get(k)!r}' for k in diff)})")
+                           f"({', '.join(f'{k}: {a!r} vs {b!r}' for k, a, b in diff)})")
     return out
 
 
