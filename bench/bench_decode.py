@@ -9,7 +9,7 @@ reported as output frames/s (8 sampled frames per clip) and as ratios against ra
 the same rounds; the spread of the per-round ratios shows how noisy the machine was.
 
 Clips: the demo videos in ../shared/media/llamafactory_mllm_demo (*.mp4 and 2.avi) when that folder
-exists, and always synthetic 596x336 clips (5 s at 25 fps, libx264) made with vlp.data.synth.
+exists, and always synthetic 596x336 clips (5 s at 25 fps, libx264) made with vlp.synth.shards.
 
 Methods, group "decode" (ratios vs raw_decord):
   raw_decord         decord.VideoReader(io.BytesIO(data)) (library default threads); uniform 8 indices;
@@ -57,7 +57,7 @@ def uniform_idx(n: int, t: int = T) -> np.ndarray:
 
 
 def load_clips(n_synth: int) -> list[dict]:
-    from vlp.data.synth import Attributes, encode_mp4, render_clip
+    from vlp.synth.shards import Attributes, encode_mp4, render_clip
 
     clips = []
     if SHARED_MEDIA.is_dir():

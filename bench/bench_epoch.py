@@ -23,7 +23,7 @@ from _benchutil import WORK, loadavg, spread, write_json
 
 def feature_set(n: int) -> str:
     from vlp.config import validate
-    from vlp.demo import DemoConfig, run_demo
+    from vlp.synth.demo import DemoConfig, run_demo
 
     root = WORK / f"epoch-{n}"
     cfg = validate(DemoConfig, {"root": str(root), "train": False, "ray": {"progress_bars": False},

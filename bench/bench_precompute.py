@@ -32,7 +32,7 @@ to account for the machine's CPU time: the run's own processes by role, and "oth
 busy neighbour makes the numbers unreliable: the JSON and the output say how busy it was;
 --wait-quiet waits for a quiet machine before each run).
 
-Inputs: synthetic 596x336 clips (5 s at 25 fps, libx264) made with vlp.data.synth.make_shards, tiled
+Inputs: synthetic 596x336 clips (5 s at 25 fps, libx264) made with vlp.synth.shards.make_shards, tiled
 into 16-sample shards (each clip appears several times under distinct keys, so generating them
 stays cheap), cached under $VLP_CACHE/bench (default ~/.cache/vlp/bench).
 """
@@ -86,7 +86,7 @@ NOISY = 0.05  # share of the machine's CPU taken by other processes above which 
 
 def prepare_shards(n_samples: int, per_shard: int, distinct: int, warmup: int) -> tuple[list[str], list[str]]:
     """(timed shard paths, warm-up shard paths), generated once and cached under $VLP_CACHE/bench (default ~/.cache/vlp/bench)."""
-    from vlp.data.synth import MakeShardsConfig, make_shards
+    from vlp.synth.shards import MakeShardsConfig, make_shards
     from vlp.data.tario import RawSample, iter_tar_samples, write_tar
 
     n_shards = -(-n_samples // per_shard)

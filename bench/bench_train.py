@@ -5,7 +5,7 @@
 Writes bench/results/train.json (train.quick.json with --quick). Every number that depends on how busy
 the machine is comes as a ratio against a baseline measured in the same script, interleaved in rounds.
 
-Inputs: demo feature sets made with ``vlp.demo.run_demo(train=false)`` (synthetic 8-frame clips and
+Inputs: demo feature sets made with ``vlp.synth.demo.run_demo(train=false)`` (synthetic 8-frame clips and
 images, preset:tiny-clip features, Valley-pooled: 264 visual tokens per video, 257 per image; the
 instruction set has 480 conversations, a quarter of them on images), made once and cached under
 $VLP_CACHE/bench/train (default ~/.cache/vlp/bench/train). Model everywhere: VideoLLM with
@@ -86,7 +86,7 @@ def feature_root() -> Path:
     root = TRAIN_WORK / f"demo-v1-{key}"
     if not (root / ".complete").exists():
         from vlp.config import validate
-        from vlp.demo import DemoConfig, run_demo
+        from vlp.synth.demo import DemoConfig, run_demo
 
         shutil.rmtree(root, ignore_errors=True)
         t0 = time.perf_counter()
@@ -105,7 +105,7 @@ def read_feature_rows(uri: str) -> list[dict]:
     """Committed rows of a feature set, features as stored (fp16 bytes), like the training pipeline sees them."""
     import pyarrow.parquet as pq
 
-    from vlp.precompute.features import feature_parts
+    from vlp.formats.featureset import feature_parts
 
     rows = []
     for p in feature_parts(uri):
@@ -238,7 +238,7 @@ def plain_job(spec: dict) -> dict:
         from transformers import AutoTokenizer
 
         from vlp.models.presets import resolve_model_path
-        from vlp.train.export import export_model
+        from vlp.formats.export import export_model
 
         torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, f"{d}/state.pt")
         export_model(model, AutoTokenizer.from_pretrained(resolve_model_path(_tok_path())), f"{d}/export")
@@ -828,7 +828,7 @@ def decode_frames(root: Path, uids: set[str]) -> dict:
     import torch
 
     from vlp.data.media import DecodeConfig, SamplingConfig
-    from vlp.precompute.features import get_json
+    from vlp.formats.featureset import get_json
     from vlp.precompute.stages import DecodeFrames, ReadShard, shape_of
 
     fp = get_json(str(root / "features" / "instruct"), "fingerprint.json")
@@ -852,7 +852,7 @@ def bench_online(root: Path, rounds: int, steps_per_block: int) -> dict:
     from vlp.data.preprocess import normalize
     from vlp.models.videollm import VideoLLM
     from vlp.models.vision import VisionTowerConfig, build_vision_tower
-    from vlp.precompute.features import get_json
+    from vlp.formats.featureset import get_json
     from vlp.train.data import length_grouped
 
     torch.set_num_threads(1)

@@ -48,7 +48,7 @@ def tiny_clip_path() -> str:
 @pytest.fixture(scope="session")
 def synth_shards(tmp_path_factory) -> Path:
     """A small synthetic shard set: 2 webvid, 1 cc3m, 1 instruct, 1 heldout shard."""
-    from vlp.data.synth import MakeShardsConfig, make_shards
+    from vlp.synth.shards import MakeShardsConfig, make_shards
 
     out = tmp_path_factory.mktemp("shards")
     make_shards(MakeShardsConfig(out=str(out), videos=12, images=6, instructions=6, heldout=6,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vlp.data.preprocess import clip_preprocess
-from vlp.data.synth import Attributes, render_clip
+from vlp.synth.shards import Attributes, render_clip
 from vlp.models.videollm import POOLERS
 
 OPPOSITE = [("left", "right"), ("up", "down")]
@@ -54,7 +54,7 @@ def test_patch_mean_is_blind_to_order_and_valley_is_not(tower, a, b):
 
 def test_unknown_ablation_pooler_fails_at_config_load():
     from vlp.config import ConfigError, validate
-    from vlp.demo import DemoConfig
+    from vlp.synth.demo import DemoConfig
 
     with pytest.raises(ConfigError, match="ablation_pooler"):
         validate(DemoConfig, {"ablation_pooler": "mean_of_everything"})
@@ -66,14 +66,14 @@ def test_demo_refuses_to_reuse_shards_made_with_other_settings(tmp_path):
 
     """A re-run with changed shard settings must not silently train on the old shards."""
     from vlp.config import ConfigError, validate
-    from vlp.demo import DemoConfig, run_demo
+    from vlp.synth.demo import DemoConfig, run_demo
 
     base = {"root": str(tmp_path / "demo"), "train": False,
             "shards": {"videos": 2, "images": 0, "instructions": 0, "heldout": 0, "samples_per_shard": 2}}
     shards = tmp_path / "demo" / "shards"
     shards.mkdir(parents=True)
     made = validate(DemoConfig, base).shards.model_copy(update={"out": str(shards)}).model_dump(mode="json")
-    from vlp.data.synth import SYNTH_VERSION
+    from vlp.synth.shards import SYNTH_VERSION
 
     (shards / "_SUCCESS").write_text(json.dumps(made | {"videos": 5, "synth_version": SYNTH_VERSION}))
     with pytest.raises(ConfigError) as e:
@@ -90,7 +90,7 @@ def test_heldout_clips_come_in_reversed_pairs(tmp_path):
     import json
 
     from vlp.data.media import DecodeConfig, SamplingConfig, decode_video_pyav
-    from vlp.data.synth import OPPOSITE, MakeShardsConfig, make_shards
+    from vlp.synth.shards import OPPOSITE, MakeShardsConfig, make_shards
     from vlp.data.tario import iter_tar_samples
 
     make_shards(MakeShardsConfig(out=str(tmp_path), videos=0, images=0, instructions=0, heldout=4,
@@ -114,7 +114,7 @@ def test_demo_tower_encodes_position_in_its_cls_token():
     import json
     from pathlib import Path
 
-    from vlp.data.synth import render_stills
+    from vlp.synth.shards import render_stills
     from vlp.models.presets import resolve_model_path
     from vlp.models.vision import VisionTowerConfig, build_vision_tower
 

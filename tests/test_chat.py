@@ -19,7 +19,7 @@ def export(tmp_path_factory):
 
     from vlp.models.presets import resolve_model_path
     from vlp.models.videollm import ModelConfig, VideoLLM
-    from vlp.train.export import export_model
+    from vlp.formats.export import export_model
 
     torch.manual_seed(0)
     model = VideoLLM(validate(ModelConfig, {"vision_hidden_size": 64}))
@@ -35,7 +35,7 @@ def export(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    from vlp.data.synth import Attributes, encode_jpeg, encode_mp4, render_clip
+    from vlp.synth.shards import Attributes, encode_jpeg, encode_mp4, render_clip
 
     d = tmp_path_factory.mktemp("media")
     frames = render_clip(Attributes("red", "square", "left"), np.random.default_rng(0), 64, 96, 12)

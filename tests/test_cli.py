@@ -106,10 +106,10 @@ def test_eval_command_on_a_tiny_export_and_the_heldout_features(shrunk_demo, tmp
     from transformers import AutoTokenizer
 
     from vlp.config import validate
-    from vlp.evaluate import evaluate
+    from vlp.eval.synthetic import evaluate
     from vlp.models.presets import resolve_model_path
     from vlp.models.videollm import ModelConfig, VideoLLM
-    from vlp.train.export import export_model
+    from vlp.formats.export import export_model
 
     feats = shrunk_demo[0] / "features" / "heldout"
     fp = json.loads((feats / "fingerprint.json").read_text())

@@ -28,7 +28,7 @@ def _losses(run_dir) -> list[float]:
 
 
 def test_demo_end_to_end_learns_and_the_ablation_shows_what_cls_tokens_buy(ray_local, tmp_path):
-    from vlp.demo import DemoConfig, run_demo
+    from vlp.synth.demo import DemoConfig, run_demo
 
     root = tmp_path / "demo"
     cfg = load_config(DemoConfig, ROOT / "configs/local/demo.yaml", [f"root={root}", "ray.progress_bars=false"])

@@ -12,7 +12,7 @@ from PIL import Image
 
 from vlp.data.media import (DecodeConfig, MediaError, SamplingConfig, decode_image, decode_media,
                             decode_video_decord, decode_video_pyav, sample_indices, sniff)
-from vlp.data.synth import Attributes, encode_jpeg, encode_mp4, render_clip
+from vlp.synth.shards import Attributes, encode_jpeg, encode_mp4, render_clip
 
 UNIFORM8 = SamplingConfig()
 DEC = DecodeConfig()

@@ -122,7 +122,7 @@ def test_missing_shards_fail_before_any_work(tmp_path):
 
 def test_killed_run_leaves_nothing_complete_and_resume_is_exactly_once(ray_local, tmp_path):
     """SIGKILL a precompute run mid-way; readers see only committed shards; the rerun ends exactly once."""
-    from vlp.data.synth import MakeShardsConfig, make_shards
+    from vlp.synth.shards import MakeShardsConfig, make_shards
 
     shards = tmp_path / "shards"
     make_shards(MakeShardsConfig(out=str(shards), videos=40, images=0, instructions=0, heldout=0,
@@ -191,7 +191,7 @@ def _by_hand(tower_path: str, frames: torch.Tensor, mean, std) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def wide_photo() -> bytes:
     """A 64x96 (non-square) JPEG, so that pad_to_square shows its colour."""
-    from vlp.data.synth import Attributes, encode_jpeg, render_clip
+    from vlp.synth.shards import Attributes, encode_jpeg, render_clip
 
     return encode_jpeg(render_clip(Attributes("red", "square", "left"), np.random.default_rng(0), 64, 96, 1)[0])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from vlp.report import make_report
+from vlp.synth.report import make_report
 
 
 def _run(d, losses, skipped):

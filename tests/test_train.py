@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.fixture(scope="session")
 def demo_features(ray_local, tmp_path_factory) -> Path:
-    from vlp.demo import DemoConfig, run_demo
+    from vlp.synth.demo import DemoConfig, run_demo
 
     root = tmp_path_factory.mktemp("traindemo")
     run_demo(validate(DemoConfig, {"root": str(root), "shards": {"videos": 16, "images": 8, "instructions": 16,
@@ -179,7 +179,7 @@ def test_rerunning_the_same_command_resumes_an_unfinished_run(demo_features, tmp
 
 def _probe_matches_export(summary: dict) -> "torch.Tensor":
     """Reload the export and run the loop's probe: the logits must equal the trained engine's."""
-    from vlp.train.export import probe_logits
+    from vlp.formats.export import probe_logits
 
     probe = summary["probe"]
     assert probe is not None and len(probe["logits"]) > 0
@@ -235,6 +235,6 @@ def test_zero3_trains_resumes_from_a_checkpoint_and_exports_full_weights(demo_fe
     assert set(weights) == set(base) and all(weights[k].shape == base[k].shape for k in base)  # gathered, not shards
     assert any(not torch.equal(base[k], weights[k]) for k in base)
     model = _probe_matches_export(s)
-    from vlp.train.export import probe_logits
+    from vlp.formats.export import probe_logits
 
     assert torch.isfinite(probe_logits(model, s["probe"])).all()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from vlp.data.media import DecodeConfig, SamplingConfig
-from vlp.data.synth import Attributes, encode_jpeg, encode_mp4, render_clip
+from vlp.synth.shards import Attributes, encode_jpeg, encode_mp4, render_clip
 from vlp.data.tario import write_tar
 from vlp.precompute.stages import DecodeFrames, ReadShard, _batch, _rows
 

@@ -112,7 +112,7 @@ def test_generation_greedy_is_deterministic_and_stops_on_eos(model, tok):
 def test_lora_export_merges_adapters_and_reloads(tmp_path, tok):
     from peft import LoraConfig, get_peft_model
 
-    from vlp.train.export import export_model, load_model
+    from vlp.formats.export import export_model, load_model
 
     torch.manual_seed(0)
     m = VideoLLM(validate(ModelConfig, {"vision_hidden_size": 64}))

@@ -19,7 +19,7 @@ class ChatSession:
 
     def __init__(self, export_dir: str, device: str = "cpu"):
         from .models.vision import VisionTowerConfig, build_vision_tower
-        from .train.export import load_model
+        from .formats.export import load_model
 
         self.model, self.tok, self.info = load_model(export_dir, device)
         enc = self.info["encoder"]

@@ -12,7 +12,8 @@ import json
 import sys
 from typing import Callable, Sequence
 
-from .config import ConfigError, dump_config, load_config
+from .config import dump_config, load_config
+from .errors import UserError
 
 
 def _load(cls, args):
@@ -25,7 +26,7 @@ def _load(cls, args):
 
 
 def _cmd_make_shards(args) -> int:
-    from .data.synth import MakeShardsConfig, make_shards
+    from .synth.shards import MakeShardsConfig, make_shards
 
     cfg = _load(MakeShardsConfig, args)
     if cfg is None:
@@ -61,22 +62,18 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .train import TrainConfig, TrainSetupError, run_train
+    from .train import TrainConfig, run_train
 
     cfg = _load(TrainConfig, args)
     if cfg is None:
         return 0
-    try:
-        run_train(cfg)
-    except TrainSetupError as e:
-        print(f"vlp train: {e}", file=sys.stderr)
-        return 2
+    run_train(cfg)
     return 0
 
 
 def _cmd_eval(args) -> int:
     from .config import validate
-    from .evaluate import evaluate
+    from .eval.synthetic import evaluate
     from .storage import StorageConfig
 
     storage = validate(StorageConfig, {k: v for k, v in {"endpoint_url": args.endpoint_url}.items() if v})
@@ -111,7 +108,7 @@ def _cmd_infer(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import DemoConfig, run_demo
+    from .synth.demo import DemoConfig, run_demo
 
     cfg = _load(DemoConfig, args)
     if cfg is not None:
@@ -184,17 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except ConfigError as e:
-        print(f"vlp {args.cmd}: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # clear, known failures print without a traceback
-        from .precompute.pipeline import FeatureSetMismatch
-        from .storage import StorageError
-
-        if isinstance(e, (StorageError, FeatureSetMismatch)):
-            print(f"vlp {args.cmd}: error: {e}", file=sys.stderr)
-            return 1
-        raise
+    except UserError as e:  # the one handler of user mistakes: their message, no traceback
+        print(f"vlp {args.cmd}: error: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

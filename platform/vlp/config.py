@@ -14,6 +14,8 @@ from typing import Any, Sequence, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .errors import UserError
+
 C = TypeVar("C", bound="Cfg")
 
 
@@ -23,7 +25,7 @@ class Cfg(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config failed validation; ``problems`` holds (dotted path, message) pairs."""
 
     def __init__(self, problems: list[tuple[str, str]], source: str = ""):

@@ -9,8 +9,8 @@ CONFIG_KINDS: Registry[type[Cfg]] = Registry("config kind")
 
 
 def _register() -> None:
-    from .data.synth import MakeShardsConfig
-    from .demo import DemoConfig
+    from .synth.shards import MakeShardsConfig
+    from .synth.demo import DemoConfig
     from .infer import InferConfig
     from .precompute import PrecomputeConfig
     from .train import TrainConfig

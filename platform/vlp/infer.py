@@ -47,7 +47,7 @@ class AnswerBatch:
 
         from .data.preprocess import model_geometry
         from .models.vision import VisionTowerConfig, build_vision_tower
-        from .train.export import load_model
+        from .formats.export import load_model
 
         torch.set_grad_enabled(False)
         self.device = device

@@ -7,7 +7,7 @@ from collections import Counter
 
 from .data.media import DecodeConfig, MediaError, SamplingConfig, decode_media, sniff
 from .data.tario import TarProblem, iter_tar_samples
-from .precompute.features import committed_shards, get_json
+from .formats.featureset import committed_shards, get_json
 from .precompute.stages import parse_sample
 from .storage import StorageConfig, expand_shards, get_fs
 

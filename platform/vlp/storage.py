@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob as _glob
 import os
+import time
 from typing import Optional
 
 import fsspec
@@ -15,6 +16,7 @@ from braceexpand import braceexpand
 from pydantic import Field
 
 from .config import Cfg
+from .errors import UserError
 
 
 class StorageConfig(Cfg):
@@ -26,8 +28,10 @@ class StorageConfig(Cfg):
     profile: Optional[str] = Field(None, description="AWS profile name from ~/.aws/credentials")
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A store could not be reached or read; the message says what to check."""
+
+    exit_code = 1  # the store, not the command line, needs fixing
 
 
 def is_remote(uri: str) -> bool:
@@ -59,6 +63,99 @@ def get_fs(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.Abstr
 def join(base: str, *parts: str) -> str:
     base = base.rstrip("/")
     return "/".join([base, *[p.strip("/") for p in parts]])
+
+
+def write_atomic(uri: str, data: bytes | str, storage: StorageConfig | None = None) -> None:
+    """Write a whole file so that a reader sees the old content or the new, never a torn one: a temp file in the
+    same folder + rename locally, a single PUT on object stores (atomic there). Creates parent folders."""
+    if isinstance(data, str):
+        data = data.encode()
+    fs, path = get_fs(uri, storage)
+    fs.makedirs(path.rsplit("/", 1)[0] or "/", exist_ok=True)
+    if is_remote(uri):
+        with fs.open(path, "wb") as f:
+            f.write(data)
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_bytes(uri: str, storage: StorageConfig | None = None) -> Optional[bytes]:
+    """The whole file, or None when it does not exist."""
+    fs, path = get_fs(uri, storage)
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+class Appender:
+    """Append-only text log (metrics.jsonl, samples.jsonl) on local disk or an object store.
+
+    Locally every :meth:`write` appends to the file. Object stores cannot append, and rewriting the object on every
+    write makes the traffic quadratic in its length; here writes are buffered and each :meth:`flush` PUTs the buffer
+    as a new part ``<uri>.parts/<n>`` (every byte is uploaded once). A flush happens when the buffer holds
+    ``flush_bytes`` or ``flush_s`` seconds passed since the last one, and on :meth:`close`. A new Appender on the
+    same URI (a resumed run) continues the part numbering. Read the whole log back with :func:`read_appended`."""
+
+    def __init__(self, uri: str, storage: StorageConfig | None = None, flush_bytes: int = 1 << 20,
+                 flush_s: float = 30.0):
+        self.uri, self.storage, self.flush_bytes, self.flush_s = uri, storage, flush_bytes, flush_s
+        self.remote = is_remote(uri)
+        self._buf: list[str] = []
+        self._size, self._last = 0, time.monotonic()
+        self._next = _next_part(uri, storage) if self.remote else 0
+        if not self.remote:
+            os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+
+    def write(self, text: str) -> None:
+        if not self.remote:
+            with open(self.uri, "a") as f:
+                f.write(text)
+            return
+        self._buf.append(text)
+        self._size += len(text)
+        if self._size >= self.flush_bytes or time.monotonic() - self._last >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buf:
+            write_atomic(join(self.uri + ".parts", f"{self._next:08d}"), "".join(self._buf), self.storage)
+            self._next += 1
+            self._buf, self._size = [], 0
+        self._last = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+
+
+def _next_part(uri: str, storage: StorageConfig | None) -> int:
+    fs, path = get_fs(uri + ".parts", storage)
+    fs.invalidate_cache(path)
+    try:
+        names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return 0
+    return max((int(n) + 1 for n in names if n.isdigit()), default=0)
+
+
+def read_appended(uri: str, storage: StorageConfig | None = None) -> str:
+    """The whole text of an :class:`Appender` log: the file itself (local, or written whole) then its parts."""
+    head = read_bytes(uri, storage) or b""
+    if not is_remote(uri):
+        return head.decode()
+    fs, path = get_fs(uri + ".parts", storage)
+    fs.invalidate_cache(path)
+    try:
+        parts = sorted(p for p in fs.ls(path, detail=False) if p.rsplit("/", 1)[-1].isdigit())
+    except FileNotFoundError:
+        parts = []
+    return head.decode() + "".join(fs.cat(p).decode() for p in parts)
 
 
 def describe_storage_error(uri: str, exc: BaseException) -> str:

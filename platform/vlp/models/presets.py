@@ -55,7 +55,7 @@ def resolve_model_path(path: str) -> str:
 
 
 def _corpus() -> list[str]:
-    from ..data.synth import vocabulary_corpus
+    from ..synth.shards import vocabulary_corpus
 
     return vocabulary_corpus()
 
@@ -97,13 +97,13 @@ def build_tiny_clip(out: Path, image_size: int = 224) -> None:
 def build_tiny_clip_synth(out: Path) -> None:
     """``tiny-clip`` at 112 px (patch 14 -> 64 patches + CLS, so T + 64 Valley tokens) trained ~20-40 s on single
     synthetic frames so that its CLS tokens know colour, shape and position: the demo's stand-in for a
-    pretrained CLIP (see vlp.models.synth_tower). The smaller grid makes the demo's sequences ~3x shorter, which
+    pretrained CLIP (see vlp.synth.tower). The smaller grid makes the demo's sequences ~3x shorter, which
     is what lets stage 2 run enough steps in the demo's budget. Build stats in pretraining.json."""
     import json
 
     from transformers import CLIPVisionModel
 
-    from .synth_tower import pretrain_on_stills
+    from ..synth.tower import pretrain_on_stills
 
     build_tiny_clip(out, image_size=112)
     model = CLIPVisionModel.from_pretrained(out)

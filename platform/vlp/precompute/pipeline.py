@@ -18,15 +18,18 @@ from typing import Optional
 
 from .. import __version__
 from ..config import dump_config
+from ..errors import UserError
 from ..data.preprocess import RESAMPLER
 from ..storage import StorageConfig, expand_shards, get_fs, join
 from .config import PrecomputeConfig
-from .features import committed_shards, get_json, put_bytes, put_json
+from ..formats.featureset import committed_shards, get_json, put_bytes, put_json
 from .stages import DecodeFrames, EncodeFeatures, ReadShard, WriteParts
 
 
-class FeatureSetMismatch(RuntimeError):
+class FeatureSetMismatch(UserError, RuntimeError):
     """The output folder holds features computed with a different config."""
+
+    exit_code = 1
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from ..data.conversation import IGNORE_INDEX, VISUAL_TOKEN_INDEX, caption_conversation, tokenize_conversation
-from ..precompute.features import get_json
+from ..formats.featureset import get_json
 from ..storage import StorageConfig, get_fs
 
 _STATE_CACHE: dict[str, tuple[float, dict]] = {}

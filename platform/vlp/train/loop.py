@@ -84,7 +84,7 @@ def _fs_append(path: str, text: str) -> None:
 def build_model(cfg: TrainConfig, load_init: bool = True):
     """VideoLLM of the run (connector from ``init_from``, LoRA adapters when enabled), before DeepSpeed."""
     from ..models.videollm import VideoLLM
-    from .export import load_connector
+    from ..formats.export import load_connector
 
     model = VideoLLM(cfg.model)
     if load_init and cfg.model.connector.init_from:
@@ -105,7 +105,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    from .export import export_model, probe_logits
+    from ..formats.export import export_model, probe_logits
 
     cfg = TrainConfig.model_validate(config["cfg"])
     meta = config["meta"]

@@ -10,13 +10,14 @@ from pathlib import Path
 import yaml
 
 from ..config import ConfigError, dump_config
+from ..errors import UserError
 from ..storage import get_fs, join
 from .config import TrainConfig
 from .data import DropSeen, Mixture, Tokenize, feature_set_info, mixture_passes
 from .memory import BF16_GPUS, GPU_MEMORY_GB, preflight, resolve_precision
 
 
-class TrainSetupError(ValueError):
+class TrainSetupError(UserError, ValueError):
     """The run cannot start; the message says why and what would work."""
 
 

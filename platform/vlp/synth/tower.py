@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.preprocess import clip_preprocess
-from ..data.synth import COLORS, SHAPES, render_stills
+from .shards import COLORS, SHAPES, render_stills
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:

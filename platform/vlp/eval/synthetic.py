@@ -18,10 +18,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .data.conversation import IGNORE_INDEX, prompt_ids, tokenize_conversation
-from .data.synth import COLORS, DIRECTIONS, OPPOSITE, QUESTIONS, SHAPES
-from .precompute.features import iter_feature_rows
-from .storage import StorageConfig
+from ..data.conversation import IGNORE_INDEX, prompt_ids, tokenize_conversation
+from ..synth.shards import COLORS, DIRECTIONS, OPPOSITE, QUESTIONS, SHAPES
+from ..formats.featureset import iter_feature_rows
+from ..storage import StorageConfig
 
 CANDIDATES = {"color": list(COLORS), "shape": list(SHAPES), "direction": list(DIRECTIONS)}
 
@@ -51,8 +51,8 @@ def score_answers(model, tok, template: str, question: str, answers: list[str], 
 def evaluate(export_dir: str, feature_uri: str, storage: StorageConfig | None = None,
              max_samples: Optional[int] = None, generate: bool = True, max_new_tokens: int = 12,
              pooler: Optional[str] = None) -> dict:
-    from .models.videollm import POOLERS
-    from .train.export import load_model
+    from ..models.videollm import POOLERS
+    from ..formats.export import load_model
 
     model, tok, info = load_model(export_dir)
     if pooler:  # evaluate an ablation (e.g. patch_mean) on the same weights

@@ -14,14 +14,14 @@ from typing import Optional
 
 from pydantic import Field, field_validator
 
-from .config import Cfg, ConfigError, dump_config, validate
-from .data.media import SamplingConfig
-from .data.synth import SYNTH_VERSION, MakeShardsConfig, make_shards
-from .inspect_ import format_report, inspect_features
-from .models.vision import VisionTowerConfig
-from .precompute import PrecomputeConfig, run_precompute
-from .runtime import RayConfig
-from .storage import get_fs, join
+from ..config import Cfg, ConfigError, dump_config, validate
+from ..data.media import SamplingConfig
+from .shards import SYNTH_VERSION, MakeShardsConfig, make_shards
+from ..inspect_ import format_report, inspect_features
+from ..models.vision import VisionTowerConfig
+from ..precompute import PrecomputeConfig, run_precompute
+from ..runtime import RayConfig
+from ..storage import get_fs, join
 
 
 class DemoShardsConfig(MakeShardsConfig):
@@ -67,7 +67,7 @@ class DemoConfig(Cfg):
     @field_validator("ablation_pooler")
     @classmethod
     def _known_pooler(cls, v):
-        from .models.videollm import POOLERS
+        from ..models.videollm import POOLERS
 
         return None if v is None else POOLERS.validate(v)
 
@@ -77,7 +77,7 @@ _COUNT = {"webvid": "videos", "cc3m": "images", "instruct": "instructions", "hel
 
 
 def _train_cfg(cfg: DemoConfig, name: str, st: DemoStageConfig, **kw):
-    from .train import TrainConfig
+    from ..train import TrainConfig
 
     return validate(TrainConfig, {
         "run_name": name, "output_dir": join(cfg.root, "train"), "stage": name, "epochs": st.epochs,
@@ -144,9 +144,9 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         log(f"[vlp] demo outputs are in {cfg.root}/")
         return results
 
-    from .evaluate import evaluate
+    from ..eval.synthetic import evaluate
     from .report import make_report
-    from .train import run_train
+    from ..train import run_train
 
     log(f"[vlp] step 3/{n_steps} stage 1: connector on captions, LLM frozen, ZeRO-{cfg.stage1.zero_stage}")
     s1 = run_train(_train_cfg(cfg, "stage1", cfg.stage1, data={

@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 
 from ..config import Cfg
 from ..storage import StorageConfig, get_fs, join
-from .tario import write_tar
+from ..data.tario import write_tar
 
 # Bump when make_shards writes different samples for the same config (2: held-out clips in reversed,
 # lossless pairs). The demo records it with the settings its shards were made with and refuses stale ones.

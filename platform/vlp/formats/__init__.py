@@ -1,0 +1,3 @@
+"""On-storage formats that one stage writes and others read: the feature set (``featureset``) and the model
+export (``export``). Each format lives in one module with its layout, commit markers, typed records and readers.
+May import: config, storage, models (the export builds a VideoLLM). Never imports precompute, train or cli."""
