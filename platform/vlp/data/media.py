@@ -264,23 +264,76 @@ def _pyav_selective(data: bytes, pts: list[int], want_ranks: set[int], cfg: Deco
     return None  # a wanted frame never came out (corrupt stream?): let the full decode judge
 
 
-def decode_video_pyav(data: bytes, sampling: SamplingConfig, cfg: DecodeConfig) -> Decoded:
+def _pyav_probe(data: bytes) -> tuple[Optional[list[int]], float, bool]:
+    """Pass 1, demux only (no decoding): (packet pts or None when the container carries none, time base, whether
+    the pts are true presentation times)."""
     import av
 
+    with av.open(io.BytesIO(data), mode="r") as c:
+        if not c.streams.video:
+            raise MediaError("pyav: no video stream")
+        st = c.streams.video[0]
+        tb = float(st.time_base) if st.time_base else 1.0
+        pts = [p.pts for p in c.demux(st) if p.size > 0 and p.pts is not None]
+        # containers whose packets carry true presentation times (ISO BMFF via ctts, Matroska);
+        # AVI and raw streams may carry decode-order stamps, which would make pts ranks lie
+        real_pts = bool(_REAL_PTS_FORMATS & set((c.format.name or "").split(",")))
+    return pts or None, tb, real_pts
+
+
+def _pyav_full(data: bytes, tb: float, want: Optional[set[int]], cfg: DecodeConfig
+               ) -> tuple[list[float], dict[int, np.ndarray]]:
+    """Pass 2, a full decode: (time of every decoded frame, {decode index: (H, W, 3) uint8} of the frames in
+    ``want``, or of every frame when ``want`` is None)."""
+    import av
+
+    with av.open(io.BytesIO(data), mode="r") as c:
+        st = c.streams.video[0]
+        st.thread_type = "AUTO" if cfg.threads != 1 else "SLICE"
+        rate = float(st.average_rate or st.guessed_rate or 0) or 25.0  # for frames without pts
+        decoded_pts: list[float] = []
+        kept: dict[int, np.ndarray] = {}
+        size0: Optional[tuple[int, int]] = None
+        for i, fr in enumerate(c.decode(st)):
+            decoded_pts.append(float(fr.pts * tb) if fr.pts is not None else i / rate)
+            if size0 is None:
+                size0 = (fr.width, fr.height)
+            if want is None or i in want:
+                if want is not None:
+                    _check_pixels(fr.height, fr.width, cfg)
+                kept[i] = _to_rgb(fr, size0)
+    return decoded_pts, kept
+
+
+def _pick_decoded(decoded_pts: list[float], kept: dict[int, np.ndarray], want: Optional[set[int]],
+                  n_hint: Optional[int], sampling: SamplingConfig) -> tuple[np.ndarray, np.ndarray, int]:
+    """(frames (T, H, W, 3), their times, frames decoded) from a full decode's output."""
+    n = len(decoded_pts)
+    if n == 0:
+        raise MediaError("pyav: no decodable frames (unsupported codec or corrupt stream)")
+    # frames come out of the decoder in presentation order, but their pts can be out of order when the
+    # container has no real pts (h264 in AVI) or timestamps restart: the i-th frame gets the i-th time
+    times = np.sort(np.asarray(decoded_pts, dtype=np.float64))
+    times = times - times[0]
+    idx = sample_indices(n, sampling, times, None)
+    if want is not None and n != n_hint:
+        # counts disagreed (corrupt tail, b-frames dropped): map each wanted index to the nearest kept frame
+        if not kept:
+            raise MediaError("pyav: none of the sampled frames decoded")
+        arr_av = np.asarray(sorted(kept))
+        idx = arr_av[np.abs(arr_av[None, :] - idx[:, None]).argmin(1)]
+    elif want is not None:
+        missing = [i for i in idx.tolist() if i not in kept]
+        if missing:
+            raise MediaError(f"pyav: frames {missing[:5]} did not decode")
+    return np.stack([kept[i] for i in idx.tolist()]), times[idx], n
+
+
+def decode_video_pyav(data: bytes, sampling: SamplingConfig, cfg: DecodeConfig) -> Decoded:
+    """PyAV: probe the packets' times, sample from them, then decode selectively (only what the sampled frames
+    need, :func:`_pyav_selective`) where the container allows, else fully (:func:`_pyav_full`)."""
     try:
-        # pass 1: demux only, to count frames and read their timestamps (cheap: no decoding)
-        with av.open(io.BytesIO(data), mode="r") as c:
-            if not c.streams.video:
-                raise MediaError("pyav: no video stream")
-            st = c.streams.video[0]
-            tb = float(st.time_base) if st.time_base else 1.0
-            pts = [p.pts for p in c.demux(st) if p.size > 0 and p.pts is not None]
-            # containers whose packets carry true presentation times (ISO BMFF via ctts, Matroska);
-            # AVI and raw streams may carry decode-order stamps, which would make pts ranks lie
-            real_pts = bool(_REAL_PTS_FORMATS & set((c.format.name or "").split(",")))
-        if not pts:
-            # some containers carry no pts; fall back to decoding order
-            pts = None
+        pts, tb, real_pts = _pyav_probe(data)
         n_hint = len(pts) if pts else None
         want: Optional[set[int]] = None
         if n_hint:  # frames to keep, by display index, from the packets' presentation times
@@ -294,61 +347,14 @@ def decode_video_pyav(data: bytes, sampling: SamplingConfig, cfg: DecodeConfig) 
                 frames = np.stack([got[0][i] for i in idx.tolist()])
                 _check_pixels(frames.shape[1], frames.shape[2], cfg)
                 return Decoded(frames, times[idx], n_hint, "pyav", n_decoded=got[1])
-        # pass 2: decode; keep the wanted frames only
-        with av.open(io.BytesIO(data), mode="r") as c:
-            st = c.streams.video[0]
-            st.thread_type = "AUTO" if cfg.threads != 1 else "SLICE"
-            rate = float(st.average_rate or st.guessed_rate or 0) or 25.0  # for frames without pts
-            decoded_pts: list[float] = []
-            frames_all: list[np.ndarray] = []
-            kept: dict[int, np.ndarray] = {}
-            size0: Optional[tuple[int, int]] = None
-            for i, fr in enumerate(c.decode(st)):
-                t = float(fr.pts * tb) if fr.pts is not None else i / rate
-                decoded_pts.append(t)
-                if size0 is None:
-                    size0 = (fr.width, fr.height)
-                if want is None:
-                    frames_all.append(_to_rgb(fr, size0))
-                elif i in want:
-                    _check_pixels(fr.height, fr.width, cfg)
-                    kept[i] = _to_rgb(fr, size0)
+        decoded_pts, kept = _pyav_full(data, tb, want, cfg)
     except MediaError:
         raise
     except Exception as e:
         raise MediaError(f"pyav: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}") from None
-    n = len(decoded_pts)
-    if n == 0:
-        raise MediaError("pyav: no decodable frames (unsupported codec or corrupt stream)")
-    # frames come out of the decoder in presentation order, but their pts can be out of order when the
-    # container has no real pts (h264 in AVI) or timestamps restart: the i-th frame gets the i-th time
-    times = np.sort(np.asarray(decoded_pts, dtype=np.float64))
-    times = times - times[0]
-    if want is None or n != n_hint:
-        # counts disagreed (corrupt tail, b-frames dropped): re-pick from what really decoded
-        if want is None:
-            pool = frames_all
-        else:
-            pool = None
-        idx = sample_indices(n, sampling, times, None)
-        if pool is None:
-            available = sorted(kept)
-            if not available:
-                raise MediaError("pyav: none of the sampled frames decoded")
-            # map each wanted index to the nearest decoded frame we kept
-            arr_av = np.asarray(available)
-            idx = arr_av[np.abs(arr_av[None, :] - idx[:, None]).argmin(1)]
-            frames = np.stack([kept[i] for i in idx])
-        else:
-            frames = np.stack([pool[i] for i in idx])
-    else:
-        idx = sample_indices(n, sampling, times, None)
-        missing = [i for i in idx.tolist() if i not in kept]
-        if missing:
-            raise MediaError(f"pyav: frames {missing[:5]} did not decode")
-        frames = np.stack([kept[i] for i in idx.tolist()])
+    frames, stamps, n = _pick_decoded(decoded_pts, kept, want, n_hint, sampling)
     _check_pixels(frames.shape[1], frames.shape[2], cfg)
-    return Decoded(frames, times[idx], n, "pyav")
+    return Decoded(frames, stamps, n, "pyav")
 
 
 def decode_media(data: bytes, name_ext: str, sampling: SamplingConfig, cfg: DecodeConfig) -> tuple[str, Decoded]:
