@@ -102,13 +102,40 @@ def _check_same_shards(old: dict, new: dict, where: str) -> None:
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
-    shards_cfg = cfg.shards.model_copy(update={"out": cfg.shards.out or join(cfg.root, "shards")})
+    """shards -> feature sets -> stage 1 -> stage 2 (+ the ablation) -> evaluation -> report; see the module doc."""
     fs, root = get_fs(cfg.root)
     fs.makedirs(root, exist_ok=True)
     with fs.open(join(root, "demo_config.yaml"), "w") as f:
         f.write(dump_config(cfg))
-    ablate = cfg.ablation_pooler is not None
-    n_steps = (7 if ablate else 6) if cfg.train else 2
+    n_steps = (7 if cfg.ablation_pooler is not None else 6) if cfg.train else 2
+    shards_cfg, written = demo_shards(cfg, n_steps, log)
+    results: dict = {"shards": written, "features": {}}
+    features = demo_features(cfg, shards_cfg, n_steps, results, log)
+    if not cfg.train:
+        log(f"[vlp] demo outputs are in {cfg.root}/")
+        return results
+    s1, s2, sa = demo_train(cfg, features, n_steps, log)
+    runs = {"stage1": s1["run_dir"], "stage2": s2["run_dir"]}
+    if sa is not None:
+        runs[f"stage2_{cfg.ablation_pooler}"] = sa["run_dir"]
+    models = {"stage2 (valley)": s2} | ({f"stage2 ({cfg.ablation_pooler})": sa} if sa is not None else {})
+    step = 6 if sa is not None else 5
+    evals = demo_evaluate(cfg, models, features["heldout"], f"{step}/{n_steps}", log)
+    answers = evals["stage2 (valley)"]["examples"][: cfg.answers]
+    for a in answers:
+        log(f"[vlp]   {a['uid']}: {a['question']} -> {a['generated'].strip()!r} (truth: {a['truth']})")
+    log(f"[vlp] step {step + 1}/{n_steps} report")
+    from .report import make_report
+
+    report = make_report(join(cfg.root, "report"), runs, features, evals, answers)
+    log(f"[vlp] demo done. Run folder: {cfg.root}/  report: {report}  model: {s2['export']}")
+    results.update(stage1=s1, stage2=s2, ablation=sa, eval=evals, report=str(report))
+    return results
+
+
+def demo_shards(cfg: DemoConfig, n_steps: int, log) -> tuple[MakeShardsConfig, Optional[dict]]:
+    """Step 1: write the synthetic shards, or reuse those of an earlier run made with the same settings."""
+    shards_cfg = cfg.shards.model_copy(update={"out": cfg.shards.out or join(cfg.root, "shards")})
     marker = join(shards_cfg.out, "_SUCCESS")
     sfs, _ = get_fs(shards_cfg.out)
     made_with = {**shards_cfg.model_dump(mode="json"), "synth_version": SYNTH_VERSION}
@@ -118,14 +145,17 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         _check_same_shards(json.loads(recorded) if recorded.lstrip().startswith("{") else {"synth_version": 1},
                            made_with, shards_cfg.out)
         log(f"[vlp] step 1/{n_steps} shards: reused {shards_cfg.out}")
-        written = None
-    else:
-        log(f"[vlp] step 1/{n_steps} shards: writing synthetic shards to {shards_cfg.out}")
-        written = make_shards(shards_cfg)
-        with sfs.open(marker, "w") as f:
-            f.write(json.dumps(made_with, indent=2))
+        return shards_cfg, None
+    log(f"[vlp] step 1/{n_steps} shards: writing synthetic shards to {shards_cfg.out}")
+    written = make_shards(shards_cfg)
+    with sfs.open(marker, "w") as f:
+        f.write(json.dumps(made_with, indent=2))
+    return shards_cfg, written
+
+
+def demo_features(cfg: DemoConfig, shards_cfg: MakeShardsConfig, n_steps: int, results: dict, log) -> dict:
+    """Step 2: the three feature sets ({name: uri}); their inspect reports go to ``results["features"]``."""
     features = {}
-    results: dict = {"shards": written, "features": {}}
     for name, families in FEATURE_SETS.items():
         specs = [join(shards_cfg.out, f"{fam}-*.tar") for fam in families if getattr(shards_cfg, _COUNT[fam]) > 0]
         if not specs:
@@ -140,12 +170,11 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         log(format_report(rep))
         results["features"][name] = rep
         features[name] = pc.output.uri
-    if not cfg.train:
-        log(f"[vlp] demo outputs are in {cfg.root}/")
-        return results
+    return features
 
-    from ..eval.synthetic import evaluate
-    from .report import make_report
+
+def demo_train(cfg: DemoConfig, features: dict, n_steps: int, log) -> tuple[dict, dict, Optional[dict]]:
+    """Steps 3-5: stage 1, stage 2 and (unless ablation_pooler is null) stage 2 again with the ablation pooler."""
     from ..train import run_train
 
     log(f"[vlp] step 3/{n_steps} stage 1: connector on captions, LLM frozen, ZeRO-{cfg.stage1.zero_stage}")
@@ -156,50 +185,44 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     s2_data = {"sets": [{"uri": features["instruct"]}], "template": "vicuna_v1", "max_length": 512}
     s2 = run_train(_train_cfg(cfg, "stage2", cfg.stage2, data=s2_data, model={
         "llm": {"path": cfg.llm, "trainable": True}, "connector": {"init_from": s1["export"]}}), log=log)
-    runs = {"stage1": s1["run_dir"], "stage2": s2["run_dir"]}
-    step = 5
-    sa = None
-    if ablate:
-        name = f"stage2_{cfg.ablation_pooler}"
-        log(f"[vlp] step {step}/{n_steps} ablation: stage 2 again with pooler {cfg.ablation_pooler} "
-            "(same stage-1 connector, data and steps)")
-        sa = run_train(_train_cfg(cfg, name, cfg.stage2, stage="stage2", data=s2_data, model={
-            "pooler": {"type": cfg.ablation_pooler}, "llm": {"path": cfg.llm, "trainable": True},
-            "connector": {"init_from": s1["export"]}}), log=log)
-        runs[name] = sa["run_dir"]
-        step += 1
-    models = {"stage2 (valley)": s2} | ({f"stage2 ({cfg.ablation_pooler})": sa} if sa is not None else {})
+    if cfg.ablation_pooler is None:
+        return s1, s2, None
+    log(f"[vlp] step 5/{n_steps} ablation: stage 2 again with pooler {cfg.ablation_pooler} "
+        "(same stage-1 connector, data and steps)")
+    sa = run_train(_train_cfg(cfg, f"stage2_{cfg.ablation_pooler}", cfg.stage2, stage="stage2", data=s2_data, model={
+        "pooler": {"type": cfg.ablation_pooler}, "llm": {"path": cfg.llm, "trainable": True},
+        "connector": {"init_from": s1["export"]}}), log=log)
+    return s1, s2, sa
+
+
+def demo_evaluate(cfg: DemoConfig, models: dict, heldout: str, step: str, log) -> dict:
+    """Evaluate every trained model on the held-out features, or reuse eval.json when every model was reused
+    (their configs checked equal by run_train) and evaluated on the same features; writes eval.json."""
+    from ..eval.synthetic import evaluate
+
+    fs, root = get_fs(cfg.root)
     eval_path = join(root, "eval.json")
     old = json.loads(fs.cat(eval_path)) if fs.exists(eval_path) else None
-    # every model reused (their configs checked equal by run_train) and evaluated on the same features: reuse
     if old is not None and all(m["reused"] for m in models.values()) and set(old) == set(models) and all(
-            old[n]["export"] == str(m["export"]) and old[n]["features"] == features["heldout"]
-            for n, m in models.items()):
-        log(f"[vlp] step {step}/{n_steps} evaluation: reused {eval_path}")
+            old[n]["export"] == str(m["export"]) and old[n]["features"] == heldout for n, m in models.items()):
+        log(f"[vlp] step {step} evaluation: reused {eval_path}")
         evals = old
     else:
-        log(f"[vlp] step {step}/{n_steps} evaluation on the held-out split")
+        log(f"[vlp] step {step} evaluation on the held-out split")
         # the ablation by choice accuracy only: greedy generation would double the evaluation time for a number
         # it does not need (in our runs generated accuracy equalled choice accuracy to the clip)
-        evals = {n: evaluate(m["export"], features["heldout"], generate=(m is s2)) for n, m in models.items()}
+        s2 = models["stage2 (valley)"]
+        evals = {n: evaluate(m["export"], heldout, generate=(m is s2)) for n, m in models.items()}
     for name, e in evals.items():
         for q, v in e["by_type"].items():
             gen = "-" if v.get("gen_acc") is None else f"{v['gen_acc']:.2f}"
             log(f"[vlp]   {name:<22} {q:<21} choice {v['choice_acc']:.2f}  generated {gen:<4}  "
                 f"(chance {v['chance']:.2f})")
-    if sa is not None and all("direction_vs_opposite" in e["by_type"] for e in evals.values()):
+    if len(evals) > 1 and all("direction_vs_opposite" in e["by_type"] for e in evals.values()):
         log("[vlp] what the per-frame CLS tokens buy: direction of motion (chance 0.25) / direction vs its opposite "
             "(chance 0.50): " + ", ".join(f"{n} {e['by_type']['direction']['choice_acc']:.2f} / "
                                          f"{e['by_type']['direction_vs_opposite']['choice_acc']:.2f}"
                                          for n, e in evals.items()))
-    ev = evals["stage2 (valley)"]
-    answers = ev["examples"][: cfg.answers]
-    for a in answers:
-        log(f"[vlp]   {a['uid']}: {a['question']} -> {a['generated'].strip()!r} (truth: {a['truth']})")
     with fs.open(eval_path, "w") as f:
         f.write(json.dumps(evals, indent=2))
-    log(f"[vlp] step {step + 1}/{n_steps} report")
-    report = make_report(join(cfg.root, "report"), runs, features, evals, answers)
-    log(f"[vlp] demo done. Run folder: {cfg.root}/  report: {report}  model: {s2['export']}")
-    results.update(stage1=s1, stage2=s2, ablation=sa, eval=evals, report=str(report))
-    return results
+    return evals

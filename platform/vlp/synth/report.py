@@ -70,27 +70,23 @@ def _eval_table(evals: dict[str, dict]) -> list[str]:
     return rows
 
 
-def make_report(out_dir: str | Path, train_runs: dict[str, str], feature_sets: dict[str, str],
-                evals: dict[str, dict], answers: list[dict] | None = None) -> Path:
-    """Write ``out_dir/report.md`` and its PNGs; returns the Markdown path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ms = {name: _metrics(d) for name, d in train_runs.items()}
+def _training_plots(out: Path, ms: dict[str, list[dict]]) -> list[tuple[str, str]]:
+    """Loss, throughput, data wait and padding per stage as PNGs in ``out``; (title, file name) of each."""
     pngs = []
-
-    def series(key):
-        return {n: ([r["step"] for r in m], [r[key] for r in m]) for n, m in ms.items() if m}
-
     for key, title, ylabel, fname in (
             ("loss", "Training loss per stage", "loss", "loss.png"),
             ("samples_per_s", "Throughput per stage", "samples / s", "throughput.png"),
             ("data_wait_frac", "Share of step time waiting for data", "fraction", "data_wait.png"),
             ("padding_frac", "Padding fraction of micro-batches", "fraction", "padding.png")):
-        s = series(key)
+        s = {n: ([r["step"] for r in m], [r[key] for r in m]) for n, m in ms.items() if m}
         if s:
             _plot(out / fname, title, ylabel, s)
             pngs.append((title, fname))
-    errors: Counter[str] = Counter()
+    return pngs
+
+
+def _feature_rows(feature_sets: dict[str, str], errors: Counter) -> list[str]:
+    """One Markdown table row per completed feature set; its error records by reason are added to ``errors``."""
     rows = []
     for name, uri in feature_sets.items():
         sp = Path(uri) / "summary.json"
@@ -103,6 +99,18 @@ def make_report(out_dir: str | Path, train_runs: dict[str, str], feature_sets: d
             errors[f"{name}: {k}"] += v
         rows.append(f"| {name} | {m['totals']['samples_ok']} | {m['totals']['samples_failed']} | {m['mode']} | "
                     f"{len(m['shards'])} |")
+    return rows
+
+
+def make_report(out_dir: str | Path, train_runs: dict[str, str], feature_sets: dict[str, str],
+                evals: dict[str, dict], answers: list[dict] | None = None) -> Path:
+    """Write ``out_dir/report.md`` and its PNGs; returns the Markdown path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ms = {name: _metrics(d) for name, d in train_runs.items()}
+    pngs = _training_plots(out, ms)
+    errors: Counter[str] = Counter()
+    rows = _feature_rows(feature_sets, errors)
     for name, d in train_runs.items():  # samples training skipped (over-long, bad conversation), by reason
         ts = Path(d) / "train_summary.json"
         skipped = json.loads(ts.read_text()).get("skipped", {}) if ts.exists() else {}
