@@ -121,3 +121,18 @@ def test_configuration_reference_is_current():
     committed = (ROOT / "docs" / "configuration.md").read_text()
     assert committed.strip() == config_reference().strip(), "run: vlp config-docs > docs/configuration.md"
     assert "`data.sampling.num_frames`" in committed and "`deepspeed.zero_stage`" in committed
+
+
+def test_override_inside_a_default_section_keeps_the_rest_of_that_default():
+    """`vlp demo stage2.epochs=1` changes one key of the demo's stage-2 defaults (before: lr went missing and
+    global_batch silently fell back to the class default 16 instead of the demo's 32)."""
+    from vlp.synth.demo import DemoConfig
+
+    cfg = load_config(DemoConfig, None, ["stage2.epochs=1", "stage1.epochs=2"])
+    default = DemoConfig()
+    assert cfg.stage2.epochs == 1 and cfg.stage1.epochs == 2
+    assert cfg.stage2.lr == default.stage2.lr and cfg.stage2.global_batch == default.stage2.global_batch == 32
+    assert cfg.stage2.zero_stage == default.stage2.zero_stage == 2
+    assert cfg.tower.path == "preset:tiny-clip-synth"
+    cfg = load_config(DemoConfig, None, ["tower.layer=-1"])  # a default section with a non-default path kept
+    assert cfg.tower.path == "preset:tiny-clip-synth" and cfg.tower.layer == -1

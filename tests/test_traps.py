@@ -9,12 +9,14 @@ import pickle
 import tarfile
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 
 from vlp.data.media import DecodeConfig, SamplingConfig
-from vlp.synth.shards import Attributes, encode_jpeg, encode_mp4, render_clip
+from media_makers import encode, encode_vfr
+from media_makers import frames_of as make_frames
+from media_makers import mjpeg_still as make_still
+from vlp.synth.shards import encode_jpeg, encode_mp4
 from vlp.data.tario import write_tar
 from vlp.precompute.stages import DecodeFrames, ReadShard, _batch, _rows
 
@@ -24,7 +26,7 @@ SIZE = 32  # crop size for DecodeFrames in these tests (small: fast)
 # ------------------------------------------------------------------------------------------------ makers
 
 def frames_of(n: int, h: int = 64, w: int = 96, seed: int = 0) -> np.ndarray:
-    return render_clip(Attributes("green", "square", "left"), np.random.default_rng(seed), h, w, n)
+    return make_frames(n, h, w, seed, direction="left", color="green", shape="square")
 
 
 def mp4(n: int = 12, seed: int = 0) -> bytes:
@@ -35,13 +37,9 @@ def jpeg(seed: int = 0) -> bytes:
     return encode_jpeg(frames_of(1, seed=seed)[0])
 
 
-def encode(frames: np.ndarray, fmt: str, codec: str = "libx264", fps: int = 8, pix_fmt: str = "yuv420p") -> bytes:
-    return encode_mp4(frames, fps, codec, pix_fmt, container=fmt)
-
-
 def mjpeg_still(fmt: str = "mp4") -> bytes:
     """One MJPEG frame in an mp4/mov container: a still image saved as a "video"."""
-    return encode(frames_of(1, 65, 97), fmt, codec="mjpeg", fps=1, pix_fmt="yuvj420p")
+    return make_still(frames_of(1, 65, 97)[0], fmt)
 
 
 def bad_fourcc(data: bytes) -> bytes:
@@ -287,23 +285,9 @@ def test_corrupt_image_and_garbage_video(tmp_path):
 
 
 def test_short_clip_odd_size_and_vfr_in_a_shard(tmp_path):
-    from fractions import Fraction
-
-    fr = frames_of(5)
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as c:  # variable frame rate: pts by hand
-        st = c.add_stream("libx264", rate=25)
-        st.width, st.height, st.pix_fmt = 96, 64, "yuv420p"
-        st.time_base = st.codec_context.time_base = Fraction(1, 1000)
-        for f, t in zip(fr, [0, 100, 2000, 2100, 3000]):
-            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
-            vf.pts, vf.time_base = t, Fraction(1, 1000)
-            for pkt in st.encode(vf):
-                c.mux(pkt)
-        for pkt in st.encode():
-            c.mux(pkt)
+    vfr = encode_vfr(frames_of(5), [0, 0.1, 2.0, 2.1, 3.0])  # variable frame rate: pts by hand
     samples = [("short", {"mp4": mp4(3), **cap()}), ("odd", {"mp4": encode_mp4(frames_of(5, 65, 97), 8), **cap()}),
-               ("odd_img", {"png": _png(frames_of(1, 65, 97)[0]), **cap()}), ("vfr", {"mp4": buf.getvalue(), **cap()})]
+               ("odd_img", {"png": _png(frames_of(1, 65, 97)[0]), **cap()}), ("vfr", {"mp4": vfr, **cap()})]
     rows = run(shard(tmp_path, samples))
     assert_decoded(rows["short"], "video", 8)
     assert rows["short"]["timestamps"].split(",") == ["0.0000"] * 3 + ["0.1250"] * 2 + ["0.2500"] * 3

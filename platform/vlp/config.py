@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Optional, Sequence, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -76,7 +76,29 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+def _seed_defaults(cls: Optional[type[BaseModel]], data: dict, path: Sequence[str]) -> None:
+    """Before ``a.b.c=v`` sets a key inside a section the file does not have, copy that section's default (the
+    field's default instance, e.g. the demo's ``stage2``) into ``data``, so the override changes one key of the
+    default and not a bare class default with every other key reset (or missing, when required)."""
+    node: Any = data
+    for part in path[:-1]:
+        field = cls.model_fields.get(part) if cls is not None else None
+        default = field.default if field is not None else None
+        if not isinstance(node, dict):
+            return
+        if part not in node and isinstance(default, BaseModel):
+            node[part] = default.model_dump(mode="json")
+        node = node.get(part)
+        cls = type(default) if isinstance(default, BaseModel) else _model_class(field)
+
+
+def _model_class(field) -> Optional[type[BaseModel]]:
+    ann = getattr(field, "annotation", None)
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def apply_overrides(data: dict, overrides: Sequence[str], cls: Optional[type[BaseModel]] = None) -> dict:
+    """Set every ``a.b.c=value`` in ``data``; with ``cls``, a section the data lacks starts from its default."""
     problems = []
     for ov in overrides:
         try:
@@ -84,6 +106,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         except ConfigError as e:
             problems.extend(e.problems)
             continue
+        _seed_defaults(cls, data, path)
         node = data
         for i, part in enumerate(path[:-1]):
             nxt = node.get(part)
@@ -123,7 +146,7 @@ def validate(cls: type[C], data: dict, source: str = "") -> C:
 def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> C:
     """Load ``path`` (or the class defaults when None), apply dotted overrides, validate."""
     data = read_yaml(path) if path else {}
-    apply_overrides(data, overrides)
+    apply_overrides(data, overrides, cls)
     return validate(cls, data, str(path) if path else "defaults")
 
 
