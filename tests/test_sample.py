@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vlp.config import ConfigError, validate
-from vlp.data.sample import MediaItem, Sample, SampleConfig, modality_of, parse_sample
+from vlp.data.sample import MediaItem, Sample, SampleConfig, match_placeholders, modality_of, parse_sample
 from vlp.data.tario import RawSample, iter_tar_samples, write_tar
 from vlp.synth.shards import encode_jpeg, encode_mp4
 
@@ -220,3 +220,17 @@ def test_parsed_sample_tokenises_with_one_modality_per_item(jpg, mp4):
         enc = encode_conversation(s.conversation(fmt), tok, template)
         assert enc.modalities == s.modalities and enc.input_ids.count(VISUAL_TOKEN_INDEX) == len(s.items)
     assert parse_sample(raw).modalities == ["video", "image"]  # the conversation's order
+
+
+def test_match_placeholders_for_rows_already_made():
+    """What a reader of feature rows uses (e.g. lifting an old single-item feature set): the same rules."""
+    c = conv("What color?", "Red.")
+    out, order = match_placeholders("k", c, ["video"])
+    assert out[0]["value"] == "<video>\nWhat color?" and order == [0] and c[0]["value"] == "What color?"
+    out, order = match_placeholders("k", conv("<image> then <video> then <image>", "x"), ["video", "image", "image"])
+    assert order == [1, 0, 2]  # placeholder k -> index of its item in the row's lists
+    assert match_placeholders("k", conv("Hi", "Hello"), []) == (conv("Hi", "Hello"), [])
+    with pytest.raises(ValueError, match=r"sample 'k': placeholder/media count mismatch: 2 <image>"):
+        match_placeholders("k", conv("<image><image>", "x"), ["image"])
+    with pytest.raises(ValueError, match="unknown modality 'smell'"):
+        match_placeholders("k", c, ["smell"])

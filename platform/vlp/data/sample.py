@@ -19,8 +19,9 @@ order, and the sample's JSON (``meta``). :func:`parse_sample` builds one from a 
   appear (``MediaItem.index``), which is the order the model splices them in. A conversation with no
   placeholder and exactly one item gets ``<modality>\\n`` prepended to its first user turn (LLaVA's
   convention; caption data relies on it). Any other count mismatch raises ValueError naming the key and the
-  counts. Without a conversation (caption data) the items keep their member order: numeric position, then
-  video < image < audio; :meth:`Sample.conversation` writes one placeholder per item.
+  counts. Without a conversation (caption data) the items keep their member order: numeric position (or place
+  in the JSON's list), then video < image < audio; :meth:`Sample.conversation` writes one placeholder per item.
+  :func:`match_placeholders` applies the same rules to rows already made (a conversation + their modalities).
 * **Text-only**: no media member is a valid sample (``SampleConfig.text_only``), if it has a caption or a
   conversation without placeholders.
 * **Hostile input** is bounded: at most ``max_items`` items, a JSON member of at most ``max_json_bytes``,
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 from pydantic import Field
 
@@ -140,6 +141,19 @@ def parse_sample(raw: RawSample, cfg: SampleConfig | None = None) -> Sample:
     items = [MediaItem(modality=m, name=name, ext=ext, index=i, data=data, ref=ref)
              for i, (m, (_, name, ext, data, ref)) in enumerate(order)]
     return Sample(key=raw.key, caption=caption, conversations=conv, items=items, meta=meta, ignored=ignored)
+
+
+def match_placeholders(key: str, conv: list[dict], modalities: Sequence[str]) -> tuple[list[dict], list[int]]:
+    """The placeholder rules of :func:`parse_sample` for rows already made (a feature row's ``conversations`` and
+    ``modalities``): -> (a copy of the conversation, with ``<m>\\n`` prepended when it has no placeholder and there is
+    one item; for each placeholder in order, the index of its item in ``modalities``). ValueError on a mismatch."""
+    media: dict[str, list[_Entry]] = {m: [] for m in MODALITY_ORDER}
+    for i, m in enumerate(modalities):
+        if m not in media:
+            raise ValueError(f"sample {key!r}: unknown modality {m!r}")
+        media[m].append((i, "", "", b"", None))
+    out, order = _match_placeholders(key, [dict(t) for t in conv], media)
+    return out, [entry[0] for _, entry in order]
 
 
 # one media entry before it gets its index: (position, name, ext, data, ref); position = the numeric prefix of
