@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vlp.data.conversation import (IGNORE_INDEX, TEMPLATES, VISUAL_TOKEN_INDEX, caption_conversation, prompt_ids,
+from vlp.data.conversation import (IGNORE_INDEX, MAX_PLACEHOLDERS, TEMPLATES, VISUAL_TOKEN_INDEX,
+                                   caption_conversation, encode_conversation, placeholder_modalities, prompt_ids,
                                    tokenize_conversation)
 
 
@@ -88,8 +89,91 @@ def test_prompt_ids_end_where_the_answer_starts(tok):
     ([{"from": "gpt", "value": "x"}], "start with a user turn"),
     ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], "alternate"),
     ([{"from": "robot", "value": "a"}], "unknown conversation role"),
-    ([{"from": "human", "value": "<image><video>"}, {"from": "gpt", "value": "b"}], "at most one"),
+    # several placeholders are fine (test_two_images...), absurdly many are not (hostile input)
+    ([{"from": "human", "value": "<image>" * (MAX_PLACEHOLDERS + 1)}, {"from": "gpt", "value": "b"}],
+     f"at most {MAX_PLACEHOLDERS}"),
 ])
 def test_bad_conversations_are_clear_errors(tok, conv, match):
     with pytest.raises(ValueError, match=match):
         tokenize_conversation(conv, tok, "vicuna_v1")
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False).input_ids
+
+
+def test_two_images_become_two_visual_tokens_in_order(tok):
+    conv = [{"from": "human", "value": "<image>\n<image>\nWhich is brighter?"}, {"from": "gpt", "value": "The first."}]
+    enc = encode_conversation(conv, tok, "vicuna_v1")
+    assert enc.modalities == ["image", "image"] and enc.input_ids.count(VISUAL_TOKEN_INDEX) == 2
+    assert tokenize_conversation(conv, tok, "vicuna_v1") == (enc.input_ids, enc.labels)
+    a, b = [i for i, t in enumerate(enc.input_ids) if t == VISUAL_TOKEN_INDEX]
+    assert enc.input_ids[a + 1] == _ids(tok, "\n")[0] and b == a + 2  # "<image>" "\n" "<image>"
+    assert all(enc.labels[i] == IGNORE_INDEX for i in (a, b))
+    assert _labelled_text(tok, enc.input_ids, enc.labels) == " The first.</s>"
+
+
+def test_image_and_video_keep_their_order_and_modality(tok):
+    conv = [{"from": "human", "value": "First <video>, then <image>: same shape?"}, {"from": "gpt", "value": "Yes."},
+            {"from": "human", "value": "And this <image>?"}, {"from": "gpt", "value": "No."}]
+    for template in ("vicuna_v1", "chatml", "plain"):
+        enc = encode_conversation(conv, tok, template)
+        assert enc.modalities == ["video", "image", "image"], template
+        assert enc.input_ids.count(VISUAL_TOKEN_INDEX) == 3 and len(enc.labels) == len(enc.input_ids)
+    # plain keeps the placeholders of every user turn (so the count still matches the items) and the first answer
+    enc = encode_conversation(conv, tok, "plain")
+    assert enc.input_ids[:4] == [tok.bos_token_id] + [VISUAL_TOKEN_INDEX] * 3
+    assert _labelled_text(tok, enc.input_ids, enc.labels) == "Yes.\n</s>"
+    assert placeholder_modalities("<audio> a <video><image>") == ["audio", "video", "image"]
+
+
+def test_audio_placeholder_is_recognised(tok):
+    enc = encode_conversation([{"from": "human", "value": "<audio>\nWhat is said?"}, {"from": "gpt", "value": "Hi."}],
+                              tok, "vicuna_v1")
+    assert enc.modalities == ["audio"] and enc.input_ids.count(VISUAL_TOKEN_INDEX) == 1
+
+
+TEXT_ONLY = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]
+
+
+@pytest.mark.parametrize("template,prompt,answer,after", [
+    # prompt: the untrained segments, each tokenised on its own as the template renders them
+    ("vicuna_v1", ["VICUNA ", "USER: Hi ASSISTANT:"], " Hello", "</s>"),
+    ("chatml", ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+                "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"], "Hello", "<|im_end|>"),
+    ("plain", [], "Hello\n", "</s>"),  # the (empty) placeholder segment adds nothing
+])
+def test_text_only_masks_are_exact(tok, template, prompt, answer, after):
+    from vlp.data.conversation import VICUNA_SYSTEM
+
+    enc = encode_conversation(TEXT_ONLY, tok, template)
+    assert enc.modalities == [] and VISUAL_TOKEN_INDEX not in enc.input_ids
+    pre = [tok.bos_token_id] + [i for seg in prompt for i in _ids(tok, seg.replace("VICUNA", VICUNA_SYSTEM))]
+    ans = _ids(tok, answer) + _ids(tok, after)
+    tail = _ids(tok, "\n") if template == "chatml" else []  # chatml's newline after <|im_end|> is not trained
+    assert enc.input_ids == pre + ans + tail
+    assert enc.labels == [IGNORE_INDEX] * len(pre) + ans + [IGNORE_INDEX] * len(tail)
+
+
+def test_plain_caption_without_media_is_just_text(tok):
+    """A caption sample with no media item: an empty user turn, the caption trained, nothing visual."""
+    conv = caption_conversation("A red circle.", "")
+    assert conv == caption_conversation("A red circle.", None) == caption_conversation("A red circle.", [])
+    assert conv[0] == {"from": "human", "value": ""}
+    enc = encode_conversation(conv, tok, "plain")
+    cap = _ids(tok, "A red circle.\n") + [tok.eos_token_id]
+    assert enc.input_ids == [tok.bos_token_id] + cap and enc.labels == [IGNORE_INDEX] + cap
+    assert enc.modalities == []
+    # several items: one placeholder each, in order
+    two = caption_conversation("Both.", ["video", "image"])
+    assert two[0]["value"] == "<video><image>" and encode_conversation(two, tok, "plain").modalities == ["video", "image"]
+    # chat-style templates with an empty user turn do not crash either
+    assert VISUAL_TOKEN_INDEX not in encode_conversation(conv, tok, "vicuna_v1").input_ids
+
+
+def test_prompt_ids_with_several_placeholders(tok):
+    p = prompt_ids([{"from": "human", "value": "<image><video>\nSame?"}], tok, "vicuna_v1")
+    assert p.count(VISUAL_TOKEN_INDEX) == 2
+    full, _ = tokenize_conversation([{"from": "human", "value": "<image><video>\nSame?"}, {"from": "gpt", "value": "Y"}],
+                                    tok, "vicuna_v1")
+    assert full[:len(p)] == p

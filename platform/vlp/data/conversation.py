@@ -2,8 +2,12 @@
 
 A sample is tokenised segment by segment, so the label mask is exact: only assistant turns (and the
 turn terminator that follows each) carry labels; system prompt, user turns, role tags and the visual
-placeholder are ``IGNORE_INDEX``. The ``<video>``/``<image>`` placeholder becomes one
-``VISUAL_TOKEN_INDEX`` id that the model later replaces with the sample's visual tokens.
+placeholders are ``IGNORE_INDEX``. Every ``<video>``/``<image>``/``<audio>`` placeholder becomes one
+``VISUAL_TOKEN_INDEX`` id, in order; the model later replaces the k-th one with the sample's k-th media
+item's tokens. :func:`encode_conversation` also says which modality each placeholder is. A conversation
+without placeholders (a text-only sample) is tokenised with the same masks.
+
+Imports only vlp.registry; no torch.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from ..registry import Registry
 
 IGNORE_INDEX = -100
 VISUAL_TOKEN_INDEX = -200  # as LLaVA's IMAGE_TOKEN_INDEX: never a real vocabulary id
-PLACEHOLDER_RE = re.compile(r"<(video|image)>")
+PLACEHOLDER_RE = re.compile(r"<(video|image|audio)>")
+MAX_PLACEHOLDERS = 1024  # hostile-input bound per conversation (a sample's media items are bounded lower)
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -50,11 +55,17 @@ def _norm_role(r: str) -> str:
     raise ValueError(f"unknown conversation role {r!r}")
 
 
+def turn_role(turn: dict) -> str:
+    """``"user"``, ``"assistant"`` or ``"system"`` for a ``{from, value}`` (or ``{role, content}``) turn; ValueError
+    for any other role."""
+    return _norm_role(turn["from"] if "from" in turn else turn["role"])
+
+
 def _turns(conv: Sequence[dict]) -> tuple[str | None, list[tuple[str, str]]]:
     system = None
     turns = []
     for t in conv:
-        role = _norm_role(t["from"] if "from" in t else t["role"])
+        role = turn_role(t)
         value = t["value"] if "value" in t else t["content"]
         if role == "system":
             system = value
@@ -69,12 +80,15 @@ def _turns(conv: Sequence[dict]) -> tuple[str | None, list[tuple[str, str]]]:
 
 
 def _plain(conv: list[dict], eos: str) -> list[Segment]:
-    """Caption pretraining (LLaVA 'plain'): placeholder, then the caption; loss on the caption."""
+    """Caption pretraining (LLaVA 'plain'): the placeholders, then the caption; loss on the caption.
+
+    Every placeholder of every user turn is kept, in order and nothing else of the user text (so the count
+    still matches the sample's media items); the caption is the first assistant answer. A text-only sample
+    (no placeholder) is just its caption."""
     _, turns = _turns(conv)
-    visual = PLACEHOLDER_RE.search(turns[0][1])
+    visual = "".join(m.group(0) for role, value in turns if role == "user" for m in PLACEHOLDER_RE.finditer(value))
     caption = turns[1][1] if len(turns) > 1 else ""
-    return [Segment(visual.group(0) if visual else "", False), Segment(caption.strip() + "\n", True),
-            Segment(eos, True)]
+    return [Segment(visual, False), Segment(caption.strip() + "\n", True), Segment(eos, True)]
 
 
 def _vicuna_v1(conv: list[dict], eos: str) -> list[Segment]:
@@ -106,9 +120,19 @@ for _name, _fn in (("plain", _plain), ("vicuna_v1", _vicuna_v1), ("chatml", _cha
     TEMPLATES.register(_name)(Template(_name, _fn))
 
 
-def caption_conversation(caption: str, media_type: str) -> list[dict]:
-    """A caption as a one-turn conversation (what the plain template expects)."""
-    return [{"from": "human", "value": f"<{media_type}>"}, {"from": "gpt", "value": caption}]
+def caption_conversation(caption: str, media_type: str | Sequence[str] | None) -> list[dict]:
+    """A caption as a one-turn conversation (what the plain template expects).
+
+    ``media_type``: one modality (``"video"``), the modalities of the sample's items in order (one placeholder
+    each), or ``""``/``None``/``[]`` for a text-only sample (an empty user turn, no placeholder)."""
+    kinds = [media_type] if isinstance(media_type, str) else list(media_type or [])
+    user = "".join(f"<{k}>" for k in kinds if k)
+    return [{"from": "human", "value": user}, {"from": "gpt", "value": caption}]
+
+
+def placeholder_modalities(text: str) -> list[str]:
+    """The modality of every placeholder in ``text``, in order: ``"<image> a <video>"`` -> ``["image", "video"]``."""
+    return [m.group(1) for m in PLACEHOLDER_RE.finditer(text)]
 
 
 def _encode_text(tokenizer, text: str) -> list[int]:
@@ -125,24 +149,43 @@ def _encode_text(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def tokenize_conversation(conv: list[dict], tokenizer, template: str) -> tuple[list[int], list[int]]:
-    """-> (input_ids, labels) with labels IGNORE_INDEX everywhere but assistant text."""
+@dataclass
+class EncodedConversation:
+    """A tokenised conversation: ``input_ids`` and ``labels`` of equal length; ``modalities[k]`` is the modality
+    of the k-th ``VISUAL_TOKEN_INDEX`` in ``input_ids`` (so ``len(modalities) == input_ids.count(-200)``)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    modalities: list[str]
+
+
+def encode_conversation(conv: list[dict], tokenizer, template: str) -> EncodedConversation:
+    """Tokenise with exact masks: labels IGNORE_INDEX everywhere but assistant text; every placeholder (any
+    number, up to MAX_PLACEHOLDERS) becomes one VISUAL_TOKEN_INDEX, in order."""
     tpl = TEMPLATES.get(template)
     eos = tokenizer.eos_token or ""
     ids: list[int] = []
     labels: list[int] = []
+    modalities: list[str] = []
     if tokenizer.bos_token_id is not None:
         ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE_INDEX)
     for seg in tpl.render(list(conv), eos):
         if not seg.text:
             continue
+        modalities += placeholder_modalities(seg.text)
+        if len(modalities) > MAX_PLACEHOLDERS:
+            raise ValueError(f"a conversation may hold at most {MAX_PLACEHOLDERS} <image>/<video>/<audio> placeholders")
         seg_ids = _encode_text(tokenizer, seg.text)
         ids += seg_ids
         labels += [t if seg.train and t != VISUAL_TOKEN_INDEX else IGNORE_INDEX for t in seg_ids]
-    if ids.count(VISUAL_TOKEN_INDEX) > 1:
-        raise ValueError("a sample may hold at most one <video>/<image> placeholder")
-    return ids, labels
+    return EncodedConversation(ids, labels, modalities)
+
+
+def tokenize_conversation(conv: list[dict], tokenizer, template: str) -> tuple[list[int], list[int]]:
+    """-> (input_ids, labels) of :func:`encode_conversation` (without the placeholders' modalities)."""
+    enc = encode_conversation(conv, tokenizer, template)
+    return enc.input_ids, enc.labels
 
 
 def prompt_ids(conv: list[dict], tokenizer, template: str) -> list[int]:

@@ -7,7 +7,7 @@ may mix videos, images (T=1) and text-only samples of different lengths.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.nn as nn
@@ -129,10 +129,12 @@ class VideoLLM(nn.Module):
         return self.connector(pooled.to(w.dtype))  # (N_visual, D) -> (N_visual, d_model)
 
     def build_inputs(self, input_ids: list[torch.Tensor], labels: Optional[list[torch.Tensor]],
-                     visuals: list[Optional[torch.Tensor]]):
+                     visuals: list[Visuals]):
         """Splice visual tokens into each sample's text embeddings and right-pad the batch.
 
-        input_ids[i]: (L_i,) with at most one VISUAL_TOKEN_INDEX; visuals[i]: (N_i, d_model) or None.
+        input_ids[i]: (L_i,) with k_i >= 0 VISUAL_TOKEN_INDEX placeholders. visuals[i]: None (text-only), one
+        (N, d_model) tensor, or a list of k_i such tensors, the j-th replacing the j-th placeholder. A placeholder
+        /block count mismatch is a ValueError naming the sample. Labels are IGNORE_INDEX on every visual span.
         Returns inputs_embeds (B, L, d_model), attention_mask (B, L), labels (B, L) or None.
         """
         emb = self.llm.get_input_embeddings()
@@ -141,18 +143,9 @@ class VideoLLM(nn.Module):
         for i, ids in enumerate(input_ids):
             ids = ids.to(device)
             lab = labels[i].to(device) if labels is not None else None
-            pos = (ids == VISUAL_TOKEN_INDEX).nonzero().flatten()
             text = emb(ids.clamp(min=0))  # (L_i,) -> (L_i, d_model)
-            if len(pos):
-                p = int(pos[0])
-                v = visuals[i]
-                if v is None:
-                    raise ValueError(f"sample {i} has a visual placeholder but no visual features")
-                v = v.to(text.dtype)
-                text = torch.cat([text[:p], v, text[p + 1:]])  # (L_i - 1 + N_i, d_model)
-                if lab is not None:
-                    lab = torch.cat([lab[:p], torch.full((v.shape[0],), IGNORE_INDEX, device=device), lab[p + 1:]])
-            seqs.append(text)
+            s, lab = splice_visuals(i, ids, text, lab, visual_blocks(visuals[i]))  # -> (L_i - k_i + sum N, d_model)
+            seqs.append(s)
             labs.append(lab)
         L = max(s.shape[0] for s in seqs)
         B, d = len(seqs), seqs[0].shape[1]
@@ -166,18 +159,42 @@ class VideoLLM(nn.Module):
                 out_labels[i, : s.shape[0]] = labs[i]
         return embeds, mask, out_labels
 
-    def forward(self, input_ids, labels, features, modes, num_frames):
-        visuals = [None if f is None else self.visual_tokens(f, m, t) for f, m, t in zip(features, modes, num_frames)]
+    def sample_visuals(self, features: Features, mode: PerItem[str], num_frames: PerItem[int],
+                       index: int = 0) -> Visuals:
+        """Sample ``index``'s features -> its visual tokens: None (text-only), one tensor, or a list of them.
+
+        ``features``: None, one feature tensor ((P + T, D) valley_pooled or (T, 1 + P, D) frames), or a list of them
+        (one per placeholder); ``mode``: one for all items or one per item; ``num_frames``: one per item (a single
+        value for several items is refused: an image has T=1, a video T=8)."""
+        if features is None or isinstance(features, torch.Tensor):
+            return None if features is None else self.visual_tokens(features, mode, int(num_frames))
+        feats = list(features)
+        modes = [mode] * len(feats) if isinstance(mode, str) else list(mode)
+        try:
+            nfs = [int(t) for t in num_frames]
+        except TypeError:  # one number (not iterable)
+            nfs = []
+        if len(modes) != len(feats) or len(nfs) != len(feats):
+            raise ValueError(f"sample {index}: {len(feats)} feature blocks need as many num_frames (and modes, or "
+                             f"one mode); got modes={mode!r}, num_frames={num_frames!r}")
+        return [self.visual_tokens(f, m, t) for f, m, t in zip(feats, modes, nfs)]  # each (N_j, d_model)
+
+    def forward(self, input_ids, labels, features: list[Features], modes: list[PerItem[str]],
+                num_frames: list[PerItem[int]]):
+        """features[i]: None, a tensor or a list of tensors per sample (see :meth:`sample_visuals`)."""
+        visuals = [self.sample_visuals(f, m, t, i) for i, (f, m, t) in enumerate(zip(features, modes, num_frames))]
         embeds, mask, lab = self.build_inputs(input_ids, labels, visuals)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=lab)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, feature: Optional[torch.Tensor], mode: str = "valley_pooled",
-                 num_frames: int = 1, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, eos_token_id: Optional[int] = None, generator=None):
-        """Greedy or sampled decoding for one prompt; yields token ids as they are produced (streaming)."""
-        visual = None if feature is None else self.visual_tokens(feature, mode, num_frames)
-        embeds, mask, _ = self.build_inputs([input_ids], None, [visual])
+    def generate(self, input_ids: torch.Tensor, feature: Features, mode: PerItem[str] = "valley_pooled",
+                 num_frames: PerItem[int] = 1, max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, eos_token_id: Optional[int] = None, generator=None):
+        """Greedy or sampled decoding for one prompt; yields token ids as they are produced (streaming).
+
+        ``feature``: None (text-only prompt), one tensor, or a list of tensors, one per placeholder in
+        ``input_ids`` (L,), with ``mode``/``num_frames`` as in :meth:`sample_visuals`."""
+        embeds, mask, _ = self.build_inputs([input_ids], None, [self.sample_visuals(feature, mode, num_frames)])
         past = None
         cur = embeds
         for _ in range(max_new_tokens):
@@ -198,3 +215,46 @@ class VideoLLM(nn.Module):
             yield tok
             cur = self.llm.get_input_embeddings()(torch.tensor([[tok]], device=embeds.device))
             mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+
+
+# ------------------------------------------------------------------------------------------- splicing
+# What a sample's visuals may be: None (text-only), one tensor (the single-item form every caller used before
+# several items existed), or a list of tensors, one per placeholder in order.
+Features = Optional[Union[torch.Tensor, Sequence[torch.Tensor]]]
+Visuals = Optional[Union[torch.Tensor, Sequence[torch.Tensor]]]
+T = TypeVar("T")
+PerItem = Union[T, Sequence[T]]  # one value for the sample, or one per item
+
+
+def visual_blocks(v: Visuals) -> list[torch.Tensor]:
+    """None -> []; one tensor -> [it]; a list -> the list."""
+    if v is None:
+        return []
+    return [v] if isinstance(v, torch.Tensor) else list(v)
+
+
+def splice_visuals(i: int, ids: torch.Tensor, text: torch.Tensor, lab: Optional[torch.Tensor],
+                   blocks: list[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Replace the j-th VISUAL_TOKEN_INDEX of sample ``i`` by ``blocks[j]``.
+
+    ids: (L,); text: (L, d) its embeddings; lab: (L,) or None; blocks[j]: (N_j, d).
+    Returns ((L - k + sum N_j, d), labels of that length with IGNORE_INDEX on every visual span, or None).
+    """
+    pos = (ids == VISUAL_TOKEN_INDEX).nonzero().flatten().tolist()
+    if len(pos) != len(blocks):
+        have = f"{len(blocks)} visual feature block(s)" if blocks else "no visual features"
+        raise ValueError(f"sample {i} has {len(pos)} visual placeholder(s) but {have}")
+    if not blocks:
+        return text, lab  # text-only
+    pieces, lab_pieces, prev = [], [], 0
+    for j, (p, v) in enumerate(zip(pos, blocks)):
+        if v.dim() != 2 or v.shape[1] != text.shape[1]:
+            raise ValueError(f"sample {i} visual block {j} has shape {tuple(v.shape)}, not (N, {text.shape[1]})")
+        pieces += [text[prev:p], v.to(text.dtype)]  # text before the placeholder, then (N_j, d)
+        if lab is not None:
+            lab_pieces += [lab[prev:p], torch.full((v.shape[0],), IGNORE_INDEX, dtype=lab.dtype, device=lab.device)]
+        prev = p + 1
+    pieces.append(text[prev:])
+    if lab is not None:
+        lab_pieces.append(lab[prev:])
+    return torch.cat(pieces), (torch.cat(lab_pieces) if lab is not None else None)
