@@ -1,5 +1,5 @@
 """The training recipe's steps without Ray: micro-batch / accumulation grouping, the metrics record built by name
-from the values summed over ranks, the run logs through storage.Appender (local and S3), and setup ->
+from the values summed over ranks, the run logs through storage.Appender (local and S3, and the report reading them back), and setup ->
 train_step -> log -> export on a real DeepSpeed engine in a one-rank gloo group (Ray Train's restore / save
 and the multi-worker paths are covered by tests/test_train.py)."""
 
@@ -168,3 +168,24 @@ def test_recipe_steps_train_log_and_export_on_one_rank(one_rank, tmp_path):
     assert summary["steps"] == 4 and summary["final_metrics"] == metrics[-1] and summary["tail_dropped"] == 0
     model, _, _ = load_model(f"{run_dir}/export")  # the export holds the trained weights: the probe agrees
     assert torch.allclose(probe_logits(model, summary["probe"]), torch.tensor(summary["probe"]["logits"]), atol=1e-4)
+
+
+def test_the_report_reads_metrics_from_an_s3_run_folder(s3_server, tmp_path, monkeypatch):
+    """A run folder on an object store: the report reads metrics.jsonl's parts (storage.read_appended)."""
+    from s3fs import S3FileSystem
+
+    from vlp.synth.report import make_report
+
+    make_bucket(s3_server, "reports")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)  # how a run on a non-AWS store is configured (no storage cfg)
+    S3FileSystem.clear_instance_cache()  # a cached client would keep the endpoint it was made with
+    try:
+        logs = RunLogs("s3://reports/run", tensorboard=False)
+        for step, loss in ((1, 2.0), (2, 1.5)):
+            logs.write({"step": step, "loss": loss, "samples_per_s": 10.0, "data_wait_frac": 0.1,
+                        "padding_frac": 0.05}, ["u"])
+        logs.close()
+        md = make_report(tmp_path / "report", {"stage1": "s3://reports/run"}, {}, {}).read_text()
+    finally:
+        S3FileSystem.clear_instance_cache()  # later tests must not inherit this endpoint
+    assert "| stage1 | 2 | 2.000 | 1.500 |" in md
