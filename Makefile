@@ -6,7 +6,7 @@ STAMP := $(VENV)/.vlp-installed
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast bench lock clean
+.PHONY: setup demo test test-fast bench bench-train lock clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,12 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_decode.py
 	$(BIN)/python bench/bench_precompute.py
+
+bench-train: $(STAMP)
+	$(BIN)/python bench/train_padding.py
+	$(BIN)/python bench/train_online.py
+	$(BIN)/python bench/train_zero_memory.py
+	$(BIN)/python bench/train_overhead.py
 
 lock: $(STAMP)
 	( echo "# Exact versions the test suite ran with (make test installs with -c constraints.txt)."; \

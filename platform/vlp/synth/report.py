@@ -35,8 +35,10 @@ def _plot(path: Path, title: str, ylabel: str, series: dict[str, tuple[list, lis
 
 
 def _metrics(run_dir: str) -> list[dict]:
-    p = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+    from ..storage import read_appended
+
+    text = read_appended(f"{run_dir}/metrics.jsonl")  # a local file, or an object store's appended parts
+    return [json.loads(x) for x in text.splitlines()]
 
 
 def _eval_intro(evals: dict[str, dict]) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..data.conversation import IGNORE_INDEX, VISUAL_TOKEN_INDEX, caption_conversation, tokenize_conversation
 from ..formats.featureset import get_json
-from ..storage import StorageConfig, get_fs
+from ..storage import StorageConfig, get_fs, write_atomic
 
 _STATE_CACHE: dict[str, tuple[float, dict]] = {}
 
@@ -45,13 +45,9 @@ def read_state(path: str) -> dict:
 
 
 def write_state(path: str, epoch: int, seen: list[str]) -> None:
-    fs, p = get_fs(path)
-    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-    data = json.dumps({"epoch": epoch, "seen": seen}).encode()
-    tmp = p + ".tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, p)
+    """Write the data state atomically (readers in Ray Data tasks see the old state or the new one, never a torn
+    file) and drop this process's cached copy."""
+    write_atomic(path, json.dumps({"epoch": epoch, "seen": seen}))
     _STATE_CACHE.pop(path, None)
 
 

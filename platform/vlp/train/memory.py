@@ -2,7 +2,7 @@
 
 Bytes per *trainable* parameter held by one of N ranks at the peak of a step (read from
 deepspeed/runtime/zero/stage_1_and_2.py, stage3.py and engine.py, and measured for stages 0-2 by
-bench/bench_train.py, see docs/benchmarks_train.md):
+bench/train_zero_memory.py, see docs/benchmarks_train.md):
 
 =========  ===============================  ==================================
 stage      bf16 / fp16 (mixed precision)    fp32

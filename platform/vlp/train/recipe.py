@@ -1,0 +1,562 @@
+"""The per-worker training recipe: one object whose named steps are what a Ray Train worker runs.
+
+:class:`TrainRecipe` (torchtune style): ``setup`` (device, precision, model, optimizer, scheduler, DeepSpeed
+engine) -> ``restore`` (step, epoch and seen uids from the Ray Train checkpoint) -> per epoch ``epoch_stream``
+(this worker's split as length-grouped micro-batches) -> per optimizer step ``next_group`` + ``train_step``
+(grad_accum micro-batches: forward, backward, step; a :class:`StepStats`) -> ``log`` (metrics by name from the
+values summed over ranks, :class:`Reduced`) -> ``save`` (checkpoint + vlp_state.json through
+``ray.train.report``) -> ``export`` (ZeRO-3 gather, probe logits, export_model, train_summary.json).
+
+The pieces that need neither Ray nor a process group are module functions (:func:`micro_batches`,
+:func:`take_group`, :func:`batch_inputs`, :func:`run_step`, :func:`step_metrics`) so that tests and the
+benchmarks (bench/train_*.py) call the same code. Imports: torch, numpy, DeepSpeed and Ray Train (inside the
+methods that need them), vlp.train.{config,data,memory}, vlp.formats.export, vlp.storage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import numpy as np
+
+from ..storage import Appender, StorageConfig, get_fs, write_atomic
+from .config import TrainConfig
+from .data import iter_rows, length_grouped, padding_fraction, write_state
+from .memory import default_bucket_elems, resolve_precision
+
+PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peak per device
+    "A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def deepspeed_config(cfg: TrainConfig, precision: str, n_trainable: int) -> dict:
+    """The DeepSpeed JSON config of a run; ``precision`` is resolved (bf16/fp16/fp32), bucket sizes not set in
+    ``cfg.deepspeed`` are sized to the trainable parameter count (:func:`vlp.train.memory.default_bucket_elems`)."""
+    b, ds = cfg.batch, cfg.deepspeed
+    bucket = ds.reduce_bucket_size or default_bucket_elems(n_trainable)
+    zero = {"stage": ds.zero_stage, "overlap_comm": False, "contiguous_gradients": True,
+            "reduce_bucket_size": bucket, "allgather_bucket_size": ds.allgather_bucket_size or bucket}
+    if ds.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=bucket if ds.stage3_prefetch_bucket_size is None
+                    else ds.stage3_prefetch_bucket_size,
+                    stage3_gather_16bit_weights_on_model_save=True)
+    return {
+        "train_batch_size": b.global_size,
+        "train_micro_batch_size_per_gpu": b.micro_size,
+        "gradient_accumulation_steps": b.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(total: int, warmup_ratio: float, schedule: str):
+    """LR multiplier per optimizer step: linear warmup over ``warmup_ratio`` of ``total``, then cosine or constant."""
+    warm = max(1, int(round(total * warmup_ratio))) if warmup_ratio > 0 else 0
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if schedule == "constant":
+            return 1.0
+        prog = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.5 * (1 + math.cos(math.pi * prog))
+
+    return f
+
+
+def build_model(cfg: TrainConfig, load_init: bool = True):
+    """VideoLLM of the run (connector from ``init_from``, LoRA adapters when enabled), before DeepSpeed."""
+    from ..formats.export import load_connector
+    from ..models.videollm import VideoLLM
+
+    model = VideoLLM(cfg.model)
+    if load_init and cfg.model.connector.init_from:
+        load_connector(model.connector, cfg.model.connector.init_from)
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        model.llm = get_peft_model(model.llm, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                                                         lora_dropout=cfg.lora.dropout,
+                                                         target_modules=cfg.lora.target_modules))
+    return model
+
+
+def peak_flops(device) -> Optional[float]:
+    """Dense bf16 peak of a known GPU (``PEAK_FLOPS``); None on CPU or an unknown device (MFU is then null)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+# --------------------------------------------------------------------------- pieces without Ray or a process group
+
+@dataclass
+class Counters:
+    """What a worker left out: samples skipped at tokenisation (by reason) and rows dropped at epoch tails."""
+
+    skipped: dict = field(default_factory=dict)
+    tail_dropped: int = 0
+
+
+def micro_batches(rows: Iterator[dict], micro: int, window: int, rng: np.random.Generator, group_by_length: bool,
+                  group_by_modality: bool, counters: Counters) -> Iterator[list[dict]]:
+    """The worker's stream of micro-batches: rows marked ``skip`` are counted and left out, the rest fill windows
+    of ``window`` rows that :func:`vlp.train.data.length_grouped` cuts into micro-batches of ``micro``; the last,
+    partial window is grouped too and its remainder (fewer than ``micro`` rows) counted as tail-dropped."""
+    buf: list[dict] = []
+    for r in rows:
+        if r["skip"]:
+            counters.skipped[r["skip"]] = counters.skipped.get(r["skip"], 0) + 1
+            continue
+        buf.append(r)
+        if len(buf) >= window:
+            yield from length_grouped(buf, micro, rng, group_by_length, group_by_modality)
+            buf = []
+    if buf:
+        mbs = length_grouped(buf, micro, rng, group_by_length, group_by_modality)
+        counters.tail_dropped += len(buf) - micro * len(mbs)
+        yield from mbs
+
+
+def take_group(stream: Iterator[list[dict]], accum: int) -> list[list[dict]]:
+    """Up to ``accum`` micro-batches from the stream (fewer at its end: the caller drops a partial group)."""
+    group = []
+    for _ in range(accum):
+        mb = next(stream, None)
+        if mb is None:
+            break
+        group.append(mb)
+    return group
+
+
+def batch_inputs(mb: list[dict], device, dtype) -> tuple:
+    """The VideoLLM forward's arguments for one micro-batch of tokenised rows: input_ids, labels (1-D int64
+    each), features (stored fp16 bytes -> ``shape``, e.g. (264, D) Valley-pooled, on ``device`` in ``dtype``),
+    modes, num_frames."""
+    import torch
+
+    feats = [torch.from_numpy(np.frombuffer(r["features"], np.float16).reshape(tuple(int(s) for s in r["shape"]))
+                              .copy()).to(device, dtype) for r in mb]
+    return ([torch.as_tensor(r["input_ids"]) for r in mb], [torch.as_tensor(r["labels"]) for r in mb], feats,
+            [r["mode"] for r in mb], [int(r["num_frames"]) for r in mb])
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One optimizer step on one rank."""
+
+    loss: float            # mean of the micro-batch losses
+    tokens: int            # sequence tokens (text + visual) trained on
+    samples: int
+    data_wait_s: float     # waiting for the group's micro-batches
+    compute_s: float       # forward + backward + optimizer step of every micro-batch
+    padding_frac: float    # padded share of the group's micro-batches
+    uids: list[str]
+
+
+def run_step(engine, group: list[list[dict]], device, dtype, data_wait_s: float = 0.0) -> StepStats:
+    """One optimizer step over ``group`` (grad_accum micro-batches): per micro-batch forward, ``engine.backward``
+    and ``engine.step`` (DeepSpeed steps the optimizer at the accumulation boundary). ``engine`` is a DeepSpeed
+    engine or anything with the same three calls (the benchmarks' plain PyTorch baseline)."""
+    t1 = time.perf_counter()
+    loss_sum, tokens = 0.0, 0
+    for mb in group:
+        out = engine(*batch_inputs(mb, device, dtype))
+        engine.backward(out.loss)
+        engine.step()
+        loss_sum += float(out.loss.detach())
+        tokens += sum(int(r["length"]) for r in mb)
+    compute_s = time.perf_counter() - t1
+    return StepStats(loss=loss_sum / len(group), tokens=tokens, samples=sum(len(mb) for mb in group),
+                     data_wait_s=data_wait_s, compute_s=compute_s, padding_frac=padding_fraction(group),
+                     uids=[str(r["uid"]) for mb in group for r in mb])
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """StepStats summed over the ranks: one float64 all_reduce of :meth:`vector`, read back by field name."""
+
+    loss: float
+    tokens: float
+    samples: float
+    data_wait_s: float
+    compute_s: float
+    padding_frac: float
+
+    @classmethod
+    def fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def of(cls, s: StepStats) -> "Reduced":
+        return cls(**{k: float(getattr(s, k)) for k in cls.fields()})
+
+    def vector(self) -> list[float]:
+        return [getattr(self, k) for k in self.fields()]
+
+    @classmethod
+    def from_vector(cls, v) -> "Reduced":
+        return cls(**{k: float(x) for k, x in zip(cls.fields(), v)})
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """What MFU needs: parameter counts (before ZeRO-3 partitions them) and the device's peak FLOP/s."""
+
+    total: int
+    trainable: int
+    peak_flops: Optional[float] = None
+
+
+def step_metrics(step: int, epoch: int, red: Reduced, world: int, wall_s: float, lr: float, size: ModelSize,
+                 peak_mem_bytes: int, now: float) -> dict:
+    """The metrics.jsonl record of a step. ``red`` sums every rank's stats; ``wall_s`` is the slowest rank's end
+    to end step time (data wait, compute, the previous step's logging and checkpoint)."""
+    dt, dt_c = wall_s, red.compute_s / world
+    busy = red.data_wait_s + red.compute_s
+    flops = (4 * size.total + 2 * size.trainable) * red.tokens  # fwd 2N + act-grad 2N + weight-grad 2N_train
+    return {
+        "step": step, "epoch": epoch, "loss": red.loss / world, "lr": lr,
+        "tokens_per_s": red.tokens / dt if dt else 0.0, "samples_per_s": red.samples / dt if dt else 0.0,
+        "compute_tokens_per_s": red.tokens / dt_c if dt_c else 0.0,
+        "compute_samples_per_s": red.samples / dt_c if dt_c else 0.0,
+        "step_wall_s": dt, "data_wait_s": red.data_wait_s / world, "compute_s": dt_c,
+        "data_wait_frac": red.data_wait_s / busy if busy else 0.0,
+        "padding_frac": red.padding_frac / world,
+        "mfu": (flops / dt / world / size.peak_flops) if (size.peak_flops and dt) else None,
+        "peak_mem_bytes": int(peak_mem_bytes), "time": now,
+    }
+
+
+def merge_counters(counts: list[dict]) -> tuple[dict, int]:
+    """(skipped by reason, tail-dropped rows) over every rank's :class:`Counters` (as dicts)."""
+    skipped: dict = {}
+    for c in counts:
+        for k, v in c["skipped"].items():
+            skipped[k] = skipped.get(k, 0) + v
+    return skipped, sum(c["tail_dropped"] for c in counts)
+
+
+def probe_of(row: dict) -> dict:
+    """A fixed export-check input from a training row (train_summary.json ``probe``, seeded features)."""
+    return {"input_ids": [int(x) for x in row["input_ids"]], "shape": [int(x) for x in row["shape"]],
+            "mode": str(row["mode"]), "num_frames": int(row["num_frames"]), "seed": 0}
+
+
+class RunLogs:
+    """Rank 0's per-step logs: metrics.jsonl and samples.jsonl through :class:`vlp.storage.Appender` (object
+    stores get buffered parts, see :func:`vlp.storage.read_appended`), plus TensorBoard on local run folders."""
+
+    def __init__(self, run_dir: str, tensorboard: bool, storage: Optional[StorageConfig] = None):
+        self.metrics = Appender(f"{run_dir}/metrics.jsonl", storage)
+        self.samples = Appender(f"{run_dir}/samples.jsonl", storage)
+        self.tb = None
+        if tensorboard and "://" not in run_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(f"{run_dir}/tensorboard")
+
+    def write(self, metrics: dict, uids: list[str]) -> None:
+        self.metrics.write(json.dumps(metrics) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    self.tb.add_scalar(f"train/{k}", v, metrics["step"])
+        self.samples.write(json.dumps({"step": metrics["step"], "uids": uids}) + "\n")
+
+    def flush(self) -> None:
+        self.metrics.flush()
+        self.samples.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        self.metrics.close()
+        self.samples.close()
+
+
+# --------------------------------------------------------------------------------------------------- the recipe
+
+class TrainRecipe:
+    """One worker's training run. ``run()`` calls the steps in order; each is a method to read, test or
+    override (a subclass that changes one step keeps the others): see docs/training.md "The recipe"."""
+
+    def __init__(self, cfg: TrainConfig, meta: dict, rank: int = 0, world: int = 1):
+        self.cfg, self.meta, self.rank, self.world = cfg, meta, rank, world
+        self.run_dir, self.state_path = meta["run_dir"], meta["state_path"]
+        self.step, self.start_epoch, self.seen, self.done = 0, 0, [], False
+        self.metrics: dict = {}
+        self.probe_row: Optional[dict] = None
+        self.counters = Counters()
+        self.logs: Optional[RunLogs] = None
+
+    @classmethod
+    def from_ray(cls, config: dict) -> "TrainRecipe":
+        """The recipe of this Ray Train worker (``config`` = the TorchTrainer's train_loop_config)."""
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return cls(TrainConfig.model_validate(config["cfg"]), config["meta"], ctx.get_world_rank(),
+                   ctx.get_world_size())
+
+    def run(self) -> None:
+        self.setup()
+        self.restore()
+        if self.rank == 0:
+            self.logs = RunLogs(self.run_dir, self.cfg.tensorboard)
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            if self.done:
+                break
+            self.train_epoch(epoch)
+        if self.logs is not None:
+            self.logs.close()
+        counts = self.gather_counters()
+        self.save(self.cfg.epochs, [], final=True)
+        self.export(counts)
+
+    # ------------------------------------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        """Device, precision, model, AdamW, the LR schedule and the DeepSpeed engine."""
+        import deepspeed
+        import torch
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.data.seed)
+        if torch.cuda.is_available() and cfg.scaling.use_gpu:
+            import ray.train.torch
+
+            self.device = torch.device("cuda", ray.train.torch.get_device().index or 0)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+            torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        cuda = self.device.type == "cuda"
+        self.precision = resolve_precision(cfg.deepspeed.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+        self.feat_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
+        model = build_model(cfg)
+        params = [p for p in model.parameters() if p.requires_grad]
+        n_trainable = sum(p.numel() for p in params)
+        n_total = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them (numel 0 after)
+        self.size = ModelSize(n_total, n_trainable, peak_flops(self.device))
+        opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(self.meta["total_steps"], cfg.optim.warmup_ratio, cfg.optim.schedule))
+        self.engine, self.opt, _, self.sched = deepspeed.initialize(
+            model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, self.precision, n_trainable))
+
+    def restore(self) -> None:
+        """Step, epoch, the uids already trained on in that epoch and the DeepSpeed state, from the Ray Train
+        checkpoint when there is one (a restart after a failure, or the same run started again)."""
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt:
+            with ckpt.as_directory() as d:
+                self.engine.load_checkpoint(d, tag="state", load_module_strict=False)
+                st = json.loads(open(os.path.join(d, "vlp_state.json")).read())
+            self.step, self.start_epoch, self.seen = st["step"], st["epoch"], st["seen"]
+            self.done = bool(st.get("final"))
+            if self.rank == 0:
+                print(f"[vlp] resumed from step {self.step} (epoch {self.start_epoch}, {len(self.seen)} samples "
+                      "already seen in it)")
+        self.done = self.done or (self.cfg.max_steps is not None and self.step >= self.cfg.max_steps)
+
+    # ------------------------------------------------------------------------------------------------ data
+
+    def epoch_stream(self, epoch: int) -> Iterator[list[dict]]:
+        """This worker's split of the epoch as length-grouped micro-batches. Rank 0 first writes the data state
+        (epoch + uids already seen in it) that the data graph's Mixture and DropSeen read."""
+        import ray.train
+        import torch.distributed as dist
+
+        cfg = self.cfg
+        if self.rank == 0:
+            write_state(self.state_path, epoch, self.seen if epoch == self.start_epoch else [])
+        dist.barrier()
+        rng = np.random.default_rng([cfg.data.seed, epoch, self.rank, len(self.seen)])
+        shard = ray.train.get_dataset_shard("train")
+        buf_n = cfg.data.local_shuffle_buffer_size
+        rows = iter_rows(shard.iter_batches(  # the shuffle reorders; which samples an epoch holds is DropSeen's
+            batch_size=64, batch_format="numpy", prefetch_batches=2, local_shuffle_buffer_size=buf_n or None,
+            local_shuffle_seed=int(rng.integers(2**31)) if buf_n else None))
+        micro, accum = cfg.batch.micro_size, cfg.batch.grad_accum
+        return micro_batches(rows, micro, micro * accum * cfg.data.group_window, rng, cfg.data.group_by_length,
+                             cfg.data.group_by_modality, self.counters)
+
+    def next_group(self, stream: Iterator[list[dict]]) -> tuple[Optional[list[list[dict]]], float]:
+        """(the next grad_accum micro-batches, seconds waited for them), or (None, ...) when any rank has run out
+        (all ranks stop together; the rows of a partial group are counted as tail-dropped)."""
+        import torch
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        group = take_group(stream, self.cfg.batch.grad_accum)
+        data_wait_s = time.perf_counter() - t0
+        flag = torch.tensor([1 if len(group) == self.cfg.batch.grad_accum else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() == 0:
+            self.counters.tail_dropped += sum(len(mb) for mb in group)
+            return None, data_wait_s
+        return group, data_wait_s
+
+    # ------------------------------------------------------------------------------------------------ steps
+
+    def train_epoch(self, epoch: int) -> None:
+        """Steps over the epoch's stream until it ends or max_steps; logs, checkpoints and fault injection."""
+        seen_local: list[str] = []
+        stream = self.epoch_stream(epoch)
+        t_mark = time.perf_counter()  # end-to-end step time runs from here to the same point after each step
+        while True:
+            group, data_wait_s = self.next_group(stream)
+            if group is None:
+                break
+            stats = self.train_step(group, data_wait_s)
+            t_mark = self.log(stats, epoch, t_mark)
+            seen_local += stats.uids
+            self.inject_failure()
+            self.done = self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
+            if self.step % self.cfg.checkpoint.every_n_steps == 0 and not self.done:
+                self.save(epoch, self.seen + seen_local)  # self.seen: restored uids, [] after the first epoch
+            if self.done:
+                break
+        self.seen = []
+
+    def train_step(self, group: list[list[dict]], data_wait_s: float = 0.0) -> StepStats:
+        """One optimizer step over ``group`` (see :func:`run_step`); the first group's first row becomes the
+        export probe."""
+        stats = run_step(self.engine, group, self.device, self.feat_dtype, data_wait_s)
+        if self.probe_row is None:
+            self.probe_row = probe_of(group[0][0])
+        self.step += 1
+        return stats
+
+    def log(self, stats: StepStats, epoch: int, t_mark: float) -> float:
+        """Sum the step's stats over ranks, build the metrics record by name, and on rank 0 append it (and the
+        step's uids from every rank) to the run's logs. Returns the new end-to-end time mark."""
+        import torch
+        import torch.distributed as dist
+
+        vec = torch.tensor(Reduced.of(stats).vector(), dtype=torch.float64)
+        dist.all_reduce(vec)
+        wall = torch.tensor([time.perf_counter() - t_mark], dtype=torch.float64)
+        dist.all_reduce(wall, op=dist.ReduceOp.MAX)  # the slowest rank sets the step time
+        t_mark = time.perf_counter()
+        self.metrics = step_metrics(self.step, epoch, Reduced.from_vector(vec.tolist()), self.world, wall.item(),
+                                    self.sched.get_last_lr()[0], self.size, self.peak_mem(), time.time())
+        all_uids: list = [None] * self.world
+        dist.all_gather_object(all_uids, stats.uids)
+        if self.rank == 0:
+            self.logs.write(self.metrics, sum(all_uids, []))
+            if self.step % self.cfg.log_every == 0:
+                m = self.metrics
+                print(f"[vlp] step {self.step}/{self.meta['total_steps']} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+                      f"{m['samples_per_s']:.1f} samples/s pad {m['padding_frac']:.1%} "
+                      f"data-wait {m['data_wait_frac']:.0%}", flush=True)
+        return t_mark
+
+    def peak_mem(self) -> int:
+        """Peak bytes: the CUDA allocator's peak on a GPU, the process's max RSS on CPU."""
+        import torch
+
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def inject_failure(self) -> None:
+        """``debug.fail_at_step``: raise once (a marker file in the run folder) on ``debug.fail_rank``."""
+        dbg = self.cfg.debug
+        if dbg.fail_at_step == self.step and self.rank == dbg.fail_rank:
+            marker = f"{self.run_dir}/.injected_failure"
+            if not os.path.exists(marker):
+                open(marker, "w").write(str(self.step))
+                raise RuntimeError(f"injected failure at step {self.step} on rank {self.rank}")
+
+    # ------------------------------------------------------------------------------------------ save, export
+
+    def save(self, epoch: int, seen_epoch: list[str], final: bool = False) -> None:
+        """A checkpoint through ``ray.train.report``: every rank's DeepSpeed state, and from rank 0
+        vlp_state.json (step, epoch, the uids of every rank seen in this epoch, final). Rank 0's logs are
+        flushed first, so an object store holds every line up to the checkpoint."""
+        import ray.train
+        import torch.distributed as dist
+        from ray.train import Checkpoint
+
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, seen_epoch)
+        merged = [u for part in gathered for u in part]
+        if self.logs is not None:
+            self.logs.flush()
+        with tempfile.TemporaryDirectory() as d:
+            self.engine.save_checkpoint(d, tag="state")
+            if self.rank == 0:
+                with open(os.path.join(d, "vlp_state.json"), "w") as f:
+                    json.dump({"step": self.step, "epoch": epoch, "seen": merged, "final": final}, f)
+            ray.train.report({**self.metrics, "step": self.step, "epoch": epoch},
+                             checkpoint=Checkpoint.from_directory(d))
+
+    def gather_counters(self) -> list[dict]:
+        import torch.distributed as dist
+
+        counts: list = [None] * self.world
+        dist.all_gather_object(counts, dataclasses.asdict(self.counters))
+        return counts
+
+    def export(self, counts: list[dict]) -> None:
+        """Every rank: the probe's logits (a ZeRO-3 forward gathers weights collectively) and, under ZeRO-3, the
+        gather of the full weights (layer by layer, to CPU on rank 0). Rank 0: train_summary.json and export/."""
+        import torch.distributed as dist
+
+        from ..formats.export import probe_logits
+
+        probe = [self.probe_row]
+        dist.broadcast_object_list(probe, src=0)
+        if probe[0] is not None:
+            probe[0]["logits"] = probe_logits(self.engine.module, probe[0]).tolist()
+        full_state = self.engine._zero3_consolidated_16bit_state_dict() if self.cfg.deepspeed.zero_stage == 3 else None
+        if self.rank == 0:
+            to_export = self.engine.module
+            if full_state is not None:  # a fresh copy of the model holding the gathered weights
+                to_export = build_model(self.cfg, load_init=False)
+                to_export.load_state_dict(full_state, strict=True)
+            skipped, tail = merge_counters(counts)
+            summary = {"steps": self.step, "skipped": skipped, "tail_dropped": tail,
+                       "final_metrics": self.metrics, "probe": probe[0]}
+            write_atomic(f"{self.run_dir}/train_summary.json", json.dumps(summary, indent=2))
+            self.export_model(to_export)
+        dist.barrier()
+
+    def export_model(self, model) -> None:
+        """export/ in the run folder (save_pretrained writes locally: on an object store, uploaded after)."""
+        from transformers import AutoTokenizer
+
+        from ..formats.export import export_model
+        from ..models.presets import resolve_model_path
+
+        cfg = self.cfg
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.llm.tokenizer or cfg.model.llm.path))
+        if "://" in self.run_dir:
+            fs, p = get_fs(f"{self.run_dir}/train_summary.json")
+            with tempfile.TemporaryDirectory() as tmp:
+                export_model(model, tok, tmp, extra=self.meta["export_extra"])
+                fs.put(tmp, f"{p.rsplit('/', 1)[0]}/export", recursive=True)
+        else:
+            export_model(model, tok, f"{self.run_dir}/export", extra=self.meta["export_extra"])

@@ -1,0 +1,191 @@
+"""The training recipe's steps without Ray: micro-batch / accumulation grouping, the metrics record built by name
+from the values summed over ranks, the run logs through storage.Appender (local and S3, and the report reading them back), and setup ->
+train_step -> log -> export on a real DeepSpeed engine in a one-rank gloo group (Ray Train's restore / save
+and the multi-worker paths are covered by tests/test_train.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import free_port, make_bucket
+from vlp.config import validate
+from vlp.storage import StorageConfig, read_appended
+from vlp.train.config import TrainConfig
+from vlp.train.recipe import (Counters, ModelSize, Reduced, RunLogs, StepStats, TrainRecipe, merge_counters,
+                              micro_batches, step_metrics, take_group)
+
+METRIC_KEYS = ["step", "epoch", "loss", "lr", "tokens_per_s", "samples_per_s", "compute_tokens_per_s",
+               "compute_samples_per_s", "step_wall_s", "data_wait_s", "compute_s", "data_wait_frac", "padding_frac",
+               "mfu", "peak_mem_bytes", "time"]  # metrics.jsonl's keys, in order, as before the recipe
+
+
+def _rows(n: int, skip_every: int = 0) -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [{"uid": f"s0:u{i}", "media_type": "video", "length": int(rng.integers(20, 300)),
+             "skip": "over max_length" if skip_every and i % skip_every == 0 else ""} for i in range(n)]
+
+
+def test_micro_batches_count_skips_and_the_dropped_tail():
+    rows = _rows(53, skip_every=10)  # 6 skipped, 47 kept: windows of 16 -> 16, 16, 15 (tail: 3 micro-batches + 3)
+    c = Counters()
+    mbs = list(micro_batches(iter(rows), 4, 16, np.random.default_rng(0), True, False, c))
+    assert c.skipped == {"over max_length": 6} and c.tail_dropped == 3
+    assert [len(mb) for mb in mbs] == [4] * 11
+    uids = [r["uid"] for mb in mbs for r in mb]
+    assert len(set(uids)) == 44 and not {r["uid"] for r in rows if r["skip"]} & set(uids)
+    # each window is grouped on its own: the first 4 micro-batches hold exactly the first window's rows
+    first_window = [r["uid"] for r in rows if not r["skip"]][:16]
+    assert sorted(uids[:16]) == sorted(first_window)
+    assert merge_counters([{"skipped": {"a": 1}, "tail_dropped": 2}, {"skipped": {"a": 2, "b": 1}, "tail_dropped": 1}]) \
+        == ({"a": 3, "b": 1}, 3)
+
+
+def test_take_group_returns_a_short_group_at_the_end_of_the_stream():
+    stream = iter([[{"uid": str(i)}] for i in range(5)])
+    assert [len(take_group(stream, 2)) for _ in range(4)] == [2, 2, 1, 0]
+
+
+def test_metrics_are_built_by_name_from_the_reduced_values():
+    a = StepStats(loss=2.0, tokens=100, samples=4, data_wait_s=0.5, compute_s=1.5, padding_frac=0.1, uids=["x"])
+    b = StepStats(loss=4.0, tokens=300, samples=4, data_wait_s=0.5, compute_s=2.5, padding_frac=0.3, uids=["y"])
+    summed = [x + y for x, y in zip(Reduced.of(a).vector(), Reduced.of(b).vector())]  # what all_reduce(SUM) does
+    red = Reduced.from_vector(summed)
+    assert red == Reduced(loss=6.0, tokens=400.0, samples=8.0, data_wait_s=1.0, compute_s=4.0, padding_frac=0.4)
+    m = step_metrics(7, 1, red, world=2, wall_s=4.0, lr=1e-3, size=ModelSize(1000, 10), peak_mem_bytes=123,
+                     now=5.0)
+    assert list(m) == METRIC_KEYS
+    assert m["loss"] == 3.0 and m["padding_frac"] == pytest.approx(0.2) and m["data_wait_s"] == 0.5
+    assert m["compute_s"] == 2.0 and m["compute_samples_per_s"] == 4.0 and m["compute_tokens_per_s"] == 200.0
+    assert m["samples_per_s"] == 2.0 and m["tokens_per_s"] == 100.0 and m["step_wall_s"] == 4.0
+    assert m["data_wait_frac"] == 0.2 and m["mfu"] is None and (m["step"], m["epoch"], m["lr"]) == (7, 1, 1e-3)
+    gpu = step_metrics(7, 1, red, 2, 4.0, 1e-3, ModelSize(1000, 10, peak_flops=1e9), 123, 5.0)
+    assert gpu["mfu"] == pytest.approx((4 * 1000 + 2 * 10) * 400 / 4.0 / 2 / 1e9)
+    zero = step_metrics(1, 0, Reduced(0, 0, 0, 0, 0, 0), 1, 0.0, 1.0, ModelSize(1, 1, 1e9), 0, 0.0)
+    assert zero["samples_per_s"] == zero["data_wait_frac"] == zero["compute_tokens_per_s"] == 0.0
+    assert zero["mfu"] is None
+
+
+def test_run_logs_append_locally_at_once(tmp_path):
+    logs = RunLogs(str(tmp_path / "run"), tensorboard=True)
+    for step in (1, 2):
+        logs.write({"step": step, "loss": 1.0 / step, "mfu": None, "time": 0.0}, [f"u{step}", "v"])
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # before any flush
+    logs.close()
+    samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert samples == [{"step": 1, "uids": ["u1", "v"]}, {"step": 2, "uids": ["u2", "v"]}]
+    assert list((tmp_path / "run" / "tensorboard").iterdir())
+    RunLogs(str(tmp_path / "run"), tensorboard=False).write({"step": 3}, [])  # a resumed run appends
+    assert [json.loads(x)["step"] for x in read_appended(str(tmp_path / "run" / "metrics.jsonl")).splitlines()] \
+        == [1, 2, 3]
+
+
+def test_run_logs_on_s3_are_buffered_until_a_checkpoint_flushes_them(s3_server):
+    make_bucket(s3_server, "runs")
+    st = StorageConfig(endpoint_url=s3_server)
+    run = "s3://runs/r1"
+    logs = RunLogs(run, tensorboard=True, storage=st)
+    assert logs.tb is None  # TensorBoard writes local files only
+    for step in (1, 2, 3):
+        logs.write({"step": step, "loss": 0.5}, [f"u{step}"])
+    assert read_appended(f"{run}/metrics.jsonl", st) == ""  # buffered: no PUT per step
+    logs.flush()  # what save() does before each checkpoint
+    assert [json.loads(x)["step"] for x in read_appended(f"{run}/metrics.jsonl", st).splitlines()] == [1, 2, 3]
+    logs.write({"step": 4, "loss": 0.4}, ["u4"])
+    logs.close()
+    assert [json.loads(x)["uids"] for x in read_appended(f"{run}/samples.jsonl", st).splitlines()] == \
+        [["u1"], ["u2"], ["u3"], ["u4"]]
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """A one-rank gloo process group in this process (what DeepSpeed and the recipe's collectives run on)."""
+    import torch.distributed as dist
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _tokenised(n: int) -> list[dict]:
+    from vlp.train.data import Tokenize
+
+    rng = np.random.default_rng(0)
+    convs = [[{"from": "human", "value": "<video>\nWhat color is the shape?"},
+              {"from": "gpt", "value": "It is red." * (1 + i % 4)}] for i in range(n)]
+    cols = {"uid": [f"s0:u{i}" for i in range(n)], "media_type": ["video"] * n,
+            "features": [rng.standard_normal((264, 64)).astype(np.float16).tobytes() for _ in range(n)],
+            "shape": [np.asarray([264, 64]) for _ in range(n)], "mode": ["valley_pooled"] * n,
+            "num_frames": [8] * n, "caption": [""] * n, "conversations": [json.dumps(c) for c in convs],
+            "format": ["auto"] * n}
+    batch = {}
+    for k, v in cols.items():
+        batch[k] = np.empty(n, dtype=object)
+        batch[k][:] = v
+    out = Tokenize("preset:tiny-llama", "vicuna_v1", 512, "truncate", "valley")(batch)
+    return [{k: out[k][i] for k in out} for i in range(n)]
+
+
+def test_recipe_steps_train_log_and_export_on_one_rank(one_rank, tmp_path):
+    from vlp.formats.export import load_model, probe_logits
+
+    cfg = validate(TrainConfig, {
+        "run_name": "r", "data": {"sets": [{"uri": "unused"}], "template": "vicuna_v1", "max_length": 512},
+        "model": {"vision_hidden_size": 64, "llm": {"path": "preset:tiny-llama", "trainable": True}},
+        "optim": {"lr": 1e-2, "warmup_ratio": 0.0, "schedule": "constant"},
+        "batch": {"global_size": 4, "micro_size": 2}, "deepspeed": {"zero_stage": 0, "precision": "fp32"},
+        "scaling": {"num_workers": 1}})
+    run_dir = str(tmp_path / "run")
+    recipe = TrainRecipe(cfg, {"run_dir": run_dir, "state_path": f"{run_dir}/data_state.json", "total_steps": 4,
+                               "export_extra": {"template": "vicuna_v1"}})
+    recipe.setup()
+    recipe.logs = RunLogs(run_dir, tensorboard=False)
+    rows = _tokenised(8)
+    stream = micro_batches(iter(rows + rows), 2, 8, np.random.default_rng(0), True, False, recipe.counters)
+    t_mark, losses = 0.0, []
+    for _ in range(4):  # the same 8 rows twice: a learning step lowers the loss on them
+        group = take_group(stream, cfg.batch.grad_accum)
+        stats = recipe.train_step(group, data_wait_s=0.25)
+        assert stats.samples == 4 and stats.tokens == sum(int(r["length"]) for mb in group for r in mb)
+        assert stats.data_wait_s == 0.25 and stats.compute_s > 0 and len(stats.uids) == 4
+        t_mark = recipe.log(stats, 0, t_mark)
+        losses.append(stats.loss)
+    assert all(math.isfinite(x) for x in losses) and losses[2] + losses[3] < losses[0] + losses[1]
+    recipe.logs.close()
+    metrics = [json.loads(x) for x in read_appended(f"{run_dir}/metrics.jsonl").splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(list(m) == METRIC_KEYS for m in metrics)
+    assert [m["loss"] for m in metrics] == losses and metrics[-1]["data_wait_s"] == 0.25
+    recipe.export(recipe.gather_counters())
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["final_metrics"] == metrics[-1] and summary["tail_dropped"] == 0
+    model, _, _ = load_model(f"{run_dir}/export")  # the export holds the trained weights: the probe agrees
+    assert torch.allclose(probe_logits(model, summary["probe"]), torch.tensor(summary["probe"]["logits"]), atol=1e-4)
+
+
+def test_the_report_reads_metrics_from_an_s3_run_folder(s3_server, tmp_path, monkeypatch):
+    """A run folder on an object store: the report reads metrics.jsonl's parts (storage.read_appended)."""
+    from s3fs import S3FileSystem
+
+    from vlp.synth.report import make_report
+
+    make_bucket(s3_server, "reports")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)  # how a run on a non-AWS store is configured (no storage cfg)
+    S3FileSystem.clear_instance_cache()  # a cached client would keep the endpoint it was made with
+    try:
+        logs = RunLogs("s3://reports/run", tensorboard=False)
+        for step, loss in ((1, 2.0), (2, 1.5)):
+            logs.write({"step": step, "loss": loss, "samples_per_s": 10.0, "data_wait_frac": 0.1,
+                        "padding_frac": 0.05}, ["u"])
+        logs.close()
+        md = make_report(tmp_path / "report", {"stage1": "s3://reports/run"}, {}, {}).read_text()
+    finally:
+        S3FileSystem.clear_instance_cache()  # later tests must not inherit this endpoint
+    assert "| stage1 | 2 | 2.000 | 1.500 |" in md
