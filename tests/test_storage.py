@@ -55,3 +55,9 @@ def test_write_atomic_s3_single_put(s3_server):
     write_atomic("s3://atomic/deep/f.json", '{"a": 1}', st)
     assert read_bytes("s3://atomic/deep/f.json", st) == b'{"a": 1}'
     assert read_bytes("s3://atomic/deep/none.json", st) is None
+
+
+def test_appender_takes_file_urls(tmp_path):
+    uri = f"file://{tmp_path}/run/samples.jsonl"
+    Appender(uri).write("a\n")
+    assert (tmp_path / "run" / "samples.jsonl").read_text() == "a\n" and read_appended(uri) == "a\n"

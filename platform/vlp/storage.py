@@ -110,12 +110,13 @@ class Appender:
         self._buf: list[str] = []
         self._size, self._last = 0, time.monotonic()
         self._next = _next_part(uri, storage) if self.remote else 0
+        self._local = None if self.remote else get_fs(uri)[1]  # a plain path, also for file:// URIs
         if not self.remote:
-            os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+            os.makedirs(os.path.dirname(os.path.abspath(self._local)), exist_ok=True)
 
     def write(self, text: str) -> None:
         if not self.remote:
-            with open(self.uri, "a") as f:
+            with open(self._local, "a") as f:
                 f.write(text)
             return
         self._buf.append(text)
