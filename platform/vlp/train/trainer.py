@@ -26,14 +26,14 @@ def param_counts(cfg: TrainConfig) -> tuple[int, int]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..models.connectors import CONNECTORS
     from ..models.presets import resolve_model_path
-    from ..models.videollm import CONNECTORS
 
     lcfg = AutoConfig.from_pretrained(resolve_model_path(cfg.model.llm.path))
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(lcfg)
         d_model = llm.get_input_embeddings().weight.shape[1]
-        conn = CONNECTORS.get(cfg.model.connector.type)(cfg.model.vision_hidden_size, d_model)
+        conn = CONNECTORS.part(cfg.model.connector).build(cfg.model.vision_hidden_size, d_model)
     n_llm = sum(p.numel() for p in llm.parameters())
     n_conn = sum(p.numel() for p in conn.parameters())
     trainable = (n_conn if cfg.model.connector.trainable else 0)
@@ -200,7 +200,7 @@ def build_dataset(cfg: TrainConfig, state_path: str):
     ds = ds.map_batches(DropSeen(state_path), batch_format="numpy", batch_size=256,
                         num_cpus=cfg.scaling.data_cpus_per_task)
     ds = ds.map_batches(Tokenize(tok_path, cfg.data.template, cfg.data.max_length, cfg.data.overlong,
-                                 cfg.model.pooler.type), batch_format="numpy", batch_size=64,
+                                 cfg.model.model_dump(mode="json")), batch_format="numpy", batch_size=64,
                         num_cpus=cfg.scaling.data_cpus_per_task)
     return ds
 
@@ -222,6 +222,8 @@ RERUN_MAY_CHANGE = (
     "log_every", "tensorboard",    # logging
     "debug",                       # fault injection (tests fail an attempt, then re-run without it)
     "ray",                         # how Ray is reached
+    "model.plugins",               # which modules register part types; the types used are compared (and runs
+                                   # saved before plugins existed have no such key)
 )
 # Filled in by check_setup when left None; the saved config holds the resolved value.
 _RESOLVED_AT_SETUP = ("model.vision_hidden_size",)
