@@ -42,7 +42,7 @@ def _rows(model: type[BaseModel], prefix: str = "", inst: BaseModel | None = Non
             rows += _rows(typing.get_args(ann)[0], f"{path}[].")
             continue
         if sub is not None and issubclass(sub, PartCfg) and sub.parts is not None:
-            rows += _part_rows(sub, f"{path}.", cur)
+            rows += part_rows(sub, f"{path}.", cur)
             continue
         if sub is not None:
             rows += _rows(sub, f"{path}.", cur if isinstance(cur, BaseModel) else None)
@@ -52,7 +52,7 @@ def _rows(model: type[BaseModel], prefix: str = "", inst: BaseModel | None = Non
     return rows
 
 
-def _part_rows(base: type[PartCfg], prefix: str, cur) -> list[str]:
+def part_rows(base: type[PartCfg], prefix: str, cur) -> list[str]:
     """A registry-backed union (models/parts.py): the default type's rows, ``type`` listing vlp's own types, then
     the parameters of the other types, each marked with its type. Plugins' types are not listed."""
     reg = base.parts
