@@ -49,7 +49,8 @@ def test_pooler_num_tokens_is_what_its_forward_makes(name, mode):
 @pytest.mark.parametrize("name", CONNECTORS.builtin_names())
 def test_connector_num_tokens_is_what_its_module_makes(name):
     part = CONNECTORS.part(name)
-    assert part.num_tokens(7) == part.build(D, 12)(torch.randn(7, D)).shape[0] == 7  # (7, D) -> (7, 12)
+    out = part.build(D, 12)(torch.randn(7, D))  # (7, D) -> (num_tokens(7), 12)
+    assert out.shape == (part.num_tokens(7), 12)
 
 
 def test_visual_token_count_asks_pooler_then_connector():
