@@ -260,3 +260,13 @@ def test_plugin_folder_is_shared_with_local_workers(tmp_path, monkeypatch):
     (tmp_path / "broken_plug.py").write_text("raise RuntimeError('boom')\n")
     with pytest.raises(ValueError, match="cannot import plugin module 'broken_plug' .RuntimeError: boom"):
         import_plugin("broken_plug")
+
+
+def test_setup_refuses_feature_modes_the_pooler_cannot_take():
+    from vlp.models.videollm import feature_mode_problems
+
+    none = validate(ModelConfig, {"pooler": {"type": "none"}})
+    assert feature_mode_problems(none, ["frames", "valley_pooled"]) == [
+        "data.sets[1]: model.pooler.type=none needs feature sets precomputed with output.mode=frames, this one has "
+        "output.mode=valley_pooled"]
+    assert feature_mode_problems(validate(ModelConfig, {}), ["frames", "valley_pooled"]) == []

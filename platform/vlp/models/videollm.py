@@ -53,6 +53,14 @@ def visual_token_count(cfg: ModelConfig, shape: Sequence[int], mode: str, num_fr
     return CONNECTORS.part(cfg.connector).num_tokens(n)
 
 
+def feature_mode_problems(cfg: ModelConfig, modes: Sequence[str]) -> list[str]:
+    """Why the model's pooler cannot take features of these modes (``data.sets[i]``'s output.mode); [] if it can."""
+    pooler = POOLERS.part(cfg.pooler)
+    want = " or ".join(f"output.mode={m}" for m in pooler.modes)
+    return [f"data.sets[{i}]: model.pooler.type={cfg.pooler.type} needs feature sets precomputed with {want}, "
+            f"this one has output.mode={m}" for i, m in enumerate(modes) if m not in pooler.modes]
+
+
 class VideoLLM(nn.Module):
     def __init__(self, cfg: ModelConfig, llm: Optional[nn.Module] = None):
         super().__init__()

@@ -12,6 +12,7 @@ import yaml
 from ..config import ConfigError, dump_config
 from ..errors import UserError
 from ..storage import get_fs, join
+from ..models.videollm import feature_mode_problems
 from .config import TrainConfig
 from .data import DropSeen, Mixture, Tokenize, feature_set_info, mixture_passes
 from .memory import BF16_GPUS, GPU_MEMORY_GB, preflight, resolve_precision
@@ -83,8 +84,7 @@ def check_setup(cfg: TrainConfig, log=print) -> dict:
         elif cfg.model.vision_hidden_size != d:
             problems.append(f"model.vision_hidden_size={cfg.model.vision_hidden_size} does not match the feature "
                             f"set's hidden size {d} (encoder {infos[0]['fingerprint']['encoder']['path']})")
-        if cfg.model.pooler.type == "none" and any(inf["mode"] != "frames" for inf in infos):
-            problems.append("model.pooler.type=none needs feature sets precomputed with output.mode=frames")
+        problems += feature_mode_problems(cfg.model, [inf["mode"] for inf in infos])
     if cfg.model.connector.init_from and not Path(cfg.model.connector.init_from).exists():
         problems.append(f"model.connector.init_from: {cfg.model.connector.init_from} does not exist")
     if problems:
