@@ -11,8 +11,8 @@ import yaml
 
 from ..config import ConfigError, dump_config
 from ..errors import UserError
-from ..storage import get_fs, join
 from ..models.videollm import feature_mode_problems
+from ..storage import get_fs, join
 from .config import TrainConfig
 from .data import DropSeen, Mixture, Tokenize, feature_set_info, mixture_passes
 from .memory import BF16_GPUS, GPU_MEMORY_GB, preflight, resolve_precision
