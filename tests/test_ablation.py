@@ -14,7 +14,7 @@ import torch
 
 from vlp.data.preprocess import clip_preprocess
 from vlp.synth.shards import Attributes, render_clip
-from vlp.models.videollm import POOLERS
+from vlp.models.poolers import POOLERS
 
 OPPOSITE = [("left", "right"), ("up", "down")]
 
@@ -33,9 +33,9 @@ def test_opposite_directions_are_the_same_frames_reversed(a, b):
 
 @pytest.fixture(scope="module")
 def tower():
-    from vlp.models.vision import VisionTowerConfig, build_vision_tower
+    from vlp.models.towers import TOWERS, build_vision_tower
 
-    return build_vision_tower(VisionTowerConfig(path="preset:tiny-clip", device="cpu", dtype="float32"))
+    return build_vision_tower(TOWERS.config(path="preset:tiny-clip", device="cpu", dtype="float32"))
 
 
 @pytest.mark.parametrize("a,b", OPPOSITE)
@@ -43,10 +43,10 @@ def test_patch_mean_is_blind_to_order_and_valley_is_not(tower, a, b):
     fa = tower.features(clip_preprocess(_clip(a, 0)))  # (T, 1 + P, D)
     fb = tower.features(clip_preprocess(_clip(b, 0)))
     t = fa.shape[0]
-    pm_a, pm_b = POOLERS.get("patch_mean")(fa, "frames", t), POOLERS.get("patch_mean")(fb, "frames", t)
+    pm_a, pm_b = POOLERS.part("patch_mean")(fa, "frames", t), POOLERS.part("patch_mean")(fb, "frames", t)
     assert pm_a.shape == (256, 64)
     torch.testing.assert_close(pm_a, pm_b, rtol=0, atol=1e-5)  # (P, D): only float summation order differs
-    va, vb = POOLERS.get("valley")(fa, "frames", t), POOLERS.get("valley")(fb, "frames", t)  # (P + T, D)
+    va, vb = POOLERS.part("valley")(fa, "frames", t), POOLERS.part("valley")(fb, "frames", t)  # (P + T, D)
     torch.testing.assert_close(va[:256], vb[:256], rtol=0, atol=1e-5)
     torch.testing.assert_close(va[256:], vb[256:].flip(0))  # the CLS tokens: same frames, reverse order
     assert (va[256:] - vb[256:]).abs().max() > 1e-3  # ... which valley's token sequence keeps apart
@@ -116,13 +116,13 @@ def test_demo_tower_encodes_position_in_its_cls_token():
 
     from vlp.synth.shards import render_stills
     from vlp.models.presets import resolve_model_path
-    from vlp.models.vision import VisionTowerConfig, build_vision_tower
+    from vlp.models.towers import TOWERS, build_vision_tower
 
     path = resolve_model_path("preset:tiny-clip-synth")
     assert Path(path).name == "tiny-clip-synth.v1"  # versioned folder: a new recipe never reuses an old build
     stats = json.loads((Path(path) / "pretraining.json").read_text())
     assert stats["steps"] == 600 and stats["color_acc"] >= 0.9, stats
-    tower = build_vision_tower(VisionTowerConfig(path="preset:tiny-clip-synth", device="cpu", dtype="float32"))
+    tower = build_vision_tower(TOWERS.config(path="preset:tiny-clip-synth", device="cpu", dtype="float32"))
     assert tower.image_size == 112
     frames, y = render_stills(np.random.default_rng(123), 160, 64, 96)
     cls = tower.features(clip_preprocess(frames, tower.image_size, mean=tower.mean, std=tower.std))[:, 0]  # (N, D)

@@ -49,13 +49,13 @@ def test_features_match_precompute_path(export, clip):
     from vlp.chat import ChatSession
     from vlp.data.media import DecodeConfig, SamplingConfig, decode_media
     from vlp.precompute.stages import DecodeFrames, EncodeFeatures, _batch, make_row
-    from vlp.models.vision import VisionTowerConfig
+    from vlp.models.towers import TOWERS
 
     s = ChatSession(str(export))
     assert s.load_media(str(clip / "clip.mp4")) == "video" and s.feats.shape == (8, 257, 64)
     row = make_row(shard="x", key="k", kind="sample", media=(clip / "clip.mp4").read_bytes(), media_ext="mp4")
     dec = DecodeFrames(SamplingConfig(), DecodeConfig(), 224)(_batch([row]))
-    enc = EncodeFeatures(VisionTowerConfig(), "valley_pooled")(dec)
+    enc = EncodeFeatures(TOWERS.config(), "valley_pooled")(dec)
     stored = np.frombuffer(enc["features"][0], np.float16).reshape(264, 64)
     online = s.model.pool(s.feats, "frames", 8).numpy()
     assert np.allclose(stored, online, atol=2e-2)
@@ -97,7 +97,7 @@ def test_chat_and_infer_preprocess_as_precompute_did(padded_export, clip, name):
     from vlp.chat import ChatSession
     from vlp.data.media import DecodeConfig, SamplingConfig
     from vlp.infer import AnswerBatch, decode_stage
-    from vlp.models.vision import VisionTowerConfig
+    from vlp.models.towers import TOWERS
     from vlp.precompute.stages import DecodeFrames, EncodeFeatures, _batch, make_row, shape_of
 
     info = json.loads((padded_export / "vlp_model.json").read_text())
@@ -128,7 +128,7 @@ def test_chat_and_infer_preprocess_as_precompute_did(padded_export, clip, name):
 
     decoded = decode(_batch([row]))
     stored = features(EncodeFeatures(**encode), decoded)  # (T, 1 + P, D), as precompute stores in frames mode
-    towers_own = features(EncodeFeatures(VisionTowerConfig(), "frames"), decoded)
+    towers_own = features(EncodeFeatures(TOWERS.config(), "frames"), decoded)
     assert (stored - towers_own).abs().max() > 0.5  # the mean/std show in the features
     s.load_media(str(clip / name))
     assert torch.allclose(s.feats, stored, atol=2e-2, rtol=1e-2), (s.feats - stored).abs().max()

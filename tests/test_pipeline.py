@@ -260,7 +260,7 @@ def test_old_fingerprints_still_match_and_bad_values_are_refused(tmp_path, tiny_
     the same, so such sets resume. Bad values, in the config or the tower's file, are clear errors."""
     from vlp.config import ConfigError
     from vlp.data.preprocess import CLIP_MEAN, CLIP_STD, RESAMPLER
-    from vlp.models.vision import tower_mean_std
+    from vlp.models.towers import tower_mean_std
     from vlp.precompute.pipeline import plan_stages
 
     fp, _, _ = plan_stages(_cfg(["x.tar"], tmp_path / "o"))

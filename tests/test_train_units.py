@@ -239,20 +239,20 @@ def _row(conv=None, caption="", media="video", shape=(264, 64), mode="valley_poo
 def test_truncation_never_cuts_the_visual_span():
     conv = [{"from": "human", "value": "<video>\nWhat color is the shape?"},
             {"from": "gpt", "value": "The shape is red. " * 20}]
-    tk = Tokenize("preset:tiny-tokenizer", "vicuna_v1", max_length=360, overlong="truncate", pooler="valley")
+    tk = Tokenize("preset:tiny-tokenizer", "vicuna_v1", max_length=360, overlong="truncate", model="valley")
     ids, labels, length, reason = tk.one(_row(conv))
     assert reason == "" and length == 360
     p = ids.index(VISUAL_TOKEN_INDEX)
     assert len(ids) - 1 + 264 == 360 and p < len(ids) and any(l != IGNORE_INDEX for l in labels)
     # a visual span that alone passes max_length: skipped, never cut
-    tk_small = Tokenize("preset:tiny-tokenizer", "vicuna_v1", max_length=200, overlong="truncate", pooler="valley")
+    tk_small = Tokenize("preset:tiny-tokenizer", "vicuna_v1", max_length=200, overlong="truncate", model="valley")
     assert tk_small.one(_row(conv))[3] == "over max_length"
-    tk_skip = Tokenize("preset:tiny-tokenizer", "vicuna_v1", max_length=360, overlong="skip", pooler="valley")
+    tk_skip = Tokenize("preset:tiny-tokenizer", "vicuna_v1", max_length=360, overlong="skip", model="valley")
     assert tk_skip.one(_row(conv))[3] == "over max_length"
     # visual tokens counted per pooler and feature mode
-    tk_pm = Tokenize("preset:tiny-tokenizer", "plain", max_length=1000, overlong="skip", pooler="patch_mean")
+    tk_pm = Tokenize("preset:tiny-tokenizer", "plain", max_length=1000, overlong="skip", model="patch_mean")
     n_plain = tk_pm.one(_row(caption="A red circle.", fmt="caption"))[2]
-    tk_v = Tokenize("preset:tiny-tokenizer", "plain", max_length=1000, overlong="skip", pooler="valley")
+    tk_v = Tokenize("preset:tiny-tokenizer", "plain", max_length=1000, overlong="skip", model="valley")
     assert tk_v.one(_row(caption="A red circle.", fmt="caption"))[2] - n_plain == 8
     assert tk_v.one(_row(caption="A red circle.", shape=(8, 257, 64), mode="frames"))[2] == \
         tk_v.one(_row(caption="A red circle."))[2]

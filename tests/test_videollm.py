@@ -28,11 +28,11 @@ def tok():
 def test_poolers_agree_between_frames_and_prepooled():
     T, P, D = 4, 256, 8
     frames = torch.randn(T, 1 + P, D, generator=torch.Generator().manual_seed(0))
-    pooled = POOLERS.get("valley")(frames, "frames", T)
+    pooled = POOLERS.part("valley")(frames, "frames", T)
     assert pooled.shape == (P + T, D)
     assert torch.allclose(pooled[:P], frames[:, 1:].mean(0)) and torch.equal(pooled[P:], frames[:, 0])
-    assert torch.equal(POOLERS.get("valley")(pooled, "valley_pooled", T), pooled)
-    pm = POOLERS.get("patch_mean")
+    assert torch.equal(POOLERS.part("valley")(pooled, "valley_pooled", T), pooled)
+    pm = POOLERS.part("patch_mean")
     assert torch.allclose(pm(frames, "frames", T), pm(pooled, "valley_pooled", T))
     assert pm(frames, "frames", T).shape == (P, D)
     # patch_mean is blind to frame order; valley is not
@@ -40,10 +40,10 @@ def test_poolers_agree_between_frames_and_prepooled():
     # (summed in another order: equal up to float rounding, which allclose's default atol=1e-8 is too tight for
     # near zero; it failed on an unseeded draw)
     torch.testing.assert_close(pm(rev, "frames", T), pm(frames, "frames", T), rtol=1e-5, atol=1e-6)
-    assert not torch.equal(POOLERS.get("valley")(rev, "frames", T), pooled)
-    assert POOLERS.get("none")(frames, "frames", T).shape == (T * P, D)
+    assert not torch.equal(POOLERS.part("valley")(rev, "frames", T), pooled)
+    assert POOLERS.part("none")(frames, "frames", T).shape == (T * P, D)
     with pytest.raises(ValueError, match="output.mode=frames"):
-        POOLERS.get("none")(pooled, "valley_pooled", T)
+        POOLERS.part("none")(pooled, "valley_pooled", T)
 
 
 def test_parts_frozen_explicitly(model):

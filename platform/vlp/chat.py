@@ -18,13 +18,13 @@ class ChatSession:
     """Holds the model, the media's visual features and the conversation so far."""
 
     def __init__(self, export_dir: str, device: str = "cpu"):
-        from .models.vision import VisionTowerConfig, build_vision_tower
+        from .models.towers import build_vision_tower
         from .formats.export import load_model
 
         self.model, self.tok, self.info = load_model(export_dir, device)
         enc = self.info["encoder"]
-        self.tower = build_vision_tower(VisionTowerConfig(type=enc["type"], path=enc["path"], layer=enc["layer"],
-                                                          device=device))
+        self.tower = build_vision_tower({"type": enc["type"], "path": enc["path"], "layer": enc["layer"],
+                                         "device": device})
         self.sampling = SamplingConfig(**self.info["sampling"])
         self.geom = model_geometry(self.info, self.tower.image_size, self.tower.mean, self.tower.std)
         self.template = self.info["template"]

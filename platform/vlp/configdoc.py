@@ -6,10 +6,14 @@ import typing
 
 from pydantic import BaseModel
 
+from .models.parts import PartCfg
+
 
 def _type_name(ann) -> str:
     origin = typing.get_origin(ann)
     args = typing.get_args(ann)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
     if origin is typing.Literal:
         return " \\| ".join(repr(a) for a in args)
     if origin is typing.Union:
@@ -18,6 +22,10 @@ def _type_name(ann) -> str:
     if origin in (list, tuple):
         return f"{origin.__name__}[{', '.join(_type_name(a) for a in args if a is not Ellipsis)}]"
     return getattr(ann, "__name__", str(ann))
+
+
+def _row(path: str, type_name: str, default: str, desc: str | None) -> str:
+    return f"| `{path}` | {type_name} | `{default}` | {(desc or '').replace('|', chr(92) + '|')} |"
 
 
 def _rows(model: type[BaseModel], prefix: str = "", inst: BaseModel | None = None) -> list[str]:
@@ -33,12 +41,39 @@ def _rows(model: type[BaseModel], prefix: str = "", inst: BaseModel | None = Non
                 and issubclass(typing.get_args(ann)[0], BaseModel):
             rows += _rows(typing.get_args(ann)[0], f"{path}[].")
             continue
+        if sub is not None and issubclass(sub, PartCfg) and sub.parts is not None:
+            rows += part_rows(sub, f"{path}.", cur)
+            continue
         if sub is not None:
             rows += _rows(sub, f"{path}.", cur if isinstance(cur, BaseModel) else None)
             continue
         default = "required" if inst is None and f.is_required() else repr(cur)
-        desc = (f.description or "").replace("|", "\\|")
-        rows.append(f"| `{path}` | {_type_name(ann)} | `{default}` | {desc} |")
+        rows.append(_row(path, _type_name(ann), default, f.description))
+    return rows
+
+
+def part_rows(base: type[PartCfg], prefix: str, cur) -> list[str]:
+    """A registry-backed union (models/parts.py): the default type's rows, ``type`` listing vlp's own types, then
+    the parameters of the other types, each marked with its type. Plugins' types are not listed."""
+    reg = base.parts
+    if not isinstance(cur, base) or type(cur) is base:
+        cur = reg.config(cur.model_dump() if isinstance(cur, BaseModel) else None)
+    rows = []
+    for line in _rows(type(cur), prefix, cur):
+        if line.startswith(f"| `{prefix}type` |"):
+            names = " \\| ".join(repr(n) for n in reg.builtin_names())
+            line = _row(f"{prefix}type", names, repr(cur.type), f"a registered {reg.kind} class "
+                        "(docs/extending.md); parameters of one type only are marked with it")
+        rows.append(line)
+    for name in reg.builtin_names():
+        cls = reg.cfg_class(name)
+        if cls is type(cur):
+            continue
+        for fname, f in cls.model_fields.items():
+            if fname not in base.model_fields:
+                default = "required" if f.is_required() else repr(f.default)
+                rows.append(_row(f"{prefix}{fname}", _type_name(f.annotation), default,
+                                 f"(type {name}) {f.description or ''}".strip()))
     return rows
 
 

@@ -46,15 +46,15 @@ class AnswerBatch:
         import torch
 
         from .data.preprocess import model_geometry
-        from .models.vision import VisionTowerConfig, build_vision_tower
+        from .models.towers import build_vision_tower
         from .formats.export import load_model
 
         torch.set_grad_enabled(False)
         self.device = device
         self.model, self.tok, self.info = load_model(export_dir, device)
         enc = self.info["encoder"]
-        self.tower = build_vision_tower(VisionTowerConfig(type=enc["type"], path=enc["path"], layer=enc["layer"],
-                                                          device=device))
+        self.tower = build_vision_tower({"type": enc["type"], "path": enc["path"], "layer": enc["layer"],
+                                         "device": device})
         self.question, self.max_new = question, max_new_tokens
         self.geom = model_geometry(self.info, self.tower.image_size, self.tower.mean, self.tower.std)
 
@@ -113,7 +113,7 @@ def decode_stage(info: dict, decode: DecodeConfig):
     (none written by vlp) pads with the tower's own, as AnswerBatch then normalises."""
     from .data.preprocess import model_geometry
     from .models.presets import resolve_model_path
-    from .models.vision import tower_mean_std
+    from .models.towers import tower_mean_std
     from .precompute.stages import DecodeFrames
 
     pp = info.get("preprocess") or {}

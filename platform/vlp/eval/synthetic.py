@@ -51,12 +51,12 @@ def score_answers(model, tok, template: str, question: str, answers: list[str], 
 def evaluate(export_dir: str, feature_uri: str, storage: StorageConfig | None = None,
              max_samples: Optional[int] = None, generate: bool = True, max_new_tokens: int = 12,
              pooler: Optional[str] = None) -> dict:
-    from ..models.videollm import POOLERS
+    from ..models.poolers import POOLERS
     from ..formats.export import load_model
 
     model, tok, info = load_model(export_dir)
     if pooler:  # evaluate an ablation (e.g. patch_mean) on the same weights
-        model.pool = POOLERS.get(pooler)
+        model.pool = POOLERS.part(pooler)
     template = info["template"]
     per: dict[str, dict] = {k: {"n": 0, "choice_correct": 0, "gen_correct": 0} for k in CANDIDATES}
     order = {"n": 0, "choice_correct": 0}

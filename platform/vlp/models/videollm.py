@@ -1,87 +1,26 @@
 """VideoLLM: vision tower (optional) -> temporal pooler -> connector -> causal LM.
 
-Every part is chosen by a ``type`` key in its config and frozen or trained explicitly. The
-``VISUAL_TOKEN_INDEX`` placeholder in ``input_ids`` is replaced by that sample's visual tokens; a batch
-may mix videos, images (T=1) and text-only samples of different lengths.
+Every part is chosen by a ``type`` key in its config (the part classes live in models/poolers,
+models/connectors and models/towers; ``model.plugins`` imports modules that register more) and frozen or
+trained explicitly. Every ``VISUAL_TOKEN_INDEX`` placeholder in ``input_ids`` is replaced, in order, by the visual
+tokens of that sample's next media item; a batch may mix videos, images (T=1), several items per sample and
+text-only samples of different lengths.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional, Sequence, TypeVar, Union
+from typing import Annotated, Callable, Literal, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.nn as nn
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field
 
 from ..config import Cfg
 from ..data.conversation import IGNORE_INDEX, VISUAL_TOKEN_INDEX
-from ..registry import Registry
+from .connectors import CONNECTORS, ConnectorConfig
+from .parts import import_plugin
+from .poolers import POOLERS, PoolerConfig
 from .presets import resolve_model_path
-
-POOLERS: Registry[Callable[..., torch.Tensor]] = Registry("temporal pooler")
-CONNECTORS: Registry[Callable[[int, int], nn.Module]] = Registry("connector")
-
-
-# ------------------------------------------------------------------------------------------- poolers
-# A pooler maps one sample's features to its visual token sequence. Features arrive either as
-# frames (T, 1 + P, D) (feature mode "frames") or already Valley-pooled (P + T, D) ("valley_pooled").
-
-@POOLERS.register("valley")
-def pool_valley(feats: torch.Tensor, mode: str, num_frames: int) -> torch.Tensor:
-    """Valley: P patch tokens averaged over time, then the T per-frame CLS tokens -> (P + T, D)."""
-    if mode == "valley_pooled":
-        return feats  # (P + T, D), pooled at precompute time
-    cls_tokens = feats[:, 0]  # (T, 1 + P, D) -> (T, D)
-    patches = feats[:, 1:].mean(0)  # (T, P, D) -> (P, D)
-    return torch.cat([patches, cls_tokens], 0)  # -> (P + T, D)
-
-
-@POOLERS.register("patch_mean")
-def pool_patch_mean(feats: torch.Tensor, mode: str, num_frames: int) -> torch.Tensor:
-    """Ablation: patch tokens averaged over time only, no CLS tokens -> (P, D). Blind to temporal order."""
-    if mode == "valley_pooled":
-        return feats[: feats.shape[0] - num_frames]  # (P + T, D) -> (P, D)
-    return feats[:, 1:].mean(0)  # (T, 1 + P, D) -> (P, D)
-
-
-@POOLERS.register("none")
-def pool_none(feats: torch.Tensor, mode: str, num_frames: int) -> torch.Tensor:
-    """Frames as-is: every frame's patch tokens in order -> (T * P, D). Needs feature mode 'frames'."""
-    if mode != "frames":
-        raise ValueError("pooler 'none' needs features precomputed with output.mode=frames")
-    return feats[:, 1:].reshape(-1, feats.shape[-1])  # (T, 1 + P, D) -> (T * P, D)
-
-
-# ------------------------------------------------------------------------------------------- connectors
-
-@CONNECTORS.register("linear")
-def linear_connector(d_vision: int, d_model: int) -> nn.Module:
-    return nn.Linear(d_vision, d_model)
-
-
-@CONNECTORS.register("mlp2x_gelu")
-def mlp2x_gelu_connector(d_vision: int, d_model: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(d_vision, d_model), nn.GELU(), nn.Linear(d_model, d_model))
-
-
-class PoolerConfig(Cfg):
-    type: str = Field("valley", description="valley | patch_mean | none")
-
-    @field_validator("type")
-    @classmethod
-    def _known(cls, v):
-        return POOLERS.validate(v)
-
-
-class ConnectorConfig(Cfg):
-    type: str = Field("linear", description="linear (LLaVA/Valley) | mlp2x_gelu (LLaVA-1.5)")
-    trainable: bool = True
-    init_from: Optional[str] = Field(None, description="connector.safetensors of an earlier run (stage 1 -> 2)")
-
-    @field_validator("type")
-    @classmethod
-    def _known(cls, v):
-        return CONNECTORS.validate(v)
 
 
 class LLMConfig(Cfg):
@@ -95,11 +34,31 @@ class LLMConfig(Cfg):
 class ModelConfig(Cfg):
     """The VideoLLM parts. The vision tower is absent when training on precomputed features."""
 
+    # Declared first: fields validate in order, so the plugins' part types are registered before the pooler
+    # and connector configs that name them are validated (on the driver and in every worker).
+    plugins: list[Annotated[str, AfterValidator(import_plugin)]] = Field(
+        [], description="modules imported before the parts are validated; they register more pooler/connector "
+        "types (docs/extending.md)")
     vision_hidden_size: Optional[int] = Field(
         None, ge=1, description="D of the visual features; None = read from the feature set (must match it)")
-    pooler: PoolerConfig = PoolerConfig()
-    connector: ConnectorConfig = ConnectorConfig()
+    pooler: PoolerConfig = POOLERS.config()
+    connector: ConnectorConfig = CONNECTORS.config()
     llm: LLMConfig = LLMConfig()
+
+
+def visual_token_count(cfg: ModelConfig, shape: Sequence[int], mode: str, num_frames: int) -> int:
+    """Visual tokens the model makes for one sample's features of ``shape`` (as the pooler, then the connector,
+    count them); what training reserves in the sequence before any feature is loaded."""
+    n = POOLERS.part(cfg.pooler).num_tokens(shape, mode, num_frames)
+    return CONNECTORS.part(cfg.connector).num_tokens(n)
+
+
+def feature_mode_problems(cfg: ModelConfig, modes: Sequence[str]) -> list[str]:
+    """Why the model's pooler cannot take features of these modes (``data.sets[i]``'s output.mode); [] if it can."""
+    pooler = POOLERS.part(cfg.pooler)
+    want = " or ".join(f"output.mode={m}" for m in pooler.modes)
+    return [f"data.sets[{i}]: model.pooler.type={cfg.pooler.type} needs feature sets precomputed with {want}, "
+            f"this one has output.mode={m}" for i, m in enumerate(modes) if m not in pooler.modes]
 
 
 class VideoLLM(nn.Module):
@@ -114,8 +73,8 @@ class VideoLLM(nn.Module):
         self.llm = llm if llm is not None else AutoModelForCausalLM.from_pretrained(
             resolve_model_path(cfg.llm.path), dtype=dtype)
         d_model = self.llm.get_input_embeddings().weight.shape[1]
-        self.connector = CONNECTORS.get(cfg.connector.type)(cfg.vision_hidden_size, d_model)
-        self.pool = POOLERS.get(cfg.pooler.type)
+        self.connector = CONNECTORS.part(cfg.connector).build(cfg.vision_hidden_size, d_model)
+        self.pool = POOLERS.part(cfg.pooler)  # (feats, mode, num_frames) -> (N, D)
         self.llm.requires_grad_(cfg.llm.trainable)
         self.connector.requires_grad_(cfg.connector.trainable)
         if cfg.llm.gradient_checkpointing and cfg.llm.trainable:

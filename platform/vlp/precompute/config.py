@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 from ..config import Cfg
 from ..data.media import DecodeConfig, SamplingConfig
 from ..data.preprocess import PreprocessConfig
-from ..models.vision import VisionTowerConfig
+from ..models.towers import TOWERS, TowerConfig
 from ..runtime import AcceleratorType, RayConfig
 from ..storage import StorageConfig
 
@@ -31,7 +31,7 @@ class DataConfig(Cfg):
 class EncoderConfig(Cfg):
     """The frozen vision tower and its actor pool."""
 
-    tower: VisionTowerConfig = VisionTowerConfig()
+    tower: TowerConfig = TOWERS.config()
     batch_size: int = Field(8, ge=1, description="samples per encoder call")
     max_frames_per_forward: int = Field(256, ge=1, description="frames per forward pass (memory bound)")
     concurrency: int = Field(1, ge=1, description="encoder actors (one GPU each where GPUs exist)")

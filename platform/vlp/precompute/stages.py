@@ -19,6 +19,7 @@ import numpy as np
 from ..data.media import IMAGE_EXTS, VIDEO_EXTS, DecodeConfig, MediaError, SamplingConfig, decode_media
 from ..data.preprocess import normalize, resize_crop
 from ..data.tario import RawSample, TarProblem, iter_tar_samples
+from ..models.poolers.valley import valley_pool  # output.mode=valley_pooled is the Valley pooler's own pooling
 from ..storage import StorageConfig, describe_storage_error, get_fs, join
 
 ROW_FIELDS = {
@@ -178,14 +179,6 @@ def shape_of(s: str) -> tuple[int, ...]:
     return tuple(int(x) for x in s.split(",")) if s else ()
 
 
-def valley_pool(feats):
-    """Valley spatio-temporal pooling. (T, 1 + P, D) -> (P + T, D): the P patch tokens averaged over
-    time, then the T per-frame CLS tokens. Exact for any projector applied per token that is linear."""
-    cls_tokens = feats[:, 0]  # (T, 1 + P, D) -> (T, D)
-    patches = feats[:, 1:].float().mean(0).to(feats.dtype)  # (T, P, D) -> (P, D)
-    return __import__("torch").cat([patches, cls_tokens], 0)  # -> (P + T, D)
-
-
 class EncodeFeatures:
     """Actor stage: uint8 frames -> frozen-tower features (fp16), pooled per ``mode``. Normalises with
     ``mean``/``std`` (the driver's resolved values, see pipeline.plan_stages); None = the tower's own."""
@@ -193,7 +186,7 @@ class EncodeFeatures:
     def __init__(self, tower_cfg, mode: str, max_frames_per_forward: int = 256, mean=None, std=None):
         import torch
 
-        from ..models.vision import build_vision_tower
+        from ..models.towers import build_vision_tower
 
         torch.set_grad_enabled(False)
         self.tower = build_vision_tower(tower_cfg)

@@ -18,7 +18,7 @@ from ..config import Cfg, ConfigError, dump_config, validate
 from ..data.media import SamplingConfig
 from .shards import SYNTH_VERSION, MakeShardsConfig, make_shards
 from ..inspect_ import format_report, inspect_features
-from ..models.vision import VisionTowerConfig
+from ..models.towers import TOWERS, TowerConfig
 from ..precompute import PrecomputeConfig, run_precompute
 from ..runtime import RayConfig
 from ..storage import get_fs, join
@@ -49,7 +49,7 @@ class DemoConfig(Cfg):
     root: str = Field("runs/demo", description="run folder holding everything")
     shards: DemoShardsConfig = DemoShardsConfig()
     sampling: SamplingConfig = SamplingConfig()
-    tower: VisionTowerConfig = VisionTowerConfig(path="preset:tiny-clip-synth")
+    tower: TowerConfig = TOWERS.config(path="preset:tiny-clip-synth")
     mode: str = Field("valley_pooled", pattern="^(frames|valley_pooled)$")
     llm: str = Field("preset:tiny-llama", description="causal LM for training")
     stage1: DemoStageConfig = DemoStageConfig(epochs=3, lr=2e-3, zero_stage=1)
@@ -67,7 +67,7 @@ class DemoConfig(Cfg):
     @field_validator("ablation_pooler")
     @classmethod
     def _known_pooler(cls, v):
-        from ..models.videollm import POOLERS
+        from ..models.poolers import POOLERS
 
         return None if v is None else POOLERS.validate(v)
 

@@ -112,15 +112,6 @@ class DropSeen:
         return {k: v[keep] for k, v in batch.items()}
 
 
-def visual_token_count(shape, mode: str, num_frames: int, pooler: str) -> int:
-    shape = [int(s) for s in shape]
-    if pooler == "valley":
-        return shape[0] if mode == "valley_pooled" else (shape[1] - 1) + shape[0]
-    if pooler == "patch_mean":
-        return shape[0] - num_frames if mode == "valley_pooled" else shape[1] - 1
-    return shape[0] * (shape[1] - 1)  # none: T * P
-
-
 class Tokenize:
     """Rows -> input_ids / labels / length; over-long samples truncated at text or marked skipped.
 
@@ -128,10 +119,22 @@ class Tokenize:
     alone exceed max_length is skipped (counted by the trainer).
     """
 
-    def __init__(self, tokenizer_path: str, template: str, max_length: int, overlong: str, pooler: str):
+    def __init__(self, tokenizer_path: str, template: str, max_length: int, overlong: str, model: dict | str):
+        """``model``: the run's ModelConfig as a JSON dump (its pooler and connector count the visual tokens;
+        validated where the rows are tokenised, which imports its plugins there), or just a pooler type."""
         self.tokenizer_path, self.template, self.max_length = tokenizer_path, template, max_length
-        self.overlong, self.pooler = overlong, pooler
-        self._tok = None
+        self.overlong = overlong
+        self.model = {"pooler": {"type": model}} if isinstance(model, str) else model
+        self._tok = self._model_cfg = None
+
+    @property
+    def model_cfg(self):
+        if self._model_cfg is None:
+            from ..config import validate
+            from ..models.videollm import ModelConfig
+
+            self._model_cfg = validate(ModelConfig, self.model, "model config of the training rows")
+        return self._model_cfg
 
     @property
     def tok(self):
@@ -151,7 +154,9 @@ class Tokenize:
                 return [], [], 0, "no caption"
             conv = caption_conversation(row["caption"], row["media_type"])
         ids, labels = tokenize_conversation(conv, self.tok, self.template)
-        n_vis = visual_token_count(row["shape"], row["mode"], int(row["num_frames"]), self.pooler)
+        from ..models.videollm import visual_token_count  # torch: imported where rows are tokenised
+
+        n_vis = visual_token_count(self.model_cfg, row["shape"], row["mode"], int(row["num_frames"]))
         has_vis = VISUAL_TOKEN_INDEX in ids
         length = len(ids) - (1 if has_vis else 0) + (n_vis if has_vis else 0)
         if length > self.max_length:
@@ -167,6 +172,7 @@ class Tokenize:
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["uid"])
+        _ = self.model_cfg  # a config that fails here (e.g. a plugin workers cannot import) fails the task
         ids_l, lab_l, lens, skip = [], [], [], []
         for i in range(n):
             row = {k: batch[k][i] for k in ("format", "conversations", "caption", "media_type", "shape", "mode",

@@ -11,6 +11,7 @@ import yaml
 
 from ..config import ConfigError, dump_config
 from ..errors import UserError
+from ..models.videollm import feature_mode_problems
 from ..storage import get_fs, join
 from .config import TrainConfig
 from .data import DropSeen, Mixture, Tokenize, feature_set_info, mixture_passes
@@ -26,14 +27,14 @@ def param_counts(cfg: TrainConfig) -> tuple[int, int]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..models.connectors import CONNECTORS
     from ..models.presets import resolve_model_path
-    from ..models.videollm import CONNECTORS
 
     lcfg = AutoConfig.from_pretrained(resolve_model_path(cfg.model.llm.path))
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(lcfg)
         d_model = llm.get_input_embeddings().weight.shape[1]
-        conn = CONNECTORS.get(cfg.model.connector.type)(cfg.model.vision_hidden_size, d_model)
+        conn = CONNECTORS.part(cfg.model.connector).build(cfg.model.vision_hidden_size, d_model)
     n_llm = sum(p.numel() for p in llm.parameters())
     n_conn = sum(p.numel() for p in conn.parameters())
     trainable = (n_conn if cfg.model.connector.trainable else 0)
@@ -83,8 +84,7 @@ def check_setup(cfg: TrainConfig, log=print) -> dict:
         elif cfg.model.vision_hidden_size != d:
             problems.append(f"model.vision_hidden_size={cfg.model.vision_hidden_size} does not match the feature "
                             f"set's hidden size {d} (encoder {infos[0]['fingerprint']['encoder']['path']})")
-        if cfg.model.pooler.type == "none" and any(inf["mode"] != "frames" for inf in infos):
-            problems.append("model.pooler.type=none needs feature sets precomputed with output.mode=frames")
+        problems += feature_mode_problems(cfg.model, [inf["mode"] for inf in infos])
     if cfg.model.connector.init_from and not Path(cfg.model.connector.init_from).exists():
         problems.append(f"model.connector.init_from: {cfg.model.connector.init_from} does not exist")
     if problems:
@@ -200,7 +200,7 @@ def build_dataset(cfg: TrainConfig, state_path: str):
     ds = ds.map_batches(DropSeen(state_path), batch_format="numpy", batch_size=256,
                         num_cpus=cfg.scaling.data_cpus_per_task)
     ds = ds.map_batches(Tokenize(tok_path, cfg.data.template, cfg.data.max_length, cfg.data.overlong,
-                                 cfg.model.pooler.type), batch_format="numpy", batch_size=64,
+                                 cfg.model.model_dump(mode="json")), batch_format="numpy", batch_size=64,
                         num_cpus=cfg.scaling.data_cpus_per_task)
     return ds
 
@@ -222,6 +222,8 @@ RERUN_MAY_CHANGE = (
     "log_every", "tensorboard",    # logging
     "debug",                       # fault injection (tests fail an attempt, then re-run without it)
     "ray",                         # how Ray is reached
+    "model.plugins",               # which modules register part types; the types used are compared (and runs
+                                   # saved before plugins existed have no such key)
 )
 # Filled in by check_setup when left None; the saved config holds the resolved value.
 _RESOLVED_AT_SETUP = ("model.vision_hidden_size",)

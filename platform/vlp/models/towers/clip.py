@@ -1,0 +1,38 @@
+"""The ``clip`` tower: a Hugging Face CLIPVisionModel (LLaVA / Valley use openai/clip-vit-large-patch14).
+May import: torch, transformers, vlp.models.towers, vlp.models.presets."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ..presets import resolve_model_path
+from . import TOWERS, Tower, TowerCfg, VisionTower, resolve_device_dtype, tower_mean_std, weights_hash
+
+
+@TOWERS.register
+class Clip(Tower):
+    class Cfg(TowerCfg):
+        type: Literal["clip"] = "clip"
+
+    def build(self) -> VisionTower:
+        from transformers import CLIPVisionModel
+
+        cfg = self.cfg
+        path = resolve_model_path(cfg.path)
+        device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+        model = CLIPVisionModel.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
+        mcfg = model.config
+        n_layers = mcfg.num_hidden_layers
+        if not -(n_layers + 1) <= cfg.layer <= n_layers:
+            raise ValueError(f"vision_tower.layer={cfg.layer} out of range for a {n_layers}-layer tower "
+                             f"(hidden states -{n_layers + 1}..{n_layers})")
+        mean, std = tower_mean_std(path)
+        return VisionTower(model=model, image_size=mcfg.image_size, hidden_size=mcfg.hidden_size,
+                           num_layers=n_layers, mean=mean, std=std, path=cfg.path, weights_sha256=weights_hash(path),
+                           device=device, dtype=dtype, layer=cfg.layer)
+
+    def num_tokens(self, num_frames: int = 1) -> int:
+        from transformers import CLIPVisionConfig
+
+        c = CLIPVisionConfig.from_pretrained(resolve_model_path(self.cfg.path))
+        return num_frames * (1 + (c.image_size // c.patch_size) ** 2)  # per frame: CLS + (S / patch)^2 patches
