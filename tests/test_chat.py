@@ -183,3 +183,15 @@ def test_chat_decodes_real_clips(export, name):
     s = ChatSession(str(export))
     assert s.load_media(str(SHARED_MEDIA / name)) == "video" and s.feats.shape == (8, 257, 64)
     assert isinstance("".join(s.ask("What is happening?", max_new_tokens=3)), str)
+
+
+def test_building_an_encoder_leaves_autograd_on_in_the_process():
+    """EncodeFeatures used to switch autograd off for the whole process (torch.set_grad_enabled(False)): a
+    training step later in the same process then got a loss without a graph. The tower encodes under no_grad."""
+    import torch
+
+    from vlp.models.towers import TOWERS
+    from vlp.precompute.stages import EncodeFeatures
+
+    EncodeFeatures(TOWERS.config(), "valley_pooled")
+    assert torch.is_grad_enabled()

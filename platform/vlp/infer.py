@@ -43,13 +43,10 @@ class AnswerBatch:
     """Actor stage: decoded frames -> tower features -> VideoLLM answer."""
 
     def __init__(self, export_dir: str, question: Optional[str], max_new_tokens: int, device: str = "cpu"):
-        import torch
-
         from .data.preprocess import model_geometry
         from .models.towers import build_vision_tower
         from .formats.export import load_model
 
-        torch.set_grad_enabled(False)
         self.device = device
         self.model, self.tok, self.info = load_model(export_dir, device)
         enc = self.info["encoder"]

@@ -184,11 +184,8 @@ class EncodeFeatures:
     ``mean``/``std`` (the driver's resolved values, see pipeline.plan_stages); None = the tower's own."""
 
     def __init__(self, tower_cfg, mode: str, max_frames_per_forward: int = 256, mean=None, std=None):
-        import torch
-
         from ..models.towers import build_vision_tower
 
-        torch.set_grad_enabled(False)
         self.tower = build_vision_tower(tower_cfg)
         self.mean = tuple(mean) if mean is not None else self.tower.mean
         self.std = tuple(std) if std is not None else self.tower.std
