@@ -1,5 +1,5 @@
 """The export format: a trained VideoLLM (HF LLM + connector safetensors + tokenizer) and ``vlp_model.json``, its
-typed :class:`ExportInfo`; writer and loader. May import: config, errors, storage, models, formats.
+typed :class:`ExportInfo`; writer and loader. May import: config, errors, storage, data, models, formats.
 
 Layout of an export folder::
 
