@@ -16,7 +16,7 @@ before formats were versioned) loads as that layout, a newer or unknown one is r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
@@ -25,6 +25,9 @@ from ..models.videollm import ModelConfig, VideoLLM
 from ..storage import join, read_bytes, write_atomic
 from .featureset import EncoderInfo, Fingerprint, PreprocessInfo
 from .records import Record, RecordError, format_problem, parse_json
+
+if TYPE_CHECKING:
+    from ..data.media import SamplingConfig
 
 MODEL_CONFIG = "vlp_model.json"
 EXPORT_FORMAT = "vlp-export/1"
@@ -93,7 +96,7 @@ class ExportInfo(Record):
             raise ExportFormatError(f"{source} records no conversation template (not written by `vlp train`)")
         return self.template
 
-    def media(self, source: str = "the export") -> tuple[EncoderInfo, "SamplingConfig"]:
+    def media(self, source: str = "the export") -> tuple[EncoderInfo, SamplingConfig]:
         """(encoder, sampling) chat and infer decode and encode media with; ExportFormatError when not recorded
         (an export not written by ``vlp train``)."""
         from ..data.media import SamplingConfig
