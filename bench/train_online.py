@@ -60,10 +60,10 @@ class Stepper:
 
         from vlp.formats.featureset import get_json
         from vlp.models.videollm import VideoLLM
-        from vlp.models.vision import VisionTowerConfig, build_vision_tower
+        from vlp.models.towers import build_vision_tower
 
         self.frames = frames
-        self.tower = build_vision_tower(VisionTowerConfig(path="preset:tiny-clip", device="cpu", dtype="float32"))
+        self.tower = build_vision_tower({"type": "clip", "path": "preset:tiny-clip", "device": "cpu", "dtype": "float32"})
         self.pp = get_json(str(root / "features" / "instruct"), "fingerprint.json")["preprocess"]  # precompute's
         torch.manual_seed(SEED)
         model = VideoLLM(model_config())

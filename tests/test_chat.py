@@ -10,6 +10,7 @@ import torch
 
 from conftest import SHARED_MEDIA
 from vlp.config import validate
+from vlp.formats.export import ExportInfo
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def padded_export(export, tmp_path_factory):
     out = tmp_path_factory.mktemp("padded") / "export"
     shutil.copytree(export, out)
     info = json.loads((out / "vlp_model.json").read_text())
-    info["preprocess"] = _padded_precompute(info["sampling"])[0]["preprocess"]
+    info["preprocess"] = _padded_precompute(info["sampling"])[0].preprocess.to_json()
     (out / "vlp_model.json").write_text(json.dumps(info))
     return out
 
@@ -124,7 +125,7 @@ def test_chat_and_infer_preprocess_as_precompute_did(padded_export, clip, name):
     mtype, online = s.frames(str(clip / name))
     assert mtype == ("image" if name.endswith("jpg") else "video")
     assert torch.equal(online, precomputed)
-    assert torch.equal(pixels(decode_stage(info, DecodeConfig())), precomputed)
+    assert torch.equal(pixels(decode_stage(ExportInfo.read(padded_export), DecodeConfig())), precomputed)
 
     decoded = decode(_batch([row]))
     stored = features(EncodeFeatures(**encode), decoded)  # (T, 1 + P, D), as precompute stores in frames mode

@@ -8,6 +8,7 @@ import pytest
 
 from test_chat import export  # noqa: F401  (module-scoped fixture: an untrained export)
 from vlp.config import validate
+from vlp.formats.export import ExportInfo
 from vlp.infer import InferConfig, run_infer
 
 
@@ -25,7 +26,7 @@ def test_answer_actor_runs_where_the_config_says(export, synth_shards):  # noqa:
 
     actor = AnswerBatch(str(export), None, 3, device=answer_device(validate(InferConfig, base)))
     assert next(actor.model.parameters()).device.type == "cpu" and actor.tower.device.type == "cpu"
-    info = json.loads((export / "vlp_model.json").read_text())
+    info = ExportInfo.read(export)
     with open(synth_shards / "heldout-00000.tar", "rb") as f:
         item = next(iter_tar_samples(f))
     row = make_row(shard="heldout-00000", key=item.key, kind="sample", **parse_sample(item))

@@ -151,7 +151,7 @@ def test_killed_run_leaves_nothing_complete_and_resume_is_exactly_once(ray_local
     assert not (out / "manifest.json").exists()
     # readers see exactly the committed shards' rows, each once
     keys = _keys(out)
-    assert set(keys.values()) == {1} and len(keys) == sum(r["n_ok"] for r in committed.values())
+    assert set(keys.values()) == {1} and len(keys) == sum(r.n_ok for r in committed.values())
 
     s = run_precompute(_cfg([shards / "webvid-*.tar"], out, **{"encoder.batch_size": 2}), log=lambda *_: None)
     assert s["shards_skipped_complete"] == len(committed)
@@ -204,12 +204,12 @@ def test_preprocess_std_and_mean_reach_the_encoder_and_the_fingerprint(tmp_path,
 
     kw = {"output.mode": "frames", "data.preprocess.pad_to_square": True}
     fp0, frames0, f0 = _encoded(_cfg(["x.tar"], tmp_path / "a", **kw), wide_photo, "jpg")
-    assert fp0["preprocess"]["mean"] == list(CLIP_MEAN) and fp0["preprocess"]["std"] == list(CLIP_STD)
+    assert fp0.preprocess.mean == list(CLIP_MEAN) and fp0.preprocess.std == list(CLIP_STD)
 
     std = (0.1, 0.2, 0.3)
     fp1, frames1, f1 = _encoded(_cfg(["x.tar"], tmp_path / "a", **kw, **{"data.preprocess.std": list(std)}),
                                 wide_photo, "jpg")
-    assert fp1["preprocess"]["std"] == list(std) and fp1["preprocess"]["mean"] == list(CLIP_MEAN)
+    assert fp1.preprocess.std == list(std) and fp1.preprocess.mean == list(CLIP_MEAN)
     assert torch.equal(frames1, frames0)  # std is not a geometry setting
     assert torch.allclose(f1, _by_hand(tiny_clip_path, frames1, CLIP_MEAN, std), atol=2e-2, rtol=1e-2)
     assert (f1 - f0).abs().max() > 0.5  # the std shows in the features: the check above could fail
@@ -218,18 +218,18 @@ def test_preprocess_std_and_mean_reach_the_encoder_and_the_fingerprint(tmp_path,
     fp2, frames2, f2 = _encoded(_cfg(["x.tar"], tmp_path / "a", **kw, **{"data.preprocess.std": list(std),
                                                                          "data.preprocess.mean": list(mean)}),
                                 wide_photo, "jpg")
-    assert fp2["preprocess"]["mean"] == list(mean) and fp2["preprocess"]["std"] == list(std)
+    assert fp2.preprocess.mean == list(mean) and fp2.preprocess.std == list(std)
     assert frames2[0, :, 0, 0].tolist() == [int(m * 255) for m in mean]  # padded rows: the configured mean
     assert torch.allclose(f2, _by_hand(tiny_clip_path, frames2, mean, std), atol=2e-2, rtol=1e-2)
 
     # a folder of default-normalised features refuses features made with another std
     out = tmp_path / "feat"
     out.mkdir()
-    (out / "fingerprint.json").write_text(json.dumps(fp0))
+    (out / "fingerprint.json").write_text(json.dumps(fp0.to_json()))
     with pytest.raises(FeatureSetMismatch, match="different preprocess"):
         run_precompute(_cfg([synth_shards / "cc3m-00000.tar"], out, **kw, **{"data.preprocess.std": list(std)}),
                        log=lambda *_: None)
-    assert json.loads((out / "fingerprint.json").read_text()) == fp0 and os.listdir(out) == ["fingerprint.json"]
+    assert json.loads((out / "fingerprint.json").read_text()) == fp0.to_json() and os.listdir(out) == ["fingerprint.json"]
 
 
 def test_default_normalisation_is_the_towers_own(tmp_path, wide_photo):
@@ -247,8 +247,8 @@ def test_default_normalisation_is_the_towers_own(tmp_path, wide_photo):
     fp, frames, feats = _encoded(_cfg(["x.tar"], tmp_path / "o", **{
         "output.mode": "frames", "data.preprocess.pad_to_square": True, "encoder.tower.path": str(tower)}),
         wide_photo, "jpg")
-    assert fp["preprocess"]["mean"] == list(mean) and fp["preprocess"]["std"] == list(std)
-    assert fp["preprocess"]["size"] == 56 and frames.shape == (1, 3, 56, 56)
+    assert fp.preprocess.mean == list(mean) and fp.preprocess.std == list(std)
+    assert fp.preprocess.size == 56 and frames.shape == (1, 3, 56, 56)
     assert frames[0, :, 0, 0].tolist() == [int(m * 255) for m in mean]
     assert torch.allclose(feats, _by_hand(str(tower), frames, mean, std), atol=2e-2, rtol=1e-2)
     assert not torch.allclose(feats, _by_hand(str(tower), frames, CLIP_MEAN, CLIP_STD), atol=0.1)
@@ -265,7 +265,7 @@ def test_old_fingerprints_still_match_and_bad_values_are_refused(tmp_path, tiny_
 
     fp, _, _ = plan_stages(_cfg(["x.tar"], tmp_path / "o"))
     old = {"size": 224, "pad_to_square": False, "mean": list(CLIP_MEAN), "std": list(CLIP_STD), "resampler": RESAMPLER}
-    assert json.loads(json.dumps(fp))["preprocess"] == old == fp["preprocess"]
+    assert json.loads(json.dumps(fp.to_json()))["preprocess"] == old == fp.preprocess.to_json()
 
     with pytest.raises(ConfigError) as ei:
         _cfg(["x.tar"], tmp_path / "o", **{"data.preprocess.std": [0.2, 0, 0.2], "data.preprocess.mean": [1.5, 0, 0]})

@@ -108,7 +108,7 @@ def test_stage1_zero1_then_stage2_zero2_export_and_reload(demo_features, tmp_pat
     assert any(not torch.equal(base[k], after2[k]) for k in base)  # the LLM moved
 
     model, tok, info = load_model(exp2)
-    assert info["template"] == "vicuna_v1" and info["feature_mode"] == "valley_pooled"
+    assert info.template == "vicuna_v1" and info.feature_mode == "valley_pooled"
     from safetensors.torch import load_file as lf
 
     conn = lf(str(exp2 / "connector.safetensors"))

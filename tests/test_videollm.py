@@ -129,7 +129,7 @@ def test_lora_export_merges_adapters_and_reloads(tmp_path, tok):
     loaded, _, info = load_model(tmp_path / "exp")
     assert not any("lora" in k for k in loaded.llm.state_dict())  # merged, plain HF weights
     after = loaded([ids], None, [f], ["valley_pooled"], [8]).logits
-    assert torch.allclose(before, after, atol=1e-4) and info["template"] == "vicuna_v1"
+    assert torch.allclose(before, after, atol=1e-4) and info.template == "vicuna_v1"
 
 
 def _enc(tok, conv):

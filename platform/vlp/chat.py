@@ -10,8 +10,8 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from .data.conversation import prompt_ids
-from .data.media import DecodeConfig, SamplingConfig, decode_media
-from .data.preprocess import model_geometry, normalize, resize_crop
+from .data.media import DecodeConfig, decode_media
+from .data.preprocess import normalize, resize_crop
 
 
 class ChatSession:
@@ -22,12 +22,10 @@ class ChatSession:
         from .formats.export import load_model
 
         self.model, self.tok, self.info = load_model(export_dir, device)
-        enc = self.info["encoder"]
-        self.tower = build_vision_tower({"type": enc["type"], "path": enc["path"], "layer": enc["layer"],
-                                         "device": device})
-        self.sampling = SamplingConfig(**self.info["sampling"])
-        self.geom = model_geometry(self.info, self.tower.image_size, self.tower.mean, self.tower.std)
-        self.template = self.info["template"]
+        enc, self.sampling = self.info.media(export_dir)
+        self.template = self.info.prompt_template(export_dir)
+        self.tower = build_vision_tower({"type": enc.type, "path": enc.path, "layer": enc.layer, "device": device})
+        self.geom = self.info.geometry(self.tower.image_size, self.tower.mean, self.tower.std)
         self.conv: list[dict] = []
         self.feats: Optional[torch.Tensor] = None
         self.media_type = "video"

@@ -8,7 +8,8 @@ from .registry import Registry
 CONFIG_KINDS: Registry[type[Cfg]] = Registry("config kind")
 
 
-def _register() -> None:
+def register_kinds() -> None:
+    """Register the shipped config kinds (idempotent; imported lazily: they pull in their modules)."""
     from .synth.shards import MakeShardsConfig
     from .synth.demo import DemoConfig
     from .infer import InferConfig
@@ -22,7 +23,7 @@ def _register() -> None:
 
 
 def kind_of(filename: str) -> type[Cfg]:
-    _register()
+    register_kinds()
     stem = filename.rsplit("/", 1)[-1].rsplit(".", 1)[0]
     for name in sorted(CONFIG_KINDS.names(), key=len, reverse=True):
         if stem == name or stem.startswith(name + "_"):

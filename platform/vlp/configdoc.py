@@ -78,9 +78,9 @@ def part_rows(base: type[PartCfg], prefix: str, cur) -> list[str]:
 
 
 def config_reference() -> str:
-    from .config_kinds import CONFIG_KINDS, _register
+    from .config_kinds import CONFIG_KINDS, register_kinds
 
-    _register()
+    register_kinds()
     out = ["# Configuration reference", "",
            "Generated from the config classes by `vlp config-docs` (a test checks it is current). Every key can be "
            "set in YAML or overridden on the command line as `dotted.path=value`; unknown keys and bad values fail "

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from pydantic import Field
 
 from .config import Cfg
-from .data.media import DecodeConfig, SamplingConfig
+from .data.media import DecodeConfig
 from .runtime import RayConfig
 from .storage import StorageConfig, expand_shards, get_fs, join
+
+if TYPE_CHECKING:
+    from .formats.export import ExportInfo
 
 
 class InferConfig(Cfg):
@@ -43,17 +46,16 @@ class AnswerBatch:
     """Actor stage: decoded frames -> tower features -> VideoLLM answer."""
 
     def __init__(self, export_dir: str, question: Optional[str], max_new_tokens: int, device: str = "cpu"):
-        from .data.preprocess import model_geometry
-        from .models.towers import build_vision_tower
         from .formats.export import load_model
+        from .models.towers import build_vision_tower
 
         self.device = device
         self.model, self.tok, self.info = load_model(export_dir, device)
-        enc = self.info["encoder"]
-        self.tower = build_vision_tower({"type": enc["type"], "path": enc["path"], "layer": enc["layer"],
-                                         "device": device})
+        enc, _ = self.info.media(export_dir)
+        self.template = self.info.prompt_template(export_dir)
+        self.tower = build_vision_tower({"type": enc.type, "path": enc.path, "layer": enc.layer, "device": device})
         self.question, self.max_new = question, max_new_tokens
-        self.geom = model_geometry(self.info, self.tower.image_size, self.tower.mean, self.tower.std)
+        self.geom = self.info.geometry(self.tower.image_size, self.tower.mean, self.tower.std)
 
     def features(self, x):
         """(T, 3, S, S) uint8 frames -> (T, 1 + P, D) float features, normalised with the mean/std the model's
@@ -74,10 +76,10 @@ class AnswerBatch:
         import torch
 
         from .data.conversation import prompt_ids
-        from .precompute.stages import _rows, shape_of
+        from .precompute.stages import batch_rows, shape_of
 
         out = {"shard": [], "key": [], "question": [], "answer": [], "error": [], "stage": [], "kind": []}
-        for r in _rows(batch):
+        for r in batch_rows(batch):
             if r["kind"] == "end":
                 continue
             q = self._question(r) if r["kind"] == "sample" else None
@@ -88,7 +90,7 @@ class AnswerBatch:
                 x = torch.from_numpy(np.frombuffer(r["frames"], np.uint8).reshape(shape_of(r["frames_shape"])).copy())
                 feats = self.features(x)  # (T, 3, S, S) -> (T, 1 + P, D)
                 ids = torch.tensor(prompt_ids([{"from": "human", "value": f"<{r['media_type']}>\n{q}"}], self.tok,
-                                              self.info["template"]), device=self.device)
+                                              self.template), device=self.device)
                 toks = list(self.model.generate(ids, feats, "frames", feats.shape[0],
                                                 max_new_tokens=self.max_new, eos_token_id=self.tok.eos_token_id))
                 ans = self.tok.decode(toks, skip_special_tokens=True).strip()
@@ -104,30 +106,31 @@ def answer_device(cfg: InferConfig) -> str:
     return "cuda" if cfg.use_gpu else "cpu"
 
 
-def decode_stage(info: dict, decode: DecodeConfig):
+def decode_stage(info: ExportInfo, decode: DecodeConfig):
     """The decode stage for a model: the sampling, crop size, padding and padding colour its features were
     precomputed with (export info), as precompute's DecodeFrames was built. An export that records no mean
     (none written by vlp) pads with the tower's own, as AnswerBatch then normalises."""
-    from .data.preprocess import model_geometry
+    from .data.preprocess import CLIP_MEAN, CLIP_STD
     from .models.presets import resolve_model_path
     from .models.towers import tower_mean_std
     from .precompute.stages import DecodeFrames
 
-    pp = info.get("preprocess") or {}
-    tower = tower_mean_std(resolve_model_path(info["encoder"]["path"])) if not pp.get("mean") else ()
-    g = model_geometry(info, info["encoder"]["image_size"], *tower)
-    return DecodeFrames(SamplingConfig(**info["sampling"]), decode, g.size, g.pad_to_square, g.mean)
+    enc, sampling = info.media()
+    recorded = info.preprocess is not None and info.preprocess.mean
+    mean, std = (CLIP_MEAN, CLIP_STD) if recorded else tower_mean_std(resolve_model_path(enc.path))
+    g = info.geometry(enc.image_size, mean, std)
+    return DecodeFrames(sampling, decode, g.size, g.pad_to_square, g.mean)
 
 
 def run_infer(cfg: InferConfig, log=print) -> dict:
     import ray
 
+    from .formats.export import ExportInfo
     from .precompute.pipeline import shard_names
     from .precompute.stages import ReadShard
     from .runtime import init_ray
 
-    mfs, mpath = get_fs(join(cfg.model, "vlp_model.json"))
-    info = json.loads(mfs.cat(mpath))
+    info = ExportInfo.read(cfg.model)
     shards = expand_shards(cfg.shards, cfg.storage)
     names = shard_names(shards)
     init_ray(cfg.ray)

@@ -7,14 +7,13 @@ from collections import Counter
 
 from .data.media import DecodeConfig, MediaError, SamplingConfig, decode_media, sniff
 from .data.tario import TarProblem, iter_tar_samples
-from .formats.featureset import committed_shards, get_json
+from .formats.featureset import FeatureSetLayout, Fingerprint, Manifest, committed_shards
 from .precompute.stages import parse_sample
 from .storage import StorageConfig, expand_shards, get_fs
 
 
 def is_feature_set(uri: str, storage: StorageConfig | None = None) -> bool:
-    fs, root = get_fs(uri, storage)
-    return fs.exists(root.rstrip("/") + "/fingerprint.json") or fs.exists(root.rstrip("/") + "/manifest.json")
+    return FeatureSetLayout(uri, storage).is_feature_set()
 
 
 def inspect_shards(specs: list[str], storage: StorageConfig | None = None, decode: bool = True,
@@ -76,27 +75,25 @@ def inspect_shards(specs: list[str], storage: StorageConfig | None = None, decod
 
 
 def inspect_features(uri: str, storage: StorageConfig | None = None) -> dict:
-    manifest = get_json(uri, "manifest.json", storage)
-    fp = get_json(uri, "fingerprint.json", storage) or {}
-    done = committed_shards(uri, storage)
+    layout = FeatureSetLayout(uri, storage)
+    manifest = Manifest.read(layout)
+    fp = Fingerprint.read(layout)
+    done = committed_shards(layout)
     media = Counter()
     for rec in done.values():
-        media.update(rec.get("media", {}))
-    errors = []
-    fs, root = get_fs(uri, storage)
-    p = root.rstrip("/") + "/errors.jsonl"
-    if fs.exists(p):
-        with fs.open(p, "rb") as f:
-            errors = [json.loads(x) for x in f.read().decode().splitlines() if x.strip()]
+        media.update(rec.media)
+    raw = (layout.read(layout.ERRORS) or b"").decode()
+    errors = [json.loads(x) for x in raw.splitlines() if x.strip()]
     reasons = Counter(f"{e['stage']}: {e['reason'][:80]}" for e in errors)
     return {
-        "kind": "features", "complete": manifest is not None and (
-            len(done) == len(manifest.get("inputs", []))),
-        "shards_committed": len(done), "shards_in_manifest": len(manifest["inputs"]) if manifest else None,
-        "samples": sum(r["n_ok"] for r in done.values()), "errors": sum(r["n_err"] for r in done.values()),
-        "frames": sum(r.get("frames", 0) for r in done.values()), "media_types": dict(media),
-        "mode": fp.get("mode"), "encoder": fp.get("encoder"), "sampling": fp.get("sampling"),
-        "vlp_version": manifest.get("vlp_version") if manifest else None,
+        "kind": "features", "complete": manifest is not None and len(done) == len(manifest.inputs),
+        "shards_committed": len(done), "shards_in_manifest": len(manifest.inputs) if manifest else None,
+        "samples": sum(r.n_ok for r in done.values()), "errors": sum(r.n_err for r in done.values()),
+        "frames": sum(r.frames for r in done.values()), "media_types": dict(media),
+        "mode": fp.mode if fp else None, "encoder": fp.encoder.to_json() if fp else None,
+        "sampling": fp.sampling if fp else None,
+        "format": manifest.format if manifest else None,
+        "vlp_version": manifest.vlp_version if manifest else None,
         "errors_by_reason": dict(reasons.most_common()),
     }
 

@@ -57,7 +57,7 @@ def evaluate(export_dir: str, feature_uri: str, storage: StorageConfig | None = 
     model, tok, info = load_model(export_dir)
     if pooler:  # evaluate an ablation (e.g. patch_mean) on the same weights
         model.pool = POOLERS.part(pooler)
-    template = info["template"]
+    template = info.prompt_template(str(export_dir))
     per: dict[str, dict] = {k: {"n": 0, "choice_correct": 0, "gen_correct": 0} for k in CANDIDATES}
     order = {"n": 0, "choice_correct": 0}
     examples = []

@@ -1,21 +1,125 @@
-"""Export a trained VideoLLM (HF LLM + connector safetensors + tokenizer + vlp config) and load it back."""
+"""The export format: a trained VideoLLM (HF LLM + connector safetensors + tokenizer) and ``vlp_model.json``, its
+typed :class:`ExportInfo`; writer and loader. May import: config, errors, storage, data, models, formats.
+
+Layout of an export folder::
+
+    llm/                    save_pretrained of the causal LM (LoRA merged)
+    connector.safetensors   the connector's weights
+    tokenizer/              save_pretrained of the tokenizer
+    vlp_model.json          ExportInfo: format, model config, template, and the feature set's encoder, sampling and
+                            preprocess (what chat and infer reproduce)
+
+``vlp_model.json`` carries ``"format": "vlp-export/1"`` (:data:`EXPORT_FORMAT`); an export without it (written
+before formats were versioned) loads as that layout, a newer or unknown one is refused.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
+from ..errors import UserError
 from ..models.videollm import ModelConfig, VideoLLM
+from ..storage import join, read_bytes, write_atomic
+from .featureset import EncoderInfo, Fingerprint, PreprocessInfo
+from .records import Record, RecordError, format_problem, parse_json
+
+if TYPE_CHECKING:
+    from ..data.media import SamplingConfig
 
 MODEL_CONFIG = "vlp_model.json"
+EXPORT_FORMAT = "vlp-export/1"
 
 
-def export_model(model: VideoLLM, tokenizer, out: str | Path, extra: Optional[dict] = None) -> Path:
+class NotAnExport(UserError, FileNotFoundError):
+    """The folder given as a model is missing or is not a vlp export."""
+
+
+class ExportFormatError(RecordError):
+    """An export written in a format this vlp does not read, or one that lacks what a command needs."""
+
+
+class ExportInfo(Record):
+    """``vlp_model.json``. ``model`` is the ModelConfig (paths pointing into the export); the rest is copied from
+    the first feature set's fingerprint at training time (:meth:`from_fingerprint`)."""
+
+    format: Optional[str] = None  # absent: written before formats were versioned (the vlp-export/1 layout)
+    model: Optional[dict[str, Any]] = None
+    template: Optional[str] = None  # the conversation template; chat, infer and eval need it
+    feature_mode: Optional[str] = None
+    encoder: Optional[EncoderInfo] = None
+    sampling: Optional[dict[str, Any]] = None
+    preprocess: Optional[PreprocessInfo] = None
+    run: Optional[str] = None
+
+    @classmethod
+    def from_fingerprint(cls, fp: Fingerprint, template: str, run: Optional[str] = None) -> "ExportInfo":
+        """What training records of its features: the first set's encoder, sampling and preprocess."""
+        return cls(template=template, feature_mode=fp.mode, encoder=fp.encoder, sampling=fp.sampling,
+                   preprocess=fp.preprocess, run=run)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "ExportInfo":
+        """The info of the export at ``path`` (local or a URL). Raises NotAnExport (missing folder, no
+        vlp_model.json) or ExportFormatError (newer/unknown format, invalid file)."""
+        path = str(path)
+        source = join(path, MODEL_CONFIG)
+        data = read_bytes(source)
+        if data is None:
+            if "://" not in path and not Path(path).exists():
+                raise NotAnExport(f"model {path} does not exist (point at an export folder, e.g. "
+                                  "<output_dir>/<run_name>/export)")
+            raise NotAnExport(f"{path} is not a vlp export (it has no {MODEL_CONFIG}; point at an export "
+                              "folder, e.g. <output_dir>/<run_name>/export)")
+        obj = parse_json(data, source)
+        problem = format_problem(obj.get("format") if isinstance(obj, dict) else None, EXPORT_FORMAT)
+        if problem:
+            raise ExportFormatError(f"export {path}: {problem}; load it with the vlp version that wrote it "
+                                    "(or a newer one), or train and export it again with this one")
+        return cls.from_json(obj, source)
+
+    def write(self, out: str | Path) -> None:
+        """Write ``out/vlp_model.json`` atomically, stamped with the current format."""
+        write_atomic(join(str(out), MODEL_CONFIG), self.model_copy(update={"format": EXPORT_FORMAT}).to_bytes())
+
+    def model_cfg(self, source: str) -> ModelConfig:
+        from ..config import validate
+
+        if self.model is None:
+            raise ExportFormatError(f"{source} records no model config")
+        return validate(ModelConfig, self.model, source)
+
+    def prompt_template(self, source: str = "the export") -> str:
+        if self.template is None:
+            raise ExportFormatError(f"{source} records no conversation template (not written by `vlp train`)")
+        return self.template
+
+    def media(self, source: str = "the export") -> tuple[EncoderInfo, SamplingConfig]:
+        """(encoder, sampling) chat and infer decode and encode media with; ExportFormatError when not recorded
+        (an export not written by ``vlp train``)."""
+        from ..data.media import SamplingConfig
+
+        if self.encoder is None or self.sampling is None:
+            raise ExportFormatError(f"{source} records no encoder/sampling of its features (not written by "
+                                    "`vlp train`); chat and infer need them")
+        return self.encoder, SamplingConfig(**self.sampling)
+
+    def geometry(self, image_size: int, tower_mean, tower_std):
+        """data.preprocess.Geometry: crop size, padding and mean/std the features were made with (the tower's
+        own ``image_size``/``tower_*`` fill what the export does not record)."""
+        from ..data.preprocess import model_geometry
+
+        pp = {"preprocess": self.preprocess.to_json() if self.preprocess is not None else None}
+        return model_geometry(pp, image_size, tower_mean, tower_std)
+
+
+def export_model(model: VideoLLM, tokenizer, out: str | Path,
+                 extra: Union[ExportInfo, dict, None] = None) -> Path:
     """Write ``out/llm`` (save_pretrained, LoRA merged), ``out/connector.safetensors``, ``out/tokenizer``
-    and ``out/vlp_model.json`` (the model config plus what inference needs: template, feature mode...)."""
+    and ``out/vlp_model.json``: ``extra`` (an ExportInfo or its JSON: template, feature mode, encoder...) with the
+    model config and the format version filled in."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -32,7 +136,8 @@ def export_model(model: VideoLLM, tokenizer, out: str | Path, extra: Optional[di
     cfg.llm.tokenizer = str(out / "tokenizer")
     cfg.llm.trainable = False
     cfg.connector.init_from = str(out / "connector.safetensors")
-    (out / MODEL_CONFIG).write_text(json.dumps({"model": cfg.model_dump(mode="json"), **(extra or {})}, indent=2))
+    info = extra if isinstance(extra, ExportInfo) else ExportInfo.from_json(extra or {}, "export_model(extra=...)")
+    info.model_copy(update={"model": cfg.model_dump(mode="json")}).write(out)
     return out
 
 
@@ -53,15 +158,14 @@ def load_connector(connector: torch.nn.Module, path: str) -> None:
                          f"{unexpected}); check model.connector.type and vision_hidden_size")
 
 
-def load_model(path: str | Path, device: str = "cpu"):
-    """-> (VideoLLM in eval mode, tokenizer, info dict) from an export folder."""
+def load_model(path: str | Path, device: str = "cpu") -> tuple[VideoLLM, Any, ExportInfo]:
+    """-> (VideoLLM in eval mode, tokenizer, ExportInfo) from an export folder. Raises NotAnExport /
+    ExportFormatError (UserErrors) for a missing folder, a folder that is no export, or a newer format."""
     from transformers import AutoTokenizer
 
-    from ..config import validate
-
     path = Path(path)
-    info = json.loads((path / MODEL_CONFIG).read_text())
-    cfg = validate(ModelConfig, info["model"], str(path / MODEL_CONFIG))
+    info = ExportInfo.read(path)
+    cfg = info.model_cfg(str(path / MODEL_CONFIG))
     model = VideoLLM(cfg)
     load_connector(model.connector, cfg.connector.init_from)
     tok = AutoTokenizer.from_pretrained(cfg.llm.tokenizer)

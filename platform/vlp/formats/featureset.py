@@ -1,83 +1,312 @@
-"""The feature-set format: committed shards, manifest, and readers.
+"""The feature-set format: its layout, typed records (fingerprint, shard commit, manifest) and readers.
+May import: storage, errors, formats.records.
 
-Layout under the output URI::
+Layout under the output URI (:class:`FeatureSetLayout` names every path; nothing else spells them)::
 
     fingerprint.json        what the features depend on (encoder, weights hash, layer, mode, sampling...)
     config.yaml             the resolved config of the latest run
     parts/<shard>/<id>.parquet   feature rows (invisible until committed)
     errors/<shard>/<id>.jsonl    error records (idem)
     shards/<shard>.json     commit marker of one input shard: its parts, errors and counts
-    manifest.json           written at the end of a run: inputs, per-shard counts, encoder, config, version
+    manifest.json           written at the end of a run: format, inputs, per-shard counts, encoder, config
     errors.jsonl            every error record of the committed shards
     summary.json            throughput and timings of the latest run
 
 A reader trusts only ``shards/*.json``: a run killed at any moment leaves parts that no marker lists,
-and the next run deletes and redoes those shards.
+and the next run deletes and redoes those shards. ``manifest.json`` carries the format version
+(:data:`FEATURES_FORMAT`); readers refuse a feature set whose manifest names another (newer or unknown) one,
+and read one without a manifest (never completed) or without a ``format`` key as today.
 """
 
 from __future__ import annotations
 
 import json
-import os
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from ..storage import StorageConfig, get_fs, join
+from ..storage import StorageConfig, get_fs, join, read_bytes, write_atomic
+from .records import Record, RecordError, format_problem, parse_json
+
+FEATURES_FORMAT = "vlp-features/1"
+
+
+class FeatureSetFormatError(RecordError):
+    """A feature set written in a format this vlp does not read; the message says how to rebuild it."""
+
+
+# ------------------------------------------------------------------------------------------------ layout
+
+class FeatureSetLayout:
+    """Every path of one feature set: relative names (what commit markers store) and full URIs."""
+
+    FINGERPRINT = "fingerprint.json"
+    CONFIG = "config.yaml"
+    PARTS = "parts"
+    ERROR_PARTS = "errors"
+    SHARDS = "shards"
+    MANIFEST = "manifest.json"
+    ERRORS = "errors.jsonl"
+    SUMMARY = "summary.json"
+
+    def __init__(self, uri: str, storage: StorageConfig | None = None):
+        self.uri, self.storage = uri, storage
+
+    def __repr__(self) -> str:
+        return f"FeatureSetLayout({self.uri!r})"
+
+    @staticmethod
+    def part(shard: str, part_id: str) -> str:
+        return f"{FeatureSetLayout.PARTS}/{shard}/{part_id}.parquet"
+
+    @staticmethod
+    def error_part(shard: str, part_id: str) -> str:
+        return f"{FeatureSetLayout.ERROR_PARTS}/{shard}/{part_id}.jsonl"
+
+    @staticmethod
+    def shard_marker(shard: str) -> str:
+        return f"{FeatureSetLayout.SHARDS}/{shard}.json"
+
+    @staticmethod
+    def shard_folders(shard: str) -> list[str]:
+        """The folders of one shard's parts and error parts (deleted before the shard is redone)."""
+        return [f"{FeatureSetLayout.PARTS}/{shard}", f"{FeatureSetLayout.ERROR_PARTS}/{shard}"]
+
+    def uri_of(self, rel: str) -> str:
+        return join(self.uri, rel)
+
+    def fs(self):
+        """(filesystem, root path within it)."""
+        return get_fs(self.uri, self.storage)
+
+    def exists(self, rel: str) -> bool:
+        fs, root = self.fs()
+        return fs.exists(join(root, rel))
+
+    def is_feature_set(self) -> bool:
+        """Whether the folder holds a feature set (finished or not)."""
+        return self.exists(self.FINGERPRINT) or self.exists(self.MANIFEST)
+
+    def read(self, rel: str) -> Optional[bytes]:
+        return read_bytes(self.uri_of(rel), self.storage)
+
+    def write(self, rel: str, data: bytes | str) -> None:
+        write_atomic(self.uri_of(rel), data, self.storage)
+
+    def remove(self, rel: str = "") -> None:
+        """Delete ``rel`` (a folder, recursively; "" = the whole feature set) when it exists."""
+        fs, root = self.fs()
+        path = join(root, rel) if rel else root
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+    def marker_uris(self) -> list[str]:
+        fs, root = self.fs()
+        d = join(root, self.SHARDS)
+        if not fs.exists(d):
+            return []
+        return sorted(p for p in fs.ls(d, detail=False) if p.endswith(".json"))
+
+
+def _layout(uri: str | FeatureSetLayout, storage: StorageConfig | None) -> FeatureSetLayout:
+    return uri if isinstance(uri, FeatureSetLayout) else FeatureSetLayout(uri, storage)
+
+
+# ------------------------------------------------------------------------------------------------ records
+
+class EncoderInfo(Record):
+    """The frozen tower the features come from (fingerprint, manifest and export info ``encoder``)."""
+
+    type: str
+    path: str
+    weights_sha256: Optional[str] = None
+    layer: int
+    hidden_size: int
+    image_size: int
+
+
+class PreprocessInfo(Record):
+    """Geometry and normalisation actually used (resolved: never None in what precompute writes)."""
+
+    size: Optional[int] = None
+    pad_to_square: bool = False
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+    resampler: Optional[str] = None
+
+
+class Fingerprint(Record):
+    """``fingerprint.json``: what the features depend on; a resume with another fingerprint is refused."""
+
+    encoder: EncoderInfo
+    mode: str
+    sampling: dict[str, Any]
+    preprocess: Optional[PreprocessInfo] = None  # absent in sets made before it was recorded
+
+    @classmethod
+    def read(cls, layout: FeatureSetLayout) -> Optional["Fingerprint"]:
+        data = layout.read(layout.FINGERPRINT)
+        return None if data is None else cls.from_bytes(data, layout.uri_of(layout.FINGERPRINT))
+
+    def write(self, layout: FeatureSetLayout) -> None:
+        layout.write(layout.FINGERPRINT, self.to_bytes())
+
+    def differences(self, other: "Fingerprint") -> list[str]:
+        """Top-level keys whose values differ (as written), sorted."""
+        a, b = self.to_json(), other.to_json()
+        return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+class ShardCounts(Record):
+    """One shard's counts, as the manifest lists them."""
+
+    n_ok: int
+    n_err: int
+    expected: Optional[int] = None
+    frames: int = 0
+    media: dict[str, int] = {}
+    ignored_members: dict[str, int] = {}
+
+
+class ShardCommit(Record):
+    """``shards/<shard>.json``: the commit marker of one input shard (its parts, error parts and counts)."""
+
+    shard: str
+    parts: list[str] = []
+    errors: list[str] = []
+    n_ok: int
+    n_err: int
+    expected: Optional[int] = None
+    frames: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    media: dict[str, int] = {}
+    ignored_members: dict[str, int] = {}
+    committed_at: Optional[float] = None
+
+    def write(self, layout: FeatureSetLayout) -> None:
+        layout.write(layout.shard_marker(self.shard), self.to_bytes())
+
+    @classmethod
+    def read_all(cls, layout: FeatureSetLayout) -> dict[str, "ShardCommit"]:
+        """{shard name: commit} of every shard whose marker exists."""
+        fs, _ = layout.fs()
+        out = {}
+        for p in layout.marker_uris():
+            with fs.open(p, "rb") as f:
+                rec = cls.from_bytes(f.read(), p)
+            out[rec.shard] = rec
+        return out
+
+    def counts(self) -> ShardCounts:
+        return ShardCounts(n_ok=self.n_ok, n_err=self.n_err, expected=self.expected, frames=self.frames,
+                           media=self.media, ignored_members=self.ignored_members)
+
+
+class Totals(Record):
+    samples_ok: int
+    samples_failed: int = 0
+
+
+class Manifest(Record):
+    """``manifest.json``: written when a run completes; ``format`` is the layout version (absent = the first)."""
+
+    format: Optional[str] = None
+    vlp_version: Optional[str] = None
+    created_at: Optional[float] = None
+    host: Optional[str] = None
+    inputs: list[str] = []
+    shard_names: dict[str, str] = {}
+    shards: dict[str, ShardCounts] = {}
+    encoder: Optional[EncoderInfo] = None
+    layer: Optional[int] = None
+    mode: Optional[str] = None
+    sampling: Optional[dict[str, Any]] = None
+    preprocess: Optional[PreprocessInfo] = None
+    totals: Totals
+    config: Optional[dict[str, Any]] = None
+
+    @classmethod
+    def read(cls, layout: FeatureSetLayout) -> Optional["Manifest"]:
+        """The manifest, None when the set never completed. Raises FeatureSetFormatError for a format this vlp
+        does not read (checked before anything else of the file is looked at)."""
+        source = layout.uri_of(layout.MANIFEST)
+        data = layout.read(layout.MANIFEST)
+        if data is None:
+            return None
+        obj = parse_json(data, source)
+        problem = format_problem(obj.get("format") if isinstance(obj, dict) else None, FEATURES_FORMAT)
+        if problem:
+            newer = "newer" in problem
+            raise FeatureSetFormatError(
+                f"feature set {layout.uri}: {problem}; {'upgrade vlp, or ' if newer else ''}rebuild it with "
+                f"`vlp precompute` and output.overwrite=true (or a new output.uri)")
+        return cls.from_json(obj, source)
+
+    def write(self, layout: FeatureSetLayout) -> None:
+        layout.write(layout.MANIFEST, self.to_bytes())
+
+
+@dataclass(frozen=True)
+class FeatureSetInfo:
+    """What training needs to know of a completed feature set."""
+
+    uri: str
+    fingerprint: Fingerprint
+    manifest: Manifest
+
+    @property
+    def hidden_size(self) -> int:
+        return self.fingerprint.encoder.hidden_size
+
+    @property
+    def mode(self) -> str:
+        return self.fingerprint.mode
+
+    @property
+    def samples(self) -> int:
+        return self.manifest.totals.samples_ok
+
+
+# ------------------------------------------------------------------------------------------------ readers
+
+def read_feature_set(uri: str, storage: StorageConfig | None = None) -> FeatureSetInfo:
+    """Fingerprint + manifest of a completed feature set. FileNotFoundError when it is missing or incomplete,
+    FeatureSetFormatError when it is in a format this vlp does not read."""
+    layout = FeatureSetLayout(uri, storage)
+    man = Manifest.read(layout)
+    fp = Fingerprint.read(layout)
+    if fp is None or man is None:
+        raise FileNotFoundError(f"feature set {uri} is missing or incomplete (no manifest.json); run vlp precompute")
+    return FeatureSetInfo(uri, fp, man)
 
 
 def put_json(uri: str, rel: str, obj: Any, storage: StorageConfig | None = None) -> None:
-    """Write JSON atomically: temp file + rename locally, a single PUT on object stores."""
-    put_bytes(uri, rel, json.dumps(obj, indent=2).encode(), storage)
-
-
-def put_bytes(uri: str, rel: str, data: bytes, storage: StorageConfig | None = None) -> None:
-    fs, root = get_fs(uri, storage)
-    path = join(root, rel)
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    if "://" in uri:
-        with fs.open(path, "wb") as f:
-            f.write(data)
-    else:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+    """Write JSON atomically (storage.write_atomic)."""
+    write_atomic(join(uri, rel), json.dumps(obj, indent=2), storage)
 
 
 def get_json(uri: str, rel: str, storage: StorageConfig | None = None) -> Optional[Any]:
-    fs, root = get_fs(uri, storage)
-    path = join(root, rel)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rb") as f:
-        return json.loads(f.read())
+    """Parsed JSON of ``uri/rel``, None when it does not exist."""
+    data = read_bytes(join(uri, rel), storage)
+    return None if data is None else parse_json(data, join(uri, rel))
 
 
-def committed_shards(uri: str, storage: StorageConfig | None = None) -> dict[str, dict]:
+def committed_shards(uri: str | FeatureSetLayout, storage: StorageConfig | None = None) -> dict[str, ShardCommit]:
     """{shard name: commit record} of every shard whose marker exists."""
-    fs, root = get_fs(uri, storage)
-    d = join(root, "shards")
-    if not fs.exists(d):
-        return {}
-    out = {}
-    for p in sorted(fs.ls(d, detail=False)):
-        if p.endswith(".json"):
-            with fs.open(p, "rb") as f:
-                rec = json.loads(f.read())
-            out[rec["shard"]] = rec
-    return out
+    return ShardCommit.read_all(_layout(uri, storage))
+
+
+def _parts(layout: FeatureSetLayout) -> list[str]:
+    return [layout.uri_of(p) for rec in ShardCommit.read_all(layout).values() for p in rec.parts]
 
 
 def feature_parts(uri: str, storage: StorageConfig | None = None) -> list[str]:
-    """Full URIs of every committed Parquet part."""
-    parts = []
-    for rec in committed_shards(uri, storage).values():
-        parts += [join(uri, p) for p in rec["parts"]]
-    return parts
+    """Full URIs of every committed Parquet part (after checking the set's format)."""
+    layout = FeatureSetLayout(uri, storage)
+    Manifest.read(layout)
+    return _parts(layout)
 
 
 def decode_features(features: bytes, shape) -> np.ndarray:
@@ -115,8 +344,9 @@ def open_feature_dataset(uri: str, storage: StorageConfig | None = None, decode:
     import pyarrow.fs as pafs
     import ray
 
-    manifest = get_json(uri, "manifest.json", storage)
-    parts = feature_parts(uri, storage)
+    layout = FeatureSetLayout(uri, storage)
+    manifest = Manifest.read(layout)
+    parts = _parts(layout)
     if not parts:
         state = "has no manifest (never completed)" if manifest is None else "holds no committed features"
         raise FileNotFoundError(f"feature set {uri} {state}")

@@ -9,7 +9,7 @@ text-only samples of different lengths.
 
 from __future__ import annotations
 
-from typing import Annotated, Callable, Literal, Optional, Sequence, TypeVar, Union
+from typing import Annotated, Literal, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.nn as nn

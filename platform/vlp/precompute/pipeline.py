@@ -1,15 +1,20 @@
 """The precompute driver: build the Ray Data graph, commit shards as they complete, write the manifest.
+May import: config, storage, errors, data, models, formats, runtime, precompute.
 
     shards --read (CPU tasks)--> rows --decode+sample+resize (CPU tasks)--> uint8 frames
            --encode (actor pool, GPU or CPU)--> fp16 features --write (tasks)--> parts + small metadata
     driver: counts metadata per shard; a shard is committed (marker written) once every row its reader
     produced has been written. Decode, encode and write all stream: none waits for another to finish.
+
+The driver is :class:`PrecomputeRun`, one named step each: plan -> check_existing (fingerprint / format /
+overwrite) -> select (skip committed shards, clear uncommitted parts) -> build_graph -> consume (commit shards as
+they complete) -> finish (errors.jsonl, manifest.json, summary.json). Every path comes from the feature-set
+layout (formats.featureset.FeatureSetLayout), every JSON record from its typed record.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from collections import Counter
@@ -20,9 +25,11 @@ from .. import __version__
 from ..config import dump_config
 from ..errors import UserError
 from ..data.preprocess import RESAMPLER
-from ..storage import StorageConfig, expand_shards, get_fs, join
+from ..formats.featureset import (FEATURES_FORMAT, EncoderInfo, FeatureSetLayout, Fingerprint, Manifest,
+                                  PreprocessInfo, ShardCommit, Totals, committed_shards)
+from ..formats.records import RecordError
+from ..storage import expand_shards
 from .config import PrecomputeConfig
-from ..formats.featureset import committed_shards, get_json, put_bytes, put_json
 from .stages import DecodeFrames, EncodeFeatures, ReadShard, WriteParts
 
 
@@ -49,6 +56,33 @@ class ShardState:
     def complete(self) -> bool:
         return self.expected is not None and self.n_ok + self.n_err == self.expected
 
+    def add(self, meta: dict, stage_time: Counter) -> None:
+        """Count one metadata row of WriteParts (a written part, or the shard's ``end``)."""
+        if meta["kind"] == "end":
+            self.expected = int(meta["expected"])
+        else:
+            self.n_ok += int(meta["n_ok"])
+            self.n_err += int(meta["n_err"])
+            self.frames += int(meta["frames"])
+            self.bytes_in += int(meta["bytes_in"])
+            self.bytes_out += int(meta["bytes_out"])
+            self.media.update(json.loads(meta["media_counts"] or "{}"))
+            self.ignored.update(json.loads(meta["ignored"] or "{}"))
+            for k in ("read", "decode", "encode"):
+                stage_time[k] += float(meta[f"t_{k}"])
+            if meta["part"]:
+                self.parts.append(meta["part"])
+            if meta["errors"]:
+                self.errors.append(meta["errors"])
+        if self.expected is not None and self.n_ok + self.n_err > self.expected:
+            raise RuntimeError(f"shard {meta['shard']}: more rows than its reader produced (internal error)")
+
+    def commit(self, name: str) -> ShardCommit:
+        return ShardCommit(shard=name, parts=self.parts, errors=self.errors, n_ok=self.n_ok, n_err=self.n_err,
+                           expected=self.expected, frames=self.frames, bytes_in=self.bytes_in,
+                           bytes_out=self.bytes_out, media=dict(self.media), ignored_members=dict(self.ignored),
+                           committed_at=time.time())
+
 
 def shard_names(uris: list[str]) -> dict[str, str]:
     """{uri: short unique name}: the file stem, disambiguated by parent folders when stems collide."""
@@ -71,7 +105,7 @@ def tower_geometry(cfg: PrecomputeConfig) -> tuple[int, int, str, tuple, tuple]:
     from transformers import AutoConfig
 
     from ..models.presets import resolve_model_path
-    from ..models.vision import tower_mean_std, weights_hash
+    from ..models.towers import tower_mean_std, weights_hash
 
     path = resolve_model_path(cfg.encoder.tower.path)
     c = AutoConfig.from_pretrained(path)
@@ -80,20 +114,20 @@ def tower_geometry(cfg: PrecomputeConfig) -> tuple[int, int, str, tuple, tuple]:
     return vc.image_size, vc.hidden_size, weights_hash(path), mean, std
 
 
-def fingerprint(cfg: PrecomputeConfig, size: int, hidden: int, sha: str, mean: tuple, std: tuple) -> dict:
+def fingerprint(cfg: PrecomputeConfig, size: int, hidden: int, sha: str, mean: tuple, std: tuple) -> Fingerprint:
     """What the features depend on. ``preprocess`` holds the crop size and the mean/std actually used (resolved,
     never None): chat and infer read them back from the export, and a resume with other values is refused."""
-    return {
-        "encoder": {"type": cfg.encoder.tower.type, "path": cfg.encoder.tower.path, "weights_sha256": sha,
-                    "layer": cfg.encoder.tower.layer, "hidden_size": hidden, "image_size": size},
-        "mode": cfg.output.mode,
-        "sampling": cfg.data.sampling.model_dump(),
-        "preprocess": {**cfg.data.preprocess.model_dump(mode="json"), "size": size, "mean": list(mean),
-                       "std": list(std), "resampler": RESAMPLER},
-    }
+    tower = cfg.encoder.tower
+    return Fingerprint(
+        encoder=EncoderInfo(type=tower.type, path=tower.path, weights_sha256=sha, layer=tower.layer,
+                            hidden_size=hidden, image_size=size),
+        mode=cfg.output.mode,
+        sampling=cfg.data.sampling.model_dump(),
+        preprocess=PreprocessInfo.model_validate({**cfg.data.preprocess.model_dump(mode="json"), "size": size,
+                                                  "mean": list(mean), "std": list(std), "resampler": RESAMPLER}))
 
 
-def plan_stages(cfg: PrecomputeConfig) -> tuple[dict, DecodeFrames, dict]:
+def plan_stages(cfg: PrecomputeConfig) -> tuple[Fingerprint, DecodeFrames, dict]:
     """(fingerprint, decode stage, encoder actor kwargs), resolved once on the driver: the decode stage pads with
     the resolved mean and the encoder normalises with the resolved mean/std, the values the fingerprint records."""
     size, hidden, sha, mean, std = tower_geometry(cfg)
@@ -125,159 +159,172 @@ def stage_resources(cfg: PrecomputeConfig, on_gpu: bool) -> dict[str, dict]:
             "write": {"num_cpus": 0.25}}
 
 
-def _clear_uncommitted(out: str, storage: StorageConfig, names: list[str]) -> None:
-    fs, root = get_fs(out, storage)
-    for sub in ("parts", "errors"):
-        for n in names:
-            p = join(root, sub, n)
-            if fs.exists(p):
-                fs.rm(p, recursive=True)
+class PrecomputeRun:
+    """One run (or resume) of a precompute job, step by step; :meth:`run` calls them in order."""
 
+    def __init__(self, cfg: PrecomputeConfig, log=print):
+        self.cfg, self.log = cfg, log
+        self.layout = FeatureSetLayout(cfg.output.uri, cfg.output.storage)
+        self.t_start = time.time()
+        self.states: dict[str, ShardState] = {}
+        self.skipped: list[str] = []
+        self.stage_time: Counter = Counter()
+        self.ds_stats = ""
 
-def run_precompute(cfg: PrecomputeConfig, log=print) -> dict:
-    """Run (or resume) a precompute job. Returns the summary dict (also written to summary.json)."""
-    import ray
+    def run(self) -> dict:
+        self.plan()
+        self.check_existing()
+        todo = self.select()
+        if todo:
+            self.consume(self.build_graph(todo))
+        return self.finish()
 
-    from ..runtime import init_ray
+    def plan(self) -> None:
+        """Expand the shard specs, name the shards, resolve the fingerprint and the stages."""
+        self.shards = expand_shards(self.cfg.data.shards, self.cfg.data.storage)
+        self.names = shard_names(self.shards)
+        self.fp, self.decode, self.encode = plan_stages(self.cfg)
 
-    t_start = time.time()
-    out, ost = cfg.output.uri, cfg.output.storage
-    shards = expand_shards(cfg.data.shards, cfg.data.storage)
-    names = shard_names(shards)
-    fp, decode, encode = plan_stages(cfg)
-
-    fs, root = get_fs(out, ost)
-    fs.makedirs(root, exist_ok=True)
-    old_fp = get_json(out, "fingerprint.json", ost)
-    if old_fp is not None and old_fp != fp:
-        if not cfg.output.overwrite:
-            diff = sorted(k for k in set(fp) | set(old_fp) if fp.get(k) != old_fp.get(k))
-            raise FeatureSetMismatch(
-                f"{out} holds features made with a different {', '.join(diff)}; use a new output.uri "
-                f"or output.overwrite=true to delete them")
-        fs.rm(root, recursive=True)
+    def check_existing(self) -> None:
+        """Refuse (or with output.overwrite delete) an output made with another fingerprint or in a format this
+        vlp does not write; then record this run's fingerprint and config."""
+        out, layout = self.cfg.output.uri, self.layout
+        fs, root = layout.fs()
         fs.makedirs(root, exist_ok=True)
-    put_json(out, "fingerprint.json", fp, ost)
-    put_bytes(out, "config.yaml", dump_config(cfg).encode(), ost)
+        old_fp = Fingerprint.read(layout)
+        problem = None
+        try:
+            Manifest.read(layout)
+        except RecordError as e:  # a newer/unknown format (FeatureSetFormatError) or a foreign manifest
+            problem = f"{out} holds a feature set this vlp cannot resume ({e})"
+        if problem is None and old_fp is not None and old_fp.to_json() != self.fp.to_json():
+            problem = f"{out} holds features made with a different {', '.join(self.fp.differences(old_fp))}"
+        if problem is not None:
+            if not self.cfg.output.overwrite:
+                raise FeatureSetMismatch(f"{problem}; use a new output.uri or output.overwrite=true to delete them")
+            layout.remove()
+            fs.makedirs(root, exist_ok=True)
+        self.fp.write(layout)
+        layout.write(layout.CONFIG, dump_config(self.cfg))
 
-    done = committed_shards(out, ost)
-    todo = [u for u in shards if names[u] not in done]
-    skipped = [names[u] for u in shards if names[u] in done]
-    log(f"[vlp] precompute {len(shards)} shard(s): {len(skipped)} already complete, {len(todo)} to do -> {out}")
-    _clear_uncommitted(out, ost, [names[u] for u in todo])
+    def select(self) -> list[str]:
+        """The shard URIs still to do; committed shards are reused, uncommitted parts of the others deleted."""
+        done = committed_shards(self.layout)
+        todo = [u for u in self.shards if self.names[u] not in done]
+        self.skipped = [self.names[u] for u in self.shards if self.names[u] in done]
+        self.log(f"[vlp] precompute {len(self.shards)} shard(s): {len(self.skipped)} already complete, "
+                 f"{len(todo)} to do -> {self.cfg.output.uri}")
+        for u in todo:
+            for rel in self.layout.shard_folders(self.names[u]):
+                self.layout.remove(rel)
+        self.states = {self.names[u]: ShardState() for u in todo}
+        return todo
 
-    states: dict[str, ShardState] = {names[u]: ShardState() for u in todo}
-    stage_time: Counter = Counter()
-    ds_stats = ""
-    if todo:
+    def build_graph(self, todo: list[str]):
+        """read -> decode -> encode -> write over the shards to do; a Ray Dataset of WriteParts metadata rows."""
+        import ray
+
+        from ..runtime import init_ray
+
+        cfg = self.cfg
         init_ray(cfg.ray)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = cfg.ray.progress_bars
+        ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
         res = stage_resources(cfg, encoder_on_gpu(cfg, ray.cluster_resources().get("GPU", 0)))
-        items = [{"shard": names[u], "uri": u} for u in todo]
+        items = [{"shard": self.names[u], "uri": u} for u in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.flat_map(ReadShard(cfg.data.storage), **res["read"])
         # Decode runs as stateless CPU tasks (not actors, so it never pins CPUs that reads and writes need).
         # Its memory reservation also keeps Ray Data from fusing it into the encoder actor, which would
         # serialise decoding and encoding in one process.
-        ds = ds.map_batches(decode, batch_size=cfg.data.decode_batch_size, batch_format="numpy", **res["decode"])
+        ds = ds.map_batches(self.decode, batch_size=cfg.data.decode_batch_size, batch_format="numpy",
+                            **res["decode"])
         ds = ds.map_batches(
-            EncodeFeatures, fn_constructor_kwargs=encode, batch_size=cfg.encoder.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.encoder.concurrency), **res["encode"])
-        ds = ds.map_batches(WriteParts(out, ost, cfg.output.mode), batch_size=cfg.encoder.batch_size * 2,
-                            batch_format="numpy", **res["write"])
+            EncodeFeatures, fn_constructor_kwargs=self.encode, batch_size=cfg.encoder.batch_size,
+            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.encoder.concurrency), **res["encode"])
+        return ds.map_batches(WriteParts(cfg.output.uri, cfg.output.storage, cfg.output.mode),
+                              batch_size=cfg.encoder.batch_size * 2, batch_format="numpy", **res["write"])
+
+    def consume(self, ds) -> None:
+        """Count the metadata rows as they stream; commit each shard once all its rows are written."""
         for meta in ds.iter_rows():
-            st = states[meta["shard"]]
-            if meta["kind"] == "end":
-                st.expected = int(meta["expected"])
-            else:
-                st.n_ok += int(meta["n_ok"])
-                st.n_err += int(meta["n_err"])
-                st.frames += int(meta["frames"])
-                st.bytes_in += int(meta["bytes_in"])
-                st.bytes_out += int(meta["bytes_out"])
-                st.media.update(json.loads(meta["media_counts"] or "{}"))
-                st.ignored.update(json.loads(meta["ignored"] or "{}"))
-                for k in ("read", "decode", "encode"):
-                    stage_time[k] += float(meta[f"t_{k}"])
-                if meta["part"]:
-                    st.parts.append(meta["part"])
-                if meta["errors"]:
-                    st.errors.append(meta["errors"])
-            if st.expected is not None and st.n_ok + st.n_err > st.expected:
-                raise RuntimeError(f"shard {meta['shard']}: more rows than its reader produced (internal error)")
+            st = self.states[meta["shard"]]
+            st.add(meta, self.stage_time)
             if st.complete:
-                _commit(out, ost, meta["shard"], st)
-        ds_stats = ds.stats()
-    incomplete = [n for n, s in states.items() if not s.complete]
-    if incomplete:
-        raise RuntimeError(f"shards never completed: {incomplete}")
-    return _finish(cfg, shards, names, states, skipped, fp, t_start, ds_stats, stage_time, log)
+                st.commit(meta["shard"]).write(self.layout)
+        self.ds_stats = ds.stats()
 
+    def finish(self) -> dict:
+        """errors.jsonl, manifest.json and summary.json over every committed shard; returns the summary."""
+        incomplete = [n for n, s in self.states.items() if not s.complete]
+        if incomplete:
+            raise RuntimeError(f"shards never completed: {incomplete}")
+        done = committed_shards(self.layout)
+        reasons = self.collect_errors(done)
+        summary = self.summary(done, reasons)
+        self.manifest(done, summary).write(self.layout)
+        self.layout.write(self.layout.SUMMARY, json.dumps(summary, indent=2))
+        self.report(summary, reasons)
+        return summary
 
-def _commit(out: str, storage: StorageConfig, name: str, st: ShardState) -> None:
-    put_json(out, f"shards/{name}.json", {
-        "shard": name, "parts": st.parts, "errors": st.errors, "n_ok": st.n_ok, "n_err": st.n_err,
-        "expected": st.expected, "frames": st.frames, "bytes_in": st.bytes_in, "bytes_out": st.bytes_out,
-        "media": dict(st.media), "ignored_members": dict(st.ignored), "committed_at": time.time(),
-    }, storage)
-
-
-def _finish(cfg, shards, names, states, skipped, fp, t_start, ds_stats, stage_time, log) -> dict:
-    out, ost = cfg.output.uri, cfg.output.storage
-    done = committed_shards(out, ost)
-    fs, root = get_fs(out, ost)
-    # every error record of every committed shard, in one file
-    lines = []
-    reasons: Counter = Counter()
-    for rec in done.values():
-        for e in rec["errors"]:
-            with fs.open(join(root, e), "rb") as f:
-                for line in f.read().decode().splitlines():
+    def collect_errors(self, done: dict[str, ShardCommit]) -> Counter:
+        """Write every error record of every committed shard into errors.jsonl; -> count per reason class."""
+        lines = []
+        reasons: Counter = Counter()
+        for rec in done.values():
+            for e in rec.errors:
+                for line in (self.layout.read(e) or b"").decode().splitlines():
                     if line.strip():
                         lines.append(line)
                         d = json.loads(line)
                         reasons[f"{d['stage']}: {_reason_class(d['reason'])}"] += 1
-    put_bytes(out, "errors.jsonl", ("\n".join(lines) + ("\n" if lines else "")).encode(), ost)
-    wall = time.time() - t_start
-    ran = states
-    frames = sum(s.frames for s in ran.values())
-    samples_ok = sum(s.n_ok for s in ran.values())
-    summary = {
-        "run": cfg.run_name or out.rstrip("/").rsplit("/", 1)[-1],
-        "shards": len(shards), "shards_run": len(ran), "shards_skipped_complete": len(skipped),
-        "samples_ok": sum(r["n_ok"] for r in done.values()),
-        "samples_failed": sum(r["n_err"] for r in done.values()),
-        "this_run": {"samples_ok": samples_ok, "samples_failed": sum(s.n_err for s in ran.values()),
-                     "frames": frames, "bytes_in": sum(s.bytes_in for s in ran.values()),
-                     "bytes_out": sum(s.bytes_out for s in ran.values()), "wall_s": round(wall, 3),
-                     "samples_per_s": round(samples_ok / wall, 3) if wall > 0 else 0.0,
-                     "frames_per_s": round(frames / wall, 3) if wall > 0 else 0.0,
-                     "stage_cpu_seconds": {k: round(v, 3) for k, v in stage_time.items()}},
-        "errors_by_reason": dict(reasons.most_common()),
-        "ray_data_stats": ds_stats,
-    }
-    manifest = {
-        "format": "vlp-features/1", "vlp_version": __version__, "created_at": time.time(), "host": socket.gethostname(),
-        "inputs": shards, "shard_names": {u: names[u] for u in shards},
-        "shards": {n: {k: done[n][k] for k in ("n_ok", "n_err", "expected", "frames", "media", "ignored_members")}
-                   for n in sorted(done)},
-        "encoder": fp["encoder"], "layer": fp["encoder"]["layer"], "mode": fp["mode"],
-        "sampling": fp["sampling"], "preprocess": fp["preprocess"],
-        "totals": {"samples_ok": summary["samples_ok"], "samples_failed": summary["samples_failed"]},
-        "config": cfg.model_dump(mode="json"),
-    }
-    put_json(out, "manifest.json", manifest, ost)
-    put_json(out, "summary.json", summary, ost)
-    t = summary["this_run"]
-    log(f"[vlp] done: {summary['samples_ok']} ok, {summary['samples_failed']} failed "
-        f"({len(skipped)} shard(s) reused); this run {t['samples_ok']} samples, {t['frames']} frames in "
-        f"{t['wall_s']:.1f}s = {t['samples_per_s']:.2f} samples/s, {t['frames_per_s']:.1f} frames/s; "
-        f"in {t['bytes_in'] / 1e6:.1f} MB, out {t['bytes_out'] / 1e6:.1f} MB")
-    if reasons:
-        log("[vlp] errors by reason: " + "; ".join(f"{k} x{v}" for k, v in reasons.most_common()))
-        log(f"[vlp] error records: {join(out, 'errors.jsonl')}")
-    return summary
+        self.layout.write(self.layout.ERRORS, "\n".join(lines) + ("\n" if lines else ""))
+        return reasons
+
+    def summary(self, done: dict[str, ShardCommit], reasons: Counter) -> dict:
+        """summary.json: totals over the committed shards, throughput and stage times of this run."""
+        cfg, ran = self.cfg, self.states
+        wall = time.time() - self.t_start
+        frames = sum(s.frames for s in ran.values())
+        samples_ok = sum(s.n_ok for s in ran.values())
+        return {
+            "run": cfg.run_name or cfg.output.uri.rstrip("/").rsplit("/", 1)[-1],
+            "shards": len(self.shards), "shards_run": len(ran), "shards_skipped_complete": len(self.skipped),
+            "samples_ok": sum(r.n_ok for r in done.values()),
+            "samples_failed": sum(r.n_err for r in done.values()),
+            "this_run": {"samples_ok": samples_ok, "samples_failed": sum(s.n_err for s in ran.values()),
+                         "frames": frames, "bytes_in": sum(s.bytes_in for s in ran.values()),
+                         "bytes_out": sum(s.bytes_out for s in ran.values()), "wall_s": round(wall, 3),
+                         "samples_per_s": round(samples_ok / wall, 3) if wall > 0 else 0.0,
+                         "frames_per_s": round(frames / wall, 3) if wall > 0 else 0.0,
+                         "stage_cpu_seconds": {k: round(v, 3) for k, v in self.stage_time.items()}},
+            "errors_by_reason": dict(reasons.most_common()),
+            "ray_data_stats": self.ds_stats,
+        }
+
+    def manifest(self, done: dict[str, ShardCommit], summary: dict) -> Manifest:
+        fp = self.fp
+        return Manifest(
+            format=FEATURES_FORMAT, vlp_version=__version__, created_at=time.time(), host=socket.gethostname(),
+            inputs=self.shards, shard_names={u: self.names[u] for u in self.shards},
+            shards={n: done[n].counts() for n in sorted(done)},
+            encoder=fp.encoder, layer=fp.encoder.layer, mode=fp.mode, sampling=fp.sampling, preprocess=fp.preprocess,
+            totals=Totals(samples_ok=summary["samples_ok"], samples_failed=summary["samples_failed"]),
+            config=self.cfg.model_dump(mode="json"))
+
+    def report(self, summary: dict, reasons: Counter) -> None:
+        t = summary["this_run"]
+        self.log(f"[vlp] done: {summary['samples_ok']} ok, {summary['samples_failed']} failed "
+                 f"({len(self.skipped)} shard(s) reused); this run {t['samples_ok']} samples, {t['frames']} frames "
+                 f"in {t['wall_s']:.1f}s = {t['samples_per_s']:.2f} samples/s, {t['frames_per_s']:.1f} frames/s; "
+                 f"in {t['bytes_in'] / 1e6:.1f} MB, out {t['bytes_out'] / 1e6:.1f} MB")
+        if reasons:
+            self.log("[vlp] errors by reason: " + "; ".join(f"{k} x{v}" for k, v in reasons.most_common()))
+            self.log(f"[vlp] error records: {self.layout.uri_of(self.layout.ERRORS)}")
+
+
+def run_precompute(cfg: PrecomputeConfig, log=print) -> dict:
+    """Run (or resume) a precompute job. Returns the summary dict (also written to summary.json)."""
+    return PrecomputeRun(cfg, log).run()
 
 
 def _reason_class(reason: str) -> str:

@@ -19,8 +19,9 @@ import numpy as np
 from ..data.media import IMAGE_EXTS, VIDEO_EXTS, DecodeConfig, MediaError, SamplingConfig, decode_media
 from ..data.preprocess import normalize, resize_crop
 from ..data.tario import RawSample, TarProblem, iter_tar_samples
+from ..formats.featureset import FeatureSetLayout
 from ..models.poolers.valley import valley_pool  # output.mode=valley_pooled is the Valley pooler's own pooling
-from ..storage import StorageConfig, describe_storage_error, get_fs, join
+from ..storage import StorageConfig, describe_storage_error, get_fs
 
 ROW_FIELDS = {
     "shard": "", "key": "", "kind": "", "media": b"", "media_ext": "", "caption": "", "conversations": "",
@@ -118,7 +119,8 @@ class ReadShard:
 
 # ------------------------------------------------------------------------------------------------ decode
 
-def _rows(batch: dict[str, np.ndarray]) -> list[dict]:
+def batch_rows(batch: dict[str, np.ndarray]) -> list[dict]:
+    """A numpy batch of the stages (column -> array) -> one plain-Python dict per row."""
     keys = list(batch)
     n = len(batch[keys[0]]) if keys else 0
     return [{k: _py(batch[k][i]) for k in keys} for i in range(n)]
@@ -170,7 +172,7 @@ class DecodeFrames:
                 "n_source_frames": dec.n_source_frames, "decoder": dec.decoder, "t_decode": time.perf_counter() - t0}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return _batch([self.decode_row(r) for r in _rows(batch)])
+        return _batch([self.decode_row(r) for r in batch_rows(batch)])
 
 
 # ------------------------------------------------------------------------------------------------ encode
@@ -195,7 +197,7 @@ class EncodeFeatures:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        rows = _rows(batch)
+        rows = batch_rows(batch)
         todo = [i for i, r in enumerate(rows) if r["kind"] == "sample"]
         if todo:
             t0 = time.perf_counter()
@@ -253,29 +255,14 @@ class WriteParts:
     """
 
     def __init__(self, out_uri: str, storage: StorageConfig | None, mode: str):
-        self.out, self.storage, self.mode = out_uri, storage, mode
-
-    def _put(self, rel: str, data: bytes) -> None:
-        fs, root = get_fs(self.out, self.storage)
-        path = join(root, rel)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        if "://" in self.out:
-            with fs.open(path, "wb") as f:  # one PUT: atomic on S3
-                f.write(data)
-        else:
-            tmp = path + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            import os
-
-            os.replace(tmp, path)
+        self.layout, self.mode = FeatureSetLayout(out_uri, storage), mode
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         import io
 
         import pyarrow.parquet as pq
 
-        rows = _rows(batch)
+        rows = batch_rows(batch)
         by_shard: dict[str, list[dict]] = {}
         metas = []
         for r in rows:
@@ -291,14 +278,14 @@ class WriteParts:
             if ok:
                 buf = io.BytesIO()
                 pq.write_table(feature_table(ok, self.mode), buf, compression="zstd")
-                m["part"] = f"parts/{shard}/{part_id}.parquet"
-                self._put(m["part"], buf.getvalue())
+                m["part"] = self.layout.part(shard, part_id)
+                self.layout.write(m["part"], buf.getvalue())
                 m["bytes_out"] = buf.tell()
             if bad:
                 lines = "".join(json.dumps({"shard": r["shard"], "key": r["key"], "stage": r["stage"],
                                             "reason": r["error"]}) + "\n" for r in bad)
-                m["errors"] = f"errors/{shard}/{part_id}.jsonl"
-                self._put(m["errors"], lines.encode())
+                m["errors"] = self.layout.error_part(shard, part_id)
+                self.layout.write(m["errors"], lines)
             media_counts: dict[str, int] = {}
             for r in ok:
                 media_counts[r["media_type"]] = media_counts.get(r["media_type"], 0) + 1

@@ -6,6 +6,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from ..formats.featureset import FeatureSetLayout
+
 
 def _plot(path: Path, title: str, ylabel: str, series: dict[str, tuple[list, list]], kind: str = "line") -> None:
     import matplotlib
@@ -91,8 +93,8 @@ def _feature_rows(feature_sets: dict[str, str], errors: Counter) -> list[str]:
     """One Markdown table row per completed feature set; its error records by reason are added to ``errors``."""
     rows = []
     for name, uri in feature_sets.items():
-        sp = Path(uri) / "summary.json"
-        man = Path(uri) / "manifest.json"
+        sp = Path(uri) / FeatureSetLayout.SUMMARY
+        man = Path(uri) / FeatureSetLayout.MANIFEST
         if not man.exists():
             continue
         m = json.loads(man.read_text())

@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from ..config import Cfg
-from ..storage import StorageConfig, get_fs, join
+from ..storage import StorageConfig, get_fs, join, write_atomic
 from ..data.tario import write_tar
 
 # Bump when make_shards writes different samples for the same config (2: held-out clips in reversed,
@@ -274,10 +274,8 @@ def make_shards(cfg: MakeShardsConfig) -> dict:
             shards.setdefault(shard - fam_i * 1000, []).append((key, members))
         for shard, samples in sorted(shards.items()):
             name = f"{fam}-{shard:05d}.tar"
-            path = join(root, name)
-            tmp = path + ".tmp"
-            with fs.open(tmp, "wb") as f:
-                write_tar(f, samples)
-            fs.mv(tmp, path)
+            buf = io.BytesIO()
+            write_tar(buf, samples)
+            write_atomic(join(cfg.out, name), buf.getvalue(), cfg.storage)
             out.setdefault(fam, []).append(join(cfg.out, name))
     return out

@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from ..data.conversation import IGNORE_INDEX, VISUAL_TOKEN_INDEX, caption_conversation, tokenize_conversation
-from ..formats.featureset import get_json
+from ..formats.featureset import FeatureSetInfo, read_feature_set
 from ..storage import StorageConfig, get_fs, write_atomic
 
 _STATE_CACHE: dict[str, tuple[float, dict]] = {}
@@ -196,13 +196,10 @@ class Tokenize:
         return out
 
 
-def feature_set_info(uri: str, storage: Optional[StorageConfig]) -> dict:
-    fp = get_json(uri, "fingerprint.json", storage)
-    man = get_json(uri, "manifest.json", storage)
-    if fp is None or man is None:
-        raise FileNotFoundError(f"feature set {uri} is missing or incomplete (no manifest.json); run vlp precompute")
-    return {"hidden_size": fp["encoder"]["hidden_size"], "mode": fp["mode"], "samples": man["totals"]["samples_ok"],
-            "fingerprint": fp}
+def feature_set_info(uri: str, storage: Optional[StorageConfig]) -> FeatureSetInfo:
+    """Fingerprint + manifest of a completed feature set (hidden size, mode, samples). FileNotFoundError when
+    it is missing or incomplete, FeatureSetFormatError when this vlp does not read its format."""
+    return read_feature_set(uri, storage)
 
 
 def length_grouped(rows: list[dict], micro: int, rng: np.random.Generator, group: bool,

@@ -12,6 +12,9 @@ import yaml
 from ..config import ConfigError, dump_config
 from ..errors import UserError
 from ..models.videollm import feature_mode_problems
+from ..formats.export import MODEL_CONFIG, ExportInfo
+from ..formats.featureset import FeatureSetInfo
+from ..formats.records import RecordError
 from ..storage import get_fs, join
 from .config import TrainConfig
 from .data import DropSeen, Mixture, Tokenize, feature_set_info, mixture_passes
@@ -49,15 +52,15 @@ def param_counts(cfg: TrainConfig) -> tuple[int, int]:
     return trainable, n_llm + n_conn - trainable
 
 
-def _mixed_encoders(infos: list[dict]) -> list[str]:
+def _mixed_encoders(infos: list[FeatureSetInfo]) -> list[str]:
     """Sets of one run must come from the same tower, layer and preprocessing (sampling may differ: images vs
     videos); the export records the first set's, which chat/infer then reproduce for every input."""
     out = []
-    ref = infos[0]["fingerprint"]
+    ref = infos[0].fingerprint
     for i, inf in enumerate(infos[1:], 1):
-        fp = inf["fingerprint"]
-        for part in ("encoder", "preprocess"):
-            diff = _diff(ref[part], fp[part])
+        fp = inf.fingerprint
+        for part, a, b in (("encoder", ref.encoder, fp.encoder), ("preprocess", ref.preprocess, fp.preprocess)):
+            diff = _diff(a.to_json() if a else {}, b.to_json() if b else {})
             if diff:
                 out.append(f"data.sets[{i}]: made with another {part} than data.sets[0] "
                            f"({', '.join(f'{k}: {a!r} vs {b!r}' for k, a, b in diff)})")
@@ -71,20 +74,20 @@ def check_setup(cfg: TrainConfig, log=print) -> dict:
     for i, s in enumerate(cfg.data.sets):
         try:
             infos.append(feature_set_info(s.uri, s.storage))
-        except FileNotFoundError as e:
+        except (FileNotFoundError, RecordError) as e:  # RecordError: a format this vlp does not read
             problems.append(f"data.sets[{i}].uri: {e}")
     if infos:
-        sizes = {inf["hidden_size"] for inf in infos}
+        sizes = {inf.hidden_size for inf in infos}
         if len(sizes) > 1:
             problems.append(f"data.sets: feature sets have different hidden sizes {sorted(sizes)}")
         problems += _mixed_encoders(infos)
-        d = infos[0]["hidden_size"]
+        d = infos[0].hidden_size
         if cfg.model.vision_hidden_size is None:
             cfg.model.vision_hidden_size = d
         elif cfg.model.vision_hidden_size != d:
             problems.append(f"model.vision_hidden_size={cfg.model.vision_hidden_size} does not match the feature "
-                            f"set's hidden size {d} (encoder {infos[0]['fingerprint']['encoder']['path']})")
-        problems += feature_mode_problems(cfg.model, [inf["mode"] for inf in infos])
+                            f"set's hidden size {d} (encoder {infos[0].fingerprint.encoder.path})")
+        problems += feature_mode_problems(cfg.model, [inf.mode for inf in infos])
     if cfg.model.connector.init_from and not Path(cfg.model.connector.init_from).exists():
         problems.append(f"model.connector.init_from: {cfg.model.connector.init_from} does not exist")
     if problems:
@@ -109,7 +112,7 @@ def check_setup(cfg: TrainConfig, log=print) -> dict:
         log(f"[vlp] memory preflight: {pf.message}")
     else:
         log("[vlp] memory preflight skipped: device memory unknown (set scaling.device_memory_gb)")
-    n_epoch = sum(int(inf["samples"] * s.weight) for inf, s in zip(infos, cfg.data.sets))
+    n_epoch = sum(int(inf.samples * s.weight) for inf, s in zip(infos, cfg.data.sets))
     steps_per_epoch = n_epoch // cfg.batch.global_size
     if steps_per_epoch == 0:
         raise TrainSetupError(f"batch.global_size={cfg.batch.global_size} is larger than an epoch ({n_epoch} samples)")
@@ -278,7 +281,6 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
 
     A run folder that already exists must have been started with the same config (up to RERUN_MAY_CHANGE),
     else ConfigError; its config.yaml keeps the first attempt's config."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -289,7 +291,7 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     run_dir = join(out_root, cfg.run_name)
     fs, rd = get_fs(run_dir)
     saved = check_same_config(fs, rd, run_dir, cfg)
-    if fs.exists(join(rd, "export", "vlp_model.json")) and fs.exists(join(rd, "train_summary.json")):
+    if fs.exists(join(rd, "export", MODEL_CONFIG)) and fs.exists(join(rd, "train_summary.json")):
         log(f"[vlp] train {cfg.run_name}: finished earlier, reusing {run_dir}/export")
         return {**json.loads(fs.cat(join(rd, "train_summary.json"))), "run_dir": run_dir,
                 "export": join(run_dir, "export"), "reused": True}
@@ -304,11 +306,9 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
             f.write(dump_config(cfg))
     state_path = join(run_dir, "data_state.json")
     ds = build_dataset(cfg, state_path)
-    fp = setup["infos"][0]["fingerprint"]
+    info = ExportInfo.from_fingerprint(setup["infos"][0].fingerprint, cfg.data.template, cfg.run_name)
     meta = {"run_dir": run_dir, "state_path": state_path, "total_steps": setup["total_steps"],
-            "export_extra": {"template": cfg.data.template, "feature_mode": fp["mode"],
-                             "encoder": fp["encoder"], "sampling": fp["sampling"], "preprocess": fp["preprocess"],
-                             "run": cfg.run_name}}
+            "export_extra": info.to_json()}  # JSON: the export's vlp_model.json less the model config
     log(f"[vlp] train {cfg.run_name}: {setup['samples_per_epoch']} samples/epoch, {setup['total_steps']} steps, "
         f"{cfg.scaling.num_workers} workers x micro {cfg.batch.micro_size} x accum {cfg.batch.grad_accum}, "
         f"ZeRO-{cfg.deepspeed.zero_stage}, trainable {setup['trainable']:,} / frozen {setup['frozen']:,} params")
