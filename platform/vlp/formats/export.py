@@ -58,8 +58,11 @@ def load_model(path: str | Path, device: str = "cpu"):
     from transformers import AutoTokenizer
 
     from ..config import validate
+    from ..errors import not_an_export
 
     path = Path(path)
+    if not (path / MODEL_CONFIG).is_file():
+        raise not_an_export(str(path), path.exists())
     info = json.loads((path / MODEL_CONFIG).read_text())
     cfg = validate(ModelConfig, info["model"], str(path / MODEL_CONFIG))
     model = VideoLLM(cfg)

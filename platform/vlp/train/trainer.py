@@ -63,8 +63,9 @@ def _mixed_encoders(infos: list[dict]) -> list[str]:
     return out
 
 
-def check_setup(cfg: TrainConfig, log=print) -> dict:
-    """Everything that can be checked before a worker starts. Raises TrainSetupError listing every problem."""
+def check_inputs(cfg: TrainConfig) -> list[dict]:
+    """What can be checked without Ray: the feature sets (present, complete, one encoder) and the stage-1
+    connector. -> the sets' infos; TrainSetupError listing every problem. Fills model.vision_hidden_size."""
     problems = []
     infos = []
     for i, s in enumerate(cfg.data.sets):
@@ -89,7 +90,12 @@ def check_setup(cfg: TrainConfig, log=print) -> dict:
         problems.append(f"model.connector.init_from: {cfg.model.connector.init_from} does not exist")
     if problems:
         raise TrainSetupError("cannot start training:\n  - " + "\n  - ".join(problems))
+    return infos
 
+
+def check_setup(cfg: TrainConfig, log=print) -> dict:
+    """Everything that can be checked before a worker starts. Raises TrainSetupError listing every problem."""
+    infos = check_inputs(cfg)
     trainable, frozen = param_counts(cfg)
     if cfg.scaling.use_gpu:
         gb = cfg.scaling.device_memory_gb or _detect_gpu_gb()
@@ -291,6 +297,7 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
         log(f"[vlp] train {cfg.run_name}: finished earlier, reusing {run_dir}/export")
         return {**json.loads(fs.cat(join(rd, "train_summary.json"))), "run_dir": run_dir,
                 "export": join(run_dir, "export"), "reused": True}
+    check_inputs(cfg)  # missing or unfinished feature sets fail here, before Ray starts
     init_ray(cfg.ray)
     setup = check_setup(cfg, log)
     fs.makedirs(rd, exist_ok=True)
