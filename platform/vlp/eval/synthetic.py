@@ -88,7 +88,7 @@ class Tally:
 
     def nothing_scored(self, uri: str) -> str:
         """Why there is no table: what the feature set holds, and which questions eval scores."""
-        held = (f"{self.rows} sample(s) ({', '.join(f'{n} {m}' for m, n in self.media.items())})" if self.rows
+        held = (f"{self.rows} sample(s) ({', '.join(f'{n} {m}' for m, n in sorted(self.media.items()))})" if self.rows
                 else "no committed samples")
         asked = (f"; its questions are e.g. {', '.join(repr(q) for q, _ in self.other_questions.most_common(3))}"
                  if self.other_questions else "; none of them has a question")
