@@ -89,3 +89,23 @@ def test_readme_local_sequence_runs_as_written(tmp_path):
     answers = (runs / "infer" / "answers.jsonl").read_text().splitlines()
     assert len(answers) == 2  # the two held-out clips
     assert "feature set (complete)" in p.stdout and "shard set: 4 shard(s)" in p.stdout
+
+
+def test_workers_get_the_drivers_relative_model_paths_made_absolute(tmp_path, monkeypatch):
+    """Ray Train runs workers in folders of their own: the README's relative ``init_from`` (stage 1's export) and
+    a relative local LLM must reach them absolute; hub ids and presets stay as they are."""
+    from vlp.config import validate
+    from vlp.train import TrainConfig
+    from vlp.train.trainer import config_for_workers
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "local" / "train" / "stage1" / "export").mkdir(parents=True)
+    (tmp_path / "models" / "llm").mkdir(parents=True)
+    cfg = validate(TrainConfig, {"run_name": "r", "data": {"sets": [{"uri": "f"}]}, "model": {
+        "connector": {"init_from": "runs/local/train/stage1/export"},
+        "llm": {"path": "./models/llm", "tokenizer": "org/name"}}})
+    m = config_for_workers(cfg)["model"]
+    assert m["connector"]["init_from"] == str(tmp_path / "runs" / "local" / "train" / "stage1" / "export")
+    assert m["llm"]["path"] == str(tmp_path / "models" / "llm") and m["llm"]["tokenizer"] == "org/name"
+    assert config_for_workers(validate(TrainConfig, {"run_name": "r", "data": {"sets": [{"uri": "f"}]}}))[
+        "model"]["llm"]["path"] == "preset:tiny-llama"

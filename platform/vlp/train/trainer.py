@@ -277,6 +277,21 @@ def check_same_config(fs, rd: str, run_dir: str, cfg: TrainConfig) -> bool:
     return True
 
 
+def config_for_workers(cfg: TrainConfig) -> dict:
+    """The config as the workers get it, local model paths made absolute: Ray Train runs each worker in a
+    folder of its own, where a path relative to the driver's working directory finds nothing."""
+    from ..models.videollm import looks_local
+
+    d = cfg.model_dump(mode="json")
+    conn, llm = d["model"]["connector"], d["model"]["llm"]
+    if conn["init_from"] and "://" not in conn["init_from"]:
+        conn["init_from"] = os.path.abspath(conn["init_from"])
+    for k in ("path", "tokenizer"):
+        if llm[k] and (looks_local(llm[k]) or os.path.exists(llm[k])):
+            llm[k] = os.path.abspath(os.path.expanduser(llm[k]))
+    return d
+
+
 def run_train(cfg: TrainConfig, log=print) -> dict:
     """Train (or resume, or reuse a finished run). Returns the training summary.
 
@@ -319,7 +334,7 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
         f"ZeRO-{cfg.deepspeed.zero_stage}, trainable {setup['trainable']:,} / frozen {setup['frozen']:,} params")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "meta": meta},
+        train_loop_config={"cfg": config_for_workers(cfg), "meta": meta},
         scaling_config=ScalingConfig(**scaling_kwargs(cfg)),
         run_config=RunConfig(name=cfg.run_name, storage_path=out_root,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
