@@ -23,7 +23,7 @@ SHRINK = {  # per command: appended to the README's line
     "make-shards": ["videos=4", "images=2", "instructions=4", "heldout=2", "samples_per_shard=4", "num_frames=8"],
     "precompute": ["ray.progress_bars=false"],
     "train": ["epochs=1", "max_steps=1", "batch.global_size=2", "batch.micro_size=2", "scaling.num_workers=1",
-              "checkpoint.every_n_steps=1", "tensorboard=false", "ray.progress_bars=false"],
+              "tensorboard=false", "ray.progress_bars=false"],
     "eval": ["--max-samples", "1"],
     "infer": ["max_new_tokens=2", "ray.progress_bars=false"],
     "inspect": [],
