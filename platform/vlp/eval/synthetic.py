@@ -29,6 +29,7 @@ from ..errors import UserError
 from ..formats.featureset import get_json, iter_feature_rows
 from ..storage import StorageConfig, get_fs
 
+
 class NotAFeatureSet(UserError):
     """``--features`` names a missing folder or one that is not a feature set."""
 
