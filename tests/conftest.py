@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated model cache, synthetic shards, and one local Ray for the session."""
+"""Shared fixtures: an isolated model cache, synthetic shards, a tiny untrained export, and one local Ray for
+the session."""
 
 from __future__ import annotations
 
@@ -53,6 +54,30 @@ def synth_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     make_shards(MakeShardsConfig(out=str(out), videos=12, images=6, instructions=6, heldout=6,
                                  samples_per_shard=6, num_frames=12))
+    return out
+
+
+@pytest.fixture(scope="session")
+def export(tmp_path_factory) -> Path:
+    """An (untrained) tiny export with the metadata a trained run writes, built in seconds (chat, infer, the
+    CLI error matrix). Read-only: tests that need a variant copy it."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from vlp.config import validate
+    from vlp.formats.export import export_model
+    from vlp.models.presets import resolve_model_path
+    from vlp.models.videollm import ModelConfig, VideoLLM
+
+    torch.manual_seed(0)
+    model = VideoLLM(validate(ModelConfig, {"vision_hidden_size": 64}))
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("preset:tiny-tokenizer"))
+    out = tmp_path_factory.mktemp("chat") / "export"
+    export_model(model, tok, out, extra={
+        "template": "vicuna_v1", "feature_mode": "valley_pooled",
+        "encoder": {"type": "clip", "path": "preset:tiny-clip", "layer": -2, "hidden_size": 64, "image_size": 224},
+        "sampling": {"mode": "uniform", "num_frames": 8, "fps": 1.0, "max_frames": 32},
+        "preprocess": {"size": 224, "pad_to_square": False}})
     return out
 
 

@@ -14,27 +14,6 @@ from vlp.formats.export import ExportInfo
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    """An (untrained) export with the metadata a trained run writes, built in seconds."""
-    from transformers import AutoTokenizer
-
-    from vlp.models.presets import resolve_model_path
-    from vlp.models.videollm import ModelConfig, VideoLLM
-    from vlp.formats.export import export_model
-
-    torch.manual_seed(0)
-    model = VideoLLM(validate(ModelConfig, {"vision_hidden_size": 64}))
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("preset:tiny-tokenizer"))
-    out = tmp_path_factory.mktemp("chat") / "export"
-    export_model(model, tok, out, extra={
-        "template": "vicuna_v1", "feature_mode": "valley_pooled",
-        "encoder": {"type": "clip", "path": "preset:tiny-clip", "layer": -2, "hidden_size": 64, "image_size": 224},
-        "sampling": {"mode": "uniform", "num_frames": 8, "fps": 1.0, "max_frames": 32},
-        "preprocess": {"size": 224, "pad_to_square": False}})
-    return out
-
-
-@pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     from vlp.synth.shards import Attributes, encode_jpeg, encode_mp4, render_clip
 

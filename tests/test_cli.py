@@ -137,6 +137,43 @@ def test_eval_command_on_a_tiny_export_and_the_heldout_features(shrunk_demo, tmp
     assert all(r[0] == "1" and r[2] == "-" for r in rows.values())  # n=1 (one clip), no generated accuracy
 
 
+@pytest.mark.ray
+def test_eval_refuses_a_feature_set_with_no_question_it_scores(shrunk_demo, capsys):
+    """Caption pretraining features (webvid + cc3m, no Q&A): a one-line error saying what the set holds and
+    which questions eval scores, not an empty table."""
+    from vlp.models.presets import resolve_model_path
+
+    feats = shrunk_demo[0] / "features" / "pretrain"
+    exp = shrunk_demo[0] / "untrained-export"
+    if not exp.exists():
+        _tiny_export_for(feats, exp, resolve_model_path)
+    capsys.readouterr()
+    assert main(["eval", "--model", str(exp), "--features", str(feats)]) == 2
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err and out.out == ""
+    err = out.err[out.err.index("vlp eval: error: "):].strip()
+    assert err.startswith(f"vlp eval: error: feature set {feats} holds no question vlp eval can score: 6 sample(s) "
+                          "(2 image, 4 video); none of them has a question")
+    assert "color ('What color is the shape?')" in err and "direction (" in err
+
+
+def _tiny_export_for(feats, out, resolve_model_path):
+    """An untrained tiny export sized to a feature set (as a trained run would write it)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from vlp.config import validate
+    from vlp.formats.export import export_model
+    from vlp.models.videollm import ModelConfig, VideoLLM
+
+    fp = json.loads((feats / "fingerprint.json").read_text())
+    torch.manual_seed(0)
+    model = VideoLLM(validate(ModelConfig, {"vision_hidden_size": fp["encoder"]["hidden_size"]}))
+    return export_model(model, AutoTokenizer.from_pretrained(resolve_model_path("preset:tiny-tokenizer")), out,
+                        extra={"template": "vicuna_v1", "feature_mode": fp["mode"], "encoder": fp["encoder"],
+                               "sampling": fp["sampling"], "preprocess": fp["preprocess"]})
+
+
 @pytest.mark.parametrize("job,config,override,expect", [
     ("precompute", "configs/local/precompute.yaml", "data.sampling.num_frames=5", "num_frames: 5"),
     ("train", "configs/local/train_stage1.yaml", "epochs=7", "epochs: 7"),

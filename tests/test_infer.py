@@ -6,13 +6,12 @@ import json
 
 import pytest
 
-from test_chat import export  # noqa: F401  (module-scoped fixture: an untrained export)
 from vlp.config import validate
 from vlp.formats.export import ExportInfo
 from vlp.infer import InferConfig, run_infer
 
 
-def test_answer_actor_runs_where_the_config_says(export, synth_shards):  # noqa: F811
+def test_answer_actor_runs_where_the_config_says(export, synth_shards):
     """use_gpu picks the device of the tower and the LLM (cuda; not testable here, CPU only); the CPU path
     answers a decoded batch end to end without Ray."""
     from vlp.data.media import DecodeConfig
@@ -36,7 +35,7 @@ def test_answer_actor_runs_where_the_config_says(export, synth_shards):  # noqa:
 
 
 @pytest.mark.ray
-def test_infer_answers_every_sample_and_records_errors(ray_local, export, synth_shards, tmp_path):  # noqa: F811
+def test_infer_answers_every_sample_and_records_errors(ray_local, export, synth_shards, tmp_path):
     from vlp.data.tario import write_tar
 
     bad = tmp_path / "bad-00000.tar"

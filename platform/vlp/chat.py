@@ -1,5 +1,8 @@
 """``vlp chat``: ask a trained model about a video or image, decoding and encoding it online with the
-same sampling and preprocessing the model's features were precomputed with."""
+same sampling and preprocessing the model's features were precomputed with.
+
+A media file that is missing or that no decoder can read raises :class:`BadMedia` (a user error naming the file).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +13,21 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from .data.conversation import prompt_ids
-from .data.media import DecodeConfig, decode_media
+from .data.media import DecodeConfig, MediaError, decode_media
 from .data.preprocess import normalize, resize_crop
+from .errors import UserError
+
+
+class BadMedia(UserError):
+    """The file given to chat is missing, not a file, or not a video/image any decoder can read."""
+
+
+def media_file(path: str) -> Path:
+    """``path`` as a Path; BadMedia when it is missing or a folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadMedia(f"{path}: " + ("is a folder, not a media file" if p.is_dir() else "no such file"))
+    return p
 
 
 class ChatSession:
@@ -33,8 +49,11 @@ class ChatSession:
 
     def frames(self, path: str) -> tuple[str, torch.Tensor]:
         """Decode + sample + resize/pad/crop as precompute did: (media type, (T, 3, S, S) uint8)."""
-        data = Path(path).read_bytes()
-        mtype, dec = decode_media(data, Path(path).suffix.lstrip(".").lower(), self.sampling, DecodeConfig())
+        data = media_file(path).read_bytes()
+        try:
+            mtype, dec = decode_media(data, Path(path).suffix.lstrip(".").lower(), self.sampling, DecodeConfig())
+        except MediaError as e:
+            raise BadMedia(f"{path} is not a video or image vlp can decode: {e}") from None
         g = self.geom
         return mtype, resize_crop(dec.frames, g.size, g.pad_to_square, g.mean)  # (T, H, W, 3) -> (T, 3, S, S)
 
@@ -70,6 +89,8 @@ class ChatSession:
 def run_chat(export_dir: str, media: Optional[str], question: Optional[str], write: Callable[[str], None] = None,
              read: Callable[[str], str] = input, **gen) -> int:
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    if media:
+        media_file(media)  # a missing file fails before the model loads
     session = ChatSession(export_dir)
     if media:
         mtype = session.load_media(media)

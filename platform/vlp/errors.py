@@ -12,3 +12,18 @@ class UserError(Exception):
     """A mistake the user can fix; ``str(e)`` says what is wrong and, where it can, what to do."""
 
     exit_code = 2
+
+
+class NotAnExport(UserError):
+    """A ``--model`` / ``model=`` folder is missing or is not a model export (it has no ``vlp_model.json``)."""
+
+
+def not_an_export(path: str, exists: bool) -> NotAnExport:
+    """The error for a model path that is missing (``exists`` False) or holds no ``vlp_model.json``."""
+    what = "is not a model export (it has no vlp_model.json)" if exists else "does not exist"
+    return NotAnExport(f"model {path} {what}; a model export is the export/ folder a training run writes "
+                       "(e.g. runs/demo/train/stage2/export)")
+
+
+class OutputNotWritable(UserError):
+    """An output folder cannot be created (its parent is a file, the place is read-only, ...)."""

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from .config import Cfg
 from .data.media import DecodeConfig
+from .errors import not_an_export
 from .runtime import RayConfig
 from .storage import StorageConfig, expand_shards, get_fs, join
 
@@ -130,6 +131,9 @@ def run_infer(cfg: InferConfig, log=print) -> dict:
     from .precompute.stages import ReadShard
     from .runtime import init_ray
 
+    mfs, mpath = get_fs(join(cfg.model, "vlp_model.json"))
+    if not mfs.exists(mpath):  # before Ray starts
+        raise not_an_export(cfg.model, mfs.exists(mpath.rsplit("/", 1)[0]))
     info = ExportInfo.read(cfg.model)
     shards = expand_shards(cfg.shards, cfg.storage)
     names = shard_names(shards)

@@ -1,4 +1,7 @@
-"""``vlp inspect``: summarise a shard set or a feature set (counts, media types, frames, errors)."""
+"""``vlp inspect``: summarise a shard set or a feature set (counts, media types, frames, errors).
+
+A shard set none of whose shards opens as a tar (a text file, a video, a folder of something else) is no shard
+set at all: :class:`NotInspectable`, a user error, rather than a report of one corrupt shard."""
 
 from __future__ import annotations
 
@@ -7,9 +10,14 @@ from collections import Counter
 
 from .data.media import DecodeConfig, MediaError, SamplingConfig, decode_media, sniff
 from .data.tario import TarProblem, iter_tar_samples
+from .errors import UserError
 from .formats.featureset import FeatureSetLayout, Fingerprint, Manifest, committed_shards
 from .precompute.stages import parse_sample
 from .storage import StorageConfig, expand_shards, get_fs
+
+
+class NotInspectable(UserError):
+    """What ``vlp inspect`` was given is neither a readable tar shard (set) nor a feature set."""
 
 
 def is_feature_set(uri: str, storage: StorageConfig | None = None) -> bool:
@@ -18,7 +26,8 @@ def is_feature_set(uri: str, storage: StorageConfig | None = None) -> bool:
 
 def inspect_shards(specs: list[str], storage: StorageConfig | None = None, decode: bool = True,
                    max_samples: int | None = None) -> dict:
-    """Read every sample of the shards; with ``decode`` also open each media to count its frames."""
+    """Read every sample of the shards; with ``decode`` also open each media to count its frames.
+    NotInspectable when no shard opens as a tar."""
     shards = expand_shards(specs, storage)
     media = Counter()
     containers = Counter()
@@ -65,6 +74,7 @@ def inspect_shards(specs: list[str], storage: StorageConfig | None = None, decod
                 ok += 1
                 s_ok += 1
         per_shard[uri] = {"samples": s_n, "ok": s_ok}
+    check_some_tar(specs, errors, len(shards))
     return {
         "kind": "shards", "shards": len(shards), "samples": n, "ok": ok, "errors": len(errors),
         "media_types": dict(media), "containers": dict(containers),
@@ -72,6 +82,19 @@ def inspect_shards(specs: list[str], storage: StorageConfig | None = None, decod
                           "histogram": dict(sorted(frames_hist.items()))},
         "ignored_members": dict(ignored), "per_shard": per_shard, "error_records": errors,
     }
+
+
+def check_some_tar(specs: list[str], errors: list[dict], n_shards: int) -> None:
+    """NotInspectable when every one of ``n_shards`` failed before its first member (open or tar header)."""
+    whole = [e for e in errors if e["key"] == "<shard>"]
+    if n_shards == 0 or len(whole) < n_shards:
+        return
+    first = whole[0]
+    if len(specs) == 1 and n_shards == 1:
+        raise NotInspectable(f"{specs[0]} is not a tar shard ({first['reason']}) and not a feature set (no "
+                             "fingerprint.json or manifest.json)")
+    raise NotInspectable(f"none of the {n_shards} shard(s) of {', '.join(specs)} is a tar shard (first: "
+                         f"{first['shard']}: {first['reason']})")
 
 
 def inspect_features(uri: str, storage: StorageConfig | None = None) -> dict:

@@ -8,11 +8,16 @@ One derived row, ``direction_vs_opposite``: the same direction scores, but the c
 direction and its opposite (left/right, up/down; chance 0.5). It isolates temporal *order*: features averaged
 over time (pooler ``patch_mean``) are identical for a shape moving left or right along the same path, so they
 can show the axis of motion but never its sign.
+
+A feature set with none of these questions (caption pretraining features, another data set) is refused with
+:class:`NothingToScore` rather than reported as an empty table.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -20,8 +25,18 @@ import torch
 
 from ..data.conversation import IGNORE_INDEX, prompt_ids, tokenize_conversation
 from ..synth.shards import COLORS, DIRECTIONS, OPPOSITE, QUESTIONS, SHAPES
-from ..formats.featureset import iter_feature_rows
-from ..storage import StorageConfig
+from ..errors import UserError
+from ..formats.featureset import get_json, iter_feature_rows
+from ..storage import StorageConfig, get_fs
+
+
+class NotAFeatureSet(UserError):
+    """``--features`` names a missing folder or one that is not a feature set."""
+
+
+class NothingToScore(UserError):
+    """The feature set holds no question eval knows how to score (no colour/shape/direction question)."""
+
 
 CANDIDATES = {"color": list(COLORS), "shape": list(SHAPES), "direction": list(DIRECTIONS)}
 
@@ -48,64 +63,112 @@ def score_answers(model, tok, template: str, question: str, answers: list[str], 
     return (picked * ok).sum(1).tolist()
 
 
+@dataclass
+class Tally:
+    """Counts per question type, the order row, examples, and what the feature set held (for a refusal)."""
+
+    per: dict = field(default_factory=lambda: {k: {"n": 0, "choice_correct": 0, "gen_correct": 0}
+                                               for k in CANDIDATES})
+    order: dict = field(default_factory=lambda: {"n": 0, "choice_correct": 0})
+    examples: list = field(default_factory=list)
+    rows: int = 0
+    media: Counter = field(default_factory=Counter)
+    other_questions: Counter = field(default_factory=Counter)
+
+    def by_type(self, generate: bool) -> dict:
+        out = {}
+        for k, st in self.per.items():
+            if st["n"]:
+                out[k] = {"n": st["n"], "choice_acc": st["choice_correct"] / st["n"],
+                          "gen_acc": st["gen_correct"] / st["n"] if generate else None,
+                          "chance": 1 / len(CANDIDATES[k])}
+        if self.order["n"]:
+            out["direction_vs_opposite"] = {"n": self.order["n"], "choice_acc": self.order["choice_correct"] /
+                                            self.order["n"], "gen_acc": None, "chance": 0.5}
+        return out
+
+    def nothing_scored(self, uri: str) -> str:
+        """Why there is no table: what the feature set holds, and which questions eval scores."""
+        held = (f"{self.rows} sample(s) ({', '.join(f'{n} {m}' for m, n in sorted(self.media.items()))})" if self.rows
+                else "no committed samples")
+        asked = (f"; its questions are e.g. {', '.join(repr(q) for q, _ in self.other_questions.most_common(3))}"
+                 if self.other_questions else "; none of them has a question")
+        scored = ", ".join(f"{k} ({text!r})" for k, (text, _) in QUESTIONS.items())
+        return (f"feature set {uri} holds no question vlp eval can score: {held}{asked}. vlp eval scores the "
+                f"synthetic held-out questions {scored} with the sample's colour/shape/direction in its metadata "
+                "(a feature set precomputed from vlp make-shards' heldout-*.tar)")
+
+
+def score_question(model, tok, template: str, row: dict, qtype: str, tally: Tally, generate: bool,
+                   max_new_tokens: int) -> None:
+    """Choice (and generation) scores of one known question about one row, added to ``tally``."""
+    meta = json.loads(row["meta"]) if row["meta"] else {}
+    feats = torch.from_numpy(row["features"].astype(np.float32))
+    nf = int(row["num_frames"])
+    q = f"<{row['media_type']}>\n" + QUESTIONS[qtype][0]
+    truth = meta[qtype]
+    cands = CANDIDATES[qtype]
+    answers = [QUESTIONS[qtype][1].format(**{**{k: meta.get(k, "") for k in CANDIDATES}, qtype: c}) for c in cands]
+    scores = score_answers(model, tok, template, q, answers, feats, row["mode"], nf)
+    choice = cands[int(np.argmax(scores))]
+    st = tally.per[qtype]
+    st["n"] += 1
+    st["choice_correct"] += int(choice == truth)
+    if qtype == "direction" and truth in OPPOSITE:
+        tally.order["n"] += 1
+        tally.order["choice_correct"] += int(scores[cands.index(truth)] > scores[cands.index(OPPOSITE[truth])])
+    gen_text = ""
+    if generate:
+        ids = torch.tensor(prompt_ids([{"from": "human", "value": q}], tok, template))
+        out = list(model.generate(ids, feats, row["mode"], nf, max_new_tokens=max_new_tokens,
+                                  eos_token_id=tok.eos_token_id))
+        gen_text = tok.decode(out, skip_special_tokens=True)
+        named = [c for c in cands if c in gen_text.lower().split() or c + "." in gen_text.lower().split()]
+        st["gen_correct"] += int(named == [truth])
+    if len(tally.examples) < 12:
+        tally.examples.append({"uid": row["uid"], "question": QUESTIONS[qtype][0], "truth": truth, "choice": choice,
+                               "generated": gen_text})
+
+
+def check_feature_set(uri: str, storage: StorageConfig | None) -> None:
+    """NotAFeatureSet when ``uri`` is missing or has no fingerprint.json."""
+    fs, root = get_fs(uri, storage)
+    if not fs.exists(root):
+        raise NotAFeatureSet(f"feature set {uri} does not exist")
+    if get_json(uri, "fingerprint.json", storage) is None:
+        raise NotAFeatureSet(f"{uri} is not a feature set (it has no fingerprint.json); make one with vlp precompute")
+
+
 def evaluate(export_dir: str, feature_uri: str, storage: StorageConfig | None = None,
              max_samples: Optional[int] = None, generate: bool = True, max_new_tokens: int = 12,
              pooler: Optional[str] = None) -> dict:
+    """Accuracy per question type of the export on the feature set's known questions; NothingToScore when it
+    has none (a caption-only set, another data set), NotAFeatureSet / NotAnExport for wrong paths."""
     from ..models.poolers import POOLERS
     from ..formats.export import load_model
 
     model, tok, info = load_model(export_dir)
+    check_feature_set(feature_uri, storage)
     if pooler:  # evaluate an ablation (e.g. patch_mean) on the same weights
         model.pool = POOLERS.part(pooler)
     template = info.prompt_template(str(export_dir))
-    per: dict[str, dict] = {k: {"n": 0, "choice_correct": 0, "gen_correct": 0} for k in CANDIDATES}
-    order = {"n": 0, "choice_correct": 0}
-    examples = []
+    tally = Tally()
     for i, row in enumerate(iter_feature_rows(feature_uri, storage)):
         if max_samples is not None and i >= max_samples:
             break
+        tally.rows += 1
+        tally.media[row["media_type"]] += 1
         meta = json.loads(row["meta"]) if row["meta"] else {}
         conv = json.loads(row["conversations"]) if row["conversations"] else []
-        feats = torch.from_numpy(row["features"].astype(np.float32))
-        nf = int(row["num_frames"])
-        placeholder = f"<{row['media_type']}>\n"
         for turn in conv:
             if turn["from"] != "human":
                 continue
             qtype = question_type(turn["value"])
             if qtype is None or qtype not in meta:
+                tally.other_questions[turn["value"].replace("<video>", "").replace("<image>", "").strip()] += 1
                 continue
-            q = placeholder + QUESTIONS[qtype][0]
-            truth = meta[qtype]
-            cands = CANDIDATES[qtype]
-            answers = [QUESTIONS[qtype][1].format(**{**{k: meta.get(k, "") for k in CANDIDATES}, qtype: c}) for c in cands]
-            scores = score_answers(model, tok, template, q, answers, feats, row["mode"], nf)
-            choice = cands[int(np.argmax(scores))]
-            st = per[qtype]
-            st["n"] += 1
-            st["choice_correct"] += int(choice == truth)
-            if qtype == "direction" and truth in OPPOSITE:
-                order["n"] += 1
-                order["choice_correct"] += int(scores[cands.index(truth)] > scores[cands.index(OPPOSITE[truth])])
-            gen_text = ""
-            if generate:
-                ids = torch.tensor(prompt_ids([{"from": "human", "value": q}], tok, template))
-                out = list(model.generate(ids, feats, row["mode"], nf, max_new_tokens=max_new_tokens,
-                                          eos_token_id=tok.eos_token_id))
-                gen_text = tok.decode(out, skip_special_tokens=True)
-                named = [c for c in cands if c in gen_text.lower().split() or c + "." in gen_text.lower().split()]
-                st["gen_correct"] += int(named == [truth])
-            if len(examples) < 12:
-                examples.append({"uid": row["uid"], "question": QUESTIONS[qtype][0], "truth": truth, "choice": choice,
-                                 "generated": gen_text})
-    by_type = {}
-    for k, st in per.items():
-        if st["n"]:
-            by_type[k] = {"n": st["n"], "choice_acc": st["choice_correct"] / st["n"],
-                          "gen_acc": st["gen_correct"] / st["n"] if generate else None,
-                          "chance": 1 / len(CANDIDATES[k])}
-    if order["n"]:
-        by_type["direction_vs_opposite"] = {"n": order["n"], "choice_acc": order["choice_correct"] / order["n"],
-                                            "gen_acc": None, "chance": 0.5}
+            score_question(model, tok, template, row, qtype, tally, generate, max_new_tokens)
+    if not any(st["n"] for st in tally.per.values()):
+        raise NothingToScore(tally.nothing_scored(feature_uri))
     return {"export": str(export_dir), "features": feature_uri, "pooler": pooler or model.cfg.pooler.type,
-            "by_type": by_type, "examples": examples}
+            "by_type": tally.by_type(generate), "examples": tally.examples}

@@ -163,7 +163,11 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[VideoLLM, Any, Ex
     ExportFormatError (UserErrors) for a missing folder, a folder that is no export, or a newer format."""
     from transformers import AutoTokenizer
 
+    from ..errors import not_an_export
+
     path = Path(path)
+    if not (path / MODEL_CONFIG).is_file():
+        raise not_an_export(str(path), path.exists())
     info = ExportInfo.read(path)
     cfg = info.model_cfg(str(path / MODEL_CONFIG))
     model = VideoLLM(cfg)

@@ -9,11 +9,12 @@ text-only samples of different lengths.
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Literal, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.nn as nn
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, field_validator
 
 from ..config import Cfg
 from ..data.conversation import IGNORE_INDEX, VISUAL_TOKEN_INDEX
@@ -23,12 +24,34 @@ from .poolers import POOLERS, PoolerConfig
 from .presets import resolve_model_path
 
 
+def looks_local(path: str) -> bool:
+    """The rule for model paths: local (so it must exist) when absolute, starting with ./ ../ or ~, or holding
+    more than one '/'; a hub id is exactly ``org/name`` (one '/'), ``preset:NAME`` and URLs are not local."""
+    if path.startswith("preset:") or "://" in path:
+        return False
+    return path.startswith(("/", "./", "../", "~")) or path in (".", "..") or path.count("/") > 1
+
+
+def check_model_path(path: Optional[str]) -> Optional[str]:
+    """Validator: a local model path (:func:`looks_local`) must exist, so a typo fails with the config, before
+    Ray starts, instead of as a hub download error inside every training worker."""
+    if path is not None and looks_local(path) and not os.path.exists(os.path.expanduser(path)):
+        raise ValueError(f"no such folder: {path} (a local path: absolute, ./, ../, ~ or more than one '/'; "
+                         "hub ids are org/name, presets preset:NAME)")
+    return path
+
+
 class LLMConfig(Cfg):
     path: str = Field("preset:tiny-llama", description="folder, hub id or preset:NAME of a causal LM")
     tokenizer: Optional[str] = Field(None, description="defaults to the LM path")
     trainable: bool = False
     gradient_checkpointing: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("path", "tokenizer")
+    @classmethod
+    def _local_paths_exist(cls, v):
+        return check_model_path(v)
 
 
 class ModelConfig(Cfg):

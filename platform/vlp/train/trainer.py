@@ -67,8 +67,9 @@ def _mixed_encoders(infos: list[FeatureSetInfo]) -> list[str]:
     return out
 
 
-def check_setup(cfg: TrainConfig, log=print) -> dict:
-    """Everything that can be checked before a worker starts. Raises TrainSetupError listing every problem."""
+def check_inputs(cfg: TrainConfig) -> list[dict]:
+    """What can be checked without Ray: the feature sets (present, complete, one encoder) and the stage-1
+    connector. -> the sets' infos; TrainSetupError listing every problem. Fills model.vision_hidden_size."""
     problems = []
     infos = []
     for i, s in enumerate(cfg.data.sets):
@@ -92,7 +93,12 @@ def check_setup(cfg: TrainConfig, log=print) -> dict:
         problems.append(f"model.connector.init_from: {cfg.model.connector.init_from} does not exist")
     if problems:
         raise TrainSetupError("cannot start training:\n  - " + "\n  - ".join(problems))
+    return infos
 
+
+def check_setup(cfg: TrainConfig, log=print) -> dict:
+    """Everything that can be checked before a worker starts. Raises TrainSetupError listing every problem."""
+    infos = check_inputs(cfg)
     trainable, frozen = param_counts(cfg)
     if cfg.scaling.use_gpu:
         gb = cfg.scaling.device_memory_gb or _detect_gpu_gb()
@@ -276,6 +282,21 @@ def check_same_config(fs, rd: str, run_dir: str, cfg: TrainConfig) -> bool:
     return True
 
 
+def config_for_workers(cfg: TrainConfig) -> dict:
+    """The config as the workers get it, local model paths made absolute: Ray Train runs each worker in a
+    folder of its own, where a path relative to the driver's working directory finds nothing."""
+    from ..models.videollm import looks_local
+
+    d = cfg.model_dump(mode="json")
+    conn, llm = d["model"]["connector"], d["model"]["llm"]
+    if conn["init_from"] and "://" not in conn["init_from"]:
+        conn["init_from"] = os.path.abspath(conn["init_from"])
+    for k in ("path", "tokenizer"):
+        if llm[k] and (looks_local(llm[k]) or os.path.exists(llm[k])):
+            llm[k] = os.path.abspath(os.path.expanduser(llm[k]))
+    return d
+
+
 def run_train(cfg: TrainConfig, log=print) -> dict:
     """Train (or resume, or reuse a finished run). Returns the training summary.
 
@@ -295,6 +316,7 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
         log(f"[vlp] train {cfg.run_name}: finished earlier, reusing {run_dir}/export")
         return {**json.loads(fs.cat(join(rd, "train_summary.json"))), "run_dir": run_dir,
                 "export": join(run_dir, "export"), "reused": True}
+    check_inputs(cfg)  # missing or unfinished feature sets fail here, before Ray starts
     init_ray(cfg.ray)
     setup = check_setup(cfg, log)
     fs.makedirs(rd, exist_ok=True)
@@ -314,7 +336,7 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
         f"ZeRO-{cfg.deepspeed.zero_stage}, trainable {setup['trainable']:,} / frozen {setup['frozen']:,} params")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "meta": meta},
+        train_loop_config={"cfg": config_for_workers(cfg), "meta": meta},
         scaling_config=ScalingConfig(**scaling_kwargs(cfg)),
         run_config=RunConfig(name=cfg.run_name, storage_path=out_root,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),

@@ -1,0 +1,111 @@
+"""The README's local command sequence (its CLI section, up to ``# and``), run as written in a fresh folder.
+
+Only overrides appended to each command shrink it (tiny shard counts, one training step, one worker); the
+commands, config files and paths are the README's. They run in one driver process (one Ray start, as cheap as
+the sequence gets) whose working directory is an empty temp folder, so every ``runs/local/...`` lands there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+SHRINK = {  # per command: appended to the README's line
+    "make-shards": ["videos=4", "images=2", "instructions=4", "heldout=2", "samples_per_shard=4", "num_frames=8"],
+    "precompute": ["ray.progress_bars=false"],
+    "train": ["epochs=1", "max_steps=1", "batch.global_size=2", "batch.micro_size=2", "scaling.num_workers=1",
+              "tensorboard=false", "ray.progress_bars=false"],
+    "eval": ["--max-samples", "1"],
+    "infer": ["max_new_tokens=2", "ray.progress_bars=false"],
+    "inspect": [],
+}
+
+DRIVER = """
+import json, sys, time
+from vlp.cli import main
+for argv in json.loads(sys.argv[1]):
+    t = time.time()
+    rc = main(argv)
+    print(f"[readme] vlp {' '.join(argv)}: exit {rc} in {time.time() - t:.1f} s", flush=True)
+    if rc:
+        sys.exit(rc)
+"""
+
+
+def readme_sequence() -> list[list[str]]:
+    """The ``vlp`` lines of the README's CLI block before ``# and``: comments and ``[optional]`` parts dropped."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("## The CLI"):text.index("## On a cluster")]
+    block = block[block.index("```bash\n") + 8:]
+    block = block[:block.index("```")]
+    cmds = []
+    for line in block.splitlines():
+        if line.strip() == "# and":
+            break
+        line = line.split("#", 1)[0]
+        if line.startswith("vlp "):
+            cmds.append(shlex.split(re.sub(r"\[[^\]]*\]", "", line))[1:])
+    return cmds
+
+
+def test_the_readme_sequence_is_the_one_this_test_runs():
+    cmds = readme_sequence()
+    assert [c[0] for c in cmds] == ["make-shards", "precompute", "precompute", "precompute", "train", "train",
+                                    "eval", "infer", "inspect", "inspect"]
+    for c in cmds:  # every config it names is shipped
+        if "--config" in c:
+            assert (ROOT / c[c.index("--config") + 1]).is_file(), c
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_readme_local_sequence_runs_as_written(tmp_path):
+    cmds = [[c[0], *[str(ROOT / a) if a.startswith("configs/") else a for a in c[1:]], *SHRINK[c[0]]]
+            for c in readme_sequence()]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "platform")}
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cmds)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=1200)
+    print(f"\n[test] README local sequence: {time.time() - t0:.0f} s")
+    print("\n".join(ln for ln in p.stdout.splitlines() if ln.startswith("[readme]")))
+    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-4000:]
+    runs = tmp_path / "runs" / "local"
+    for name in ("pretrain", "instruct", "heldout"):
+        assert json.loads((runs / "features" / name / "manifest.json").read_text())["totals"]["samples_failed"] == 0
+    s2 = runs / "train" / "stage2"
+    assert json.loads((s2 / "train_summary.json").read_text())["steps"] == 1
+    assert "init_from: runs/local/train/stage1/export" in (s2 / "config.yaml").read_text()
+    assert (s2 / "export" / "vlp_model.json").is_file()
+    assert f"eval runs/local/train/stage2/export on runs/local/features/heldout" in p.stdout
+    answers = (runs / "infer" / "answers.jsonl").read_text().splitlines()
+    assert len(answers) == 2  # the two held-out clips
+    assert "feature set (complete)" in p.stdout and "shard set: 4 shard(s)" in p.stdout
+
+
+def test_workers_get_the_drivers_relative_model_paths_made_absolute(tmp_path, monkeypatch):
+    """Ray Train runs workers in folders of their own: the README's relative ``init_from`` (stage 1's export) and
+    a relative local LLM must reach them absolute; hub ids and presets stay as they are."""
+    from vlp.config import validate
+    from vlp.train import TrainConfig
+    from vlp.train.trainer import config_for_workers
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "local" / "train" / "stage1" / "export").mkdir(parents=True)
+    (tmp_path / "models" / "llm").mkdir(parents=True)
+    cfg = validate(TrainConfig, {"run_name": "r", "data": {"sets": [{"uri": "f"}]}, "model": {
+        "connector": {"init_from": "runs/local/train/stage1/export"},
+        "llm": {"path": "./models/llm", "tokenizer": "org/name"}}})
+    m = config_for_workers(cfg)["model"]
+    assert m["connector"]["init_from"] == str(tmp_path / "runs" / "local" / "train" / "stage1" / "export")
+    assert m["llm"]["path"] == str(tmp_path / "models" / "llm") and m["llm"]["tokenizer"] == "org/name"
+    assert config_for_workers(validate(TrainConfig, {"run_name": "r", "data": {"sets": [{"uri": "f"}]}}))[
+        "model"]["llm"]["path"] == "preset:tiny-llama"
