@@ -10,7 +10,6 @@ import json
 import pytest
 
 from conftest import dotted
-from test_chat import export  # noqa: F401  (module-scoped fixture: an untrained export)
 from vlp.config import validate
 from vlp.errors import UserError
 from vlp.formats.export import (EXPORT_FORMAT, MODEL_CONFIG, ExportFormatError, ExportInfo, NotAnExport,
@@ -208,7 +207,7 @@ def test_export_info_of_an_export_written_before_versions(tmp_path):
         bare.prompt_template()
 
 
-def test_an_export_without_a_format_loads_and_a_newer_one_is_refused(export, tmp_path):  # noqa: F811
+def test_an_export_without_a_format_loads_and_a_newer_one_is_refused(export, tmp_path):
     import shutil
 
     exp = tmp_path / "export"
@@ -230,6 +229,6 @@ def test_a_missing_folder_or_one_that_is_no_export_is_a_user_error(tmp_path):
     with pytest.raises(NotAnExport, match="does not exist"):
         load_model(tmp_path / "nope")
     (tmp_path / "run").mkdir()
-    with pytest.raises(NotAnExport, match="is not a vlp export"):
+    with pytest.raises(NotAnExport, match="is not a model export"):
         ExportInfo.read(tmp_path / "run")
     assert issubclass(NotAnExport, UserError)

@@ -14,7 +14,7 @@ class UserError(Exception):
     exit_code = 2
 
 
-class NotAnExport(UserError):
+class NotAnExport(UserError, FileNotFoundError):
     """A ``--model`` / ``model=`` folder is missing or is not a model export (it has no ``vlp_model.json``)."""
 
 

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
-from ..errors import UserError
+from ..errors import NotAnExport, not_an_export  # noqa: F401  (NotAnExport: part of this API)
 from ..models.videollm import ModelConfig, VideoLLM
-from ..storage import join, read_bytes, write_atomic
+from ..storage import get_fs, join, read_bytes, write_atomic
 from .featureset import EncoderInfo, Fingerprint, PreprocessInfo
 from .records import Record, RecordError, format_problem, parse_json
 
@@ -31,10 +31,6 @@ if TYPE_CHECKING:
 
 MODEL_CONFIG = "vlp_model.json"
 EXPORT_FORMAT = "vlp-export/1"
-
-
-class NotAnExport(UserError, FileNotFoundError):
-    """The folder given as a model is missing or is not a vlp export."""
 
 
 class ExportFormatError(RecordError):
@@ -68,11 +64,8 @@ class ExportInfo(Record):
         source = join(path, MODEL_CONFIG)
         data = read_bytes(source)
         if data is None:
-            if "://" not in path and not Path(path).exists():
-                raise NotAnExport(f"model {path} does not exist (point at an export folder, e.g. "
-                                  "<output_dir>/<run_name>/export)")
-            raise NotAnExport(f"{path} is not a vlp export (it has no {MODEL_CONFIG}; point at an export "
-                              "folder, e.g. <output_dir>/<run_name>/export)")
+            fs, root = get_fs(path)
+            raise not_an_export(path, fs.exists(root))
         obj = parse_json(data, source)
         problem = format_problem(obj.get("format") if isinstance(obj, dict) else None, EXPORT_FORMAT)
         if problem:
@@ -163,11 +156,7 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[VideoLLM, Any, Ex
     ExportFormatError (UserErrors) for a missing folder, a folder that is no export, or a newer format."""
     from transformers import AutoTokenizer
 
-    from ..errors import not_an_export
-
     path = Path(path)
-    if not (path / MODEL_CONFIG).is_file():
-        raise not_an_export(str(path), path.exists())
     info = ExportInfo.read(path)
     cfg = info.model_cfg(str(path / MODEL_CONFIG))
     model = VideoLLM(cfg)
