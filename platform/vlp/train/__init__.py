@@ -1,4 +1,8 @@
-"""Training: VideoLLM on precomputed features, DeepSpeed ZeRO under Ray Train."""
+"""Training: VideoLLM on precomputed features, DeepSpeed ZeRO under Ray Train. ``trainer`` is the driver (checks,
+preflight, the Ray Data graph, the TorchTrainer), ``recipe`` the per-worker TrainRecipe with named steps, ``data``
+the stages of the training data graph, ``memory`` the preflight, ``config`` the TrainConfig.
+May import: config, errors, storage, runtime, data, models, formats. Never precompute (it reads feature sets
+through formats), cli."""
 
 from .config import TrainConfig
 from ..formats.export import export_model, load_model

@@ -188,7 +188,7 @@ def should_materialize(cfg: TrainConfig) -> bool:
 
 
 def build_dataset(cfg: TrainConfig, state_path: str):
-    from ..precompute import open_feature_dataset
+    from ..formats.featureset import open_feature_dataset
 
     tok_path = cfg.model.llm.tokenizer or cfg.model.llm.path
     keep = should_materialize(cfg)
