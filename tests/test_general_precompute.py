@@ -108,6 +108,9 @@ def test_precompute_writes_per_item_rows_manifest_and_counts(ray_local, general_
     assert s["samples_ok"] == 5 and s["samples_failed"] == 2 and s["samples_text"] == 1
     assert s["items_by_modality"] == {"image": 5, "video": 1}
     assert s["this_run"]["frames"] == 2 + 9 + 2  # summed over items; the text-only sample has none
+    # reasons are classed without the sample's key or the item's name, so that like errors count together
+    assert "read: placeholder/media count mismatch: N <image> placeholder but N image item" in s["errors_by_reason"]
+    assert len(s["errors_by_reason"]) == 2 and not any("item" in k.split(":")[1] for k in s["errors_by_reason"])
 
     rows = {r["key"]: r for r in feature_rows(str(out))}
     assert set(rows) == {"two", "mix", "text", "solo_red", "solo_green"}
