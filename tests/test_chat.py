@@ -24,18 +24,27 @@ def clip(tmp_path_factory):
     return d
 
 
+def one_item_row(data: bytes, ext: str) -> dict:
+    """A read-stage row of a sample with one media member (as precompute's ReadShard makes it)."""
+    from vlp.data.sample import modality_of
+    from vlp.precompute.stages import make_row
+
+    return make_row(shard="x", key="k", kind="sample", media=[data], media_ext=[ext], item_names=[ext],
+                    modalities=[modality_of(ext)], item_refs=[""])
+
+
 def test_features_match_precompute_path(export, clip):
     """Online encoding = what precompute stores (same sampling, preprocessing, layer; pooled the Valley way)."""
     from vlp.chat import ChatSession
     from vlp.data.media import DecodeConfig, SamplingConfig, decode_media
-    from vlp.precompute.stages import DecodeFrames, EncodeFeatures, _batch, make_row
+    from vlp.precompute.stages import DecodeFrames, EncodeFeatures, _batch, batch_rows
     from vlp.models.towers import TOWERS
 
     s = ChatSession(str(export))
     assert s.load_media(str(clip / "clip.mp4")) == "video" and s.feats.shape == (8, 257, 64)
-    row = make_row(shard="x", key="k", kind="sample", media=(clip / "clip.mp4").read_bytes(), media_ext="mp4")
+    row = one_item_row((clip / "clip.mp4").read_bytes(), "mp4")
     dec = DecodeFrames(SamplingConfig(), DecodeConfig(), 224)(_batch([row]))
-    enc = EncodeFeatures(TOWERS.config(), "valley_pooled")(dec)
+    enc = batch_rows(EncodeFeatures(TOWERS.config(), "valley_pooled")(dec))[0]
     stored = np.frombuffer(enc["features"][0], np.float16).reshape(264, 64)
     online = s.model.pool(s.feats, "frames", 8).numpy()
     assert np.allclose(stored, online, atol=2e-2)
@@ -78,20 +87,20 @@ def test_chat_and_infer_preprocess_as_precompute_did(padded_export, clip, name):
     from vlp.data.media import DecodeConfig, SamplingConfig
     from vlp.infer import AnswerBatch, decode_stage
     from vlp.models.towers import TOWERS
-    from vlp.precompute.stages import DecodeFrames, EncodeFeatures, _batch, make_row, shape_of
+    from vlp.precompute.stages import DecodeFrames, EncodeFeatures, _batch, batch_rows, shape_of
 
     info = json.loads((padded_export / "vlp_model.json").read_text())
     assert info["preprocess"]["mean"] == PAD_MEAN and info["preprocess"]["std"] == PAD_STD
     _, decode, encode = _padded_precompute(info["sampling"])
-    row = make_row(shard="x", key="k", kind="sample", media=(clip / name).read_bytes(), media_ext=name.split(".")[1])
+    row = one_item_row((clip / name).read_bytes(), name.split(".")[1])
 
     def pixels(stage):
-        out = stage(_batch([row]))
-        assert out["kind"][0] == "sample", out["error"][0]
+        out = batch_rows(stage(_batch([row])))[0]
+        assert out["kind"] == "sample", out["error"]
         return torch.from_numpy(np.frombuffer(out["frames"][0], np.uint8).reshape(shape_of(out["frames_shape"][0])).copy())
 
     def features(stage, decoded):
-        out = stage(decoded)
+        out = batch_rows(stage(decoded))[0]
         return torch.from_numpy(np.frombuffer(out["features"][0], np.float16).reshape(
             shape_of(out["features_shape"][0])).astype(np.float32))
 

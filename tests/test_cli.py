@@ -59,13 +59,14 @@ def test_inspect_shards_reports_counts_and_errors(tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", str(d), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert rep["samples"] == 7 and rep["ok"] == 5 and rep["errors"] == 2
+    assert rep["samples"] == 7 and rep["ok"] == 6 and rep["errors"] == 1  # k2: a text-only sample
     assert rep["media_types"] == {"video": 3, "image": 2} and rep["source_frames"]["max"] == 16
-    reasons = sorted(e["reason"] for e in rep["error_records"])
-    assert reasons[0].startswith("empty media") and reasons[1].startswith("no media member")
+    assert rep["samples_text"] == 1 and rep["items_by_modality"] == {"video": 3, "image": 2}
+    assert [e["reason"] for e in rep["error_records"]][0].startswith("item 0 (mp4): empty media")
     assert main(["inspect", str(d)]) == 0
     text = capsys.readouterr().out
-    assert "7 sample(s), 5 ok, 2 error(s)" in text and "bad-00000.tar k1 [decode] empty media" in text
+    assert "7 sample(s), 6 ok, 1 error(s)" in text and "bad-00000.tar k1 [decode] item 0 (mp4): empty media" in text
+    assert "text-only samples: 1" in text
 
 
 @pytest.fixture(scope="module")

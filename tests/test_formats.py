@@ -73,7 +73,7 @@ def test_records_give_typed_access_and_refuse_what_they_cannot_read():
     fp = Fingerprint.from_json(OLD_FINGERPRINT, "fp")
     assert fp.encoder.hidden_size == 64 and fp.preprocess.mean == PREPROCESS["mean"] and fp.mode == "valley_pooled"
     man = Manifest.from_json(OLD_MANIFEST, "m")
-    assert man.totals.samples_ok == 3 and man.shards["webvid-00000"].frames == 4 and man.format == FEATURES_FORMAT
+    assert man.totals.samples_ok == 3 and man.shards["webvid-00000"].frames == 4 and man.format == "vlp-features/1"
     assert ShardCommit.from_json(OLD_COMMITS[1], "c").counts().to_json() == OLD_MANIFEST["shards"]["webvid-00000"]
     other = Fingerprint.from_json({**OLD_FINGERPRINT, "mode": "frames"}, "fp2")
     assert fp.differences(other) == ["mode"] and fp.differences(fp) == []
@@ -89,19 +89,23 @@ def _old_feature_set(root, manifest=OLD_MANIFEST):
     import io
 
     import numpy as np
+    import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from vlp.precompute.stages import feature_table, make_row
 
     (root / "shards").mkdir(parents=True)
     (root / "fingerprint.json").write_text(json.dumps(OLD_FINGERPRINT, indent=2))
     for c in OLD_COMMITS:
         (root / "shards" / f"{c['shard']}.json").write_text(json.dumps(c, indent=2))
-        rows = [make_row(shard=c["shard"], key=f"k{i}", kind="sample", media_type="video", caption="c",
-                         frames_shape="2,3,224,224", timestamps="0.0,0.5", features_shape="258,64",
-                         features=np.full((258, 64), i, np.float16).tobytes()) for i in range(c["n_ok"])]
+        n = c["n_ok"]  # the vlp-features/1 columns: one media item per row
+        table = pa.table({
+            "uid": [f"{c['shard']}/k{i}" for i in range(n)], "key": [f"k{i}" for i in range(n)],
+            "shard": [c["shard"]] * n, "media_type": ["video"] * n, "caption": ["c"] * n, "conversations": [""] * n,
+            "meta": [""] * n, "timestamps": pa.array([[0.0, 0.5]] * n, pa.list_(pa.float32())),
+            "num_frames": pa.array([2] * n, pa.int32()), "n_source_frames": pa.array([0] * n, pa.int32()),
+            "features": pa.array([np.full((258, 64), i, np.float16).tobytes() for i in range(n)], pa.binary()),
+            "shape": pa.array([[258, 64]] * n, pa.list_(pa.int32())), "mode": ["valley_pooled"] * n})
         buf = io.BytesIO()
-        pq.write_table(feature_table(rows, "valley_pooled"), buf)
+        pq.write_table(table, buf)
         (root / c["parts"][0]).parent.mkdir(parents=True)
         (root / c["parts"][0]).write_bytes(buf.getvalue())
     if manifest is not None:
@@ -128,7 +132,7 @@ def test_a_feature_set_written_before_the_records_loads_through_every_reader(tmp
     assert read_feature_set(root).samples == 3 and len(list(iter_feature_rows(root))) == 3
 
 
-@pytest.mark.parametrize("fmt, why", [("vlp-features/2", "newer than this vlp reads"),
+@pytest.mark.parametrize("fmt, why", [("vlp-features/3", "newer than this vlp reads"),
                                       ("parquet-dump/7", "unknown to this vlp")])
 def test_a_feature_set_in_a_newer_or_unknown_format_is_refused_with_how_to_rebuild_it(tmp_path, fmt, why):
     root = str(_old_feature_set(tmp_path / "fs", {**OLD_MANIFEST, "format": fmt, "totals": "moved elsewhere"}))
@@ -156,19 +160,49 @@ def test_precompute_refuses_to_resume_into_a_newer_format_and_overwrite_replaces
 
     with open(tmp_path / "a-00000.tar", "wb") as f:
         write_tar(f, [("k", {"txt": b"x"})])
-    out = _old_feature_set(tmp_path / "fs", {**OLD_MANIFEST, "format": "vlp-features/2"})
+    out = _old_feature_set(tmp_path / "fs", {**OLD_MANIFEST, "format": "vlp-features/3"})
     d = {"data": {"shards": [str(tmp_path / "a-00000.tar")]}, "output": {"uri": str(out)}}
     run = PrecomputeRun(validate(PrecomputeConfig, d), log=lambda m: None)
     run.plan()
     with pytest.raises(FeatureSetMismatch, match="cannot resume .*newer than this vlp reads.*output.overwrite=true"):
         run.check_existing()
-    assert json.loads((out / "manifest.json").read_text())["format"] == "vlp-features/2"  # nothing touched
+    assert json.loads((out / "manifest.json").read_text())["format"] == "vlp-features/3"  # nothing touched
 
     run = PrecomputeRun(validate(PrecomputeConfig, dotted(d, **{"output.overwrite": True})), log=lambda m: None)
     run.plan()
     run.check_existing()  # the old set is deleted, this run's fingerprint and config recorded
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "fingerprint.json"]
     assert Fingerprint.read(FeatureSetLayout(str(out))).to_json() == run.fp.to_json()
+
+
+def test_precompute_refuses_to_add_to_a_first_format_set_and_a_changed_sample_config(tmp_path):
+    """A complete /1 set is readable, but its rows have another shape: precompute (writing /2) must not add /2 parts
+    to it; and the sample config decides which samples are kept, so a resume with another one is refused."""
+    from vlp.data.tario import write_tar
+    from vlp.precompute import FeatureSetMismatch, PrecomputeConfig, PrecomputeRun
+
+    with open(tmp_path / "a-00000.tar", "wb") as f:
+        write_tar(f, [("k", {"txt": b"x"})])
+    out = _old_feature_set(tmp_path / "fs")
+    assert read_feature_set(str(out)).manifest.format == "vlp-features/1"  # read, as /1 and /2 both are
+    d = {"data": {"shards": [str(tmp_path / "a-00000.tar")]}, "output": {"uri": str(out)}}
+    run = PrecomputeRun(validate(PrecomputeConfig, d), log=lambda m: None)
+    run.plan()
+    with pytest.raises(FeatureSetMismatch, match="format vlp-features/1; this vlp writes vlp-features/2"):
+        run.check_existing()
+
+    fresh = {**d, "output": {"uri": str(tmp_path / "new")}}
+    run = PrecomputeRun(validate(PrecomputeConfig, fresh), log=lambda m: None)
+    run.plan()
+    run.check_existing()
+    assert Fingerprint.read(FeatureSetLayout(str(tmp_path / "new"))).sample == {"max_items": 64,
+                                                                                "max_json_bytes": 16 << 20,
+                                                                                "text_only": True}
+    run = PrecomputeRun(validate(PrecomputeConfig, dotted(fresh, **{"data.sample.text_only": False})),
+                        log=lambda m: None)
+    run.plan()
+    with pytest.raises(FeatureSetMismatch, match="different sample"):
+        run.check_existing()
 
 
 def test_the_layout_names_what_precompute_writes_and_writes_are_atomic(tmp_path):
@@ -178,8 +212,9 @@ def test_the_layout_names_what_precompute_writes_and_writes_are_atomic(tmp_path)
     from vlp.precompute.stages import WriteParts, _batch, make_row
 
     layout = FeatureSetLayout(str(tmp_path / "fs"))
-    rows = [make_row(shard="s", key="a", kind="sample", media_type="image", frames_shape="1,3,8,8",
-                     timestamps="0.0", features_shape="2,4", features=np.ones((2, 4), np.float16).tobytes()),
+    rows = [make_row(shard="s", key="a", kind="sample", media_type="image", modalities=["image"], item_names=["jpg"],
+                     frames_shape=["1,3,8,8"], timestamps=["0.0"], features_shape=["2,4"],
+                     features=[np.ones((2, 4), np.float16).tobytes()]),
             make_row(shard="s", key="b", kind="error", stage="decode", error="bad")]
     meta = WriteParts(layout.uri, None, "valley_pooled")(_batch(rows))
     part, errors = meta["part"][0], meta["errors"][0]

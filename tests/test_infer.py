@@ -17,7 +17,7 @@ def test_answer_actor_runs_where_the_config_says(export, synth_shards):
     from vlp.data.media import DecodeConfig
     from vlp.data.tario import iter_tar_samples
     from vlp.infer import AnswerBatch, answer_device, decode_stage
-    from vlp.precompute.stages import _batch, make_row, parse_sample
+    from vlp.precompute.stages import ReadShard, _batch
 
     base = {"model": str(export), "shards": ["x"], "output": "o"}
     assert answer_device(validate(InferConfig, base)) == "cpu"
@@ -28,7 +28,7 @@ def test_answer_actor_runs_where_the_config_says(export, synth_shards):
     info = ExportInfo.read(export)
     with open(synth_shards / "heldout-00000.tar", "rb") as f:
         item = next(iter_tar_samples(f))
-    row = make_row(shard="heldout-00000", key=item.key, kind="sample", **parse_sample(item))
+    row = ReadShard().row("heldout-00000", item, 0.0)
     out = actor(decode_stage(info, DecodeConfig())(_batch([row])))
     assert out["kind"] == ["answer"] and out["key"] == [item.key], out["error"]
     assert isinstance(out["answer"][0], str) and out["question"][0] == "What color is the shape?"
@@ -65,3 +65,32 @@ def test_infer_answers_every_sample_and_records_errors(ray_local, export, synth_
                                          "output": str(none), "ray": {"progress_bars": False}}), log=print)
     assert s["answers"] == 0 and s["errors"] == 6
     assert "no question" in (none / "errors.jsonl").read_text()
+
+
+def test_answers_two_item_and_text_only_samples(export):  # noqa: F811
+    """Rows of the general read/decode stages: every item's features go to generate in placeholder order (the
+    prompt keeps the row's placeholders), a text-only sample is answered without visuals; with ``question`` set,
+    one placeholder per item."""
+    from vlp.data.media import DecodeConfig
+    from vlp.data.tario import RawSample
+    from vlp.infer import AnswerBatch, decode_stage
+    from vlp.precompute.stages import ReadShard, _batch
+    from vlp.synth.shards import Attributes, encode_jpeg, encode_mp4, render_clip
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    img = encode_jpeg(render_clip(Attributes("red", "square", "left"), rng, 64, 64, 1)[0])
+    vid = encode_mp4(render_clip(Attributes("blue", "circle", "right"), rng, 64, 64, 8), 8)
+    turn = {"from": "human", "value": "<image>\nand <video>\nWhat moves?"}
+    raws = [RawSample("two", {"jpg": img, "mp4": vid, "json": json.dumps({"conversations": [turn]}).encode()}),
+            RawSample("text", {"json": json.dumps({"conversations": [{"from": "human", "value": "Say hi."}]}).encode()})]
+    rows = [ReadShard().row("s", r, 0.0) for r in raws]
+    batch = decode_stage(ExportInfo.read(export), DecodeConfig())(_batch(rows))
+    out = AnswerBatch(str(export), None, 3)(batch)
+    assert out["kind"] == ["answer", "answer"], out["error"]
+    assert out["question"] == ["and \nWhat moves?", "Say hi."]  # placeholders not shown, but asked with them
+    asked = AnswerBatch(str(export), "Describe.", 3)
+    assert asked.prompt({"modalities": ["image", "video"]}) == "<image><video>\nDescribe."
+    assert asked.prompt({"modalities": []}) == "Describe."
+    assert asked(batch)["kind"] == ["answer", "answer"]

@@ -19,8 +19,8 @@ import torch
 import yaml
 
 from vlp.config import validate
-from vlp.precompute import (FeatureSetMismatch, PrecomputeConfig, committed_shards, iter_feature_rows,
-                            open_feature_dataset, run_precompute)
+from featrows import feature_rows
+from vlp.precompute import FeatureSetMismatch, PrecomputeConfig, committed_shards, open_feature_dataset, run_precompute
 from vlp.storage import StorageError
 
 pytestmark = pytest.mark.ray
@@ -33,7 +33,7 @@ def _cfg(shards, out, **kw) -> PrecomputeConfig:
 
 
 def _keys(out) -> Counter:
-    return Counter(r["uid"] for r in iter_feature_rows(str(out)))
+    return Counter(r["uid"] for r in feature_rows(str(out)))
 
 
 def test_features_pooled_shapes_values_and_manifest(ray_local, synth_shards, tmp_path, tiny_clip_path):
@@ -41,14 +41,16 @@ def test_features_pooled_shapes_values_and_manifest(ray_local, synth_shards, tmp
     cfg = _cfg([synth_shards / "webvid-00000.tar", synth_shards / "cc3m-00000.tar"], out)
     summary = run_precompute(cfg, log=lambda *_: None)
     assert summary["samples_ok"] == 12 and summary["samples_failed"] == 0
-    rows = {r["uid"]: r for r in iter_feature_rows(str(out))}
+    rows = {r["uid"]: r for r in feature_rows(str(out))}
     assert len(rows) == 12
     vids = [r for r in rows.values() if r["media_type"] == "video"]
     imgs = [r for r in rows.values() if r["media_type"] == "image"]
     assert len(vids) == 6 and len(imgs) == 6
-    assert all(r["features"].shape == (256 + 8, 64) and r["features"].dtype == np.float16 for r in vids)
-    assert all(r["features"].shape == (256 + 1, 64) for r in imgs)
-    assert all(len(r["timestamps"]) == 8 and list(r["timestamps"]) == sorted(r["timestamps"]) for r in vids)
+    assert all(r["modalities"] == ["video"] and r["items"] == ["mp4"] and r["num_frames"] == [8] for r in vids)
+    assert all(r["modalities"] == ["image"] and r["items"] == ["jpg"] and r["num_frames"] == [1] for r in imgs)
+    assert all(r["shape"] == [[256 + 8, 64]] and r["blocks"][0].dtype == np.float16 for r in vids)
+    assert all(r["shape"] == [[256 + 1, 64]] and r["timestamps"] == [[0.0]] for r in imgs)
+    assert all(len(r["timestamps"][0]) == 8 and r["timestamps"][0] == sorted(r["timestamps"][0]) for r in vids)
     assert all(r["caption"] and json.loads(r["meta"])["key"] == r["key"] for r in rows.values())
 
     # recompute one clip by hand: decode -> preprocess -> CLIP penultimate layer -> Valley pooling
@@ -64,11 +66,13 @@ def test_features_pooled_shapes_values_and_manifest(ray_local, synth_shards, tmp
     with torch.no_grad():
         h = model(pixel_values=clip_preprocess(dec.frames), output_hidden_states=True).hidden_states[-2]
     expect = torch.cat([h[:, 1:].mean(0), h[:, 0]])  # (T, 257, D) -> (256 + T, D)
-    got = torch.from_numpy(rows["webvid-00000/" + raw.key]["features"].astype(np.float32))
+    got = torch.from_numpy(rows["webvid-00000/" + raw.key]["blocks"][0].astype(np.float32))
     assert torch.allclose(got, expect, atol=2e-2, rtol=1e-2), (got - expect).abs().max()
 
     man = json.loads((out / "manifest.json").read_text())
-    assert man["mode"] == "valley_pooled" and man["layer"] == -2
+    assert man["mode"] == "valley_pooled" and man["layer"] == -2 and man["format"] == "vlp-features/2"
+    assert man["totals"]["samples_text"] == 0 and man["totals"]["items_by_modality"] == {"video": 6, "image": 6}
+    assert man["shards"]["cc3m-00000"]["items"] == {"image": 6} and man["shards"]["cc3m-00000"]["media"] == {"image": 6}
     assert man["encoder"]["path"] == "preset:tiny-clip" and len(man["encoder"]["weights_sha256"]) == 64
     assert man["vlp_version"] and man["config"]["data"]["shards"] == cfg.data.shards
     assert set(man["shards"]) == {"webvid-00000", "cc3m-00000"}
@@ -77,10 +81,10 @@ def test_features_pooled_shapes_values_and_manifest(ray_local, synth_shards, tmp
     s = json.loads((out / "summary.json").read_text())
     assert s["this_run"]["frames"] == 6 * 8 + 6 and s["this_run"]["bytes_in"] > 0 and s["this_run"]["bytes_out"] > 0
 
-    ds = open_feature_dataset(str(out))
+    ds = open_feature_dataset(str(out), decode=False)  # per-item decoding is the readers' (lift) side
     assert ds.count() == 12
     row = ds.take(1)[0]
-    assert row["features"].shape in ((264, 64), (257, 64))
+    assert [list(s) for s in row["shape"]] in ([[264, 64]], [[257, 64]])
 
 
 def test_frames_mode_and_fps_sampling(ray_local, synth_shards, tmp_path):
@@ -88,10 +92,10 @@ def test_frames_mode_and_fps_sampling(ray_local, synth_shards, tmp_path):
     cfg = _cfg([synth_shards / "webvid-00001.tar"], out, **{"output.mode": "frames", "data.sampling.mode": "fps",
                                                             "data.sampling.fps": 2.0, "data.sampling.max_frames": 3})
     run_precompute(cfg, log=lambda *_: None)
-    rows = list(iter_feature_rows(str(out)))
+    rows = feature_rows(str(out))
     assert len(rows) == 6
     # 12 frames at 8 fps = 1.5 s -> targets 0, 0.5, 1.0, 1.5 s, thinned to max_frames=3
-    assert all(r["features"].shape == (3, 257, 64) for r in rows)
+    assert all(len(r["blocks"]) == 1 and r["blocks"][0].shape == (3, 257, 64) for r in rows)
 
 
 def test_resume_skips_complete_shards_and_mismatch_is_refused(ray_local, synth_shards, tmp_path):
@@ -166,14 +170,16 @@ def _encoded(cfg, media: bytes, ext: str):
     """Run the stages the driver plans for ``cfg`` on one sample, as the Ray graph would, without Ray:
     (fingerprint, decoded uint8 frames (T, 3, S, S), features (T, 1 + P, D) float32)."""
     from vlp.precompute.pipeline import plan_stages
-    from vlp.precompute.stages import EncodeFeatures, _batch, make_row, shape_of
+    from vlp.precompute.stages import EncodeFeatures, _batch, batch_rows, make_row, shape_of
 
     fp, decode, encode = plan_stages(cfg)
-    dec = decode(_batch([make_row(shard="s", key="k", kind="sample", media=media, media_ext=ext)]))
-    assert dec["kind"][0] == "sample", dec["error"][0]
-    frames = np.frombuffer(dec["frames"][0], np.uint8).reshape(shape_of(dec["frames_shape"][0]))
-    enc = EncodeFeatures(**encode)(dec)
-    feats = np.frombuffer(enc["features"][0], np.float16).reshape(shape_of(enc["features_shape"][0]))
+    dec = decode(_batch([make_row(shard="s", key="k", kind="sample", media=[media], media_ext=[ext],
+                                  item_names=[ext], modalities=["image"], item_refs=[""])]))
+    d = batch_rows(dec)[0]
+    assert d["kind"] == "sample", d["error"]
+    frames = np.frombuffer(d["frames"][0], np.uint8).reshape(shape_of(d["frames_shape"][0]))
+    e = batch_rows(EncodeFeatures(**encode)(dec))[0]
+    feats = np.frombuffer(e["features"][0], np.float16).reshape(shape_of(e["features_shape"][0]))
     return fp, torch.from_numpy(frames.copy()), torch.from_numpy(feats.astype(np.float32))
 
 

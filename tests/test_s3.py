@@ -9,7 +9,8 @@ import pytest
 
 from conftest import make_bucket
 from vlp.config import validate
-from vlp.precompute import PrecomputeConfig, iter_feature_rows, open_feature_dataset, run_precompute
+from featrows import feature_rows
+from vlp.precompute import PrecomputeConfig, open_feature_dataset, run_precompute
 from vlp.storage import StorageConfig, StorageError, expand_shards, get_fs
 
 pytestmark = pytest.mark.ray
@@ -50,14 +51,15 @@ def test_precompute_s3_to_s3_and_resume(ray_local, s3_server, synth_shards, tmp_
     assert {"manifest.json", "config.yaml", "errors.jsonl", "summary.json", "fingerprint.json", "shards", "parts"} <= names
     man = json.loads(fs.cat("feats/run1/manifest.json"))
     assert man["inputs"][0].startswith("s3://data/webvid/") and man["totals"]["samples_ok"] == 18
-    rows = list(iter_feature_rows("s3://feats/run1", sto))
-    assert len(rows) == 18 and len({r["uid"] for r in rows}) == 18
-    ds = open_feature_dataset("s3://feats/run1", sto)
+    rows = feature_rows("s3://feats/run1", sto)
+    assert len(rows) == 18 and len({r["uid"] for r in rows}) == 18 and man["format"] == "vlp-features/2"
+    assert all(len(r["blocks"]) == 1 and r["blocks"][0].shape[1] == 64 for r in rows)
+    ds = open_feature_dataset("s3://feats/run1", sto, decode=False)
     assert ds.count() == 18
     # the same command again: everything is reused, nothing recomputed or duplicated
     s2 = run_precompute(cfg, log=lambda *_: None)
     assert s2["shards_skipped_complete"] == 3 and s2["shards_run"] == 0
-    assert Counter(r["uid"] for r in iter_feature_rows("s3://feats/run1", sto)).most_common(1)[0][1] == 1
+    assert Counter(r["uid"] for r in feature_rows("s3://feats/run1", sto)).most_common(1)[0][1] == 1
 
 
 def test_bad_credentials_surface_as_a_clear_message(s3_server_strict, tmp_path, capsys):

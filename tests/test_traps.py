@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 
 from vlp.data.media import DecodeConfig, SamplingConfig
+from vlp.data.sample import SampleConfig
 from media_makers import encode, encode_vfr
 from media_makers import frames_of as make_frames
 from media_makers import mjpeg_still as make_still
 from vlp.synth.shards import encode_jpeg, encode_mp4
 from vlp.data.tario import write_tar
 from vlp.precompute.stages import DecodeFrames, ReadShard, _batch, batch_rows
+from featrows import feature_rows
 
 SIZE = 32  # crop size for DecodeFrames in these tests (small: fast)
 
@@ -87,10 +89,11 @@ def member_offset(path_or_bytes, name: str) -> tuple[int, int]:
     raise KeyError(name)
 
 
-def run(path: Path, sampling: SamplingConfig | None = None, decode: DecodeConfig | None = None) -> dict[str, dict]:
+def run(path: Path, sampling: SamplingConfig | None = None, decode: DecodeConfig | None = None,
+        sample: SampleConfig | None = None) -> dict[str, dict]:
     """ReadShard -> DecodeFrames (through the numpy batch format Ray uses). Checks the row contract and
     returns {key: row} of the sample/error rows."""
-    rows = list(ReadShard()({"shard": "traps", "uri": str(path)}))
+    rows = list(ReadShard(sample=sample)({"shard": "traps", "uri": str(path)}))
     assert rows and rows[-1]["kind"] == "end" and [r["kind"] for r in rows].count("end") == 1
     body = rows[:-1]
     assert rows[-1]["expected"] == len(body)
@@ -101,7 +104,7 @@ def run(path: Path, sampling: SamplingConfig | None = None, decode: DecodeConfig
     assert len(out) == len(body)
     for r in out:
         assert r["kind"] in ("sample", "error"), r["kind"]
-        assert r["media"] == b""  # media bytes are dropped after decode, for samples and errors alike
+        assert r["media"] == []  # media bytes are dropped after decode, for samples and errors alike
         if r["kind"] == "error":
             assert r["stage"] in ("read", "decode") and r["error"], r
     by_key = {r["key"]: r for r in out}
@@ -110,14 +113,21 @@ def run(path: Path, sampling: SamplingConfig | None = None, decode: DecodeConfig
 
 
 def frames_shape(r: dict) -> tuple[int, ...]:
-    return tuple(int(x) for x in r["frames_shape"].split(","))
+    return tuple(int(x) for x in one(r, "frames_shape").split(","))
+
+
+def one(r: dict, field: str):
+    """The value of a per-item field of a one-item row."""
+    assert len(r[field]) == 1, r[field]
+    return r[field][0]
 
 
 def assert_decoded(r: dict, media_type: str, t: int) -> None:
     assert r["kind"] == "sample", r["error"]
     assert r["media_type"] == media_type and frames_shape(r) == (t, 3, SIZE, SIZE)
-    assert len(np.frombuffer(r["frames"], np.uint8)) == t * 3 * SIZE * SIZE
-    assert len(r["timestamps"].split(",")) == t
+    assert len(np.frombuffer(one(r, "frames"), np.uint8)) == t * 3 * SIZE * SIZE
+    assert len(one(r, "timestamps").split(",")) == t
+    assert r["modalities"] == [media_type]
 
 
 def assert_error(r: dict, stage: str, *needles: str) -> None:
@@ -133,7 +143,7 @@ def test_good_samples_baseline(tmp_path):
     rows = run(shard(tmp_path, [("v", {"mp4": mp4(), **cap()}), ("i", {"jpg": jpeg(), **cap()})]))
     assert_decoded(rows["v"], "video", 8)
     assert_decoded(rows["i"], "image", 1)
-    assert rows["v"]["n_source_frames"] == 12 and rows["v"]["caption"] == "A green square moves left."
+    assert one(rows["v"], "n_source_frames") == 12 and rows["v"]["caption"] == "A green square moves left."
 
 
 @pytest.mark.parametrize("fmt", ["mp4", "mov"])
@@ -141,9 +151,9 @@ def test_good_samples_baseline(tmp_path):
 def test_trap1_single_mjpeg_frame_named_mp4_is_an_image(tmp_path, fmt, backend):
     rows = run(shard(tmp_path, [("still", {"mp4": mjpeg_still(fmt), **cap()})]), decode=DecodeConfig(backend=backend))
     assert_decoded(rows["still"], "image", 1)
-    assert rows["still"]["n_source_frames"] == 1 and rows["still"]["timestamps"] == "0.0000"
+    assert one(rows["still"], "n_source_frames") == 1 and one(rows["still"], "timestamps") == "0.0000"
     if backend == "pyav":
-        assert rows["still"]["decoder"] == "pyav"
+        assert one(rows["still"], "decoder") == "pyav"
 
 
 def test_trap2_zero_length_media(tmp_path):
@@ -164,9 +174,9 @@ def test_trap3_truncated_mp4(tmp_path):
 def test_trap4_wrong_extensions_decode_by_magic(tmp_path):
     rows = run(shard(tmp_path, [("jpeg_as_mp4", {"mp4": jpeg(), **cap()}), ("mp4_as_jpg", {"jpg": mp4(), **cap()})]))
     assert_decoded(rows["jpeg_as_mp4"], "image", 1)
-    assert rows["jpeg_as_mp4"]["decoder"] == "pillow" and rows["jpeg_as_mp4"]["media_ext"] == "mp4"
+    assert one(rows["jpeg_as_mp4"], "decoder") == "pillow" and one(rows["jpeg_as_mp4"], "media_ext") == "mp4"
     assert_decoded(rows["mp4_as_jpg"], "video", 8)
-    assert rows["mp4_as_jpg"]["n_source_frames"] == 12 and rows["mp4_as_jpg"]["media_ext"] == "jpg"
+    assert one(rows["mp4_as_jpg"], "n_source_frames") == 12 and one(rows["mp4_as_jpg"], "media_ext") == "jpg"
 
 
 def test_trap5_unknown_codec_fourcc(tmp_path):
@@ -227,16 +237,19 @@ def test_trap9_pickle_members_never_unpickled(tmp_path):
     marker = tmp_path / "pwned"
     payload = armed_pickle(marker)
     video = mp4()
-    rows = run(shard(tmp_path, [
-        ("with_pickles", {"mp4": video, "pyd": payload, "pickle": payload, **cap()}),
-        ("only_pickle", {"pkl": payload, **cap()}),
-    ]))
+    samples = [("with_pickles", {"mp4": video, "pyd": payload, "pickle": payload, **cap()}),
+               ("only_pickle", {"pkl": payload, **cap()})]
+    rows = run(shard(tmp_path, samples))
     assert not marker.exists()
     assert_decoded(rows["with_pickles"], "video", 8)  # still used: it has media and a caption
     assert rows["with_pickles"]["ignored"] == "pyd,pickle"
     assert rows["with_pickles"]["bytes_in"] == len(video) + len(cap()["txt"])  # pickles not even counted in
-    assert_error(rows["only_pickle"], "read", "no media member")
+    assert rows["only_pickle"]["kind"] == "sample" and rows["only_pickle"]["media_type"] == "text"  # text-only
+    assert rows["only_pickle"]["modalities"] == [] and rows["only_pickle"]["frames"] == []
     assert rows["only_pickle"]["ignored"] == "pkl"
+    strict = run(shard(tmp_path, samples, "strict.tar"), sample=SampleConfig(text_only=False))
+    assert_error(strict["only_pickle"], "read", "no media member")
+    assert strict["only_pickle"]["ignored"] == "pkl" and not marker.exists()
 
 
 # ------------------------------------------------------------------------------------------------ more traps
@@ -263,9 +276,12 @@ def test_bad_json_and_conversations(tmp_path):
 
 
 def test_no_media_member(tmp_path):
-    rows = run(shard(tmp_path, [("audio", {"mp3": b"ID3\x03", **cap()}), ("nothing", {**cap()})]))
-    assert_error(rows["audio"], "read", "no media member", "mp3")
-    assert_error(rows["nothing"], "read", "no media member")
+    samples = [("audio", {"mp3": b"ID3\x03", **cap()}), ("nothing", {**cap()})]
+    rows = run(shard(tmp_path, samples))
+    assert_error(rows["audio"], "read", "audio is not supported yet", "mp3")
+    assert rows["nothing"]["kind"] == "sample" and rows["nothing"]["media_type"] == "text"  # a text-only sample
+    strict = run(shard(tmp_path, samples, "strict.tar"), sample=SampleConfig(text_only=False))
+    assert_error(strict["nothing"], "read", "no media member")
 
 
 def test_resolution_change_mid_stream_does_not_kill_decode(tmp_path):
@@ -290,12 +306,12 @@ def test_short_clip_odd_size_and_vfr_in_a_shard(tmp_path):
                ("odd_img", {"png": _png(frames_of(1, 65, 97)[0]), **cap()}), ("vfr", {"mp4": vfr, **cap()})]
     rows = run(shard(tmp_path, samples))
     assert_decoded(rows["short"], "video", 8)
-    assert rows["short"]["timestamps"].split(",") == ["0.0000"] * 3 + ["0.1250"] * 2 + ["0.2500"] * 3
+    assert one(rows["short"], "timestamps").split(",") == ["0.0000"] * 3 + ["0.1250"] * 2 + ["0.2500"] * 3
     assert_decoded(rows["odd"], "video", 8)
     assert_decoded(rows["odd_img"], "image", 1)
     fps = run(shard(tmp_path, samples[3:], "vfr.tar"), sampling=SamplingConfig(mode="fps", fps=1.0))
     assert_decoded(fps["vfr"], "video", 4)
-    assert fps["vfr"]["timestamps"] == "0.0000,0.1000,2.0000,3.0000"
+    assert one(fps["vfr"], "timestamps") == "0.0000,0.1000,2.0000,3.0000"
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -311,7 +327,7 @@ def _png(img: np.ndarray) -> bytes:
 @pytest.mark.ray
 def test_end_to_end_pipeline_with_traps(ray_local, tmp_path):
     from vlp.config import validate
-    from vlp.precompute import PrecomputeConfig, iter_feature_rows, run_precompute
+    from vlp.precompute import PrecomputeConfig, run_precompute
 
     marker = tmp_path / "pwned"
     payload = armed_pickle(marker)
@@ -367,12 +383,12 @@ def test_end_to_end_pipeline_with_traps(ray_local, tmp_path):
             _, stage, word = bad[e["key"]]
             assert e["stage"] == stage and word in e["reason"].lower(), e
 
-    rows = list(iter_feature_rows(str(out)))
+    rows = feature_rows(str(out))
     assert sorted((r["shard"], r["key"]) for r in rows) == sorted(good_keys)  # each good key exactly once
     by_key = {r["key"]: r for r in rows}
     assert {k for k, r in by_key.items() if r["media_type"] == "image"} == {"img", "still", "jpeg_as_mp4"}
-    assert by_key["v1"]["num_frames"] == 8 and by_key["still"]["num_frames"] == 1
-    assert all(np.isfinite(r["features"].astype(np.float32)).all() for r in rows)
+    assert by_key["v1"]["num_frames"] == [8] and by_key["still"]["num_frames"] == [1]
+    assert all(len(r["blocks"]) == 1 and np.isfinite(r["blocks"][0].astype(np.float32)).all() for r in rows)
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["shards"]["mixed-00000"]["ignored_members"] == {"pyd": 1, "pickle": 1}
@@ -382,10 +398,10 @@ def test_end_to_end_pipeline_with_traps(ray_local, tmp_path):
 
 def test_blank_txt_falls_back_to_json_caption():
     from vlp.data.tario import RawSample
-    from vlp.precompute.stages import parse_sample
+    from vlp.data.sample import parse_sample
 
     raw = RawSample("k", {"jpg": jpeg(), "txt": b"  \n", "json": json.dumps({"caption": "A red circle."}).encode()})
-    assert parse_sample(raw)["caption"] == "A red circle."
+    assert parse_sample(raw).caption == "A red circle."
     raw = RawSample("k", {"jpg": jpeg(), "txt": b"", "json": b"{}"})
     with pytest.raises(ValueError, match="missing caption"):
         parse_sample(raw)

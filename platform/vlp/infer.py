@@ -16,6 +16,7 @@ from pydantic import Field
 
 from .config import Cfg
 from .data.media import DecodeConfig
+from .data.sample import SampleConfig
 from .errors import not_an_export
 from .runtime import RayConfig
 from .storage import StorageConfig, expand_shards, get_fs, join
@@ -36,6 +37,7 @@ class InferConfig(Cfg):
     output_storage: StorageConfig = StorageConfig()
     max_new_tokens: int = Field(32, ge=1)
     decode: DecodeConfig = DecodeConfig()
+    sample: SampleConfig = Field(SampleConfig(), description="how raw samples become samples of 0..N media items")
     batch_size: int = Field(8, ge=1)
     concurrency: int = Field(1, ge=1, description="answer actors (one GPU each where GPUs exist)")
     use_gpu: bool = Field(False, description="each answer actor asks Ray for one GPU and runs the tower and the "
@@ -66,35 +68,51 @@ class AnswerBatch:
         px = normalize(x.to(self.tower.device), self.geom.mean, self.geom.std, self.tower.dtype)
         return self.tower.features(px).float().to(self.device)  # (T, 3, S, S) -> (T, 1 + P, D)
 
-    def _question(self, r: dict) -> Optional[str]:
+    def prompt(self, r: dict) -> Optional[str]:
+        """The user turn asked of a sample row: with ``question`` set, one placeholder per item + the question;
+        else the row's first user turn as resolved by parse_sample (its placeholders kept, in item order).
+        None when there is neither."""
         if self.question:
-            return self.question
-        conv = json.loads(r["conversations"]) if r["conversations"] else []
-        first = next((t["value"] for t in conv if t.get("from") in ("human", "user")), None)
-        return first.replace("<video>", "").replace("<image>", "").strip() if first else None
+            marks = "".join(f"<{m}>" for m in r["modalities"])
+            return f"{marks}\n{self.question}" if marks else self.question
+        from .data.conversation import turn_role
 
-    def __call__(self, batch: dict) -> dict:
+        conv = json.loads(r["conversations"]) if r["conversations"] else []
+        return next((t["value"] for t in conv if turn_role(t) == "user"), None)
+
+    def answer(self, r: dict, prompt: str) -> str:
+        """Greedy answer to ``prompt`` over the row's decoded items (none: a text-only prompt)."""
         import torch
 
         from .data.conversation import prompt_ids
-        from .precompute.stages import batch_rows, shape_of
+        from .precompute.stages import shape_of
+
+        feats, nfs = [], []
+        for b, s in zip(r["frames"], r["frames_shape"]):
+            x = torch.from_numpy(np.frombuffer(b, np.uint8).reshape(shape_of(s)).copy())  # (T, 3, S, S) uint8
+            feats.append(self.features(x))  # (T, 3, S, S) -> (T, 1 + P, D)
+            nfs.append(x.shape[0])
+        ids = torch.tensor(prompt_ids([{"from": "human", "value": prompt}], self.tok, self.template),
+                           device=self.device)
+        toks = list(self.model.generate(ids, feats or None, "frames", nfs or 1, max_new_tokens=self.max_new,
+                                        eos_token_id=self.tok.eos_token_id))
+        return self.tok.decode(toks, skip_special_tokens=True).strip()
+
+    def __call__(self, batch) -> dict:
+        from .data.conversation import PLACEHOLDER_RE
+        from .precompute.stages import batch_rows
 
         out = {"shard": [], "key": [], "question": [], "answer": [], "error": [], "stage": [], "kind": []}
         for r in batch_rows(batch):
             if r["kind"] == "end":
                 continue
-            q = self._question(r) if r["kind"] == "sample" else None
+            p = self.prompt(r) if r["kind"] == "sample" else None
+            q = PLACEHOLDER_RE.sub("", p).strip() if p is not None else None  # what answers.jsonl shows
             ans, err, stage = "", r["error"], r["stage"]
-            if r["kind"] == "sample" and q is None:
+            if r["kind"] == "sample" and p is None:
                 err, stage = "no question: set question or give the sample conversations", "answer"
             elif r["kind"] == "sample":
-                x = torch.from_numpy(np.frombuffer(r["frames"], np.uint8).reshape(shape_of(r["frames_shape"])).copy())
-                feats = self.features(x)  # (T, 3, S, S) -> (T, 1 + P, D)
-                ids = torch.tensor(prompt_ids([{"from": "human", "value": f"<{r['media_type']}>\n{q}"}], self.tok,
-                                              self.template), device=self.device)
-                toks = list(self.model.generate(ids, feats, "frames", feats.shape[0],
-                                                max_new_tokens=self.max_new, eos_token_id=self.tok.eos_token_id))
-                ans = self.tok.decode(toks, skip_special_tokens=True).strip()
+                ans = self.answer(r, p)
             for k, v in (("shard", r["shard"]), ("key", r["key"]), ("question", q or ""), ("answer", ans),
                          ("error", err), ("stage", stage), ("kind", "answer" if not err else "error")):
                 out[k].append(v)
@@ -140,7 +158,7 @@ def run_infer(cfg: InferConfig, log=print) -> dict:
     init_ray(cfg.ray)
     t0 = time.time()
     ds = ray.data.from_items([{"shard": names[u], "uri": u} for u in shards], override_num_blocks=len(shards))
-    ds = ds.flat_map(ReadShard(cfg.storage), num_cpus=0.25)
+    ds = ds.flat_map(ReadShard(cfg.storage, cfg.sample), num_cpus=0.25)
     ds = ds.map_batches(decode_stage(info, cfg.decode), batch_size=4, batch_format="numpy", memory=512 << 20)
     ds = ds.map_batches(AnswerBatch, fn_constructor_kwargs=dict(export_dir=cfg.model, question=cfg.question,
                                                                 max_new_tokens=cfg.max_new_tokens,

@@ -12,7 +12,7 @@ from .data.media import DecodeConfig, MediaError, SamplingConfig, decode_media, 
 from .data.tario import TarProblem, iter_tar_samples
 from .errors import UserError
 from .formats.featureset import FeatureSetLayout, Fingerprint, Manifest, committed_shards
-from .precompute.stages import parse_sample
+from .data.sample import SampleConfig, parse_sample
 from .storage import StorageConfig, expand_shards, get_fs
 
 
@@ -34,7 +34,8 @@ def inspect_shards(specs: list[str], storage: StorageConfig | None = None, decod
     errors: list[dict] = []
     frames_hist = Counter()
     ignored = Counter()
-    n = ok = 0
+    items = Counter()
+    n = ok = text = 0
     per_shard = {}
     sampling = SamplingConfig(num_frames=1)
     for uri in shards:
@@ -56,28 +57,23 @@ def inspect_shards(specs: list[str], storage: StorageConfig | None = None, decod
                     continue
                 ignored.update(item.ignored)
                 try:
-                    fields = parse_sample(item)
+                    sample = parse_sample(item, SampleConfig())
                 except ValueError as e:
                     errors.append({"shard": uri, "key": item.key, "stage": "read", "reason": str(e)})
                     continue
-                containers[sniff(fields["media"])[1]] += 1
-                if decode:
-                    try:
-                        mtype, dec = decode_media(fields["media"], fields["media_ext"], sampling, DecodeConfig())
-                    except MediaError as e:
-                        errors.append({"shard": uri, "key": item.key, "stage": "decode", "reason": str(e)})
-                        continue
-                    media[mtype] += 1
-                    frames_hist[dec.n_source_frames] += 1
-                else:
-                    media[fields["media_ext"]] += 1
+                problem = _look_at_items(sample, decode, sampling, containers, media, frames_hist)
+                if problem:
+                    errors.append({"shard": uri, "key": item.key, "stage": "decode", "reason": problem})
+                    continue
+                items.update(sample.modalities)
+                text += sample.text_only
                 ok += 1
                 s_ok += 1
         per_shard[uri] = {"samples": s_n, "ok": s_ok}
     check_some_tar(specs, errors, len(shards))
     return {
         "kind": "shards", "shards": len(shards), "samples": n, "ok": ok, "errors": len(errors),
-        "media_types": dict(media), "containers": dict(containers),
+        "samples_text": text, "items_by_modality": dict(items), "media_types": dict(media), "containers": dict(containers),
         "source_frames": {"min": min(frames_hist) if frames_hist else 0, "max": max(frames_hist) if frames_hist else 0,
                           "histogram": dict(sorted(frames_hist.items()))},
         "ignored_members": dict(ignored), "per_shard": per_shard, "error_records": errors,
@@ -97,14 +93,34 @@ def check_some_tar(specs: list[str], errors: list[dict], n_shards: int) -> None:
                          f"{first['shard']}: {first['reason']})")
 
 
+def _look_at_items(sample, decode: bool, sampling, containers: Counter, media: Counter, frames_hist: Counter):
+    """Count one sample's items (containers; with ``decode`` the decoded media type and source frames of each).
+    -> the first item's problem ("item i (name): reason"), or None."""
+    for it in sample.items:
+        if it.data is None:
+            return f"item {it.index} ({it.name}): media references are not supported yet"
+        containers[sniff(it.data)[1]] += 1
+        if not decode:
+            media[it.ext] += 1
+            continue
+        try:
+            mtype, dec = decode_media(it.data, it.ext, sampling, DecodeConfig())
+        except MediaError as e:
+            return f"item {it.index} ({it.name}): {e}"
+        media[mtype] += 1
+        frames_hist[dec.n_source_frames] += 1
+    return None
+
+
 def inspect_features(uri: str, storage: StorageConfig | None = None) -> dict:
     layout = FeatureSetLayout(uri, storage)
     manifest = Manifest.read(layout)
     fp = Fingerprint.read(layout)
     done = committed_shards(layout)
-    media = Counter()
+    media, items = Counter(), Counter()
     for rec in done.values():
         media.update(rec.media)
+        items.update(rec.items)
     raw = (layout.read(layout.ERRORS) or b"").decode()
     errors = [json.loads(x) for x in raw.splitlines() if x.strip()]
     reasons = Counter(f"{e['stage']}: {e['reason'][:80]}" for e in errors)
@@ -113,6 +129,7 @@ def inspect_features(uri: str, storage: StorageConfig | None = None) -> dict:
         "shards_committed": len(done), "shards_in_manifest": len(manifest.inputs) if manifest else None,
         "samples": sum(r.n_ok for r in done.values()), "errors": sum(r.n_err for r in done.values()),
         "frames": sum(r.frames for r in done.values()), "media_types": dict(media),
+        "samples_text": media.get("text", 0), "items_by_modality": dict(items),
         "mode": fp.mode if fp else None, "encoder": fp.encoder.to_json() if fp else None,
         "sampling": fp.sampling if fp else None,
         "format": manifest.format if manifest else None,
@@ -127,6 +144,7 @@ def format_report(rep: dict) -> str:
         lines.append(f"shard set: {rep['shards']} shard(s), {rep['samples']} sample(s), {rep['ok']} ok, "
                      f"{rep['errors']} error(s)")
         lines.append(f"  media types: {rep['media_types']}  containers: {rep['containers']}")
+        lines.append(f"  items: {rep['items_by_modality']}  text-only samples: {rep['samples_text']}")
         sf = rep["source_frames"]
         lines.append(f"  source frames per sample: min {sf['min']}, max {sf['max']}")
         if rep["ignored_members"]:
@@ -143,6 +161,7 @@ def format_report(rep: dict) -> str:
         lines.append(f"  mode {rep['mode']}, encoder {enc.get('path')} layer {enc.get('layer')} "
                      f"(d={enc.get('hidden_size')}, sha256 {str(enc.get('weights_sha256'))[:12]}), "
                      f"media {rep['media_types']}")
+        lines.append(f"  items: {rep['items_by_modality']}  text-only samples: {rep['samples_text']}")
         for k, v in rep["errors_by_reason"].items():
             lines.append(f"  ! {v} x {k}")
     return "\n".join(lines)

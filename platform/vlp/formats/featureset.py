@@ -15,7 +15,11 @@ Layout under the output URI (:class:`FeatureSetLayout` names every path; nothing
 A reader trusts only ``shards/*.json``: a run killed at any moment leaves parts that no marker lists,
 and the next run deletes and redoes those shards. ``manifest.json`` carries the format version
 (:data:`FEATURES_FORMAT`); readers refuse a feature set whose manifest names another (newer or unknown) one,
-and read one without a manifest (never completed) or without a ``format`` key as today.
+and read one without a manifest (never completed) or without a ``format`` key (the first version, /1).
+``vlp-features/1`` has one media item per row (``features`` binary, ``shape`` list<int32>, ...);
+``vlp-features/2`` has one row per sample with 0..N items: ``modalities``/``items`` list<string>, ``features``
+list<binary>, ``shape`` list<list<int32>>, ``timestamps`` list<list<float32>>, ``num_frames``/``n_source_frames``
+list<int32>, ``media_type`` the one modality / ``text`` / ``mixed`` (docs/architecture.md, "The general sample").
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import numpy as np
 from ..storage import StorageConfig, get_fs, join, read_bytes, write_atomic
 from .records import Record, RecordError, format_problem, parse_json
 
-FEATURES_FORMAT = "vlp-features/1"
+FEATURES_FORMAT = "vlp-features/2"  # what precompute writes: one row per sample, per-item list columns
+READ_FORMATS = ("vlp-features/1", FEATURES_FORMAT)  # what the readers read (/1 rows are lifted to the /2 shape)
 
 
 class FeatureSetFormatError(RecordError):
@@ -143,6 +148,7 @@ class Fingerprint(Record):
     mode: str
     sampling: dict[str, Any]
     preprocess: Optional[PreprocessInfo] = None  # absent in sets made before it was recorded
+    sample: Optional[dict[str, Any]] = None  # the SampleConfig (which samples are kept); absent before /2
 
     @classmethod
     def read(cls, layout: FeatureSetLayout) -> Optional["Fingerprint"]:
@@ -165,7 +171,8 @@ class ShardCounts(Record):
     n_err: int
     expected: Optional[int] = None
     frames: int = 0
-    media: dict[str, int] = {}
+    media: dict[str, int] = {}  # samples by media_type (/2: a modality, "text" or "mixed")
+    items: dict[str, int] = {}  # media items by modality (absent before /2)
     ignored_members: dict[str, int] = {}
 
 
@@ -182,6 +189,7 @@ class ShardCommit(Record):
     bytes_in: int = 0
     bytes_out: int = 0
     media: dict[str, int] = {}
+    items: dict[str, int] = {}
     ignored_members: dict[str, int] = {}
     committed_at: Optional[float] = None
 
@@ -200,13 +208,16 @@ class ShardCommit(Record):
         return out
 
     def counts(self) -> ShardCounts:
+        items = {"items": self.items} if "items" in self.model_fields_set else {}  # absent in /1 commits
         return ShardCounts(n_ok=self.n_ok, n_err=self.n_err, expected=self.expected, frames=self.frames,
-                           media=self.media, ignored_members=self.ignored_members)
+                           media=self.media, ignored_members=self.ignored_members, **items)
 
 
 class Totals(Record):
     samples_ok: int
     samples_failed: int = 0
+    samples_text: int = 0  # text-only samples (counted in samples_ok)
+    items_by_modality: dict[str, int] = {}
 
 
 class Manifest(Record):
@@ -236,7 +247,8 @@ class Manifest(Record):
         if data is None:
             return None
         obj = parse_json(data, source)
-        problem = format_problem(obj.get("format") if isinstance(obj, dict) else None, FEATURES_FORMAT)
+        found = obj.get("format") if isinstance(obj, dict) else None
+        problem = None if found in READ_FORMATS else format_problem(found, FEATURES_FORMAT)
         if problem:
             newer = "newer" in problem
             raise FeatureSetFormatError(

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from ..config import Cfg
 from ..data.media import DecodeConfig, SamplingConfig
 from ..data.preprocess import PreprocessConfig
+from ..data.sample import SampleConfig
 from ..models.towers import TOWERS, TowerConfig
 from ..runtime import AcceleratorType, RayConfig
 from ..storage import StorageConfig
@@ -19,6 +20,8 @@ class DataConfig(Cfg):
 
     shards: list[str] = Field(..., min_length=1, description="folders, globs, brace ranges or s3:// URLs of .tar shards")
     storage: StorageConfig = StorageConfig()
+    sample: SampleConfig = Field(SampleConfig(), description="how raw samples become samples of 0..N media items "
+                                 "(limits, text-only samples); recorded in the fingerprint")
     sampling: SamplingConfig = SamplingConfig()
     decode: DecodeConfig = DecodeConfig()
     preprocess: PreprocessConfig = PreprocessConfig()

@@ -50,6 +50,7 @@ class ShardState:
     bytes_in: int = 0
     bytes_out: int = 0
     media: Counter = field(default_factory=Counter)
+    items: Counter = field(default_factory=Counter)
     ignored: Counter = field(default_factory=Counter)
 
     @property
@@ -67,6 +68,7 @@ class ShardState:
             self.bytes_in += int(meta["bytes_in"])
             self.bytes_out += int(meta["bytes_out"])
             self.media.update(json.loads(meta["media_counts"] or "{}"))
+            self.items.update(json.loads(meta["item_counts"] or "{}"))
             self.ignored.update(json.loads(meta["ignored"] or "{}"))
             for k in ("read", "decode", "encode"):
                 stage_time[k] += float(meta[f"t_{k}"])
@@ -80,7 +82,7 @@ class ShardState:
     def commit(self, name: str) -> ShardCommit:
         return ShardCommit(shard=name, parts=self.parts, errors=self.errors, n_ok=self.n_ok, n_err=self.n_err,
                            expected=self.expected, frames=self.frames, bytes_in=self.bytes_in,
-                           bytes_out=self.bytes_out, media=dict(self.media), ignored_members=dict(self.ignored),
+                           bytes_out=self.bytes_out, media=dict(self.media), items=dict(self.items), ignored_members=dict(self.ignored),
                            committed_at=time.time())
 
 
@@ -124,7 +126,8 @@ def fingerprint(cfg: PrecomputeConfig, size: int, hidden: int, sha: str, mean: t
         mode=cfg.output.mode,
         sampling=cfg.data.sampling.model_dump(),
         preprocess=PreprocessInfo.model_validate({**cfg.data.preprocess.model_dump(mode="json"), "size": size,
-                                                  "mean": list(mean), "std": list(std), "resampler": RESAMPLER}))
+                                                  "mean": list(mean), "std": list(std), "resampler": RESAMPLER}),
+        sample=cfg.data.sample.model_dump(mode="json"))
 
 
 def plan_stages(cfg: PrecomputeConfig) -> tuple[Fingerprint, DecodeFrames, dict]:
@@ -194,9 +197,13 @@ class PrecomputeRun:
         old_fp = Fingerprint.read(layout)
         problem = None
         try:
-            Manifest.read(layout)
+            man = Manifest.read(layout)
         except RecordError as e:  # a newer/unknown format (FeatureSetFormatError) or a foreign manifest
             problem = f"{out} holds a feature set this vlp cannot resume ({e})"
+        else:
+            if man is not None and man.format != FEATURES_FORMAT:  # readable (/1), but its rows have another shape
+                problem = (f"{out} holds a feature set in format {man.format or 'vlp-features/1'}; this vlp writes "
+                           f"{FEATURES_FORMAT} and cannot add to it")
         if problem is None and old_fp is not None and old_fp.to_json() != self.fp.to_json():
             problem = f"{out} holds features made with a different {', '.join(self.fp.differences(old_fp))}"
         if problem is not None:
@@ -232,7 +239,7 @@ class PrecomputeRun:
         res = stage_resources(cfg, encoder_on_gpu(cfg, ray.cluster_resources().get("GPU", 0)))
         items = [{"shard": self.names[u], "uri": u} for u in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.flat_map(ReadShard(cfg.data.storage), **res["read"])
+        ds = ds.flat_map(ReadShard(cfg.data.storage, cfg.data.sample), **res["read"])
         # Decode runs as stateless CPU tasks (not actors, so it never pins CPUs that reads and writes need).
         # Its memory reservation also keeps Ray Data from fusing it into the encoder actor, which would
         # serialise decoding and encoding in one process.
@@ -291,6 +298,8 @@ class PrecomputeRun:
             "shards": len(self.shards), "shards_run": len(ran), "shards_skipped_complete": len(self.skipped),
             "samples_ok": sum(r.n_ok for r in done.values()),
             "samples_failed": sum(r.n_err for r in done.values()),
+            "samples_text": sum(r.media.get("text", 0) for r in done.values()),
+            "items_by_modality": dict(sum((Counter(r.items) for r in done.values()), Counter())),
             "this_run": {"samples_ok": samples_ok, "samples_failed": sum(s.n_err for s in ran.values()),
                          "frames": frames, "bytes_in": sum(s.bytes_in for s in ran.values()),
                          "bytes_out": sum(s.bytes_out for s in ran.values()), "wall_s": round(wall, 3),
@@ -308,7 +317,8 @@ class PrecomputeRun:
             inputs=self.shards, shard_names={u: self.names[u] for u in self.shards},
             shards={n: done[n].counts() for n in sorted(done)},
             encoder=fp.encoder, layer=fp.encoder.layer, mode=fp.mode, sampling=fp.sampling, preprocess=fp.preprocess,
-            totals=Totals(samples_ok=summary["samples_ok"], samples_failed=summary["samples_failed"]),
+            totals=Totals(samples_ok=summary["samples_ok"], samples_failed=summary["samples_failed"],
+                          samples_text=summary["samples_text"], items_by_modality=summary["items_by_modality"]),
             config=self.cfg.model_dump(mode="json"))
 
     def report(self, summary: dict, reasons: Counter) -> None:
@@ -331,7 +341,8 @@ def _reason_class(reason: str) -> str:
     """Short class of an error reason for the summary table (first clause, no numbers/paths)."""
     import re
 
-    r = reason.split(":")[0] if reason.startswith(("decord", "pyav", "tar is")) else reason
+    r = re.sub(r"^(item \d+ \(.*?\)|sample '.*?'): ", "", reason)  # "item 1 (1.jpg): <reason>": its reason
+    r = r.split(":")[0] if r.startswith(("decord", "pyav", "tar is")) else r
     r = re.sub(r"\(.*?\)", "", r)
     r = re.sub(r"\d+", "N", r)
     return r.strip()[:80]

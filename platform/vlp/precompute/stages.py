@@ -1,38 +1,49 @@
 """The precompute stages: plain functions / callable classes over rows and batches, testable without Ray.
 
 Row kinds flowing through the graph (one schema for all, so Arrow blocks stay uniform):
-  ``sample``  a usable sample; gains ``frames`` after decode and ``features`` after encode
+  ``sample``  a usable sample (0..N media items; none = text-only); gains ``frames`` after decode and
+              ``features`` after encode
   ``error``   a sample (or a whole shard) that cannot be used; carries ``stage`` and ``error``
   ``end``     one per shard, last out of the reader, with ``expected`` = rows the shard produced;
               the driver commits a shard once it has seen that many sample+error rows for it.
+
+Per-item fields (:data:`ITEM_FIELDS`) are lists with one entry per media item, in placeholder order
+(``vlp.data.sample``); the decode and encode stages return Arrow tables of :func:`row_schema`, so a batch of
+text-only rows (empty lists) has the same column types as any other.
 """
 
 from __future__ import annotations
 
 import json
 import time
-import uuid
 from typing import Any, Iterator
 
 import numpy as np
 
-from ..data.media import IMAGE_EXTS, VIDEO_EXTS, DecodeConfig, MediaError, SamplingConfig, decode_media
+from ..data.media import DecodeConfig, MediaError, SamplingConfig, decode_media
 from ..data.preprocess import normalize, resize_crop
-from ..data.tario import RawSample, TarProblem, iter_tar_samples
+from ..data.sample import SampleConfig, parse_sample
+from ..data.tario import TarProblem, iter_tar_samples
 from ..formats.featureset import FeatureSetLayout
 from ..models.poolers.valley import valley_pool  # output.mode=valley_pooled is the Valley pooler's own pooling
 from ..storage import StorageConfig, describe_storage_error, get_fs
 
-ROW_FIELDS = {
-    "shard": "", "key": "", "kind": "", "media": b"", "media_ext": "", "caption": "", "conversations": "",
-    "meta": "", "error": "", "stage": "", "expected": -1, "bytes_in": 0, "ignored": "",
-    "media_type": "", "frames": b"", "frames_shape": "", "timestamps": "", "n_source_frames": 0,
-    "decoder": "", "features": b"", "features_shape": "", "t_read": 0.0, "t_decode": 0.0, "t_encode": 0.0,
+ROW_FIELDS: dict[str, Any] = {
+    "shard": "", "key": "", "kind": "", "caption": "", "conversations": "", "meta": "", "error": "", "stage": "",
+    "expected": -1, "bytes_in": 0, "ignored": "", "media_type": "", "t_read": 0.0, "t_decode": 0.0, "t_encode": 0.0,
 }
+# per item (lists): media bytes, container ext, member name / reference, modality, reference ("" for a member),
+# then what decode adds (uint8 frames, "T,3,S,S", "t0,t1,...", source frame count, decoder) and encode adds
+ITEM_FIELDS: dict[str, str] = {
+    "media": "binary", "media_ext": "string", "item_names": "string", "modalities": "string", "item_refs": "string",
+    "frames": "binary", "frames_shape": "string", "timestamps": "string", "n_source_frames": "int64",
+    "decoder": "string", "features": "binary", "features_shape": "string",
+}
+ALL_FIELDS = [*ROW_FIELDS, *ITEM_FIELDS]
 
 
 def make_row(**kw) -> dict:
-    row = dict(ROW_FIELDS)
+    row = {**ROW_FIELDS, **{k: [] for k in ITEM_FIELDS}}
     unknown = set(kw) - set(row)
     if unknown:
         raise KeyError(f"unknown row fields {unknown}")
@@ -40,51 +51,31 @@ def make_row(**kw) -> dict:
     return row
 
 
+def media_type_of(modalities: list[str]) -> str:
+    """The row's ``media_type``: the one modality of all its items, ``text`` for none, ``mixed`` otherwise."""
+    kinds = set(modalities)
+    return "text" if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
+
+
 # ------------------------------------------------------------------------------------------------ read
 
-def parse_sample(raw: RawSample) -> dict[str, Any]:
-    """Pick the media member, caption and conversations of one raw sample. Raises ValueError(reason)."""
-    media_ext = next((e for e in (*VIDEO_EXTS, *IMAGE_EXTS) if e in raw.members), None)
-    if media_ext is None:
-        have = ", ".join(sorted(raw.members)) or "nothing"
-        raise ValueError(f"no media member (sample has: {have})")
-    meta: dict = {}
-    if "json" in raw.members:
-        try:
-            meta = json.loads(raw.members["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"json member is not valid UTF-8 JSON: {e}") from None
-        except RecursionError:  # json nested thousands deep: not a ValueError, would kill the reader
-            raise ValueError("json member is nested too deeply to parse") from None
-        if not isinstance(meta, dict):
-            raise ValueError("json member is not an object")
-    caption = ""
-    if "txt" in raw.members:
-        try:
-            caption = raw.members["txt"].decode("utf-8").strip()
-        except UnicodeDecodeError as e:
-            raise ValueError(f"caption (.txt) is not valid UTF-8: {e}") from None
-    if not caption and isinstance(meta.get("caption"), str):  # no .txt, or a blank one
-        caption = meta["caption"].strip()
-    conv = meta.get("conversations")
-    if conv is not None:
-        ok = isinstance(conv, list) and conv and all(
-            isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str) for t in conv)
-        if not ok:
-            raise ValueError("conversations must be a non-empty list of {from, value} objects")
-    if not caption and not conv:
-        raise ValueError("missing caption (no .txt member and no caption/conversations in .json)")
+def sample_fields(sample) -> dict[str, Any]:
+    """A :class:`vlp.data.sample.Sample` -> the read stage's row fields (conversations as resolved)."""
+    items = sample.items
     return {
-        "media": raw.members[media_ext], "media_ext": media_ext, "caption": caption,
-        "conversations": json.dumps(conv) if conv else "", "meta": json.dumps(meta) if meta else "",
+        "caption": sample.caption, "conversations": json.dumps(sample.conversations) if sample.conversations else "",
+        "meta": json.dumps(sample.meta) if sample.meta else "", "media_type": media_type_of(sample.modalities),
+        "media": [it.data if it.data is not None else b"" for it in items], "media_ext": [it.ext for it in items],
+        "item_names": [it.name for it in items], "modalities": list(sample.modalities),
+        "item_refs": [it.ref or "" for it in items],
     }
 
 
 class ReadShard:
     """shard item -> rows (flat_map). Never raises for bad data: it becomes error rows."""
 
-    def __init__(self, storage: StorageConfig | None = None):
-        self.storage = storage
+    def __init__(self, storage: StorageConfig | None = None, sample: SampleConfig | None = None):
+        self.storage, self.sample = storage, sample or SampleConfig()
 
     def __call__(self, item: dict) -> Iterator[dict]:
         shard, uri = item["shard"], item["uri"]
@@ -104,23 +95,29 @@ class ReadShard:
                 if isinstance(item_, TarProblem):
                     yield make_row(shard=shard, key=item_.key, kind="error", stage="read", error=item_.reason, t_read=dt)
                 else:
-                    try:
-                        fields = parse_sample(item_)
-                    except Exception as e:  # ValueError(reason) by design; anything else is still bad data
-                        reason = str(e) if isinstance(e, ValueError) else f"cannot parse sample: {type(e).__name__}: {e}"
-                        yield make_row(shard=shard, key=item_.key, kind="error", stage="read", error=reason,
-                                       bytes_in=item_.size, ignored=",".join(item_.ignored), t_read=dt)
-                    else:
-                        yield make_row(shard=shard, key=item_.key, kind="sample", bytes_in=item_.size,
-                                       ignored=",".join(item_.ignored), t_read=dt, **fields)
+                    yield self.row(shard, item_, dt)
                 t0 = time.perf_counter()
         yield make_row(shard=shard, key="<end>", kind="end", expected=n)
 
+    def row(self, shard: str, raw, dt: float) -> dict:
+        """One raw sample -> its ``sample`` row, or a ``stage: read`` error row (its key names the sample)."""
+        try:
+            sample = parse_sample(raw, self.sample)
+        except Exception as e:  # ValueError(reason) by design; anything else is still bad data
+            reason = str(e) if isinstance(e, ValueError) else f"cannot parse sample: {type(e).__name__}: {e}"
+            return make_row(shard=shard, key=raw.key, kind="error", stage="read", error=reason, bytes_in=raw.size,
+                            ignored=",".join(raw.ignored), t_read=dt)
+        ignored = [*raw.ignored, *(x for x in sample.ignored if x not in raw.ignored)]
+        return make_row(shard=shard, key=raw.key, kind="sample", bytes_in=raw.size, ignored=",".join(ignored),
+                        t_read=dt, **sample_fields(sample))
 
-# ------------------------------------------------------------------------------------------------ decode
 
-def batch_rows(batch: dict[str, np.ndarray]) -> list[dict]:
-    """A numpy batch of the stages (column -> array) -> one plain-Python dict per row."""
+# ------------------------------------------------------------------------------------------------ batches
+
+def batch_rows(batch) -> list[dict]:
+    """A batch of the stages (an Arrow table, or column -> numpy array) -> one plain-Python dict per row."""
+    if hasattr(batch, "to_pylist"):
+        return batch.to_pylist()
     keys = list(batch)
     n = len(batch[keys[0]]) if keys else 0
     return [{k: _py(batch[k][i]) for k in keys} for i in range(n)]
@@ -129,49 +126,89 @@ def batch_rows(batch: dict[str, np.ndarray]) -> list[dict]:
 def _py(v):
     if isinstance(v, np.generic):
         return v.item()
+    if isinstance(v, np.ndarray):  # a list column (Arrow list<...> -> numpy)
+        return [_py(x) for x in v.tolist()] if v.dtype == object else v.tolist()
     return v
 
 
-def _batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    out = {}
-    for k in ROW_FIELDS:
-        vals = [r[k] for r in rows]
-        arr = np.empty(len(vals), dtype=object)
-        arr[:] = vals
-        if isinstance(ROW_FIELDS[k], (int, float)) and not isinstance(ROW_FIELDS[k], bool):
-            arr = np.asarray(vals, dtype=np.int64 if isinstance(ROW_FIELDS[k], int) else np.float64)
-        out[k] = arr
-    return out
+def row_schema():
+    import pyarrow as pa
+
+    scalar = {str: pa.string(), int: pa.int64(), float: pa.float64()}
+    items = {"binary": pa.binary(), "string": pa.string(), "int64": pa.int64()}
+    return pa.schema([*((k, scalar[type(v)]) for k, v in ROW_FIELDS.items()),
+                      *((k, pa.list_(items[t])) for k, t in ITEM_FIELDS.items())])
+
+
+def _batch(rows: list[dict]):
+    """Rows -> an Arrow table of :func:`row_schema` (what the decode and encode stages return)."""
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([{k: r[k] for k in ALL_FIELDS} for r in rows], schema=row_schema())
+
+
+# ------------------------------------------------------------------------------------------------ decode
+
+def retag(r: dict, decoded: list[str]) -> dict:
+    """The decoded media types win over the container's name (a one-frame "mp4" is an image, an mp4 named "jpg" a
+    video): -> ``media_type`` and, when the row has a conversation, it with each item's placeholder renamed (the
+    conversation holds one placeholder per item, in item order)."""
+    out: dict[str, Any] = {"media_type": media_type_of(decoded)}
+    if decoded == list(r["modalities"]) or not r["conversations"]:
+        return out
+    from ..data.conversation import PLACEHOLDER_RE
+
+    names = iter(decoded)
+    conv = json.loads(r["conversations"])
+    for t in conv:
+        t["value"] = PLACEHOLDER_RE.sub(lambda _: f"<{next(names)}>", t["value"])
+    return {**out, "conversations": json.dumps(conv)}
 
 
 class DecodeFrames:
-    """Batch stage: media bytes -> sampled, resized, centre-cropped uint8 frames (T, 3, S, S)."""
+    """Batch stage: each item's media bytes -> sampled, resized, centre-cropped uint8 frames (T, 3, S, S)."""
 
     def __init__(self, sampling: SamplingConfig, decode: DecodeConfig, size: int, pad_to_square: bool = False,
                  mean=(0.48145466, 0.4578275, 0.40821073)):
         self.sampling, self.decode, self.size, self.pad, self.mean = sampling, decode, size, pad_to_square, mean
 
-    def decode_row(self, r: dict) -> dict:
-        if r["kind"] != "sample":
-            return r
-        t0 = time.perf_counter()
-        try:
-            mtype, dec = decode_media(r["media"], r["media_ext"], self.sampling, self.decode)
-            frames = resize_crop(dec.frames, self.size, self.pad, self.mean).numpy()  # (T, 3, S, S) uint8
-        except MediaError as e:
-            return {**r, "kind": "error", "stage": "decode", "error": str(e), "media": b"",
-                    "t_decode": time.perf_counter() - t0}
-        except Exception as e:
-            if isinstance(e, RuntimeError) and "decode.device=cuda" in str(e):
-                raise  # a config error (no GPU decord), not bad data: the job must stop
-            # a decoder bug on one odd file must not kill the whole job: record it like any decode failure
-            return {**r, "kind": "error", "stage": "decode", "media": b"", "t_decode": time.perf_counter() - t0,
-                    "error": f"unexpected decode failure: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
-        return {**r, "media": b"", "media_type": mtype, "frames": frames.tobytes(),
-                "frames_shape": ",".join(map(str, frames.shape)), "timestamps": ",".join(f"{t:.4f}" for t in dec.timestamps),
-                "n_source_frames": dec.n_source_frames, "decoder": dec.decoder, "t_decode": time.perf_counter() - t0}
+    def decode_item(self, data: bytes, ext: str, ref: str) -> tuple[np.ndarray, Any]:
+        """-> ((T, 3, S, S) uint8 frames, (media type as decoded, DecodedMedia)). Raises MediaError for bad media."""
+        if ref:
+            raise MediaError("media references are not supported yet")
+        mtype, dec = decode_media(data, ext, self.sampling, self.decode)
+        return resize_crop(dec.frames, self.size, self.pad, self.mean).numpy(), (mtype, dec)  # (T, 3, S, S) uint8
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def decode_row(self, r: dict) -> dict:
+        if r["kind"] != "sample" or not r["media"]:
+            return {**r, "media": []}
+        t0 = time.perf_counter()
+        out: dict[str, list] = {k: [] for k in ("frames", "frames_shape", "timestamps", "n_source_frames", "decoder",
+                                                "modalities")}
+        for i, (data, ext, name, ref) in enumerate(zip(r["media"], r["media_ext"], r["item_names"], r["item_refs"])):
+            try:
+                frames, (mtype, dec) = self.decode_item(data, ext, ref)
+            except MediaError as e:
+                reason = str(e)
+            except Exception as e:
+                if isinstance(e, RuntimeError) and "decode.device=cuda" in str(e):
+                    raise  # a config error (no GPU decord), not bad data: the job must stop
+                # a decoder bug on one odd file must not kill the whole job: record it like any decode failure
+                first = str(e).splitlines()[0][:300] if str(e) else ""
+                reason = f"unexpected decode failure: {type(e).__name__}: {first}"
+            else:
+                out["frames"].append(frames.tobytes())
+                out["frames_shape"].append(",".join(map(str, frames.shape)))
+                out["timestamps"].append(",".join(f"{t:.4f}" for t in dec.timestamps))
+                out["n_source_frames"].append(dec.n_source_frames)
+                out["decoder"].append(dec.decoder)
+                out["modalities"].append(mtype)
+                continue
+            return {**r, "kind": "error", "stage": "decode", "error": f"item {i} ({name}): {reason}", "media": [],
+                    "t_decode": time.perf_counter() - t0}
+        return {**r, **retag(r, out["modalities"]), **out, "media": [], "t_decode": time.perf_counter() - t0}
+
+    def __call__(self, batch):
         return _batch([self.decode_row(r) for r in batch_rows(batch)])
 
 
@@ -182,7 +219,7 @@ def shape_of(s: str) -> tuple[int, ...]:
 
 
 class EncodeFeatures:
-    """Actor stage: uint8 frames -> frozen-tower features (fp16), pooled per ``mode``. Normalises with
+    """Actor stage: uint8 frames -> frozen-tower features (fp16), pooled per ``mode`` and item. Normalises with
     ``mean``/``std`` (the driver's resolved values, see pipeline.plan_stages); None = the tower's own."""
 
     def __init__(self, tower_cfg, mode: str, max_frames_per_forward: int = 256, mean=None, std=None):
@@ -194,57 +231,92 @@ class EncodeFeatures:
         self.mode = mode
         self.chunk = max_frames_per_forward
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def encode(self, stacks: list[np.ndarray]) -> list[np.ndarray]:
+        """Per item (T_j, 3, S, S) uint8 -> per item fp16 (P + T_j, D) valley_pooled or (T_j, 1 + P, D) frames."""
         import torch
 
+        lens = [s.shape[0] for s in stacks]
+        x = torch.from_numpy(np.concatenate(stacks))  # (sum T_j, 3, S, S) uint8
+        feats = []
+        for s in range(0, x.shape[0], self.chunk):
+            px = normalize(x[s:s + self.chunk].to(self.tower.device), self.mean, self.std, self.tower.dtype)
+            feats.append(self.tower.features(px))  # (n, 3, S, S) -> (n, 1 + P, D)
+        allf = torch.cat(feats)  # (sum T_j, 1 + P, D)
+        out = []
+        for f in torch.split(allf, lens):  # (T_j, 1 + P, D)
+            f = valley_pool(f) if self.mode == "valley_pooled" else f  # (P + T_j, D) or (T_j, 1 + P, D)
+            out.append(f.to(torch.float16).cpu().contiguous().numpy())
+        return out
+
+    def __call__(self, batch):
         rows = batch_rows(batch)
         todo = [i for i, r in enumerate(rows) if r["kind"] == "sample"]
-        if todo:
+        stacks = [np.frombuffer(b, np.uint8).reshape(shape_of(s))
+                  for i in todo for b, s in zip(rows[i]["frames"], rows[i]["frames_shape"])]
+        if stacks:
             t0 = time.perf_counter()
-            stacks = [np.frombuffer(rows[i]["frames"], np.uint8).reshape(shape_of(rows[i]["frames_shape"])) for i in todo]
-            lens = [s.shape[0] for s in stacks]
-            x = torch.from_numpy(np.concatenate(stacks))  # (sum T, 3, S, S) uint8
-            feats = []
-            for s in range(0, x.shape[0], self.chunk):
-                px = normalize(x[s:s + self.chunk].to(self.tower.device), self.mean, self.std, self.tower.dtype)
-                feats.append(self.tower.features(px))  # (n, 3, S, S) -> (n, 1 + P, D)
-            allf = torch.cat(feats)  # (sum T, 1 + P, D)
+            feats = iter(self.encode(stacks))
             dt = (time.perf_counter() - t0) / len(todo)
-            for i, f in zip(todo, torch.split(allf, lens)):
-                out = valley_pool(f) if self.mode == "valley_pooled" else f  # (P + T, D) or (T, 1 + P, D)
-                out = out.to(torch.float16).cpu().contiguous().numpy()
-                rows[i].update(features=out.tobytes(), features_shape=",".join(map(str, out.shape)),
-                               frames=b"", t_encode=dt)
+            for i in todo:
+                out = [next(feats) for _ in rows[i]["frames"]]
+                rows[i].update(features=[f.tobytes() for f in out], features_shape=[",".join(map(str, f.shape))
+                                                                                     for f in out],
+                               frames=[], t_encode=dt)
         return _batch(rows)
-
 
 # ------------------------------------------------------------------------------------------------ write
 
 META_FIELDS = {"shard": "", "kind": "", "n_ok": 0, "n_err": 0, "expected": -1, "part": "", "errors": "",
                "frames": 0, "bytes_in": 0, "bytes_out": 0, "t_read": 0.0, "t_decode": 0.0, "t_encode": 0.0,
-               "ignored": "", "media_counts": ""}
+               "ignored": "", "media_counts": "", "item_counts": ""}
+
+
+def _floats(s: str) -> list[float]:
+    return [float(t) for t in s.split(",")] if s else []
 
 
 def feature_table(rows: list[dict], mode: str):
+    """Encoded sample rows -> the Parquet table of format ``vlp-features/2`` (per-item columns are lists, one
+    entry per media item in placeholder order; all empty for a text-only sample)."""
     import pyarrow as pa
 
+    ints = pa.list_(pa.int32())
     return pa.table({
         "uid": [f"{r['shard']}/{r['key']}" for r in rows],  # unique across a feature set
         "key": [r["key"] for r in rows],
         "shard": [r["shard"] for r in rows],
         "media_type": [r["media_type"] for r in rows],
+        "modalities": pa.array([list(r["modalities"]) for r in rows], pa.list_(pa.string())),
+        "items": pa.array([list(r["item_names"]) for r in rows], pa.list_(pa.string())),
         "caption": [r["caption"] for r in rows],
         "conversations": [r["conversations"] for r in rows],
         "meta": [r["meta"] for r in rows],
-        "timestamps": pa.array([[float(t) for t in r["timestamps"].split(",")] if r["timestamps"] else [] for r in rows],
-                               pa.list_(pa.float32())),
-        "num_frames": pa.array([shape_of(r["frames_shape"])[0] if r["frames_shape"] else len(r["timestamps"].split(","))
-                                for r in rows], pa.int32()),
-        "n_source_frames": pa.array([r["n_source_frames"] for r in rows], pa.int32()),
-        "features": pa.array([r["features"] for r in rows], pa.binary()),
-        "shape": pa.array([list(shape_of(r["features_shape"])) for r in rows], pa.list_(pa.int32())),
-        "mode": [mode] * len(rows),
+        "timestamps": pa.array([[_floats(t) for t in r["timestamps"]] for r in rows], pa.list_(pa.list_(pa.float32()))),
+        "num_frames": pa.array([[shape_of(s)[0] for s in r["frames_shape"]] for r in rows], ints),
+        "n_source_frames": pa.array([list(r["n_source_frames"]) for r in rows], ints),
+        "features": pa.array([list(r["features"]) for r in rows], pa.list_(pa.binary())),
+        "shape": pa.array([[list(shape_of(s)) for s in r["features_shape"]] for r in rows], pa.list_(ints)),
+        "mode": pa.array([mode] * len(rows), pa.string()),
     })
+
+
+def shard_counts(ok: list[dict], rs: list[dict]) -> dict:
+    """The counting part of one shard's metadata row: samples by media_type (``text`` included), items by modality,
+    frames summed over items, bytes, stage times, ignored members (JSON dicts where they are maps)."""
+    media: dict[str, int] = {}
+    items: dict[str, int] = {}
+    for r in ok:
+        media[r["media_type"]] = media.get(r["media_type"], 0) + 1
+        for m in r["modalities"]:
+            items[m] = items.get(m, 0) + 1
+    ign: dict[str, int] = {}
+    for r in rs:
+        for e in filter(None, r["ignored"].split(",")):
+            ign[e] = ign.get(e, 0) + 1
+    return dict(frames=sum(shape_of(s)[0] for r in ok for s in r["frames_shape"]),
+                bytes_in=sum(r["bytes_in"] for r in rs), t_read=sum(r["t_read"] for r in rs),
+                t_decode=sum(r["t_decode"] for r in rs), t_encode=sum(r["t_encode"] for r in rs),
+                ignored=json.dumps(ign), media_counts=json.dumps(media), item_counts=json.dumps(items))
 
 
 class WriteParts:
@@ -257,8 +329,9 @@ class WriteParts:
     def __init__(self, out_uri: str, storage: StorageConfig | None, mode: str):
         self.layout, self.mode = FeatureSetLayout(out_uri, storage), mode
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+    def __call__(self, batch) -> dict[str, list]:
         import io
+        import uuid
 
         import pyarrow.parquet as pq
 
@@ -286,16 +359,6 @@ class WriteParts:
                                             "reason": r["error"]}) + "\n" for r in bad)
                 m["errors"] = self.layout.error_part(shard, part_id)
                 self.layout.write(m["errors"], lines)
-            media_counts: dict[str, int] = {}
-            for r in ok:
-                media_counts[r["media_type"]] = media_counts.get(r["media_type"], 0) + 1
-            ign: dict[str, int] = {}
-            for r in rs:
-                for e in filter(None, r["ignored"].split(",")):
-                    ign[e] = ign.get(e, 0) + 1
-            m.update(frames=sum(shape_of(r["frames_shape"])[0] if r["frames_shape"] else 0 for r in ok),
-                     bytes_in=sum(r["bytes_in"] for r in rs), t_read=sum(r["t_read"] for r in rs),
-                     t_decode=sum(r["t_decode"] for r in rs), t_encode=sum(r["t_encode"] for r in rs),
-                     ignored=json.dumps(ign), media_counts=json.dumps(media_counts))
+            m.update(shard_counts(ok, rs))
             metas.append(m)
         return {k: [m[k] for m in metas] for k in META_FIELDS}
