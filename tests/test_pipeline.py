@@ -46,9 +46,10 @@ def test_features_pooled_shapes_values_and_manifest(ray_local, synth_shards, tmp
     vids = [r for r in rows.values() if r["media_type"] == "video"]
     imgs = [r for r in rows.values() if r["media_type"] == "image"]
     assert len(vids) == 6 and len(imgs) == 6
-    assert all(r["features"].shape == (256 + 8, 64) and r["features"].dtype == np.float16 for r in vids)
-    assert all(r["features"].shape == (256 + 1, 64) for r in imgs)
-    assert all(len(r["timestamps"]) == 8 and list(r["timestamps"]) == sorted(r["timestamps"]) for r in vids)
+    assert all(len(r["features"]) == 1 and r["modalities"] == [r["media_type"]] for r in rows.values())  # /2 rows
+    assert all(r["features"][0].shape == (256 + 8, 64) and r["features"][0].dtype == np.float16 for r in vids)
+    assert all(r["features"][0].shape == (256 + 1, 64) for r in imgs)
+    assert all(len(r["timestamps"][0]) == 8 and list(r["timestamps"][0]) == sorted(r["timestamps"][0]) for r in vids)
     assert all(r["caption"] and json.loads(r["meta"])["key"] == r["key"] for r in rows.values())
 
     # recompute one clip by hand: decode -> preprocess -> CLIP penultimate layer -> Valley pooling
@@ -64,7 +65,7 @@ def test_features_pooled_shapes_values_and_manifest(ray_local, synth_shards, tmp
     with torch.no_grad():
         h = model(pixel_values=clip_preprocess(dec.frames), output_hidden_states=True).hidden_states[-2]
     expect = torch.cat([h[:, 1:].mean(0), h[:, 0]])  # (T, 257, D) -> (256 + T, D)
-    got = torch.from_numpy(rows["webvid-00000/" + raw.key]["features"].astype(np.float32))
+    got = torch.from_numpy(rows["webvid-00000/" + raw.key]["features"][0].astype(np.float32))
     assert torch.allclose(got, expect, atol=2e-2, rtol=1e-2), (got - expect).abs().max()
 
     man = json.loads((out / "manifest.json").read_text())
@@ -80,7 +81,7 @@ def test_features_pooled_shapes_values_and_manifest(ray_local, synth_shards, tmp
     ds = open_feature_dataset(str(out))
     assert ds.count() == 12
     row = ds.take(1)[0]
-    assert row["features"].shape in ((264, 64), (257, 64))
+    assert [f.shape for f in row["features"]] in ([(264, 64)], [(257, 64)])
 
 
 def test_frames_mode_and_fps_sampling(ray_local, synth_shards, tmp_path):
@@ -91,7 +92,7 @@ def test_frames_mode_and_fps_sampling(ray_local, synth_shards, tmp_path):
     rows = list(iter_feature_rows(str(out)))
     assert len(rows) == 6
     # 12 frames at 8 fps = 1.5 s -> targets 0, 0.5, 1.0, 1.5 s, thinned to max_frames=3
-    assert all(r["features"].shape == (3, 257, 64) for r in rows)
+    assert all([f.shape for f in r["features"]] == [(3, 257, 64)] for r in rows)
 
 
 def test_resume_skips_complete_shards_and_mismatch_is_refused(ray_local, synth_shards, tmp_path):
