@@ -71,14 +71,16 @@ def feature_root() -> Path:
 
 
 def read_feature_rows(uri: str) -> list[dict]:
-    """Committed rows of a feature set, features as stored (fp16 bytes), like the training pipeline sees them."""
+    """Committed rows of a feature set, features as stored (fp16 bytes), /2-shaped (a /1 set lifted), like the
+    training pipeline sees them."""
     import pyarrow.parquet as pq
 
-    from vlp.formats.featureset import feature_parts
+    from vlp.formats.featureset import FeatureSetLayout, Manifest, feature_parts, is_v1, lift_v1_row
 
+    v1 = is_v1(Manifest.read(FeatureSetLayout(uri)))
     rows = []
     for p in feature_parts(uri):
-        rows += pq.read_table(p).to_pylist()
+        rows += [lift_v1_row(r) if v1 else r for r in pq.read_table(p).to_pylist()]
     return rows
 
 
@@ -86,7 +88,7 @@ def tokenise(rows: list[dict], fmt: str = "auto", template: str = TEMPLATE, max_
     """vlp.train.data.Tokenize over rows (what the Ray Data graph runs); returns rows as the worker sees them."""
     from vlp.train.data import Tokenize
 
-    cols = ("uid", "media_type", "features", "shape", "mode", "num_frames", "caption", "conversations")
+    cols = ("uid", "media_type", "modalities", "features", "shape", "mode", "num_frames", "caption", "conversations")
     batch = {}
     for k in cols:
         arr = np.empty(len(rows), dtype=object)

@@ -122,7 +122,7 @@ def test_a_feature_set_written_before_the_records_loads_through_every_reader(tmp
     assert info.fingerprint.to_json() == OLD_FINGERPRINT
     assert {n: c.to_json() for n, c in committed_shards(root).items()} == {c["shard"]: c for c in OLD_COMMITS}
     rows = list(iter_feature_rows(root))
-    assert len(rows) == 3 and rows[0]["features"].shape == (258, 64)
+    assert len(rows) == 3 and [f.shape for f in rows[0]["features"]] == [(258, 64)]  # lifted to /2
     rep = inspect_features(root)
     assert rep["complete"] and rep["samples"] == 3 and rep["frames"] == 5 and rep["encoder"] == ENCODER
     assert is_feature_set(root) and not is_feature_set(str(tmp_path))
@@ -267,3 +267,64 @@ def test_a_missing_folder_or_one_that_is_no_export_is_a_user_error(tmp_path):
     with pytest.raises(NotAnExport, match="is not a model export"):
         ExportInfo.read(tmp_path / "run")
     assert issubclass(NotAnExport, UserError)
+
+
+# ------------------------------------------------------------------ /1 rows lifted to /2 (vlp-features/2 readers)
+
+def _v1_table():
+    import numpy as np
+
+    from vlp.precompute.stages import feature_table, make_row
+
+    no_placeholder = json.dumps([{"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "Red."}])
+    placed = json.dumps([{"from": "human", "value": "<image>\nWhat shape?"}, {"from": "gpt", "value": "A disc."}])
+    two = json.dumps([{"from": "human", "value": "<video><video> Same?"}, {"from": "gpt", "value": "Yes."}])
+    rows = [make_row(shard="s", key="v", kind="sample", media_type="video", caption="c", conversations=no_placeholder,
+                     frames_shape="2,3,8,8", timestamps="0.0,0.5", n_source_frames=12, features_shape="3,4",
+                     features=np.arange(12, dtype=np.float16).tobytes()),
+            make_row(shard="s", key="i", kind="sample", media_type="image", caption="c", conversations=placed,
+                     frames_shape="1,3,8,8", timestamps="0.0", n_source_frames=1, features_shape="2,4",
+                     features=np.ones(8, np.float16).tobytes()),
+            make_row(shard="s", key="bad", kind="sample", media_type="video", caption="c", conversations=two,
+                     frames_shape="2,3,8,8", timestamps="0.0,0.5", n_source_frames=2, features_shape="2,4",
+                     features=np.zeros(8, np.float16).tobytes())]
+    return feature_table(rows, "valley_pooled")
+
+
+def test_a_v1_batch_is_lifted_to_per_item_lists_and_an_old_conversation_gets_its_placeholder():
+    import numpy as np
+
+    from vlp.formats.featureset import decode_item_features, lift_v1_batch, lift_v1_row
+
+    table = _v1_table()
+    lifted = lift_v1_batch(table).to_pylist()
+    assert [r["modalities"] for r in lifted] == [["video"], ["image"], ["video"]]
+    assert [r["items"] for r in lifted] == [[""]] * 3
+    v, i, bad = lifted
+    assert v["shape"] == [[3, 4]] and v["num_frames"] == [2] and v["n_source_frames"] == [12]
+    assert v["timestamps"] == [[0.0, 0.5]] and len(v["features"]) == 1 and isinstance(v["features"][0], bytes)
+    np.testing.assert_array_equal(decode_item_features(v["features"], v["shape"])[0],
+                                  np.arange(12, dtype=np.float16).reshape(3, 4))
+    assert json.loads(v["conversations"])[0]["value"] == "<video>\nWhat colour?"  # the old row's features are used
+    assert i["conversations"] == table.column("conversations")[1].as_py()  # already placed: kept byte for byte
+    assert bad["conversations"] == table.column("conversations")[2].as_py()  # 2 placeholders, 1 item: kept (skipped later)
+    assert (v["uid"], v["caption"], v["media_type"], v["mode"]) == ("s/v", "c", "video", "valley_pooled")
+    assert [lift_v1_row(r) for r in table.to_pylist()] == lifted  # the row version agrees
+
+
+def test_a_v2_feature_set_is_read_as_it_is(tmp_path):
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from vlp.formats.featureset import lift_v1_batch
+
+    root = _old_feature_set(tmp_path / "fs", {**OLD_MANIFEST, "format": "vlp-features/2"})
+    for c in OLD_COMMITS:  # rewrite every part as /2 rows (what the /2 writer makes)
+        buf = io.BytesIO()
+        pq.write_table(lift_v1_batch(pq.read_table(str(root / c["parts"][0]))), buf)
+        (root / c["parts"][0]).write_bytes(buf.getvalue())
+    rows = list(iter_feature_rows(str(root)))
+    assert len(rows) == 3 and all(r["modalities"] == ["video"] and r["shape"] == [[258, 64]] for r in rows)
+    assert all(len(r["features"]) == 1 and r["features"][0].dtype == np.float16 for r in rows)  # not lifted twice

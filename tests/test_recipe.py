@@ -115,23 +115,66 @@ def one_rank(monkeypatch):
     dist.destroy_process_group()
 
 
-def _tokenised(n: int) -> list[dict]:
+def _tokenised(n: int, mixed: bool = False) -> list[dict]:
+    """n tokenised /2 rows: one video each, or (``mixed``) in turn a video, an image + a video, a text-only row."""
     from vlp.train.data import Tokenize
 
     rng = np.random.default_rng(0)
-    convs = [[{"from": "human", "value": "<video>\nWhat color is the shape?"},
-              {"from": "gpt", "value": "It is red." * (1 + i % 4)}] for i in range(n)]
-    cols = {"uid": [f"s0:u{i}" for i in range(n)], "media_type": ["video"] * n,
-            "features": [rng.standard_normal((264, 64)).astype(np.float16).tobytes() for _ in range(n)],
-            "shape": [np.asarray([264, 64]) for _ in range(n)], "mode": ["valley_pooled"] * n,
-            "num_frames": [8] * n, "caption": [""] * n, "conversations": [json.dumps(c) for c in convs],
-            "format": ["auto"] * n}
+    kinds = [("video",), ("image", "video"), ()] if mixed else [("video",)]
+    items = [kinds[i % len(kinds)] for i in range(n)]
+    shapes = {"video": [264, 64], "image": [257, 64]}
+    convs = [[{"from": "human", "value": "".join(f"<{m}>\n" for m in its) + "What color is the shape?"},
+              {"from": "gpt", "value": "It is red." * (1 + i % 4)}] for i, its in enumerate(items)]
+    cols = {"uid": [f"s0:u{i}" for i in range(n)], "media_type": [its[0] if len(its) == 1 else "mixed" if its
+                                                                  else "text" for its in items],
+            "modalities": [list(its) for its in items],
+            "features": [[rng.standard_normal(shapes[m]).astype(np.float16).tobytes() for m in its] for its in items],
+            "shape": [[np.asarray(shapes[m]) for m in its] for its in items], "mode": ["valley_pooled"] * n,
+            "num_frames": [[8 if m == "video" else 1 for m in its] for its in items], "caption": [""] * n,
+            "conversations": [json.dumps(c) for c in convs], "format": ["auto"] * n}
     batch = {}
     for k, v in cols.items():
         batch[k] = np.empty(n, dtype=object)
         batch[k][:] = v
-    out = Tokenize("preset:tiny-llama", "vicuna_v1", 512, "truncate", "valley")(batch)
+    out = Tokenize("preset:tiny-llama", "vicuna_v1", 1024 if mixed else 512, "truncate", "valley")(batch)
     return [{k: out[k][i] for k in out} for i in range(n)]
+
+
+def test_step_inputs_of_a_mixed_micro_batch_are_per_item_lists_and_none_for_text_only():
+    import torch
+
+    from vlp.train.recipe import batch_inputs, probe_of
+
+    rows = _tokenised(3, mixed=True)  # a video, an image + a video, a text-only row
+    assert [r["skip"] for r in rows] == ["", "", ""]
+    ids, labels, feats, modes, nfs = batch_inputs(rows, "cpu", torch.float32)
+    assert [len(f) if f is not None else None for f in feats] == [1, 2, None]
+    assert [tuple(t.shape) for t in feats[1]] == [(257, 64), (264, 64)] and feats[1][0].dtype == torch.float32
+    assert nfs == [[8], [1, 8], []] and modes == ["valley_pooled"] * 3
+    assert [int((i == -200).sum()) for i in ids] == [1, 2, 0] and all(len(i) == len(l) for i, l in zip(ids, labels))
+    np.testing.assert_array_equal(feats[1][1].numpy(), np.frombuffer(rows[1]["features"][1], np.float16)
+                                  .reshape(264, 64).astype(np.float32))
+    assert [int(r["length"]) for r in rows] == [len(i) - len(f or []) + sum(t.shape[0] for t in f or [])
+                                                for i, f in zip(ids, feats)]  # visual tokens summed over items
+    p = probe_of(rows[1])
+    assert p["shape"] == [[257, 64], [264, 64]] and p["num_frames"] == [1, 8]
+    assert probe_of(rows[2])["shape"] == [] and probe_of(rows[2])["num_frames"] == []
+
+
+def test_the_probe_of_mixed_rows_and_an_old_single_item_probe_give_logits(one_rank, tmp_path):
+    import torch
+
+    from vlp.formats.export import probe_logits
+    from vlp.models.videollm import ModelConfig, VideoLLM
+    from vlp.train.recipe import probe_of
+
+    model = VideoLLM(validate(ModelConfig, {"vision_hidden_size": 64, "llm": {"path": "preset:tiny-llama"}}))
+    rows = _tokenised(3, mixed=True)
+    for r in rows:  # two items, one, none: each runs, twice the same
+        p = probe_of(r)
+        assert torch.equal(probe_logits(model, p), probe_logits(model, p)) and torch.isfinite(probe_logits(model, p)).all()
+    old = {**probe_of(rows[0]), "shape": [264, 64], "num_frames": 8}  # train_summary.json before per-item lists
+    assert torch.equal(probe_logits(model, old), probe_logits(model, probe_of(rows[0])))
 
 
 def test_recipe_steps_train_log_and_export_on_one_rank(one_rank, tmp_path):

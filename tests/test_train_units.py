@@ -231,9 +231,66 @@ def test_copies_of_a_sample_never_share_a_micro_batch():
     assert [[r["uid"] for r in mb] for mb in a] == [[r["uid"] for r in mb] for mb in b]  # replayable
 
 
-def _row(conv=None, caption="", media="video", shape=(264, 64), mode="valley_pooled", t=8, fmt="auto"):
+def _row(conv=None, caption="", media="video", shape=(264, 64), mode="valley_pooled", t=8, fmt="auto", items=None):
+    """A /2 row: ``items`` = [(modality, shape, num_frames)], one item (media, shape, t) by default."""
+    items = [(media, shape, t)] if items is None else items
+    media_type = "text" if not items else items[0][0] if len({m for m, _, _ in items}) == 1 else "mixed"
     return {"format": fmt, "conversations": json.dumps(conv) if conv else "", "caption": caption,
-            "media_type": media, "shape": list(shape), "mode": mode, "num_frames": t}
+            "media_type": media_type, "modalities": [m for m, _, _ in items], "shape": [list(s) for _, s, _ in items],
+            "mode": mode, "num_frames": [n for _, _, n in items]}
+
+
+TWO_ITEMS = [("image", (257, 64), 1), ("video", (264, 64), 8)]  # valley_pooled: (P + T, D) -> P + T tokens each
+
+
+def test_a_two_item_sample_costs_each_items_visual_tokens():
+    conv = [{"from": "human", "value": "<image>\nand <video>\nWhat changed?"}, {"from": "gpt", "value": "It moved."}]
+    tk = Tokenize("preset:tiny-tokenizer", "vicuna_v1", max_length=2048, overlong="truncate", model="valley")
+    assert tk.visual_counts(_row(items=TWO_ITEMS)) == [257, 264]
+    ids, labels, length, reason = tk.one(_row(conv, items=TWO_ITEMS))
+    assert reason == "" and ids.count(VISUAL_TOKEN_INDEX) == 2 and length == len(ids) - 2 + 257 + 264
+    assert len(ids) == len(labels) and all(labels[i] == IGNORE_INDEX for i, t in enumerate(ids) if t == VISUAL_TOKEN_INDEX)
+    # caption data: one placeholder per item, in the row's order
+    cap = tk.one(_row(caption="A red disc, then a blue square.", fmt="caption", items=TWO_ITEMS))
+    assert cap[3] == "" and cap[0].count(VISUAL_TOKEN_INDEX) == 2 and cap[2] == len(cap[0]) - 2 + 521
+
+
+def test_truncation_keeps_every_visual_span_of_a_multi_item_sample():
+    conv = [{"from": "human", "value": "<image>\n<video>\nWhat changed?"},
+            {"from": "gpt", "value": "The shape is red. " * 20}]
+    full = Tokenize("preset:tiny-tokenizer", "vicuna_v1", 4096, "truncate", "valley").one(_row(conv, items=TWO_ITEMS))
+    ids, labels = full[0], full[1]
+    end_last = len(ids) - 1 - ids[::-1].index(VISUAL_TOKEN_INDEX) - 1 + 257 + 264  # end of the 2nd span, expanded
+    keep = next(i for i, l in enumerate(labels) if l != IGNORE_INDEX) - 2 + 521 + 5  # 5 answer tokens left
+    cut = Tokenize("preset:tiny-tokenizer", "vicuna_v1", keep, "truncate", "valley").one(_row(conv, items=TWO_ITEMS))
+    assert cut[3] == "" and cut[2] == keep and cut[0].count(VISUAL_TOKEN_INDEX) == 2 and keep > end_last
+    assert cut[0] == ids[:len(cut[0])] and len(cut[0]) - 2 + 521 == keep
+    # the first span fits, the second does not: skipped, never cut
+    short = Tokenize("preset:tiny-tokenizer", "vicuna_v1", end_last - 10, "truncate", "valley")
+    assert short.one(_row(conv, items=TWO_ITEMS))[3] == "over max_length"
+
+
+def test_a_text_only_sample_is_tokenised_without_visuals():
+    conv = [{"from": "human", "value": "What is two plus two?"}, {"from": "gpt", "value": "Four."}]
+    tk = Tokenize("preset:tiny-tokenizer", "vicuna_v1", max_length=512, overlong="truncate", model="valley")
+    ids, labels, length, reason = tk.one(_row(conv, items=[]))
+    assert reason == "" and VISUAL_TOKEN_INDEX not in ids and length == len(ids) == len(labels)
+    assert tk.visual_counts(_row(conv, items=[])) == []
+    cap = tk.one(_row(caption="Just words.", fmt="caption", items=[]))
+    assert cap[3] == "" and VISUAL_TOKEN_INDEX not in cap[0] and cap[2] == len(cap[0])
+
+
+@pytest.mark.parametrize("value, items", [
+    ("<video>\nWhat color?", [("image", (257, 64), 1)]),                  # other modality
+    ("<video><video>\nSame?", [("video", (264, 64), 8)]),                 # two placeholders, one item
+    ("What color?", [("video", (264, 64), 8)]),                             # no placeholder, one item
+    ("<video>\nWhat color?", []),                                          # a placeholder, no item
+    ("<video>\n<image>\nWhich first?", TWO_ITEMS),                        # right items, wrong order
+])
+def test_placeholders_that_do_not_match_the_media_items_are_skipped(value, items):
+    conv = [{"from": "human", "value": value}, {"from": "gpt", "value": "Red."}]
+    tk = Tokenize("preset:tiny-tokenizer", "vicuna_v1", max_length=2048, overlong="truncate", model="valley")
+    assert tk.one(_row(conv, items=items)) == ([], [], 0, "placeholders do not match the media items")
 
 
 def test_truncation_never_cuts_the_visual_span():
@@ -260,7 +317,7 @@ def test_truncation_never_cuts_the_visual_span():
 
 def test_length_grouping_cuts_padding():
     rng = np.random.default_rng(0)
-    rows = [{"media_type": "video" if i % 2 else "image", "length": int(l)}
+    rows = [{"media_type": ("video", "image", "text", "mixed")[i % 4], "length": int(l)}
             for i, l in enumerate(rng.integers(20, 300, 512))]
     grouped = length_grouped(rows, 8, np.random.default_rng(1), group=True)
     random = length_grouped(list(rng.permutation(rows)), 8, np.random.default_rng(1), group=False)
@@ -268,7 +325,7 @@ def test_length_grouping_cuts_padding():
     assert padding_fraction(grouped) < 0.1 < padding_fraction(random)
     by_mod = length_grouped(rows, 8, np.random.default_rng(1), group=True, by_modality=True)
     mixed = sum(len({r["media_type"] for r in mb}) > 1 for mb in by_mod)
-    assert mixed <= 1  # modality first: at most the boundary micro-batch mixes
+    assert mixed <= 3  # media_type first (text-only rows together too): at most the boundary micro-batches mix
     assert padding_fraction(grouped) <= padding_fraction(by_mod) < padding_fraction(random)
 
 

@@ -47,14 +47,17 @@ def question_type(question: str) -> Optional[str]:
 
 
 @torch.no_grad()
-def score_answers(model, tok, template: str, question: str, answers: list[str], feats: torch.Tensor, mode: str,
-                  num_frames: int) -> list[float]:
-    """Sum of log-probabilities of each answer's tokens given the question and the visual tokens."""
+def score_answers(model, tok, template: str, question: str, answers: list[str], feats, mode: str,
+                  num_frames) -> list[float]:
+    """Sum of log-probabilities of each answer's tokens given the question and the sample's visual tokens.
+
+    ``feats``: the sample's features, one tensor per media item in placeholder order (with ``num_frames`` one per
+    item), one tensor (one number), or None for a text-only sample (see ``VideoLLM.sample_visuals``)."""
     enc = [tokenize_conversation([{"from": "human", "value": question}, {"from": "gpt", "value": a}], tok, template)
            for a in answers]
-    visual = model.visual_tokens(feats, mode, num_frames)
+    visuals = model.sample_visuals(feats, mode, num_frames)  # None, or a list of (N_j, d_model)
     embeds, mask, labels = model.build_inputs([torch.tensor(i) for i, _ in enc], [torch.tensor(l) for _, l in enc],
-                                              [visual] * len(answers))
+                                              [visuals] * len(answers))
     logits = model.llm(inputs_embeds=embeds, attention_mask=mask).logits.float()  # (B, L, V)
     logp = torch.log_softmax(logits[:, :-1], -1)  # predict token t+1 from t
     tgt = labels[:, 1:]
@@ -103,9 +106,10 @@ def score_question(model, tok, template: str, row: dict, qtype: str, tally: Tall
                    max_new_tokens: int) -> None:
     """Choice (and generation) scores of one known question about one row, added to ``tally``."""
     meta = json.loads(row["meta"]) if row["meta"] else {}
-    feats = torch.from_numpy(row["features"].astype(np.float32))
-    nf = int(row["num_frames"])
-    q = f"<{row['media_type']}>\n" + QUESTIONS[qtype][0]
+    feats = [torch.from_numpy(f.astype(np.float32)) for f in row["features"]] or None  # one per item
+    nf = [int(t) for t in row["num_frames"]]
+    placeholder = "".join(f"<{m}>" for m in row["modalities"]) + "\n" if row["modalities"] else ""
+    q = placeholder + QUESTIONS[qtype][0]
     truth = meta[qtype]
     cands = CANDIDATES[qtype]
     answers = [QUESTIONS[qtype][1].format(**{**{k: meta.get(k, "") for k in CANDIDATES}, qtype: c}) for c in cands]

@@ -167,18 +167,23 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[VideoLLM, Any, Ex
 
 def probe_logits(model: VideoLLM, probe: dict) -> torch.Tensor:
     """Logits at the last position for a fixed probe: ``probe["input_ids"]`` (a tokenised training row) with
-    features drawn from a seeded generator of ``probe["shape"]`` (+ mode, num_frames). Eval mode, no grad; the
-    model's train/eval state is restored. Under ZeRO-3 every rank must call this (the forward gathers weights).
-    Used to check that an export reloads to the model that was trained (train_summary.json ``probe``)."""
+    features drawn from a seeded generator, one block per item of ``probe["shape"]`` (a list of shapes, one per
+    item, [] for a text-only row; a probe written before samples had several items holds one shape) with
+    ``num_frames`` (a list, or one number for such an old probe) and mode. Eval mode, no grad; the model's
+    train/eval state is restored. Under ZeRO-3 every rank must call this (the forward gathers weights). Used to
+    check that an export reloads to the model that was trained (train_summary.json ``probe``)."""
     was_training = model.training
     model.eval()
     try:
         w = next(model.connector.parameters())
         g = torch.Generator().manual_seed(int(probe.get("seed", 0)))
-        feats = torch.randn(tuple(probe["shape"]), generator=g).to(w.device, w.dtype)  # (T+P, D) or (T, P+1, D)
+        shapes, nfs = probe["shape"], probe["num_frames"]
+        if shapes and not isinstance(shapes[0], (list, tuple)):  # an old probe: one item
+            shapes, nfs = [shapes], [nfs]
+        feats = [torch.randn(tuple(s), generator=g).to(w.device, w.dtype) for s in shapes]  # (T+P, D) or (T, P+1, D)
         ids = torch.as_tensor(probe["input_ids"], dtype=torch.long)
         with torch.no_grad():
-            out = model([ids], None, [feats], [probe["mode"]], [int(probe["num_frames"])])
+            out = model([ids], None, [feats or None], [probe["mode"]], [[int(t) for t in nfs]])
         return out.logits[0, -1, :1024].float().cpu()  # (V,) capped
     finally:
         model.train(was_training)

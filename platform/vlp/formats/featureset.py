@@ -1,5 +1,5 @@
 """The feature-set format: its layout, typed records (fingerprint, shard commit, manifest) and readers.
-May import: storage, errors, formats.records.
+May import: storage, errors, formats.records (and vlp.data.sample, in the /1 lift: no torch, no Ray).
 
 Layout under the output URI (:class:`FeatureSetLayout` names every path; nothing else spells them)::
 
@@ -34,6 +34,7 @@ from ..storage import StorageConfig, get_fs, join, read_bytes, write_atomic
 from .records import Record, RecordError, format_problem, parse_json
 
 FEATURES_FORMAT = "vlp-features/2"  # what precompute writes: one row per sample, per-item list columns
+FEATURES_V2 = FEATURES_FORMAT
 READ_FORMATS = ("vlp-features/1", FEATURES_FORMAT)  # what the readers read (/1 rows are lifted to the /2 shape)
 
 
@@ -322,25 +323,113 @@ def feature_parts(uri: str, storage: StorageConfig | None = None) -> list[str]:
 
 
 def decode_features(features: bytes, shape) -> np.ndarray:
-    """Stored fp16 bytes -> array of ``shape``: (P + T, D) for valley_pooled, (T, 1 + P, D) for frames."""
+    """One stored fp16 block -> array of ``shape``: (P + T, D) for valley_pooled, (T, 1 + P, D) for frames."""
     return np.frombuffer(features, dtype=np.float16).reshape(tuple(int(s) for s in shape))
 
 
-def iter_feature_rows(uri: str, storage: StorageConfig | None = None) -> Iterator[dict]:
-    """Plain-Python reader (no Ray): every committed row with ``features`` decoded."""
+def decode_item_features(features, shapes) -> list[np.ndarray]:
+    """A /2 row's ``features`` (one fp16 block per item) and ``shape`` (one shape per item) -> one array per item
+    ([] for a text-only row)."""
+    return [decode_features(f, s) for f, s in zip(features, shapes)]
+
+
+# /1 columns that hold one item's value and become one-element lists in /2
+V1_ITEM_COLUMNS = ("features", "shape", "timestamps", "num_frames", "n_source_frames")
+
+
+def is_v1(manifest: Optional[Manifest]) -> bool:
+    """Whether a set's rows are /1 (one item per row): a manifest without ``format`` or with ``vlp-features/1``.
+    (A set that never completed has no manifest: see :func:`_rows_are_v1`.)"""
+    return manifest is not None and manifest.format in (None, FEATURES_FORMAT)
+
+
+def lift_v1_conversations(key: str, conversations: Optional[str], media_type: str) -> Optional[str]:
+    """A /1 row's conversations (JSON) with the placeholder rules of the general sample applied to its one item:
+    an old conversation without a placeholder gets ``<media_type>\\n`` before its first user turn (its features
+    were silently dropped before). One that does not match its item is kept as it was (training skips it:
+    "placeholders do not match the media items")."""
+    from ..data.sample import match_placeholders  # no torch, no Ray
+
+    if not conversations:
+        return conversations
+    try:
+        conv = json.loads(conversations)
+        lifted, _ = match_placeholders(key, conv, [media_type])
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return conversations
+    return conversations if lifted == conv else json.dumps(lifted)
+
+
+def lift_v1_row(row: dict) -> dict:
+    """One /1 feature row (as ``to_pylist`` gives it) -> the /2 row of its one item (a new dict)."""
+    out = dict(row)
+    for k in V1_ITEM_COLUMNS:
+        if k in row:
+            out[k] = [row[k]]
+    out["modalities"] = [row["media_type"]]
+    out["items"] = [""]  # /1 did not record the member's name
+    out["conversations"] = lift_v1_conversations(row["key"], row.get("conversations"), row["media_type"])
+    return out
+
+
+def lift_v1_batch(table):
+    """A /1 batch (a ``pyarrow.Table``: a Parquet part, or a Ray Data ``batch_format="pyarrow"`` batch) -> /2:
+    every per-item column wrapped in a one-element list (``features: binary -> list<binary>``, ``shape:
+    list<int32> -> list<list<int32>>``...), ``modalities = [media_type]``, ``items = [""]`` and the conversations
+    through :func:`lift_v1_conversations`."""
+    import pyarrow as pa
+
+    offsets = pa.array(np.arange(table.num_rows + 1, dtype=np.int32))
+
+    def one_each(name: str):  # column of n values -> column of n one-element lists
+        return pa.ListArray.from_arrays(offsets, table.column(name).combine_chunks())
+
+    for k in V1_ITEM_COLUMNS:
+        if k in table.column_names:
+            table = table.set_column(table.column_names.index(k), k, one_each(k))
+    table = table.append_column("modalities", one_each("media_type"))
+    table = table.append_column("items", pa.ListArray.from_arrays(offsets, pa.array([""] * table.num_rows)))
+    if "conversations" in table.column_names:
+        keys, convs, mts = (table.column(c).to_pylist() for c in ("key", "conversations", "media_type"))
+        lifted = pa.array([lift_v1_conversations(k, c, m) for k, c, m in zip(keys, convs, mts)], pa.string())
+        table = table.set_column(table.column_names.index("conversations"), "conversations", lifted)
+    return table
+
+
+def _rows_are_v1(layout: FeatureSetLayout, manifest: Optional[Manifest], parts: list[str]) -> bool:
+    """/1 or /2 rows: from the manifest's format; a set that never completed (no manifest) from its first part's
+    columns (/2 rows have ``modalities``)."""
+    if manifest is not None:
+        return is_v1(manifest)
+    if not parts:
+        return False
     import pyarrow.parquet as pq
 
-    for part in feature_parts(uri, storage):
+    fs, path = get_fs(parts[0], layout.storage)
+    with fs.open(path, "rb") as f:
+        return "modalities" not in pq.read_schema(f).names
+
+
+def iter_feature_rows(uri: str, storage: StorageConfig | None = None) -> Iterator[dict]:
+    """Plain-Python reader (no Ray): every committed row, /2-shaped (a /1 set is lifted, :func:`lift_v1_row`),
+    with ``features`` decoded to one float16 array per item."""
+    import pyarrow.parquet as pq
+
+    layout = FeatureSetLayout(uri, storage)
+    parts = _parts(layout)
+    v1 = _rows_are_v1(layout, Manifest.read(layout), parts)
+    for part in parts:
         fs, path = get_fs(part, storage)
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
         for r in table.to_pylist():
-            r["features"] = decode_features(r["features"], r["shape"])
+            r = lift_v1_row(r) if v1 else r
+            r["features"] = decode_item_features(r["features"], r["shape"])
             yield r
 
 
 def _decode_batch(batch: dict) -> dict:
-    feats = [decode_features(f, s) for f, s in zip(batch["features"], batch["shape"])]
+    feats = [decode_item_features(f, s) for f, s in zip(batch["features"], batch["shape"])]
     arr = np.empty(len(feats), dtype=object)
     arr[:] = feats
     batch["features"] = arr
@@ -348,10 +437,12 @@ def _decode_batch(batch: dict) -> dict:
 
 
 def open_feature_dataset(uri: str, storage: StorageConfig | None = None, decode: bool = True):
-    """A Ray Dataset over the committed rows of a feature set (what training streams).
+    """A Ray Dataset over the committed rows of a feature set (what training streams), /2-shaped whatever the
+    set's format (a /1 set is lifted by a ``map_batches`` step, :func:`lift_v1_batch`).
 
-    Columns: uid (``shard/key``, unique), key, shard, media_type, caption, conversations (JSON), meta (JSON), timestamps, num_frames,
-    n_source_frames, features (float16 array when ``decode``), shape, mode.
+    Columns: uid (``shard/key``, unique), key, shard, media_type, caption, conversations (JSON), meta (JSON), mode,
+    and per item (lists of equal length, [] for a text-only row): modalities, items, timestamps, num_frames,
+    n_source_frames, features (fp16 bytes; one float16 array per item when ``decode``), shape.
     """
     import pyarrow.fs as pafs
     import ray
@@ -366,6 +457,8 @@ def open_feature_dataset(uri: str, storage: StorageConfig | None = None, decode:
     filesystem = None if "://" not in uri else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     paths = [get_fs(p, storage)[1] for p in parts]
     ds = ray.data.read_parquet(paths, filesystem=filesystem)
+    if _rows_are_v1(layout, manifest, parts):
+        ds = ds.map_batches(lift_v1_batch, batch_format="pyarrow", batch_size=256)
     if decode:
         ds = ds.map_batches(_decode_batch, batch_format="numpy", batch_size=64)
     return ds

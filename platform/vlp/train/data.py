@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from ..data.conversation import IGNORE_INDEX, VISUAL_TOKEN_INDEX, caption_conversation, tokenize_conversation
+from ..data.conversation import IGNORE_INDEX, VISUAL_TOKEN_INDEX, caption_conversation, encode_conversation
 from ..formats.featureset import FeatureSetInfo, read_feature_set
 from ..storage import StorageConfig, get_fs, write_atomic
 
@@ -113,10 +113,13 @@ class DropSeen:
 
 
 class Tokenize:
-    """Rows -> input_ids / labels / length; over-long samples truncated at text or marked skipped.
+    """/2 rows (per-item lists) -> input_ids / labels / length; over-long samples truncated at text or marked skipped.
 
-    Truncation never cuts the visual span: text after it is cut; a sample whose prefix + visual span
-    alone exceed max_length is skipped (counted by the trainer).
+    Each placeholder costs its item's visual tokens (pooler, then connector; summed over items); a text-only row
+    costs its text. A row whose placeholders (their modalities, in order) differ from its items is skipped
+    ("placeholders do not match the media items"). Truncation never cuts a visual span: text after the last one
+    is cut; a sample whose text up to the end of its last visual span exceeds max_length is skipped (counted by
+    the trainer).
     """
 
     def __init__(self, tokenizer_path: str, template: str, max_length: int, overlong: str, model: dict | str):
@@ -146,21 +149,34 @@ class Tokenize:
             self._tok = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_path))
         return self._tok
 
+    def visual_counts(self, row: dict) -> list[int]:
+        """Visual tokens of each media item of a /2 row (what the pooler, then the connector, make of its features),
+        reserved in the sequence before any feature is loaded; [] for a text-only row."""
+        from ..models.videollm import visual_token_count  # torch: imported where rows are tokenised
+
+        return [visual_token_count(self.model_cfg, shape, row["mode"], int(nf))
+                for shape, nf in zip(row["shape"], row["num_frames"])]
+
     def one(self, row: dict) -> tuple[list[int], list[int], int, str]:
+        """A /2 row -> (input_ids, labels, length, skip reason or ""). ``length`` counts each placeholder as its
+        item's visual tokens: ``len(ids) - k + sum(n_vis)`` for k placeholders."""
         fmt = row["format"]
+        modalities = [str(m) for m in row["modalities"]]
         conv = json.loads(row["conversations"]) if row["conversations"] else None
         if fmt == "caption" or (fmt == "auto" and not conv):
             if not row["caption"]:
                 return [], [], 0, "no caption"
-            conv = caption_conversation(row["caption"], row["media_type"])
-        ids, labels = tokenize_conversation(conv, self.tok, self.template)
-        from ..models.videollm import visual_token_count  # torch: imported where rows are tokenised
-
-        n_vis = visual_token_count(self.model_cfg, row["shape"], row["mode"], int(row["num_frames"]))
-        has_vis = VISUAL_TOKEN_INDEX in ids
-        length = len(ids) - (1 if has_vis else 0) + (n_vis if has_vis else 0)
+            conv = caption_conversation(row["caption"], modalities)
+        enc = encode_conversation(conv, self.tok, self.template)
+        ids, labels = enc.input_ids, enc.labels
+        if enc.modalities != modalities:
+            return [], [], 0, "placeholders do not match the media items"
+        n_vis = self.visual_counts(row)
+        k = len(n_vis)
+        length = len(ids) - k + sum(n_vis)
         if length > self.max_length:
-            end_vis = (ids.index(VISUAL_TOKEN_INDEX) + n_vis) if has_vis else 0
+            # end of the last visual span in the expanded sequence: text after it may be cut, nothing before it
+            end_vis = (len(ids) - 1 - ids[::-1].index(VISUAL_TOKEN_INDEX) - (k - 1) + sum(n_vis)) if k else 0
             if self.overlong == "skip" or end_vis >= self.max_length:
                 return [], [], length, "over max_length"
             cut = len(ids) - (length - self.max_length)
@@ -175,8 +191,8 @@ class Tokenize:
         _ = self.model_cfg  # a config that fails here (e.g. a plugin workers cannot import) fails the task
         ids_l, lab_l, lens, skip = [], [], [], []
         for i in range(n):
-            row = {k: batch[k][i] for k in ("format", "conversations", "caption", "media_type", "shape", "mode",
-                                             "num_frames")}
+            row = {k: batch[k][i] for k in ("format", "conversations", "caption", "media_type", "modalities", "shape",
+                                             "mode", "num_frames")}
             try:
                 ids, labels, length, reason = self.one(row)
             except ValueError as e:
@@ -185,7 +201,7 @@ class Tokenize:
             lab_l.append(np.asarray(labels, dtype=np.int64))
             lens.append(length)
             skip.append(reason)
-        keep = ("uid", "media_type", "features", "shape", "mode", "num_frames")
+        keep = ("uid", "media_type", "modalities", "features", "shape", "mode", "num_frames")
         out = {k: batch[k] for k in keep}
         for name, vals in (("input_ids", ids_l), ("labels", lab_l)):
             arr = np.empty(n, dtype=object)
@@ -205,11 +221,12 @@ def feature_set_info(uri: str, storage: Optional[StorageConfig]) -> FeatureSetIn
 def length_grouped(rows: list[dict], micro: int, rng: np.random.Generator, group: bool,
                    by_modality: bool = False) -> list[list[dict]]:
     """Split a window of rows into micro-batches; with ``group`` sort by length first (and by modality before
-    length with ``by_modality``, as LLaVA's group_by_modality_length) so that padding stays small, then
+    length with ``by_modality``, as LLaVA's group_by_modality_length: on ``media_type``, so text-only rows,
+    image rows, video rows and mixed rows each sort together) so that padding stays small, then
     shuffle the micro-batch order. Two copies of one sample (uids ``x`` and ``x#1``) that meet in a window sort
     next to each other (same length); they are moved to different micro-batches (:func:`spread_copies`)."""
     if group:
-        key = (lambda r: (r["media_type"], r["length"])) if by_modality else (lambda r: r["length"])
+        key = (lambda r: (str(r["media_type"]), r["length"])) if by_modality else (lambda r: r["length"])
         rows = sorted(rows, key=key)
     mbs = [rows[i:i + micro] for i in range(0, len(rows) - micro + 1, micro)]
     spread_copies(mbs)

@@ -2,7 +2,7 @@
 
 :class:`TrainRecipe` (torchtune style): ``setup`` (device, precision, model, optimizer, scheduler, DeepSpeed
 engine) -> ``restore`` (step, epoch and seen uids from the Ray Train checkpoint) -> per epoch ``epoch_stream``
-(this worker's split as length-grouped micro-batches) -> per optimizer step ``next_group`` + ``train_step``
+(this worker's split as length-grouped micro-batches of /2 rows: per-item features) -> per optimizer step ``next_group`` + ``train_step``
 (grad_accum micro-batches: forward, backward, step; a :class:`StepStats`) -> ``log`` (metrics by name from the
 values summed over ranks, :class:`Reduced`) -> ``save`` (checkpoint + vlp_state.json through
 ``ray.train.report``) -> ``export`` (ZeRO-3 gather, probe logits, export_model, train_summary.json).
@@ -144,16 +144,27 @@ def take_group(stream: Iterator[list[dict]], accum: int) -> list[list[dict]]:
     return group
 
 
-def batch_inputs(mb: list[dict], device, dtype) -> tuple:
-    """The VideoLLM forward's arguments for one micro-batch of tokenised rows: input_ids, labels (1-D int64
-    each), features (stored fp16 bytes -> ``shape``, e.g. (264, D) Valley-pooled, on ``device`` in ``dtype``),
-    modes, num_frames."""
+def row_features(row: dict, device, dtype) -> Optional[list]:
+    """A tokenised /2 row's features: one tensor per media item (stored fp16 bytes -> its ``shape``, e.g. (264, D)
+    Valley-pooled or (T, 1 + P, D) frames, on ``device`` in ``dtype``), None for a text-only row."""
     import torch
 
-    feats = [torch.from_numpy(np.frombuffer(r["features"], np.float16).reshape(tuple(int(s) for s in r["shape"]))
-                              .copy()).to(device, dtype) for r in mb]
-    return ([torch.as_tensor(r["input_ids"]) for r in mb], [torch.as_tensor(r["labels"]) for r in mb], feats,
-            [r["mode"] for r in mb], [int(r["num_frames"]) for r in mb])
+    from ..formats.featureset import decode_features
+
+    feats = [torch.from_numpy(decode_features(b, s).copy()).to(device, dtype)  # (P + T, D) or (T, 1 + P, D)
+             for b, s in zip(row["features"], row["shape"])]
+    return feats or None
+
+
+def batch_inputs(mb: list[dict], device, dtype) -> tuple:
+    """The VideoLLM forward's arguments for one micro-batch of tokenised /2 rows: input_ids, labels (1-D int64
+    each), features (per row a list of tensors, one per media item, or None for a text-only row,
+    :func:`row_features`), modes (one per row), num_frames (per row a list, one per item)."""
+    import torch
+
+    return ([torch.as_tensor(r["input_ids"]) for r in mb], [torch.as_tensor(r["labels"]) for r in mb],
+            [row_features(r, device, dtype) for r in mb], [str(r["mode"]) for r in mb],
+            [[int(t) for t in r["num_frames"]] for r in mb])
 
 
 @dataclass(frozen=True)
@@ -253,9 +264,10 @@ def merge_counters(counts: list[dict]) -> tuple[dict, int]:
 
 
 def probe_of(row: dict) -> dict:
-    """A fixed export-check input from a training row (train_summary.json ``probe``, seeded features)."""
-    return {"input_ids": [int(x) for x in row["input_ids"]], "shape": [int(x) for x in row["shape"]],
-            "mode": str(row["mode"]), "num_frames": int(row["num_frames"]), "seed": 0}
+    """A fixed export-check input from a tokenised /2 row (train_summary.json ``probe``: seeded features of each
+    item's ``shape``, so ``shape`` is a list of shapes and ``num_frames`` a list, [] for a text-only row)."""
+    return {"input_ids": [int(x) for x in row["input_ids"]], "shape": [[int(x) for x in s] for s in row["shape"]],
+            "mode": str(row["mode"]), "num_frames": [int(t) for t in row["num_frames"]], "seed": 0}
 
 
 class RunLogs:
