@@ -37,13 +37,13 @@ def test_features_match_precompute_path(export, clip):
     """Online encoding = what precompute stores (same sampling, preprocessing, layer; pooled the Valley way)."""
     from vlp.chat import ChatSession
     from vlp.data.media import DecodeConfig, SamplingConfig, decode_media
-    from vlp.precompute.stages import DecodeFrames, EncodeFeatures, _batch, batch_rows
+    from vlp.precompute.stages import DecodeFrames, EncodeFeatures, rows_batch, batch_rows
     from vlp.models.towers import TOWERS
 
     s = ChatSession(str(export))
     assert s.load_media(str(clip / "clip.mp4")) == "video" and s.feats.shape == (8, 257, 64)
     row = one_item_row((clip / "clip.mp4").read_bytes(), "mp4")
-    dec = DecodeFrames(SamplingConfig(), DecodeConfig(), 224)(_batch([row]))
+    dec = DecodeFrames(SamplingConfig(), DecodeConfig(), 224)(rows_batch([row]))
     enc = batch_rows(EncodeFeatures(TOWERS.config(), "valley_pooled")(dec))[0]
     stored = np.frombuffer(enc["features"][0], np.float16).reshape(264, 64)
     online = s.model.pool(s.feats, "frames", 8).numpy()
@@ -87,7 +87,7 @@ def test_chat_and_infer_preprocess_as_precompute_did(padded_export, clip, name):
     from vlp.data.media import DecodeConfig, SamplingConfig
     from vlp.infer import AnswerBatch, decode_stage
     from vlp.models.towers import TOWERS
-    from vlp.precompute.stages import DecodeFrames, EncodeFeatures, _batch, batch_rows, shape_of
+    from vlp.precompute.stages import DecodeFrames, EncodeFeatures, rows_batch, batch_rows, shape_of
 
     info = json.loads((padded_export / "vlp_model.json").read_text())
     assert info["preprocess"]["mean"] == PAD_MEAN and info["preprocess"]["std"] == PAD_STD
@@ -95,7 +95,7 @@ def test_chat_and_infer_preprocess_as_precompute_did(padded_export, clip, name):
     row = one_item_row((clip / name).read_bytes(), name.split(".")[1])
 
     def pixels(stage):
-        out = batch_rows(stage(_batch([row])))[0]
+        out = batch_rows(stage(rows_batch([row])))[0]
         assert out["kind"] == "sample", out["error"]
         return torch.from_numpy(np.frombuffer(out["frames"][0], np.uint8).reshape(shape_of(out["frames_shape"][0])).copy())
 
@@ -115,7 +115,7 @@ def test_chat_and_infer_preprocess_as_precompute_did(padded_export, clip, name):
     assert torch.equal(online, precomputed)
     assert torch.equal(pixels(decode_stage(ExportInfo.read(padded_export), DecodeConfig())), precomputed)
 
-    decoded = decode(_batch([row]))
+    decoded = decode(rows_batch([row]))
     stored = features(EncodeFeatures(**encode), decoded)  # (T, 1 + P, D), as precompute stores in frames mode
     towers_own = features(EncodeFeatures(TOWERS.config(), "frames"), decoded)
     assert (stored - towers_own).abs().max() > 0.5  # the mean/std show in the features

@@ -209,14 +209,14 @@ def test_the_layout_names_what_precompute_writes_and_writes_are_atomic(tmp_path)
     """WriteParts puts parts and error parts at the layout's names through storage.write_atomic: no temp files."""
     import numpy as np
 
-    from vlp.precompute.stages import WriteParts, _batch, make_row
+    from vlp.precompute.stages import WriteParts, rows_batch, make_row
 
     layout = FeatureSetLayout(str(tmp_path / "fs"))
     rows = [make_row(shard="s", key="a", kind="sample", media_type="image", modalities=["image"], item_names=["jpg"],
                      frames_shape=["1,3,8,8"], timestamps=["0.0"], features_shape=["2,4"],
                      features=[np.ones((2, 4), np.float16).tobytes()]),
             make_row(shard="s", key="b", kind="error", stage="decode", error="bad")]
-    meta = WriteParts(layout.uri, None, "valley_pooled")(_batch(rows))
+    meta = WriteParts(layout.uri, None, "valley_pooled")(rows_batch(rows))
     part, errors = meta["part"][0], meta["errors"][0]
     assert part.startswith("parts/s/") and part.endswith(".parquet") and errors.startswith("errors/s/")
     assert layout.shard_folders("s") == ["parts/s", "errors/s"] and layout.shard_marker("s") == "shards/s.json"

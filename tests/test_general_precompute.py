@@ -14,7 +14,7 @@ from vlp.config import validate
 from vlp.data.media import DecodeConfig, SamplingConfig
 from vlp.data.sample import parse_sample
 from vlp.data.tario import RawSample, write_tar
-from vlp.precompute.stages import DecodeFrames, ReadShard, _batch, batch_rows
+from vlp.precompute.stages import DecodeFrames, ReadShard, rows_batch, batch_rows
 from vlp.synth.shards import encode_jpeg, encode_mp4
 
 
@@ -64,7 +64,7 @@ def test_read_and_decode_rows_per_item_and_the_errors_they_name(general_shard):
     assert "'mismatch'" in read["mismatch"]["error"] and "1 <image> placeholder(s) but 2" in read["mismatch"]["error"]
 
     stage = DecodeFrames(SamplingConfig(), DecodeConfig(), 32)
-    dec = {r["key"]: r for r in batch_rows(stage(_batch(rows[:-1])))}
+    dec = {r["key"]: r for r in batch_rows(stage(rows_batch(rows[:-1])))}
     assert [s for s in dec["two"]["frames_shape"]] == ["1,3,32,32", "1,3,32,32"]
     assert dec["mix"]["frames_shape"] == ["1,3,32,32", "8,3,32,32"] and dec["mix"]["n_source_frames"] == [1, 12]
     assert dec["text"]["kind"] == "sample" and dec["text"]["frames"] == []

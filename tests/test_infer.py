@@ -17,7 +17,7 @@ def test_answer_actor_runs_where_the_config_says(export, synth_shards):
     from vlp.data.media import DecodeConfig
     from vlp.data.tario import iter_tar_samples
     from vlp.infer import AnswerBatch, answer_device, decode_stage
-    from vlp.precompute.stages import ReadShard, _batch
+    from vlp.precompute.stages import ReadShard, rows_batch
 
     base = {"model": str(export), "shards": ["x"], "output": "o"}
     assert answer_device(validate(InferConfig, base)) == "cpu"
@@ -29,7 +29,7 @@ def test_answer_actor_runs_where_the_config_says(export, synth_shards):
     with open(synth_shards / "heldout-00000.tar", "rb") as f:
         item = next(iter_tar_samples(f))
     row = ReadShard().row("heldout-00000", item, 0.0)
-    out = actor(decode_stage(info, DecodeConfig())(_batch([row])))
+    out = actor(decode_stage(info, DecodeConfig())(rows_batch([row])))
     assert out["kind"] == ["answer"] and out["key"] == [item.key], out["error"]
     assert isinstance(out["answer"][0], str) and out["question"][0] == "What color is the shape?"
 
@@ -74,7 +74,7 @@ def test_answers_two_item_and_text_only_samples(export):  # noqa: F811
     from vlp.data.media import DecodeConfig
     from vlp.data.tario import RawSample
     from vlp.infer import AnswerBatch, decode_stage
-    from vlp.precompute.stages import ReadShard, _batch
+    from vlp.precompute.stages import ReadShard, rows_batch
     from vlp.synth.shards import Attributes, encode_jpeg, encode_mp4, render_clip
 
     import numpy as np
@@ -86,7 +86,7 @@ def test_answers_two_item_and_text_only_samples(export):  # noqa: F811
     raws = [RawSample("two", {"jpg": img, "mp4": vid, "json": json.dumps({"conversations": [turn]}).encode()}),
             RawSample("text", {"json": json.dumps({"conversations": [{"from": "human", "value": "Say hi."}]}).encode()})]
     rows = [ReadShard().row("s", r, 0.0) for r in raws]
-    batch = decode_stage(ExportInfo.read(export), DecodeConfig())(_batch(rows))
+    batch = decode_stage(ExportInfo.read(export), DecodeConfig())(rows_batch(rows))
     out = AnswerBatch(str(export), None, 3)(batch)
     assert out["kind"] == ["answer", "answer"], out["error"]
     assert out["question"] == ["and \nWhat moves?", "Say hi."]  # placeholders not shown, but asked with them

@@ -96,7 +96,7 @@ def test_precompute_pools_with_the_valley_pooler():
     out = {}
     for mode in ("frames", "valley_pooled"):
         enc.mode = mode
-        got = enc(stages._batch([row]))
+        got = enc(stages.rows_batch([row]))
         out[mode] = torch.from_numpy(np.frombuffer(got["features"][0], np.float16)
                                      .reshape(stages.shape_of(got["features_shape"][0])).astype(np.float32))
     assert out["frames"].shape == (3, 257, 64) and out["valley_pooled"].shape == (256 + 3, 64)

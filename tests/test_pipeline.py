@@ -170,10 +170,10 @@ def _encoded(cfg, media: bytes, ext: str):
     """Run the stages the driver plans for ``cfg`` on one sample, as the Ray graph would, without Ray:
     (fingerprint, decoded uint8 frames (T, 3, S, S), features (T, 1 + P, D) float32)."""
     from vlp.precompute.pipeline import plan_stages
-    from vlp.precompute.stages import EncodeFeatures, _batch, batch_rows, make_row, shape_of
+    from vlp.precompute.stages import EncodeFeatures, rows_batch, batch_rows, make_row, shape_of
 
     fp, decode, encode = plan_stages(cfg)
-    dec = decode(_batch([make_row(shard="s", key="k", kind="sample", media=[media], media_ext=[ext],
+    dec = decode(rows_batch([make_row(shard="s", key="k", kind="sample", media=[media], media_ext=[ext],
                                   item_names=[ext], modalities=["image"], item_refs=[""])]))
     d = batch_rows(dec)[0]
     assert d["kind"] == "sample", d["error"]

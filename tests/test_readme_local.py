@@ -85,7 +85,7 @@ def test_readme_local_sequence_runs_as_written(tmp_path):
     assert json.loads((s2 / "train_summary.json").read_text())["steps"] == 1
     assert "init_from: runs/local/train/stage1/export" in (s2 / "config.yaml").read_text()
     assert (s2 / "export" / "vlp_model.json").is_file()
-    assert f"eval runs/local/train/stage2/export on runs/local/features/heldout" in p.stdout
+    assert "eval runs/local/train/stage2/export on runs/local/features/heldout" in p.stdout
     answers = (runs / "infer" / "answers.jsonl").read_text().splitlines()
     assert len(answers) == 2  # the two held-out clips
     assert "feature set (complete)" in p.stdout and "shard set: 4 shard(s)" in p.stdout

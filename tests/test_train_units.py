@@ -168,7 +168,7 @@ def test_resuming_an_unfinished_run_with_a_changed_config_is_refused(tmp_path):
     assert (run / "config.yaml").read_text() == before
 
 
-def _batch(uids):
+def rows_batch(uids):
     n = len(uids)
     return {"uid": np.asarray(uids, dtype=object), "x": np.arange(n)}
 
@@ -178,13 +178,13 @@ def test_mixture_is_seeded_and_replayable(tmp_path):
     write_state(state, 0, [])
     uids = [f"u{i}" for i in range(400)]
     half = Mixture("a", 0.5, seed=1, state_path=state, fmt="auto")
-    a, b = half(_batch(uids)), half(_batch(uids))
+    a, b = half(rows_batch(uids)), half(rows_batch(uids))
     assert list(a["uid"]) == list(b["uid"]) and 150 < len(a["uid"]) < 250
-    assert list(Mixture("a", 0.5, seed=2, state_path=state, fmt="auto")(_batch(uids))["uid"]) != list(a["uid"])
+    assert list(Mixture("a", 0.5, seed=2, state_path=state, fmt="auto")(rows_batch(uids))["uid"]) != list(a["uid"])
     write_state(state, 1, [])
-    assert list(half(_batch(uids))["uid"]) != list(a["uid"])  # a new epoch draws a new half
+    assert list(half(rows_batch(uids))["uid"]) != list(a["uid"])  # a new epoch draws a new half
     # weight 2: copy k of every sample in pass k (not adjacent), uids unique per copy
-    passes = [Mixture("b", 2.0, seed=1, state_path=state, fmt="caption", copy=k)(_batch(uids[:3])) for k in (0, 1)]
+    passes = [Mixture("b", 2.0, seed=1, state_path=state, fmt="caption", copy=k)(rows_batch(uids[:3])) for k in (0, 1)]
     assert [list(p["uid"]) for p in passes] == [["b:u0", "b:u1", "b:u2"], ["b:u0#1", "b:u1#1", "b:u2#1"]]
     assert [list(p["x"]) for p in passes] == [[0, 1, 2], [0, 1, 2]] and set(passes[1]["format"]) == {"caption"}
     with pytest.raises(ValueError, match="pass 2 of a set with weight 2.0 does not exist"):
@@ -196,7 +196,7 @@ def test_fractional_weight_samples_a_seeded_subset_in_the_last_pass(tmp_path):
     write_state(state, 0, [])
     uids = [f"u{i}" for i in range(400)]
     assert [mixture_passes(w) for w in (0.5, 1.0, 2.0, 2.5)] == [1, 1, 2, 3]
-    run = lambda: [list(Mixture("c", 2.5, seed=3, state_path=state, fmt="auto", copy=k)(_batch(uids))["uid"])
+    run = lambda: [list(Mixture("c", 2.5, seed=3, state_path=state, fmt="auto", copy=k)(rows_batch(uids))["uid"])
                    for k in range(3)]
     p0, p1, p2 = run()
     assert run() == [p0, p1, p2]  # replayed exactly from the seed

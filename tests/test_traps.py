@@ -19,7 +19,7 @@ from media_makers import frames_of as make_frames
 from media_makers import mjpeg_still as make_still
 from vlp.synth.shards import encode_jpeg, encode_mp4
 from vlp.data.tario import write_tar
-from vlp.precompute.stages import DecodeFrames, ReadShard, _batch, batch_rows
+from vlp.precompute.stages import DecodeFrames, ReadShard, rows_batch, batch_rows
 from featrows import feature_rows
 
 SIZE = 32  # crop size for DecodeFrames in these tests (small: fast)
@@ -100,7 +100,7 @@ def run(path: Path, sampling: SamplingConfig | None = None, decode: DecodeConfig
     stage = DecodeFrames(sampling or SamplingConfig(), decode or DecodeConfig(), SIZE)
     out = []
     for i in range(0, len(body), 3):  # batches of 3, like decode_batch_size
-        out += batch_rows(stage(_batch(body[i:i + 3])))
+        out += batch_rows(stage(rows_batch(body[i:i + 3])))
     assert len(out) == len(body)
     for r in out:
         assert r["kind"] in ("sample", "error"), r["kind"]

@@ -140,7 +140,7 @@ def row_schema():
                       *((k, pa.list_(items[t])) for k, t in ITEM_FIELDS.items())])
 
 
-def _batch(rows: list[dict]):
+def rows_batch(rows: list[dict]):
     """Rows -> an Arrow table of :func:`row_schema` (what the decode and encode stages return)."""
     import pyarrow as pa
 
@@ -209,7 +209,7 @@ class DecodeFrames:
         return {**r, **retag(r, out["modalities"]), **out, "media": [], "t_decode": time.perf_counter() - t0}
 
     def __call__(self, batch):
-        return _batch([self.decode_row(r) for r in batch_rows(batch)])
+        return rows_batch([self.decode_row(r) for r in batch_rows(batch)])
 
 
 # ------------------------------------------------------------------------------------------------ encode
@@ -262,7 +262,7 @@ class EncodeFeatures:
                 rows[i].update(features=[f.tobytes() for f in out], features_shape=[",".join(map(str, f.shape))
                                                                                      for f in out],
                                frames=[], t_encode=dt)
-        return _batch(rows)
+        return rows_batch(rows)
 
 # ------------------------------------------------------------------------------------------------ write
 
