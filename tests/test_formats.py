@@ -272,23 +272,21 @@ def test_a_missing_folder_or_one_that_is_no_export_is_a_user_error(tmp_path):
 # ------------------------------------------------------------------ /1 rows lifted to /2 (vlp-features/2 readers)
 
 def _v1_table():
+    """Three rows in the vlp-features/1 columns (one media item per row), as the /1 writer made them."""
     import numpy as np
-
-    from vlp.precompute.stages import feature_table, make_row
+    import pyarrow as pa
 
     no_placeholder = json.dumps([{"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "Red."}])
     placed = json.dumps([{"from": "human", "value": "<image>\nWhat shape?"}, {"from": "gpt", "value": "A disc."}])
     two = json.dumps([{"from": "human", "value": "<video><video> Same?"}, {"from": "gpt", "value": "Yes."}])
-    rows = [make_row(shard="s", key="v", kind="sample", media_type="video", caption="c", conversations=no_placeholder,
-                     frames_shape="2,3,8,8", timestamps="0.0,0.5", n_source_frames=12, features_shape="3,4",
-                     features=np.arange(12, dtype=np.float16).tobytes()),
-            make_row(shard="s", key="i", kind="sample", media_type="image", caption="c", conversations=placed,
-                     frames_shape="1,3,8,8", timestamps="0.0", n_source_frames=1, features_shape="2,4",
-                     features=np.ones(8, np.float16).tobytes()),
-            make_row(shard="s", key="bad", kind="sample", media_type="video", caption="c", conversations=two,
-                     frames_shape="2,3,8,8", timestamps="0.0,0.5", n_source_frames=2, features_shape="2,4",
-                     features=np.zeros(8, np.float16).tobytes())]
-    return feature_table(rows, "valley_pooled")
+    feats = [np.arange(12, dtype=np.float16).tobytes(), np.ones(8, np.float16).tobytes(), np.zeros(8, np.float16).tobytes()]
+    return pa.table({
+        "uid": ["s/v", "s/i", "s/bad"], "key": ["v", "i", "bad"], "shard": ["s"] * 3,
+        "media_type": ["video", "image", "video"], "caption": ["c"] * 3, "conversations": [no_placeholder, placed, two],
+        "meta": [""] * 3, "timestamps": pa.array([[0.0, 0.5], [0.0], [0.0, 0.5]], pa.list_(pa.float32())),
+        "num_frames": pa.array([2, 1, 2], pa.int32()), "n_source_frames": pa.array([12, 1, 2], pa.int32()),
+        "features": pa.array(feats, pa.binary()), "shape": pa.array([[3, 4], [2, 4], [2, 4]], pa.list_(pa.int32())),
+        "mode": ["valley_pooled"] * 3})
 
 
 def test_a_v1_batch_is_lifted_to_per_item_lists_and_an_old_conversation_gets_its_placeholder():

@@ -69,14 +69,17 @@ def test_tokenize_counts_with_the_run_connector_and_fails_on_a_bad_model_config(
     from vlp.train.data import Tokenize
 
     row = {"format": "caption", "conversations": "", "caption": "A red circle.", "media_type": "video",
-           "shape": [264, 64], "mode": "valley_pooled", "num_frames": 8}
+           "modalities": ["video"], "shape": [[264, 64]], "mode": "valley_pooled", "num_frames": [8]}  # a /2 row
     count = {}
     for name, model in (("valley", "valley"), ("toy", {"plugins": ["toy_connector"],
                                                       "connector": {"type": "toy_queries", "num_queries": 3}})):
         count[name] = Tokenize("preset:tiny-tokenizer", "plain", 1000, "skip", model).one(row)[2]
     assert count["valley"] - count["toy"] == 264 - 3
     bad = Tokenize("preset:tiny-tokenizer", "plain", 1000, "skip", {"plugins": ["no_such_plugin_module"]})
-    batch = {k: np.asarray([v], dtype=object) for k, v in {**row, "uid": "u", "features": b""}.items()}
+    batch = {}
+    for k, v in {**row, "uid": "u", "features": [b""]}.items():
+        batch[k] = np.empty(1, dtype=object)
+        batch[k][0] = v
     with pytest.raises(ConfigError, match=r"plugins\[0\].*no_such_plugin_module"):
         bad(batch)
 
@@ -89,14 +92,15 @@ def test_precompute_pools_with_the_valley_pooler():
 
     assert stages.valley_pool is valley.valley_pool
     frames = np.random.default_rng(0).integers(0, 256, (3, 3, 224, 224), dtype=np.uint8)  # (T, 3, S, S)
-    row = stages.make_row(shard="s", key="k", kind="sample", frames=frames.tobytes(),
-                          frames_shape=",".join(map(str, frames.shape)))
+    row = stages.make_row(shard="s", key="k", kind="sample", modalities=["video"], frames=[frames.tobytes()],
+                          frames_shape=[",".join(map(str, frames.shape))])
     tower = {"device": "cpu", "dtype": "float32"}
     enc = stages.EncodeFeatures(TOWERS.config(tower), "frames")
     out = {}
     for mode in ("frames", "valley_pooled"):
         enc.mode = mode
         got = enc(stages.rows_batch([row]))
+        got = stages.batch_rows(got)[0]  # one row, one item
         out[mode] = torch.from_numpy(np.frombuffer(got["features"][0], np.float16)
                                      .reshape(stages.shape_of(got["features_shape"][0])).astype(np.float32))
     assert out["frames"].shape == (3, 257, 64) and out["valley_pooled"].shape == (256 + 3, 64)

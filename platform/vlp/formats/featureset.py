@@ -34,8 +34,8 @@ from ..storage import StorageConfig, get_fs, join, read_bytes, write_atomic
 from .records import Record, RecordError, format_problem, parse_json
 
 FEATURES_FORMAT = "vlp-features/2"  # what precompute writes: one row per sample, per-item list columns
-FEATURES_V2 = FEATURES_FORMAT
-READ_FORMATS = ("vlp-features/1", FEATURES_FORMAT)  # what the readers read (/1 rows are lifted to the /2 shape)
+FEATURES_V1 = "vlp-features/1"  # one media item per row; read by lifting its rows to the /2 shape
+READ_FORMATS = (FEATURES_V1, FEATURES_FORMAT)  # what the readers read (/1 rows are lifted to the /2 shape)
 
 
 class FeatureSetFormatError(RecordError):
@@ -340,7 +340,7 @@ V1_ITEM_COLUMNS = ("features", "shape", "timestamps", "num_frames", "n_source_fr
 def is_v1(manifest: Optional[Manifest]) -> bool:
     """Whether a set's rows are /1 (one item per row): a manifest without ``format`` or with ``vlp-features/1``.
     (A set that never completed has no manifest: see :func:`_rows_are_v1`.)"""
-    return manifest is not None and manifest.format in (None, FEATURES_FORMAT)
+    return manifest is not None and manifest.format in (None, FEATURES_V1)
 
 
 def lift_v1_conversations(key: str, conversations: Optional[str], media_type: str) -> Optional[str]:
