@@ -266,7 +266,8 @@ def test_jobs_submitted_with_the_real_client_ship_code_and_report_failures(head,
     out, status = h.status("vlp-precompute")
     assert status == "SUCCEEDED" and "Job 'vlp-precompute' succeeded" in out, out
     man = json.loads((feats / "manifest.json").read_text())
-    assert man["totals"] == {"samples_ok": 12, "samples_failed": 0} and len(man["shards"]) == 2
+    assert man["totals"] == {"samples_ok": 12, "samples_failed": 0, "samples_text": 0,
+                             "items_by_modality": {"video": 12}} and len(man["shards"]) == 2
 
     # the job ran the uploaded copy of this repo: the driver imported vlp from the working dir Ray unpacked,
     # the workers from the py_modules package init_ray shipped; neither from this checkout or an install
