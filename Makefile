@@ -23,7 +23,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/vlp demo
 
+# A run killed while DeepSpeed JIT-builds its CPU op leaves torch's build lock behind, and every later DeepSpeed
+# init waits on it forever (torch's FileBaton has no staleness check). A build takes ~2 min: a lock older than 15 is stale.
 test: $(STAMP)
+	-find "$${TORCH_EXTENSIONS_DIR:-$$HOME/.cache/torch_extensions}" -name lock -mmin +15 -print -delete 2>/dev/null
 	$(BIN)/python -m pytest tests -q --durations=15
 
 test-fast: $(STAMP)
