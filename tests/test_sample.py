@@ -43,22 +43,24 @@ def test_modality_of_extensions():
 
 
 def test_todays_single_media_samples_parse_as_before(jpg, mp4):
-    from vlp.precompute import stages
-
-    cases = [
-        RawSample("v", {"mp4": mp4, "txt": b" A red circle moves left. "}),
-        RawSample("i", {"jpg": jpg, "json": js({"caption": "A blue square."})}),
-        RawSample("q", {"mp4": mp4, "txt": b"cap", "json": js({"conversations": conv("<video>\nColor?", "Red.")})}),
+    """What the single-media parser of vlp before the general sample returned for these (it is gone since)."""
+    q_conv = conv("<video>\nColor?", "Red.")
+    cases = [  # raw sample, (media, ext, caption, meta, conversations JSON) as the old parser gave them
+        (RawSample("v", {"mp4": mp4, "txt": b" A red circle moves left. "}),
+         (mp4, "mp4", "A red circle moves left.", {}, "")),
+        (RawSample("i", {"jpg": jpg, "json": js({"caption": "A blue square."})}),
+         (jpg, "jpg", "A blue square.", {"caption": "A blue square."}, "")),
+        (RawSample("q", {"mp4": mp4, "txt": b"cap", "json": js({"conversations": q_conv})}),
+         (mp4, "mp4", "cap", {"conversations": q_conv}, json.dumps(q_conv))),
     ]
-    for raw in cases:
-        old = stages.parse_sample(raw)
+    for raw, (media, ext, caption, meta, convs) in cases:
         s = parse_sample(raw)
         assert len(s.items) == 1 and s.items[0].index == 0 and s.items[0].ref is None
-        assert (s.items[0].data, s.items[0].ext, s.items[0].name) == (old["media"], old["media_ext"], old["media_ext"])
-        assert s.caption == old["caption"] and s.meta == (json.loads(old["meta"]) if old["meta"] else {})
-        assert (json.dumps(s.conversations) if s.conversations else "") == old["conversations"]
+        assert (s.items[0].data, s.items[0].ext, s.items[0].name) == (media, ext, ext)
+        assert s.caption == caption and s.meta == meta
+        assert (json.dumps(s.conversations) if s.conversations else "") == convs
         assert s.ignored == [] and not s.text_only
-    assert parse_sample(cases[0]).modalities == ["video"] and parse_sample(cases[1]).modalities == ["image"]
+    assert parse_sample(cases[0][0]).modalities == ["video"] and parse_sample(cases[1][0]).modalities == ["image"]
 
 
 def test_several_images_from_a_real_tar_in_numeric_order(jpg, jpg2):
