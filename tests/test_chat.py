@@ -41,12 +41,12 @@ def test_features_match_precompute_path(export, clip):
     from vlp.models.towers import TOWERS
 
     s = ChatSession(str(export))
-    assert s.load_media(str(clip / "clip.mp4")) == "video" and s.feats.shape == (8, 257, 64)
+    assert s.load_media(str(clip / "clip.mp4")) == ["video"] and s.items[0].feats.shape == (8, 257, 64)
     row = one_item_row((clip / "clip.mp4").read_bytes(), "mp4")
     dec = DecodeFrames(SamplingConfig(), DecodeConfig(), 224)(rows_batch([row]))
     enc = batch_rows(EncodeFeatures(TOWERS.config(), "valley_pooled")(dec))[0]
     stored = np.frombuffer(enc["features"][0], np.float16).reshape(264, 64)
-    online = s.model.pool(s.feats, "frames", 8).numpy()
+    online = s.model.pool(s.items[0].feats, "frames", 8).numpy()
     assert np.allclose(stored, online, atol=2e-2)
 
 
@@ -120,7 +120,8 @@ def test_chat_and_infer_preprocess_as_precompute_did(padded_export, clip, name):
     towers_own = features(EncodeFeatures(TOWERS.config(), "frames"), decoded)
     assert (stored - towers_own).abs().max() > 0.5  # the mean/std show in the features
     s.load_media(str(clip / name))
-    assert torch.allclose(s.feats, stored, atol=2e-2, rtol=1e-2), (s.feats - stored).abs().max()
+    got = s.items[0].feats
+    assert torch.allclose(got, stored, atol=2e-2, rtol=1e-2), (got - stored).abs().max()
     actor = AnswerBatch(str(padded_export), None, 3)
     assert torch.allclose(actor.features(precomputed), stored, atol=2e-2, rtol=1e-2)
 
@@ -164,13 +165,49 @@ def test_cli_chat_on_a_made_clip(export, clip, capsys):
     assert capsys.readouterr().out.endswith("\n")
 
 
+def test_several_items_are_placed_by_the_questions_placeholders(export, clip):
+    """Two items: placeholders in the question place them (k-th <image> = k-th image given); without any, one per
+    item goes in front in the order given; the model gets the blocks in placeholder order (a swapped order gives
+    different logits, so the order reaching the model is checked, not just the text)."""
+    from vlp.chat import ChatSession
+
+    s = ChatSession(str(export))
+    assert s.load_media([str(clip / "clip.mp4"), str(clip / "photo.jpg")]) == ["video", "image"]
+    seen = []
+    real = s.model.generate
+    s.model.generate = lambda ids, feats, mode, nfs, **kw: (seen.append([f.shape[0] for f in feats]), real(
+        ids, feats, mode, nfs, **kw))[1]
+    "".join(s.ask("Is the <image> a frame of the <video>?", max_new_tokens=2))
+    assert s.conv[0]["value"] == "Is the <image> a frame of the <video>?" and seen[-1] == [1, 8]
+    s.load_media([str(clip / "clip.mp4"), str(clip / "photo.jpg")])
+    "".join(s.ask("Compare them.", max_new_tokens=2))
+    assert s.conv[0]["value"] == "<video>\n<image>\nCompare them." and seen[-1] == [8, 1]
+
+
+def test_mismatched_placeholders_are_one_clear_line(export, clip, capsys):
+    from vlp.cli import main
+
+    rc = main(["chat", "--model", str(export), "--image", str(clip / "photo.jpg"), "<image> or <image>?"])
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("vlp chat")]  # others: transformers' load bar
+    assert rc == 2 and "Traceback" not in err and len(ours) == 1, err
+    assert "2 <image> placeholder(s) but 1 image item(s)" in ours[0], ours
+
+
+def test_text_only_chat(export, capsys):
+    from vlp.cli import main
+
+    assert main(["chat", "--model", str(export), "Hello?", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
 @pytest.mark.skipif(not SHARED_MEDIA.exists(), reason="../shared/media not present (optional realism check)")
 @pytest.mark.parametrize("name", ["1.mp4", "2.avi", "4.mp4"])
 def test_chat_decodes_real_clips(export, name):
     from vlp.chat import ChatSession
 
     s = ChatSession(str(export))
-    assert s.load_media(str(SHARED_MEDIA / name)) == "video" and s.feats.shape == (8, 257, 64)
+    assert s.load_media(str(SHARED_MEDIA / name)) == ["video"] and s.items[0].feats.shape == (8, 257, 64)
     assert isinstance("".join(s.ask("What is happening?", max_new_tokens=3)), str)
 
 

@@ -1,5 +1,7 @@
-"""``vlp chat``: ask a trained model about a video or image, decoding and encoding it online with the
-same sampling and preprocessing the model's features were precomputed with.
+"""``vlp chat``: ask a trained model about videos and images (0..N per conversation), decoding and encoding each
+online with the same sampling and preprocessing the model's features were precomputed with. The first question's
+``<image>``/``<video>`` placeholders place the items (matched per modality in order); without any, one per item
+goes in front of it in the order given.
 
 A media file that is missing or that no decoder can read raises :class:`BadMedia` (a user error naming the file).
 """
@@ -7,19 +9,25 @@ A media file that is missing or that no decoder can read raises :class:`BadMedia
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from .data.conversation import prompt_ids
+from .data.conversation import PLACEHOLDER_RE, prompt_ids
 from .data.media import DecodeConfig, MediaError, decode_media
+from .data.sample import match_placeholders
 from .data.preprocess import normalize, resize_crop
 from .errors import UserError
 
 
 class BadMedia(UserError):
     """The file given to chat is missing, not a file, or not a video/image any decoder can read."""
+
+
+class BadPrompt(UserError):
+    """The question's placeholders do not match the media given (or come after the first question)."""
 
 
 def media_file(path: str) -> Path:
@@ -30,8 +38,20 @@ def media_file(path: str) -> Path:
     return p
 
 
+@dataclass
+class ChatItem:
+    """One media item of a chat: its file, the modality its decoder found and its tower features."""
+    path: str
+    modality: str
+    feats: torch.Tensor  # (T, 1 + P, D)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.feats.shape[0])
+
+
 class ChatSession:
-    """Holds the model, the media's visual features and the conversation so far."""
+    """Holds the model, the media items' visual features and the conversation so far."""
 
     def __init__(self, export_dir: str, device: str = "cpu"):
         from .models.towers import build_vision_tower
@@ -43,9 +63,8 @@ class ChatSession:
         self.tower = build_vision_tower({"type": enc.type, "path": enc.path, "layer": enc.layer, "device": device})
         self.geom = self.info.geometry(self.tower.image_size, self.tower.mean, self.tower.std)
         self.conv: list[dict] = []
-        self.feats: Optional[torch.Tensor] = None
-        self.media_type = "video"
-        self.num_frames = 1
+        self.items: list[ChatItem] = []
+        self.order: list[int] = []  # the item of each placeholder of the conversation, in order
 
     def frames(self, path: str) -> tuple[str, torch.Tensor]:
         """Decode + sample + resize/pad/crop as precompute did: (media type, (T, 3, S, S) uint8)."""
@@ -58,24 +77,42 @@ class ChatSession:
         return mtype, resize_crop(dec.frames, g.size, g.pad_to_square, g.mean)  # (T, H, W, 3) -> (T, 3, S, S)
 
     @torch.no_grad()
-    def load_media(self, path: str) -> str:
-        """Decode + sample + preprocess + encode; returns the media type found."""
-        mtype, x = self.frames(path)
-        px = normalize(x, self.geom.mean, self.geom.std, self.tower.dtype)  # the feature set's mean/std
-        self.feats = self.tower.features(px).float().cpu()  # (T, 1 + P, D)
-        self.media_type, self.num_frames = mtype, self.feats.shape[0]
-        self.conv = []
-        return mtype
+    def load_media(self, paths: Union[str, Sequence[str]]) -> list[str]:
+        """Decode + sample + preprocess + encode each file (a new conversation); -> the media types found."""
+        items = []
+        for path in [paths] if isinstance(paths, str) else paths:
+            mtype, x = self.frames(path)
+            px = normalize(x, self.geom.mean, self.geom.std, self.tower.dtype)  # the feature set's mean/std
+            items.append(ChatItem(path, mtype, self.tower.features(px).float().cpu()))  # (T, 1 + P, D)
+        self.items, self.conv, self.order = items, [], []
+        return [it.modality for it in items]
+
+    def first_turn(self, question: str) -> str:
+        """The first question with its placeholders: as written when it has any (``<image>``/``<video>``, matched
+        per modality in order), else one per item in the order given, each on its own line."""
+        if self.items and not PLACEHOLDER_RE.search(question):
+            question = "".join(f"<{it.modality}>\n" for it in self.items) + question
+        try:
+            _, self.order = match_placeholders("chat", [{"from": "human", "value": question}],
+                                               [it.modality for it in self.items])
+        except ValueError as e:
+            raise BadPrompt(str(e).replace("sample 'chat': ", "the question and the media given: ")) from None
+        return question
 
     def ask(self, question: str, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
             top_p: float = 1.0) -> Iterator[str]:
         """Stream the answer as text pieces; the turn is added to the conversation."""
-        text = (f"<{self.media_type}>\n" if not self.conv and self.feats is not None else "") + question
-        self.conv.append({"from": "human", "value": text})
+        if not self.conv:
+            question = self.first_turn(question)
+        elif PLACEHOLDER_RE.search(question):
+            raise BadPrompt("media placeholders may only appear in the first question")
+        self.conv.append({"from": "human", "value": question})
         ids = torch.tensor(prompt_ids(self.conv, self.tok, self.template))
+        items = [self.items[i] for i in self.order]
         out: list[int] = []
         shown = ""
-        for tok in self.model.generate(ids, self.feats, "frames", self.num_frames, max_new_tokens=max_new_tokens,
+        for tok in self.model.generate(ids, [it.feats for it in items] or None, "frames",
+                                       [it.num_frames for it in items], max_new_tokens=max_new_tokens,
                                        do_sample=do_sample, temperature=temperature, top_p=top_p,
                                        eos_token_id=self.tok.eos_token_id):
             out.append(tok)
@@ -86,21 +123,23 @@ class ChatSession:
         self.conv.append({"from": "gpt", "value": shown.strip()})
 
 
-def run_chat(export_dir: str, media: Optional[str], question: Optional[str], write: Callable[[str], None] = None,
-             read: Callable[[str], str] = input, **gen) -> int:
+def run_chat(export_dir: str, media: Union[None, str, Sequence[str]], question: Optional[str],
+             write: Callable[[str], None] = None, read: Callable[[str], str] = input, **gen) -> int:
+    """One question (``question``) or an interactive session about 0..N media files."""
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    if media:
-        media_file(media)  # a missing file fails before the model loads
+    paths = [media] if isinstance(media, str) else list(media or [])
+    for p in paths:
+        media_file(p)  # a missing file fails before the model loads
     session = ChatSession(export_dir)
-    if media:
-        mtype = session.load_media(media)
-        if question is None:
-            write(f"[{mtype}: {media}, {session.num_frames} frame(s)] ask away; empty line or Ctrl-D to quit\n")
+    session.load_media(paths)
     if question is not None:
         for piece in session.ask(question, **gen):
             write(piece)
         write("\n")
         return 0
+    for it in session.items:
+        write(f"[{it.modality}: {it.path}, {it.num_frames} frame(s)]\n")
+    write("ask away; empty line or Ctrl-D to quit\n")
     while True:
         try:
             q = read("you> ")

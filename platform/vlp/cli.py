@@ -1,7 +1,7 @@
 """The ``vlp`` command line.
 
 Config-driven subcommands (make-shards, precompute, train, infer, demo): ``vlp <cmd> [--config FILE]
-[dotted.key=value ...]``. The others take plain flags: ``eval --model --features``, ``chat --model --video|--image
+[dotted.key=value ...]``. The others take plain flags: ``eval --model --features``, ``chat --model [--video|--image FILE]...
 [question]``, ``inspect URI...``; ``presets`` and ``config-docs`` take none.
 """
 
@@ -93,8 +93,7 @@ def _cmd_eval(args) -> int:
 def _cmd_chat(args) -> int:
     from .chat import run_chat
 
-    media = args.video or args.image
-    return run_chat(args.model, media, args.question, max_new_tokens=args.max_new_tokens,
+    return run_chat(args.model, args.media or [], args.question, max_new_tokens=args.max_new_tokens,
                     do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-5), top_p=args.top_p)
 
 
@@ -160,11 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--endpoint-url", help="S3-compatible endpoint")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=_cmd_eval)
-    sp = sub.add_parser("chat", help="ask a trained model about a video or an image (multi-turn without a question)")
+    sp = sub.add_parser("chat", help="ask a trained model about videos and images (multi-turn without a question)")
     sp.add_argument("--model", required=True, help="export folder of a trained run")
-    g = sp.add_mutually_exclusive_group()
-    g.add_argument("--video", help="video file (mp4, webm, avi, ...)")
-    g.add_argument("--image", help="image file")
+    sp.add_argument("--video", dest="media", action="append", help="video file (mp4, webm, avi, ...); repeatable")
+    sp.add_argument("--image", dest="media", action="append", help="image file; repeatable (items keep the order "
+                    "given; <image>/<video> in the question place them, else they go in front of it)")
     sp.add_argument("question", nargs="?", help="one question; omit for an interactive session")
     sp.add_argument("--max-new-tokens", type=int, default=64)
     sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
