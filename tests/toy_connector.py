@@ -2,7 +2,7 @@
 cross-attention). It maps (N, D) pooled tokens to ``num_queries`` tokens, so it changes the visual token count.
 
 Nothing in vlp names it: a config lists this module in ``model.plugins`` and names the type in
-``model.connector`` (tests/test_toy_connector.py trains a step with it through the real training path).
+``model.connector`` (tests/models/test_toy_connector.py trains a step with it through the real training path).
 """
 
 from __future__ import annotations

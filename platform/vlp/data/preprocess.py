@@ -1,7 +1,7 @@
 """CLIP preprocessing as batched tensor ops.
 
 Matches transformers' ``CLIPImageProcessor`` (resize shortest side with PIL bicubic, centre crop,
-rescale, normalise) to within a small tolerance (see tests/test_preprocess.py), but runs on a whole
+rescale, normalise) to within a small tolerance (see tests/data/test_preprocess.py), but runs on a whole
 stack of frames at once in torch. Split in two halves so the heavy geometric part runs in CPU decode
 tasks and only uint8 pixels travel to the encoder, which normalises on its device.
 """

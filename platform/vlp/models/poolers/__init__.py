@@ -4,7 +4,7 @@ Features arrive either as frames ``(T, 1 + P, D)`` (feature mode ``frames``: per
 patch tokens) or already Valley-pooled ``(P + T, D)`` (``valley_pooled``, pooled at precompute time). A pooler
 class (one module each: valley, patch_mean, none) owns its ``Cfg``, its forward (``__call__``) and
 ``num_tokens``: how many tokens that forward makes for a features shape, mode and frame count. Training counts
-tokens with it (train/data.py) before any feature is loaded; tests/test_parts.py checks it against the forward.
+tokens with it (train/data.py) before any feature is loaded; tests/models/test_parts.py checks it against the forward.
 
 May import: torch, vlp.config, vlp.models.parts.
 """

@@ -1,7 +1,7 @@
 """The training recipe's steps without Ray: micro-batch / accumulation grouping, the metrics record built by name
 from the values summed over ranks, the run logs through storage.Appender (local and S3, and the report reading them back), and setup ->
 train_step -> log -> export on a real DeepSpeed engine in a one-rank gloo group (Ray Train's restore / save
-and the multi-worker paths are covered by tests/test_train.py)."""
+and the multi-worker paths are covered by tests/train/test_train.py)."""
 
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ def test_toy_connector_trains_one_step_without_library_changes(ray_local, synth_
            "model": {"plugins": ["toy_connector"], "connector": {"type": "toy_queries", "num_queries": 3}},
            "ray": {"num_cpus": 2, "progress_bars": False}}
     env = {**os.environ, "PYTHONPATH": str(ROOT / "platform")}
-    out = subprocess.run([sys.executable, "-c", TRAIN, str(Path(__file__).parent), json.dumps(cfg)], env=env,
+    out = subprocess.run([sys.executable, "-c", TRAIN, str(ROOT / "tests"), json.dumps(cfg)], env=env,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     summary = json.loads(out.stdout.split("RESULT ", 1)[1])
