@@ -199,3 +199,25 @@ def write_part(part: str, quick: bool, result: dict, started: float, load_start:
     path = write_json("train", quick, payload)
     log(f"wrote {part} into {path} in {payload['total_s']:.0f}s")
     return path
+
+
+def bench_main(part: str, script: str, doc: str, quick_help: str, run, add_args=None) -> None:
+    """The command line every bench/train_*.py shares: ``--quick`` (+ the script's own flags from ``add_args``),
+    ``run(args, feature_root, work_dir) -> result`` timed, the work folder removed, the part written."""
+    import argparse
+    import tempfile
+
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    if add_args:
+        add_args(ap)
+    a = ap.parse_args()
+    t0, load0 = time.perf_counter(), loadavg()
+    root = feature_root()
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=TRAIN_WORK))
+    try:
+        res = run(a, root, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log(f"  {res['summary']}")
+    write_part(part, a.quick, res, t0, load0, Path(script).name)

@@ -12,7 +12,6 @@ vlp.train.recipe's (a plain PyTorch engine, bench/_train_common.PlainEngine). Al
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -20,13 +19,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _benchutil import loadavg, spread  # noqa: E402
-from _train_common import (GLOBAL, LR, SEED, PlainEngine, feature_root, log, model_config,  # noqa: E402
-                           read_feature_rows, tokenise, write_part)
+from _benchutil import spread  # noqa: E402
+from _train_common import (GLOBAL, LR, SEED, PlainEngine, bench_main, model_config,  # noqa: E402
+                           read_feature_rows, tokenise)
 
 import numpy as np  # noqa: E402
 
 ONLINE_ROWS = 96    # the samples whose decoded frames are held in memory (8 x 3 x 224 x 224 uint8 each)
+
+
+def fingerprint(root: Path):
+    """The instruct feature set's fingerprint (its sampling and preprocessing)."""
+    from vlp.formats.featureset import FeatureSetLayout, Fingerprint
+
+    return Fingerprint.read(FeatureSetLayout(str(root / "features" / "instruct")))
 
 
 def decode_frames(root: Path, uids: set[str]) -> dict:
@@ -34,20 +40,19 @@ def decode_frames(root: Path, uids: set[str]) -> dict:
     import torch
 
     from vlp.data.media import DecodeConfig, SamplingConfig
-    from vlp.formats.featureset import get_json
     from vlp.precompute.stages import DecodeFrames, ReadShard, shape_of
 
-    fp = get_json(str(root / "features" / "instruct"), "fingerprint.json")
-    dec = DecodeFrames(SamplingConfig.model_validate(fp["sampling"]), DecodeConfig(), fp["preprocess"]["size"],
-                       fp["preprocess"]["pad_to_square"], tuple(fp["preprocess"]["mean"]))
+    fp = fingerprint(root)
+    dec = DecodeFrames(SamplingConfig.model_validate(fp.sampling), DecodeConfig(), fp.preprocess.size, fp.preprocess.pad_to_square,
+                       tuple(fp.preprocess.mean))
     out = {}
     for tar in sorted((root / "shards").glob("instruct-*.tar")):
         for row in ReadShard()({"shard": tar.stem, "uri": str(tar)}):
             uid = f"{row['shard']}/{row['key']}"
             if row["kind"] != "sample" or uid not in uids:
                 continue
-            r = dec.decode_row(row)
-            arr = np.frombuffer(r["frames"], np.uint8).reshape(shape_of(r["frames_shape"]))
+            r = dec.decode_row(row)  # one sample, one item: per-item lists of length 1
+            arr = np.frombuffer(r["frames"][0], np.uint8).reshape(shape_of(r["frames_shape"][0]))
             out[uid] = torch.from_numpy(arr.copy())
     return out
 
@@ -58,13 +63,12 @@ class Stepper:
     def __init__(self, root: Path, frames: dict):
         import torch
 
-        from vlp.formats.featureset import get_json
         from vlp.models.videollm import VideoLLM
         from vlp.models.towers import build_vision_tower
 
         self.frames = frames
         self.tower = build_vision_tower({"type": "clip", "path": "preset:tiny-clip", "device": "cpu", "dtype": "float32"})
-        self.pp = get_json(str(root / "features" / "instruct"), "fingerprint.json")["preprocess"]  # precompute's
+        self.pp = fingerprint(root).preprocess  # precompute's
         torch.manual_seed(SEED)
         model = VideoLLM(model_config())
         self.engine = PlainEngine(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR))
@@ -79,7 +83,7 @@ class Stepper:
             return batch_inputs(mb, "cpu", torch.float32)
         x = torch.cat([self.frames[r["uid"]] for r in mb])  # (sum T, 3, S, S) uint8
         lens = [self.frames[r["uid"]].shape[0] for r in mb]
-        px = normalize(x, self.pp["mean"], self.pp["std"], self.tower.dtype)
+        px = normalize(x, self.pp.mean, self.pp.std, self.tower.dtype)
         f = self.tower.features(px)  # (sum T, 1 + P, D), no grad (frozen tower)
         return ([torch.as_tensor(r["input_ids"]) for r in mb], [torch.as_tensor(r["labels"]) for r in mb],
                 list(torch.split(f, lens)), ["frames"] * len(mb), lens)  # pool_valley(mode="frames") in the model
@@ -132,19 +136,13 @@ def bench_online(root: Path, rounds: int, steps_per_block: int) -> dict:
             "visual_part_s_median": {"precomputed_read_fp16": round(statistics.median(res["pre_visual"]), 4),
                                      "online_normalize_tower": round(statistics.median(res["online_visual"]), 4)},
             "ratio_online_over_precomputed": spread(ratios),
-            "ratio_median_steps": round(onl / pre, 3)}
+            "ratio_median_steps": round(onl / pre, 3),
+            "summary": f"online/precomputed step time {onl / pre:.2f}x (median steps)"}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="4 rounds of 3 steps instead of 8 of 4")
-    a = ap.parse_args()
-    t0, load0 = time.perf_counter(), loadavg()
-    log("online: precomputed features vs CLIP tower per step")
-    res = bench_online(feature_root(), rounds=4 if a.quick else 8, steps_per_block=3 if a.quick else 4)
-    log(f"  ratio {res['ratio_online_over_precomputed']}")
-    write_part("online", a.quick, res, t0, load0, Path(__file__).name)
-
+    bench_main("online", __file__, __doc__, "4 rounds of 3 steps instead of 8 of 4", lambda a, root, work: bench_online(
+        root, rounds=4 if a.quick else 8, steps_per_block=3 if a.quick else 4))
 
 if __name__ == "__main__":
     main()

@@ -18,10 +18,8 @@ Writes the ``step`` part of bench/results/train.json (2 rounds with --quick, 4 w
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -33,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _benchutil import loadavg, spread  # noqa: E402
 from _train_common import (DROP, GLOBAL, LR, MAX_LEN, SEED, TARGET_OVERHEAD, TEMPLATE, TOKENIZER,  # noqa: E402
-                           TRAIN_WORK, PlainEngine, feature_root, log, model_config, one_rank_group,
-                           read_feature_rows, strip_uid, tokenise, train_config, write_part)
+                           TRAIN_WORK, PlainEngine, bench_main, log, model_config, one_rank_group,
+                           read_feature_rows, strip_uid, tokenise, train_config)
 
 import numpy as np  # noqa: E402
 
@@ -455,27 +453,15 @@ def bench_step(root: Path, rounds: int, quick: bool, work: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2 rounds of 1 worker ZeRO-0 on a seeded half, no ZeRO-2, "
-                    "2-worker or epoch-restart runs")
-    ap.add_argument("--rounds", type=int, default=None,
-                    help="Ray-vs-plain rounds, 1 worker ZeRO-0 (default 2 quick, 4 full)")
-    ap.add_argument("--_plain", nargs=2, help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a._plain:
-        res = plain_job(json.loads(Path(a._plain[0]).read_text()))
-        Path(a._plain[1]).write_text(json.dumps(res))
+    if sys.argv[1:2] == ["--_plain"]:  # one plain-PyTorch baseline job, run by run_plain in its own process
+        res = plain_job(json.loads(Path(sys.argv[2]).read_text()))
+        Path(sys.argv[3]).write_text(json.dumps(res))
         return
-    t0, load0 = time.perf_counter(), loadavg()
-    root = feature_root()
-    work = Path(tempfile.mkdtemp(prefix="run-", dir=TRAIN_WORK))
-    try:
-        res = bench_step(root, a.rounds or (2 if a.quick else 4), a.quick, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    log(f"  {res['summary']}")
-    write_part("step", a.quick, res, t0, load0, Path(__file__).name)
-
+    bench_main("step", __file__, __doc__, "2 rounds of 1 worker ZeRO-0 on a seeded half, no ZeRO-2, 2-worker or "
+               "epoch-restart runs", lambda a, root, work: bench_step(root, a.rounds or (2 if a.quick else 4),
+                                                                      a.quick, work),
+               lambda ap: ap.add_argument("--rounds", type=int, default=None,
+                                          help="Ray-vs-plain rounds, 1 worker ZeRO-0 (default 2 quick, 4 full)"))
 
 if __name__ == "__main__":
     main()

@@ -12,17 +12,14 @@ Writes the ``padding`` part of bench/results/train.json (bench/_train_common.py)
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _benchutil import loadavg  # noqa: E402
-from _train_common import SEED, TARGET_PAD, feature_root, log, read_feature_rows, tokenise, write_part  # noqa: E402
+from _train_common import SEED, TARGET_PAD, bench_main, read_feature_rows, tokenise  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -112,15 +109,8 @@ def summary(configs: list[dict]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="10 stream orders instead of 30")
-    a = ap.parse_args()
-    t0, load0 = time.perf_counter(), loadavg()
-    log("padding: length grouping vs random batching")
-    res = bench_padding(feature_root(), seeds=10 if a.quick else 30)
-    log(f"  {res['summary']}")
-    write_part("padding", a.quick, res, t0, load0, Path(__file__).name)
-
+    bench_main("padding", __file__, __doc__, "10 stream orders instead of 30",
+               lambda a, root, work: bench_padding(root, seeds=10 if a.quick else 30))
 
 if __name__ == "__main__":
     main()

@@ -15,21 +15,17 @@ Writes the ``memory`` part of bench/results/train.json.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _benchutil import loadavg  # noqa: E402
-from _train_common import (SEED, TARGET_ZERO2, TRAIN_WORK, feature_root, free_port, log,  # noqa: E402
-                           read_feature_rows, tokenise, train_config, write_part)
+from _train_common import (SEED, TARGET_ZERO2, bench_main, free_port, log,  # noqa: E402
+                           read_feature_rows, tokenise, train_config)
 
 import numpy as np  # noqa: E402
 
@@ -276,19 +272,8 @@ def bench_memory(root: Path, work: Path, precisions: tuple[str, ...]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fp32 only (full: fp32 and bf16)")
-    a = ap.parse_args()
-    t0, load0 = time.perf_counter(), loadavg()
-    root = feature_root()
-    work = Path(tempfile.mkdtemp(prefix="run-", dir=TRAIN_WORK))
-    try:
-        res = bench_memory(root, work, ("fp32",) if a.quick else ("fp32", "bf16"))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    log(f"  {res['summary']}")
-    write_part("memory", a.quick, res, t0, load0, Path(__file__).name)
-
+    bench_main("memory", __file__, __doc__, "fp32 only (full: fp32 and bf16)",
+               lambda a, root, work: bench_memory(root, work, ("fp32",) if a.quick else ("fp32", "bf16")))
 
 if __name__ == "__main__":
     main()

@@ -36,7 +36,7 @@ def one_item_row(data: bytes, ext: str) -> dict:
 def test_features_match_precompute_path(export, clip):
     """Online encoding = what precompute stores (same sampling, preprocessing, layer; pooled the Valley way)."""
     from vlp.chat import ChatSession
-    from vlp.data.media import DecodeConfig, SamplingConfig, decode_media
+    from vlp.data.media import DecodeConfig, SamplingConfig
     from vlp.precompute.stages import DecodeFrames, EncodeFeatures, rows_batch, batch_rows
     from vlp.models.towers import TOWERS
 

@@ -17,7 +17,6 @@ from pydantic import Field
 from .config import Cfg
 from .data.media import DecodeConfig
 from .data.sample import SampleConfig
-from .errors import not_an_export
 from .runtime import RayConfig
 from .storage import StorageConfig, expand_shards, get_fs, join
 
@@ -149,10 +148,7 @@ def run_infer(cfg: InferConfig, log=print) -> dict:
     from .precompute.stages import ReadShard
     from .runtime import init_ray
 
-    mfs, mpath = get_fs(join(cfg.model, "vlp_model.json"))
-    if not mfs.exists(mpath):  # before Ray starts
-        raise not_an_export(cfg.model, mfs.exists(mpath.rsplit("/", 1)[0]))
-    info = ExportInfo.read(cfg.model)
+    info = ExportInfo.read(cfg.model)  # NotAnExport / ExportFormatError before Ray starts
     shards = expand_shards(cfg.shards, cfg.storage)
     names = shard_names(shards)
     init_ray(cfg.ray)

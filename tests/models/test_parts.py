@@ -5,7 +5,6 @@ fail by dotted path, plugins register types, and old configs / exports keep load
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Literal
 

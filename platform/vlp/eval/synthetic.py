@@ -26,8 +26,8 @@ import torch
 from ..data.conversation import IGNORE_INDEX, prompt_ids, tokenize_conversation
 from ..synth.shards import COLORS, DIRECTIONS, OPPOSITE, QUESTIONS, SHAPES
 from ..errors import UserError
-from ..formats.featureset import get_json, iter_feature_rows
-from ..storage import StorageConfig, get_fs
+from ..formats.featureset import FeatureSetLayout, Fingerprint, iter_feature_rows
+from ..storage import StorageConfig
 
 
 class NotAFeatureSet(UserError):
@@ -102,18 +102,30 @@ class Tally:
                 "(a feature set precomputed from vlp make-shards' heldout-*.tar)")
 
 
-def score_question(model, tok, template: str, row: dict, qtype: str, tally: Tally, generate: bool,
-                   max_new_tokens: int) -> None:
+@dataclass
+class RowVisuals:
+    """A feature row's visuals, converted once for all its questions."""
+    feats: Optional[list[torch.Tensor]]  # one (T, 1 + P, D) or (N, D) block per item; None for text-only
+    num_frames: list[int]
+    mode: str
+
+    @classmethod
+    def of(cls, row: dict) -> "RowVisuals":
+        return cls([torch.from_numpy(f.astype(np.float32)) for f in row["features"]] or None,
+                   [int(t) for t in row["num_frames"]], row["mode"])
+
+
+def score_question(model, tok, template: str, row: dict, vis: RowVisuals, qtype: str, tally: Tally,
+                   generate: bool, max_new_tokens: int) -> None:
     """Choice (and generation) scores of one known question about one row, added to ``tally``."""
     meta = json.loads(row["meta"]) if row["meta"] else {}
-    feats = [torch.from_numpy(f.astype(np.float32)) for f in row["features"]] or None  # one per item
-    nf = [int(t) for t in row["num_frames"]]
+    feats, nf = vis.feats, vis.num_frames
     placeholder = "".join(f"<{m}>" for m in row["modalities"]) + "\n" if row["modalities"] else ""
     q = placeholder + QUESTIONS[qtype][0]
     truth = meta[qtype]
     cands = CANDIDATES[qtype]
     answers = [QUESTIONS[qtype][1].format(**{**{k: meta.get(k, "") for k in CANDIDATES}, qtype: c}) for c in cands]
-    scores = score_answers(model, tok, template, q, answers, feats, row["mode"], nf)
+    scores = score_answers(model, tok, template, q, answers, feats, vis.mode, nf)
     choice = cands[int(np.argmax(scores))]
     st = tally.per[qtype]
     st["n"] += 1
@@ -124,7 +136,7 @@ def score_question(model, tok, template: str, row: dict, qtype: str, tally: Tall
     gen_text = ""
     if generate:
         ids = torch.tensor(prompt_ids([{"from": "human", "value": q}], tok, template))
-        out = list(model.generate(ids, feats, row["mode"], nf, max_new_tokens=max_new_tokens,
+        out = list(model.generate(ids, feats, vis.mode, nf, max_new_tokens=max_new_tokens,
                                   eos_token_id=tok.eos_token_id))
         gen_text = tok.decode(out, skip_special_tokens=True)
         named = [c for c in cands if c in gen_text.lower().split() or c + "." in gen_text.lower().split()]
@@ -136,10 +148,11 @@ def score_question(model, tok, template: str, row: dict, qtype: str, tally: Tall
 
 def check_feature_set(uri: str, storage: StorageConfig | None) -> None:
     """NotAFeatureSet when ``uri`` is missing or has no fingerprint.json."""
-    fs, root = get_fs(uri, storage)
+    layout = FeatureSetLayout(uri, storage)
+    fs, root = layout.fs()
     if not fs.exists(root):
         raise NotAFeatureSet(f"feature set {uri} does not exist")
-    if get_json(uri, "fingerprint.json", storage) is None:
+    if Fingerprint.read(layout) is None:
         raise NotAFeatureSet(f"{uri} is not a feature set (it has no fingerprint.json); make one with vlp precompute")
 
 
@@ -164,6 +177,7 @@ def evaluate(export_dir: str, feature_uri: str, storage: StorageConfig | None = 
         tally.media[row["media_type"]] += 1
         meta = json.loads(row["meta"]) if row["meta"] else {}
         conv = json.loads(row["conversations"]) if row["conversations"] else []
+        vis = None
         for turn in conv:
             if turn["from"] != "human":
                 continue
@@ -171,7 +185,8 @@ def evaluate(export_dir: str, feature_uri: str, storage: StorageConfig | None = 
             if qtype is None or qtype not in meta:
                 tally.other_questions[turn["value"].replace("<video>", "").replace("<image>", "").strip()] += 1
                 continue
-            score_question(model, tok, template, row, qtype, tally, generate, max_new_tokens)
+            vis = vis or RowVisuals.of(row)
+            score_question(model, tok, template, row, vis, qtype, tally, generate, max_new_tokens)
     if not any(st["n"] for st in tally.per.values()):
         raise NothingToScore(tally.nothing_scored(feature_uri))
     return {"export": str(export_dir), "features": feature_uri, "pooler": pooler or model.cfg.pooler.type,

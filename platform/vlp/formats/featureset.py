@@ -295,17 +295,6 @@ def read_feature_set(uri: str, storage: StorageConfig | None = None) -> FeatureS
     return FeatureSetInfo(uri, fp, man)
 
 
-def put_json(uri: str, rel: str, obj: Any, storage: StorageConfig | None = None) -> None:
-    """Write JSON atomically (storage.write_atomic)."""
-    write_atomic(join(uri, rel), json.dumps(obj, indent=2), storage)
-
-
-def get_json(uri: str, rel: str, storage: StorageConfig | None = None) -> Optional[Any]:
-    """Parsed JSON of ``uri/rel``, None when it does not exist."""
-    data = read_bytes(join(uri, rel), storage)
-    return None if data is None else parse_json(data, join(uri, rel))
-
-
 def committed_shards(uri: str | FeatureSetLayout, storage: StorageConfig | None = None) -> dict[str, ShardCommit]:
     """{shard name: commit record} of every shard whose marker exists."""
     return ShardCommit.read_all(_layout(uri, storage))
