@@ -77,6 +77,9 @@ CONFIG_CASES = [  # (id, argv with {d} = the bad-things folder, words the messag
     ("demo root under a file", ["demo", "root={d}/notes.txt/demo"], ["root={d}/notes.txt/demo", "cannot create"], 2),
     ("precompute on missing shards", ["precompute", "run_name=p", "data.shards=[{d}/shards/webvid-*.tar]",
                                       "output.uri={d}/features"], ["{d}/shards/webvid-*.tar", "matched nothing"], 1),
+    ("precompute with a missing tower folder", ["precompute", "run_name=p", "data.shards=[{d}/texts.tar]",
+                                                "output.uri={d}/features", "encoder.tower.path={d}/models/clip"],
+     ["encoder.tower.path", "{d}/models/clip", "no such folder"], 2),
     ("infer on a missing model", ["infer", "model={d}/runs/export", "shards=[{d}/texts.tar]", "output={d}/inf"],
      ["{d}/runs/export", "does not exist"], 2),
     ("infer on a folder that is no export", ["infer", "model={d}/empty", "shards=[{d}/texts.tar]",
@@ -118,7 +121,7 @@ def test_train_mistakes_fail_before_ray(bad, capsys, no_ray, overrides, names):
 
 def test_hub_ids_and_presets_are_not_local_paths():
     """The rule: only absolute, ./ ../ ~ or multi-'/' paths must exist; org/name and preset:NAME pass untouched."""
-    from vlp.models.videollm import looks_local
+    from vlp.models.presets import looks_local
 
     assert not any(map(looks_local, ["lmsys/vicuna-7b-v1.5", "gpt2", "preset:tiny-llama", "s3://b/m/llm"]))
     assert all(map(looks_local, ["/abs/llm", "./llm", "../llm", "~/llm", "runs/x/export/llm"]))

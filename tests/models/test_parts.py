@@ -273,3 +273,24 @@ def test_setup_refuses_feature_modes_the_pooler_cannot_take():
         "data.sets[1]: model.pooler.type=none needs feature sets precomputed with output.mode=frames, this one has "
         "output.mode=valley_pooled"]
     assert feature_mode_problems(validate(ModelConfig, {}), ["frames", "valley_pooled"]) == []
+
+
+def test_a_tower_plugin_is_named_from_the_precompute_config():
+    """tests/toy_tower.py registers ``toy_clip`` outside vlp; ``encoder.plugins`` imports it before the tower is
+    validated, the driver plans with the tower type's own geometry, and its features are what it builds."""
+    from vlp.config import ConfigError
+    from vlp.models.towers import TOWERS, build_vision_tower
+    from vlp.precompute import PrecomputeConfig
+    from vlp.precompute.pipeline import plan_stages
+
+    base = {"data": {"shards": ["unused.tar"]}, "output": {"uri": "unused"}}
+    cfg = validate(PrecomputeConfig, {**base, "encoder": {"plugins": ["toy_tower"],
+                                                          "tower": {"type": "toy_clip", "gain": 3.0}}})
+    fp = plan_stages(cfg)[0]
+    assert (fp.encoder.type, fp.encoder.image_size, fp.encoder.hidden_size) == ("toy_clip", 224, 64)
+    px = torch.randn(2, 3, 224, 224)
+    clip = build_vision_tower({"type": "clip", "device": "cpu"})
+    torch.testing.assert_close(TOWERS.part(cfg.encoder.tower).build().features(px), 3.0 * clip.features(px))
+    with pytest.raises(ConfigError, match=r"encoder\.tower\.gian"):
+        validate(PrecomputeConfig, {**base, "encoder": {"plugins": ["toy_tower"], "tower": {"type": "toy_clip",
+                                                                                          "gian": 1}}})

@@ -23,7 +23,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Optional
 
-from pydantic import SerializeAsAny, ValidationError, WrapValidator
+from pydantic import AfterValidator, SerializeAsAny, ValidationError, WrapValidator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from ..config import Cfg
@@ -152,3 +152,7 @@ def import_plugin(name: str) -> str:
     if root and not _ray_started():
         share_with_local_workers(root)
     return name
+
+
+# A config field's entry naming a plugin module (``model.plugins``, ``encoder.plugins``): imported when validated.
+PluginModule = Annotated[str, AfterValidator(import_plugin)]

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from ..registry import Registry
 
@@ -26,6 +26,23 @@ PRESET_VERSIONS = {"tiny-clip-synth": 1}
 
 def cache_dir() -> Path:
     return Path(os.environ.get("VLP_CACHE", Path.home() / ".cache" / "vlp"))
+
+
+def looks_local(path: str) -> bool:
+    """The rule for model paths: local (so it must exist) when absolute, starting with ./ ../ or ~, or holding
+    more than one '/'; a hub id is exactly ``org/name`` (one '/'), ``preset:NAME`` and URLs are not local."""
+    if path.startswith("preset:") or "://" in path:
+        return False
+    return path.startswith(("/", "./", "../", "~")) or path in (".", "..") or path.count("/") > 1
+
+
+def check_model_path(path: Optional[str]) -> Optional[str]:
+    """Validator: a local model path (:func:`looks_local`) must exist, so a typo fails with the config, before
+    Ray starts, instead of as a hub download error inside every training worker."""
+    if path is not None and looks_local(path) and not os.path.exists(os.path.expanduser(path)):
+        raise ValueError(f"no such folder: {path} (a local path: absolute, ./, ../, ~ or more than one '/'; "
+                         "hub ids are org/name, presets preset:NAME)")
+    return path
 
 
 def resolve_model_path(path: str) -> str:

@@ -9,36 +9,18 @@ text-only samples of different lengths.
 
 from __future__ import annotations
 
-import os
-from typing import Annotated, Literal, Optional, Sequence, TypeVar, Union
+from typing import Literal, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.nn as nn
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import Field, field_validator
 
 from ..config import Cfg
 from ..data.conversation import IGNORE_INDEX, VISUAL_TOKEN_INDEX
 from .connectors import CONNECTORS, ConnectorConfig
-from .parts import import_plugin
+from .parts import PluginModule
 from .poolers import POOLERS, PoolerConfig
-from .presets import resolve_model_path
-
-
-def looks_local(path: str) -> bool:
-    """The rule for model paths: local (so it must exist) when absolute, starting with ./ ../ or ~, or holding
-    more than one '/'; a hub id is exactly ``org/name`` (one '/'), ``preset:NAME`` and URLs are not local."""
-    if path.startswith("preset:") or "://" in path:
-        return False
-    return path.startswith(("/", "./", "../", "~")) or path in (".", "..") or path.count("/") > 1
-
-
-def check_model_path(path: Optional[str]) -> Optional[str]:
-    """Validator: a local model path (:func:`looks_local`) must exist, so a typo fails with the config, before
-    Ray starts, instead of as a hub download error inside every training worker."""
-    if path is not None and looks_local(path) and not os.path.exists(os.path.expanduser(path)):
-        raise ValueError(f"no such folder: {path} (a local path: absolute, ./, ../, ~ or more than one '/'; "
-                         "hub ids are org/name, presets preset:NAME)")
-    return path
+from .presets import check_model_path, resolve_model_path
 
 
 class LLMConfig(Cfg):
@@ -59,7 +41,7 @@ class ModelConfig(Cfg):
 
     # Declared first: fields validate in order, so the plugins' part types are registered before the pooler
     # and connector configs that name them are validated (on the driver and in every worker).
-    plugins: list[Annotated[str, AfterValidator(import_plugin)]] = Field(
+    plugins: list[PluginModule] = Field(
         [], description="modules imported before the parts are validated; they register more pooler/connector "
         "types (docs/extending.md)")
     vision_hidden_size: Optional[int] = Field(

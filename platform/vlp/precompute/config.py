@@ -10,6 +10,7 @@ from ..config import Cfg
 from ..data.media import DecodeConfig, SamplingConfig
 from ..data.preprocess import PreprocessConfig
 from ..data.sample import SampleConfig
+from ..models.parts import PluginModule
 from ..models.towers import TOWERS, TowerConfig
 from ..runtime import AcceleratorType, RayConfig
 from ..storage import StorageConfig
@@ -34,6 +35,9 @@ class DataConfig(Cfg):
 class EncoderConfig(Cfg):
     """The frozen vision tower and its actor pool."""
 
+    # Declared first: the plugins' tower types are registered before ``tower`` names one (fields validate in order).
+    plugins: list[PluginModule] = Field([], description="modules imported before the tower is validated; they "
+                                        "register more tower types (docs/extending.md)")
     tower: TowerConfig = TOWERS.config()
     batch_size: int = Field(8, ge=1, description="samples per encoder call")
     max_frames_per_forward: int = Field(256, ge=1, description="frames per forward pass (memory bound)")

@@ -104,16 +104,13 @@ def shard_names(uris: list[str]) -> dict[str, str]:
 def tower_geometry(cfg: PrecomputeConfig) -> tuple[int, int, str, tuple, tuple]:
     """(image size, hidden size, weights sha256, mean, std) without building the model on the driver. mean/std
     are resolved: ``data.preprocess.mean/std`` when set, else the tower's own (its preprocessor_config.json)."""
-    from transformers import AutoConfig
-
     from ..models.presets import resolve_model_path
-    from ..models.towers import tower_mean_std, weights_hash
+    from ..models.towers import TOWERS, tower_mean_std, weights_hash
 
     path = resolve_model_path(cfg.encoder.tower.path)
-    c = AutoConfig.from_pretrained(path)
-    vc = getattr(c, "vision_config", c)
+    size, hidden = TOWERS.part(cfg.encoder.tower).geometry()  # the tower type's own reading of its checkpoint
     mean, std = cfg.data.preprocess.resolve(*tower_mean_std(path))
-    return vc.image_size, vc.hidden_size, weights_hash(path), mean, std
+    return size, hidden, weights_hash(path), mean, std
 
 
 def fingerprint(cfg: PrecomputeConfig, size: int, hidden: int, sha: str, mean: tuple, std: tuple) -> Fingerprint:

@@ -285,7 +285,7 @@ def check_same_config(fs, rd: str, run_dir: str, cfg: TrainConfig) -> bool:
 def config_for_workers(cfg: TrainConfig) -> dict:
     """The config as the workers get it, local model paths made absolute: Ray Train runs each worker in a
     folder of its own, where a path relative to the driver's working directory finds nothing."""
-    from ..models.videollm import looks_local
+    from ..models.presets import looks_local
 
     d = cfg.model_dump(mode="json")
     conn, llm = d["model"]["connector"], d["model"]["llm"]

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ...data.preprocess import CLIP_MEAN, CLIP_STD
 from ..parts import Part, PartCfg, PartRegistry
+from ..presets import check_model_path
 
 
 class TowerCfg(PartCfg):
@@ -32,6 +33,11 @@ class TowerCfg(PartCfg):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto: float16 on GPU, float32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is visible")
+
+    @field_validator("path")
+    @classmethod
+    def _local_path_exists(cls, v):
+        return check_model_path(v)  # a typo fails with the config, not in every decode worker
 
 
 TOWERS = PartRegistry("vision tower", TowerCfg)
@@ -69,6 +75,11 @@ class Tower(Part):
 
     def num_tokens(self, num_frames: int = 1) -> int:
         """Tokens ``build().features`` gives for ``num_frames`` frames: num_frames x (1 + P)."""
+        raise NotImplementedError
+
+    def geometry(self) -> tuple[int, int]:
+        """(input image size S, feature width D) read from the checkpoint's config, without loading weights (the
+        precompute driver plans with it)."""
         raise NotImplementedError
 
 

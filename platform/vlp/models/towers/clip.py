@@ -31,8 +31,16 @@ class Clip(Tower):
                            num_layers=n_layers, mean=mean, std=std, path=cfg.path, weights_sha256=weights_hash(path),
                            device=device, dtype=dtype, layer=cfg.layer)
 
-    def num_tokens(self, num_frames: int = 1) -> int:
+    def vision_config(self):
+        """The checkpoint's CLIPVisionConfig (a full CLIP checkpoint's vision part)."""
         from transformers import CLIPVisionConfig
 
-        c = CLIPVisionConfig.from_pretrained(resolve_model_path(self.cfg.path))
+        return CLIPVisionConfig.from_pretrained(resolve_model_path(self.cfg.path))
+
+    def num_tokens(self, num_frames: int = 1) -> int:
+        c = self.vision_config()
         return num_frames * (1 + (c.image_size // c.patch_size) ** 2)  # per frame: CLS + (S / patch)^2 patches
+
+    def geometry(self) -> tuple[int, int]:
+        c = self.vision_config()
+        return c.image_size, c.hidden_size
