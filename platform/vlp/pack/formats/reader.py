@@ -2,8 +2,9 @@
 
 * **JSON** (``.json``): one top-level array, streamed with ijson's event parser; each element is built on its
   own and dropped (an error) as soon as it grows past ``max_record_bytes``, so memory holds one record at most,
-  never the file. A syntax error ends that file with one error (the rest of a broken array cannot be found);
-  reading goes on with the next file.
+  never the file. A single string/number token over 4 x ``max_record_bytes`` (which the parser would hold whole)
+  and a syntax error end that file with one error (the rest of a broken array cannot be found); reading goes on
+  with the next file.
 * **JSON Lines** (``.jsonl``/``.ndjson``): line by line from fixed-size reads; a line over the limit is skipped to
   its newline (an error), a line that is not JSON is an error, blank lines are not records.
 * **CSV** (``.csv``, ``.tsv`` tab-separated): the csv module over the same bounded lines; the first row is the
@@ -33,6 +34,7 @@ KIND_OF_EXT = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "
                ".parquet": "parquet"}
 READ_CHUNK = 1 << 20
 EVENT_BYTES = 16  # what one JSON event counts toward max_record_bytes besides its text (bounds deep nesting)
+TOKEN_FACTOR = 4  # a JSON token over TOKEN_FACTOR * max_record_bytes stops its file (TokenGuard)
 
 
 class AnnotationFileError(UserError, ValueError):
@@ -136,7 +138,8 @@ def raw_records(path: str, kind: str, limit: int, storage: StorageConfig | None 
 
 def json_array(f, limit: int) -> Iterator[Any]:
     """Elements of a top-level JSON array, one at a time (see the module doc)."""
-    events = ijson.basic_parse(f, use_float=True)
+    guarded = TokenGuard(f, TOKEN_FACTOR * limit)
+    events = ijson.basic_parse(guarded, use_float=True)
     try:
         first = next(events, None)
         if first is None or first[0] != "start_array":
@@ -144,34 +147,72 @@ def json_array(f, limit: int) -> Iterator[Any]:
                             " (these annotation files hold one [...] of records)")
             return
         yield from _array_elements(events, limit)
+    except TokenTooLong as e:
+        yield BadRecord(str(e))
     except (ijson.JSONError, UnicodeDecodeError, ValueError) as e:
         yield BadRecord(f"the file is not valid JSON from here on ({e}); the rest of the file is skipped")
 
 
+class TokenTooLong(Exception):
+    """A stretch of a JSON file longer than the record limit holds no (unescaped) quote: one string or number
+    token that big would be buffered whole by the parser, so reading that file stops there."""
+
+
+class TokenGuard:
+    """File wrapper for the JSON parser: the parser holds a whole token (a string) in memory, however big, so
+    this counts the bytes since the last unescaped ``"`` and raises TokenTooLong past ``max_token``. A record
+    over max_record_bytes whose tokens are smaller is the element builder's to refuse (the file goes on)."""
+
+    def __init__(self, f, max_token: int):
+        self.f, self.limit, self.run, self.pos, self.prev_backslash = f, max_token, 0, 0, False
+
+    def read(self, n: int = -1) -> bytes:
+        # reads are at most max_token bytes, so a quote-free stretch over max_token must touch a read's start
+        # or end: only the first and the last unescaped quote of each read need finding
+        data = self.f.read(min(READ_CHUNK if n is None or n < 0 else n, self.limit))
+        first, last = self.quote(data, True), self.quote(data, False)
+        head = self.run + (len(data) if first < 0 else first)
+        self.run = self.run + len(data) if last < 0 else len(data) - last - 1
+        self.pos += len(data)
+        self.prev_backslash = data[-1:] == b"\\"
+        if max(head, self.run) > self.limit:
+            raise TokenTooLong(f"the file holds a string or number of over {self.limit} bytes (4 x max_record_bytes) "
+                               f"before byte {self.pos}; the rest of the file is skipped")
+        return data
+
+    def quote(self, data: bytes, first: bool) -> int:
+        """Position of the first/last ``"`` not preceded by a backslash (``\\\\"`` counts as escaped: a longer run,
+        never a shorter one), -1 if none."""
+        i = data.find(b'"') if first else data.rfind(b'"')
+        while i >= 0 and (data[i - 1:i] == b"\\" if i else self.prev_backslash):
+            i = data.find(b'"', i + 1) if first else data.rfind(b'"', 0, i)
+        return i
+
+
 def _array_elements(events, limit: int) -> Iterator[Any]:
+    opening, closing = ("start_map", "start_array"), ("end_map", "end_array")
     for event, value in events:
         if event == "end_array":
             return
-        if event not in ("start_map", "start_array"):
+        if event not in opening:
             yield value  # a scalar element: the format turns it into an error
             continue
-        builder: Optional[ijson.ObjectBuilder] = ijson.ObjectBuilder()
-        builder.event(event, value)
+        builder = ijson.ObjectBuilder()
+        build = builder.event
+        build(event, value)
         depth, size = 1, EVENT_BYTES
-        for event, value in events:
-            size += EVENT_BYTES + (len(value) if isinstance(value, str) else 0)
-            if builder is not None and size > limit:
-                builder = None  # over the limit: drop what was built, skip to the element's end
-            elif builder is not None:
-                builder.event(event, value)
-            if event in ("start_map", "start_array"):
+        for event, value in events:  # the hot loop: one pass per JSON event, kept lean
+            size += EVENT_BYTES + len(value) if value.__class__ is str else EVENT_BYTES
+            if size <= limit:
+                build(event, value)
+            if event in opening:
                 depth += 1
-            elif event in ("end_map", "end_array"):
+            elif event in closing:
                 depth -= 1
                 if depth == 0:
                     break
-        yield builder.value if builder is not None else BadRecord(
-            f"record is over max_record_bytes ({limit} bytes)")
+        # past the limit nothing more was built: what was is dropped, the element is skipped to its end
+        yield builder.value if size <= limit else BadRecord(f"record is over max_record_bytes ({limit} bytes)")
 
 
 def bounded_lines(f, limit: int) -> Iterator[bytes | BadRecord]:
@@ -231,12 +272,14 @@ def csv_rows(f, limit: int, delimiter: str = ",") -> Iterator[Any]:
 
     def text_lines() -> Iterator[str]:
         for i, line in enumerate(bounded_lines(f, limit)):
+            if isinstance(line, BadRecord):
+                pending.append(line.reason)
+                yield "\n"  # a blank line in its place: the row becomes this error, not a silent drop
+                continue
             try:
-                if isinstance(line, BadRecord):
-                    raise ValueError(line.reason)
                 yield line.decode("utf-8-sig" if i == 0 else "utf-8")
-            except ValueError as e:  # UnicodeDecodeError too: the row becomes an error, not dropped
-                pending.append(f"row is not readable: {e}")
+            except UnicodeDecodeError as e:
+                pending.append(f"row is not valid UTF-8 ({e})")
                 yield "\n"
 
     reader = csv.reader(text_lines(), delimiter=delimiter)
