@@ -60,9 +60,10 @@ class PackError:
 
 
 class FormatCfg(PartCfg):
-    """Parameters every annotation format has."""
+    """Parameters every annotation format has. ``type`` defaults to ``llava`` (so that a config field of this family
+    has a default, e.g. for docs); ``vlp pack --format`` always names one."""
 
-    type: str
+    type: str = "llava"
     file_kind: Literal["auto", "json", "jsonl", "csv", "parquet"] = Field(
         "auto", description="how to read the files; auto = from the extension (.json, .jsonl/.ndjson, .csv, "
                             ".parquet)")
