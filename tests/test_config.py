@@ -136,3 +136,17 @@ def test_override_inside_a_default_section_keeps_the_rest_of_that_default():
     assert cfg.tower.path == "preset:tiny-clip-synth"
     cfg = load_config(DemoConfig, None, ["tower.layer=-1"])  # a default section with a non-default path kept
     assert cfg.tower.path == "preset:tiny-clip-synth" and cfg.tower.layer == -1
+
+
+def test_switching_a_part_type_by_override_drops_the_default_types_parameters(tmp_path):
+    """``format.type=sharegpt`` on a config without a format section: the section copied from the default
+    (llava, with llava's own keys) must not carry llava's parameters into sharegpt; a file's own section does."""
+    from vlp.pack import PackConfig
+
+    base = ["annotations=[a.json]", "out=o"]
+    cfg = load_config(PackConfig, None, ["format.type=sharegpt", "format.max_items=3", *base])
+    assert cfg.format.type == "sharegpt" and cfg.format.max_items == 3
+    assert load_config(PackConfig, None, base).format.type == "llava"
+    (tmp_path / "pack.yaml").write_text("format: {type: llava, image_key: picture}\n")
+    with pytest.raises(ConfigError, match=r"format\.image_key"):
+        load_config(PackConfig, tmp_path / "pack.yaml", ["format.type=sharegpt", *base])

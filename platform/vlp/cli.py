@@ -1,6 +1,6 @@
 """The ``vlp`` command line.
 
-Config-driven subcommands (make-shards, precompute, train, infer, demo): ``vlp <cmd> [--config FILE]
+Config-driven subcommands (make-shards, pack, precompute, train, infer, demo): ``vlp <cmd> [--config FILE]
 [dotted.key=value ...]``. The others take plain flags: ``eval --model --features``, ``chat --model [--video|--image FILE]...
 [question]``, ``inspect URI...``; ``presets`` and ``config-docs`` take none.
 """
@@ -44,6 +44,19 @@ def _cmd_precompute(args) -> int:
     if cfg is None:
         return 0
     run_precompute(cfg)
+    return 0
+
+
+def _cmd_pack(args) -> int:
+    from .pack import PackConfig, run_pack
+
+    flags = [f"format.type={args.format}"] if args.format else []
+    flags += [f"annotations={json.dumps(args.annotations)}"] if args.annotations else []
+    flags += [f"{k}={json.dumps(v)}" for k, v in (("media_root", args.media_root), ("out", args.out)) if v]
+    args.overrides = flags + args.overrides
+    cfg = _load(PackConfig, args)
+    if cfg is not None:
+        run_pack(cfg)
     return 0
 
 
@@ -136,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     with_config("make-shards", _cmd_make_shards, "write synthetic WebVid/CC3M/instruction shards")
+    sp = with_config("pack", _cmd_pack, "pack a dataset's annotation files + media folder into WebDataset shards")
+    sp.add_argument("--format", help="llava | valley | videochatgpt | sharegpt | captions (= format.type)")
+    sp.add_argument("--annotations", action="append", metavar="FILE_OR_GLOB",
+                    help="annotation file, glob or folder (local or s3://); repeatable (= annotations)")
+    sp.add_argument("--media-root", help="folder or s3:// prefix the media paths are relative to (= media_root)")
+    sp.add_argument("--out", help="output folder or s3:// prefix (= out)")
     with_config("precompute", _cmd_precompute, "decode shards and precompute frozen CLIP features")
     with_config("train", _cmd_train, "train a VideoLLM on feature sets (DeepSpeed on Ray Train)")
     with_config("infer", _cmd_infer, "batch inference over a shard set (answers next to keys)")

@@ -76,18 +76,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _seed_defaults(cls: Optional[type[BaseModel]], data: dict, path: Sequence[str]) -> None:
+def _seed_defaults(cls: Optional[type[BaseModel]], data: dict, path: Sequence[str], seeded: set) -> None:
     """Before ``a.b.c=v`` sets a key inside a section the file does not have, copy that section's default (the
     field's default instance, e.g. the demo's ``stage2``) into ``data``, so the override changes one key of the
-    default and not a bare class default with every other key reset (or missing, when required)."""
+    default and not a bare class default with every other key reset (or missing, when required). The sections
+    copied are added to ``seeded`` (as tuples of keys)."""
     node: Any = data
-    for part in path[:-1]:
+    for i, part in enumerate(path[:-1]):
         field = cls.model_fields.get(part) if cls is not None else None
         default = field.default if field is not None else None
         if not isinstance(node, dict):
             return
         if part not in node and isinstance(default, BaseModel):
             node[part] = default.model_dump(mode="json")
+            seeded.add(tuple(path[: i + 1]))
         node = node.get(part)
         cls = type(default) if isinstance(default, BaseModel) else _model_class(field)
 
@@ -99,14 +101,14 @@ def _model_class(field) -> Optional[type[BaseModel]]:
 
 def apply_overrides(data: dict, overrides: Sequence[str], cls: Optional[type[BaseModel]] = None) -> dict:
     """Set every ``a.b.c=value`` in ``data``; with ``cls``, a section the data lacks starts from its default."""
-    problems = []
+    problems, seeded = [], set()
     for ov in overrides:
         try:
             path, value = parse_override(ov)
         except ConfigError as e:
             problems.extend(e.problems)
             continue
-        _seed_defaults(cls, data, path)
+        _seed_defaults(cls, data, path, seeded)
         node = data
         for i, part in enumerate(path[:-1]):
             nxt = node.get(part)
@@ -117,6 +119,8 @@ def apply_overrides(data: dict, overrides: Sequence[str], cls: Optional[type[Bas
                 break
             node = nxt
         else:
+            if path[-1] == "type" and tuple(path[:-1]) in seeded and node.get("type") != value:
+                node.clear()  # a part section copied from the default of another type: its parameters do not apply
             node[path[-1]] = value
     if problems:
         raise ConfigError(problems, "overrides")

@@ -13,11 +13,12 @@ def register_kinds() -> None:
     from .synth.shards import MakeShardsConfig
     from .synth.demo import DemoConfig
     from .infer import InferConfig
+    from .pack import PackConfig
     from .precompute import PrecomputeConfig
     from .train import TrainConfig
 
     for name, cls in (("precompute", PrecomputeConfig), ("make_shards", MakeShardsConfig), ("demo", DemoConfig),
-                      ("train", TrainConfig), ("infer", InferConfig)):
+                      ("train", TrainConfig), ("infer", InferConfig), ("pack", PackConfig)):
         if name not in CONFIG_KINDS:
             CONFIG_KINDS.register(name)(cls)
 

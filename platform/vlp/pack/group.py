@@ -1,0 +1,179 @@
+"""One group of records -> its shard(s): fetch each record's media, build the WebDataset sample, write with
+``webdataset.ShardWriter``. A plain callable (:class:`PackGroup`), testable without Ray; the pipeline maps it over
+the groups.
+
+A sample in the shards (the video2dataset / img2dataset layout the precompute reader parses,
+``vlp.data.sample``):
+
+    {key}.{ext}            the one media item (key.jpg, key.mp4), or per modality numbered: key.0.jpg, key.1.jpg,
+                           key.0.mp4 (the k-th <image> placeholder is image k)
+    {key}.json             {"conversations", "caption", "id", "system", "format", "file", "media", "source"}:
+                           vlp's conversation (one placeholder per item), the record's media paths as written and
+                           the original record under "source"
+    {key}.txt              the caption, where there is one
+
+``key`` is the record's running index, zero-padded (deterministic: the same annotations give the same shards,
+byte for byte; tar mtimes are pinned). A record that cannot be packed (a missing, unreadable, oversized or
+non-media file) is an error line naming the record and the item, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from typing import Optional
+
+from ..data.media import sniff
+from ..data.sample import modality_of
+from ..storage import StorageConfig, get_fs, is_remote, join
+from .config import PackConfig
+from .formats import PackError, PackItem, PackRecord
+
+CONTAINER_EXT = {"jpeg": "jpg", "png": "png", "webp": "webp", "bmp": "bmp", "gif": "gif", "mp4": "mp4",
+                 "matroska": "mkv", "avi": "avi"}  # sniffed container -> member extension, for paths without one
+KEY_DIGITS = 9
+
+
+def record_key(index: int) -> str:
+    return f"{index:0{KEY_DIGITS}d}"
+
+
+def media_uri(root: str, path: str) -> str:
+    """Where an item's path points: absolute paths and URLs as written, others under ``root``. ValueError for a
+    relative path that climbs out of the media root."""
+    if "://" in path or path.startswith("/"):
+        return path
+    if ".." in path.replace("\\", "/").split("/"):
+        raise ValueError("the path leaves the media root ('..')")
+    return join(root, path) if root else path
+
+
+def read_item(item: PackItem, cfg: PackConfig) -> tuple[bytes, str]:
+    """(bytes, path that held them) of the first of the item's path and candidates that exists. ValueError(reason)
+    when none does, or the file is a folder, too large or unreadable; memory stays at max_item_bytes."""
+    for p in [item.path, *item.candidates]:
+        fs, path = get_fs(media_uri(cfg.media_root, p), cfg.storage)
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            continue
+        if info.get("type") == "directory":
+            raise ValueError(f"{p} is a folder, not a media file")
+        if (info.get("size") or 0) > cfg.max_item_bytes:
+            raise ValueError(f"{p} is {info['size']} bytes, over max_item_bytes={cfg.max_item_bytes}")
+        try:
+            with fs.open(path, "rb") as f:
+                data = f.read(cfg.max_item_bytes + 1)
+        except OSError as e:
+            raise ValueError(f"{p} cannot be read: {type(e).__name__}: {e}") from None
+        if len(data) > cfg.max_item_bytes:  # the listing said less than it holds
+            raise ValueError(f"{p} is over max_item_bytes={cfg.max_item_bytes}")
+        if not data:
+            raise ValueError(f"{p} is empty")
+        return data, p
+    tried = f" (tried {', '.join([item.path, *item.candidates])})" if item.candidates else ""
+    where = f" under media root {cfg.media_root}" if cfg.media_root else ""
+    raise ValueError(f"{item.path}: no such file{where}{tried}")
+
+
+def member_ext(item: PackItem, path: str, data: bytes, check: str) -> str:
+    """The member extension for an item: its file's, when that names the item's modality, else the sniffed
+    container's. ValueError when the bytes are no image/video (``check == "sniff"``) or no extension fits."""
+    kind, container = sniff(data)
+    if check == "sniff" and item.modality in ("image", "video") and kind == "unknown":
+        raise ValueError(f"{path} is not an image or video (its first bytes match no known container)")
+    ext = path.rsplit("/", 1)[-1].rpartition(".")[2].lower() if "." in path.rsplit("/", 1)[-1] else ""
+    if modality_of(ext) == item.modality:
+        return ext
+    ext = CONTAINER_EXT.get(container, "")
+    if modality_of(ext) != item.modality:
+        raise ValueError(f"{path}: cannot tell a {item.modality} file extension for it (sniffed: {container})")
+    return ext
+
+
+def build_sample(rec: PackRecord, cfg: PackConfig) -> dict:
+    """The WebDataset sample of a record (``__key__`` + members); ValueError naming the item on a media problem."""
+    sample: dict = {"__key__": record_key(rec.index)}
+    single = len(rec.items) == 1
+    pos: dict[str, int] = {}
+    for i, item in enumerate(rec.items):
+        try:
+            data, path = read_item(item, cfg)
+            ext = member_ext(item, path, data, cfg.media_check)
+        except ValueError as e:
+            raise ValueError(f"item {i} ({item.modality} {item.path}): {e}") from None
+        k = pos.get(item.modality, 0)
+        pos[item.modality] = k + 1
+        sample[ext if single else f"{k}.{ext}"] = data
+    meta = {"conversations": rec.conversations, "caption": rec.caption, "id": rec.id, "system": rec.system,
+            "format": cfg.format.type, "file": rec.file, "media": [it.path for it in rec.items], "source": rec.source}
+    sample["json"] = json.dumps({k: v for k, v in meta.items() if v is not None}, ensure_ascii=False).encode()
+    if rec.caption:
+        sample["txt"] = rec.caption.encode()
+    return sample
+
+
+def plan_line(entry: PackRecord | PackError) -> str:
+    """One line of a group's plan file (what the driver hands a group task)."""
+    return json.dumps({"error" if isinstance(entry, PackError) else "record": asdict(entry)}, ensure_ascii=False)
+
+
+def parse_plan_line(line: str) -> PackRecord | PackError:
+    obj = json.loads(line)
+    if "error" in obj:
+        return PackError(**obj["error"])
+    rec = obj["record"]
+    return PackRecord(**{**rec, "items": [PackItem(**it) for it in rec["items"]]})
+
+
+def error_line(entry: PackRecord | PackError, reason: str, stage: str) -> str:
+    """One JSON line of the group's error file: which record (index, id, file), why, and at which stage."""
+    return json.dumps({"key": record_key(entry.index), "index": entry.index, "id": entry.id, "file": entry.file,
+                       "stage": stage, "reason": reason}, ensure_ascii=False)
+
+
+def shard_names(prefix: str, group: int, n: int) -> list[str]:
+    """Final names of a group's n shard files: one -> prefix-000007.tar; several -> prefix-000007-0.tar, ..."""
+    base = f"{prefix}-{group:06d}"
+    return [f"{base}.tar"] if n == 1 else [f"{base}-{k}.tar" for k in range(n)]
+
+
+def publish(local_files: list[str], names: list[str], out: str, storage: Optional[StorageConfig]) -> list[str]:
+    """Move the written tars to ``out`` under their final names: one PUT each on object stores, a rename into
+    the folder locally (a reader never sees a half-written shard). -> their URIs."""
+    fs, root = get_fs(out, storage)
+    fs.makedirs(root, exist_ok=True)
+    uris = []
+    for src, name in zip(local_files, names):
+        dst = join(root, name)
+        if is_remote(out):
+            fs.put_file(src, dst)
+        else:
+            tmp = f"{dst}.tmp{os.getpid()}"
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        uris.append(join(out, name))
+    return uris
+
+
+def write_group(samples: list[dict], group: int, cfg: PackConfig) -> list[str]:
+    """Write the samples with webdataset.ShardWriter into a temp folder (split at max_shard_bytes), then publish
+    them under their final names. -> the shard URIs (none for a group with no packable record)."""
+    import webdataset as wds
+
+    if not samples:
+        return []
+    tmp = tempfile.mkdtemp(prefix="vlp-pack-")
+    try:
+        with wds.ShardWriter(os.path.join(tmp, "part-%d.tar"), maxcount=len(samples) + 1,
+                             maxsize=cfg.max_shard_bytes, verbose=0, mtime=0.0) as sink:
+            for s in samples:
+                sink.write(s)
+        files = sorted((f for f in os.listdir(tmp) if f.endswith(".tar")), key=lambda f: int(f[5:-4]))
+        return publish([os.path.join(tmp, f) for f in files], shard_names(cfg.prefix, group, len(files)),
+                       cfg.out, cfg.storage)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,238 @@
+"""The ``vlp pack`` run, step by step (:class:`PackRun`): plan -> check_existing -> write_plans -> pack -> finish.
+
+Records are split into groups of ``samples_per_shard`` by their running index (group g = records
+[g*N, (g+1)*N)), so a group's shard is the same on every run. The driver streams the annotations once (bounded
+memory: one group's records at a time) and writes, for each group not yet committed, a plan file of its records
+(and its malformed ones, as errors) under ``{out}/_pack/plan/``. Ray Data then maps :class:`PackGroup` over those
+groups in parallel: each fetches its media, writes its shard(s), its error lines and, last, its commit marker
+``{out}/_pack/groups/{g}.json``. A killed run resumes from the committed groups; ``pack_manifest.json`` sums
+every group's marker.
+
+Output layout (``out``)::
+
+    {prefix}-000000.tar ...          the shards (split {prefix}-000000-{k}.tar past max_shard_bytes)
+    pack_manifest.json               totals, shards, settings
+    _pack/settings.json              what the shards depend on (a resume with others is refused)
+    _pack/groups/000000.json         group commit markers (records, packed, errors, shards)
+    _pack/errors/000000.jsonl        one line per record that could not be packed: key, index, id, file, reason
+    _pack/plan/000000.jsonl          the group's records, deleted once the group is committed
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from typing import Iterator, Optional
+
+from ..config import dump_config
+from ..errors import UserError
+from ..storage import get_fs, join, read_bytes, write_atomic
+from .config import PackConfig
+from .formats import PackError, PackRecord, expand_annotations, read_annotations
+from .group import build_sample, error_line, parse_plan_line, plan_line, write_group
+
+SETTINGS_KEYS = ("format", "samples_per_shard", "prefix", "max_shard_bytes", "media_check")
+
+
+class PackMismatch(UserError, RuntimeError):
+    """``out`` holds shards packed with other settings (format, grouping, names)."""
+
+    exit_code = 1
+
+
+def group_of(index: int, cfg: PackConfig) -> int:
+    return index // cfg.samples_per_shard
+
+
+class PackGroup:
+    """Ray Data map function: ``{"group": g, "plan": uri}`` -> the group's counts (shards written, errors kept)."""
+
+    def __init__(self, cfg: PackConfig):
+        self.cfg = cfg
+
+    def __call__(self, row: dict) -> dict:
+        cfg, g = self.cfg, int(row["group"])
+        text = (read_bytes(row["plan"], cfg.storage) or b"").decode()
+        samples, errors, counts = [], [], Counter()
+        for line in filter(None, text.split("\n")):
+            entry = parse_plan_line(line)
+            counts["records"] += 1
+            if isinstance(entry, PackError):
+                errors.append(error_line(entry, entry.reason, "annotation"))
+                continue
+            try:
+                samples.append(build_sample(entry, cfg))
+            except ValueError as e:
+                errors.append(error_line(entry, str(e), "media"))
+                continue
+            counts["text_only" if not entry.items else "with_media"] += 1
+            for it in entry.items:
+                counts[f"items_{it.modality}"] += 1
+        shards = write_group(samples, g, cfg)
+        write_atomic(join(cfg.out, "_pack", "errors", f"{g:06d}.jsonl"), "".join(e + "\n" for e in errors),
+                     cfg.storage)
+        marker = {"group": g, **counts, "packed": len(samples), "errors": len(errors),
+                  "shards": [u.rsplit("/", 1)[-1] for u in shards]}
+        write_atomic(join(cfg.out, "_pack", "groups", f"{g:06d}.json"), json.dumps(marker), cfg.storage)
+        return {"group": g, "marker": json.dumps(marker)}
+
+
+def group_plans(entries: Iterator[PackRecord | PackError], cfg: PackConfig) -> Iterator[tuple[int, list[str]]]:
+    """(group, its plan lines) in order, one group held at a time."""
+    cur, lines = None, []
+    for e in entries:
+        g = group_of(e.index, cfg)
+        if cur is not None and g != cur:
+            yield cur, lines
+            lines = []
+        cur = g
+        lines.append(plan_line(e))
+    if cur is not None:
+        yield cur, lines
+
+
+class PackRun:
+    """One run (or resume) of ``vlp pack``; :meth:`run` calls the steps in order."""
+
+    def __init__(self, cfg: PackConfig, log=print):
+        self.cfg, self.log = cfg, log
+        self.t0 = time.time()
+        self.todo: list[dict] = []
+        self.done: dict[int, dict] = {}
+        self.groups_total = 0
+
+    def run(self) -> dict:
+        self.plan()
+        self.check_existing()
+        self.write_plans()
+        if self.todo:
+            self.pack()
+        return self.finish()
+
+    def uri(self, *parts: str) -> str:
+        return join(self.cfg.out, "_pack", *parts)
+
+    def plan(self) -> None:
+        """Expand the annotation specs (a UserError naming a pattern that matches nothing)."""
+        self.files = expand_annotations(self.cfg.annotations, self.cfg.storage)
+
+    def settings(self) -> dict:
+        return {k: v for k, v in json.loads(self.cfg.model_dump_json()).items() if k in SETTINGS_KEYS}
+
+    def check_existing(self) -> None:
+        """Refuse (or with overwrite delete) an output packed with other settings; record this run's settings and
+        config; read the committed groups."""
+        cfg = self.cfg
+        old = read_bytes(self.uri("settings.json"), cfg.storage)
+        if old is not None and json.loads(old) != self.settings():
+            diff = sorted(k for k, v in self.settings().items() if json.loads(old).get(k) != v)
+            if not cfg.overwrite:
+                raise PackMismatch(f"{cfg.out} holds shards packed with a different {', '.join(diff)}; use a new "
+                                   "out or overwrite=true to delete them")
+            self.remove_output()
+        write_atomic(self.uri("settings.json"), json.dumps(self.settings(), indent=2), cfg.storage)
+        write_atomic(self.uri("config.yaml"), dump_config(cfg), cfg.storage)
+        self.done = self.read_markers()
+
+    def remove_output(self) -> None:
+        """Delete what an earlier pack wrote into ``out`` (its shards, manifest and _pack/), nothing else."""
+        fs, root = get_fs(self.cfg.out, self.cfg.storage)
+        for m in self.read_markers().values():
+            for name in m["shards"]:
+                if fs.exists(join(root, name)):
+                    fs.rm(join(root, name))
+        for rel in ("pack_manifest.json", "_pack"):
+            if fs.exists(join(root, rel)):
+                fs.rm(join(root, rel), recursive=True)
+
+    def read_markers(self) -> dict[int, dict]:
+        fs, root = get_fs(self.uri("groups"), self.cfg.storage)
+        if not fs.exists(root):
+            return {}
+        out = {}
+        for p in fs.ls(root, detail=False):
+            if p.endswith(".json"):
+                with fs.open(p, "rb") as f:
+                    m = json.loads(f.read())
+                out[int(m["group"])] = m
+        return out
+
+    def write_plans(self) -> None:
+        """Stream the annotations once; a plan file for every group not committed yet."""
+        entries = read_annotations(self.cfg.format, self.files, self.cfg.storage)
+        for g, lines in group_plans(entries, self.cfg):
+            self.groups_total = g + 1
+            if g in self.done:
+                self.drop_plan(g)  # left by a run killed between a group's commit and its plan's removal
+                continue
+            uri = self.uri("plan", f"{g:06d}.jsonl")
+            write_atomic(uri, "".join(ln + "\n" for ln in lines), self.cfg.storage)
+            self.todo.append({"group": g, "plan": uri})
+        self.log(f"[vlp] pack {len(self.files)} annotation file(s), {self.groups_total} group(s) of "
+                 f"{self.cfg.samples_per_shard}: {len(self.done)} already packed, {len(self.todo)} to do -> "
+                 f"{self.cfg.out}")
+
+    def pack(self) -> None:
+        """The groups to do, in parallel on Ray Data; each commits itself."""
+        import ray
+
+        from ..runtime import init_ray
+
+        init_ray(self.cfg.ray)
+        ray.data.DataContext.get_current().enable_progress_bars = self.cfg.ray.progress_bars
+        ds = ray.data.from_items(self.todo, override_num_blocks=len(self.todo))
+        ds = ds.map(PackGroup(self.cfg), num_cpus=self.cfg.cpus_per_task)
+        for row in ds.iter_rows():
+            m = json.loads(row["marker"])
+            self.done[m["group"]] = m
+            self.drop_plan(m["group"])
+
+    def drop_plan(self, g: int) -> None:
+        fs, path = get_fs(self.uri("plan", f"{g:06d}.jsonl"), self.cfg.storage)
+        if fs.exists(path):
+            fs.rm(path)
+
+    def finish(self) -> dict:
+        """Sum the group markers into pack_manifest.json and print the summary."""
+        return write_manifest(self.cfg, self.done, self.groups_total, self.files, time.time() - self.t0, self.log)
+
+
+def write_manifest(cfg: PackConfig, done: dict[int, dict], groups_total: int, files: list[str], seconds: float,
+                   log) -> dict:
+    totals: Counter = Counter()
+    shards = []
+    for g in sorted(done):
+        m = done[g]
+        totals.update({k: v for k, v in m.items() if isinstance(v, int) and k != "group"})
+        shards += m["shards"]
+    man = {"format": "vlp-pack/1", "annotation_format": cfg.format.type, "annotations": files,
+           "media_root": cfg.media_root, "groups": groups_total, "groups_packed": len(done), "shards": shards,
+           "totals": dict(sorted(totals.items())), "seconds": round(seconds, 1)}
+    write_atomic(join(cfg.out, "pack_manifest.json"), json.dumps(man, indent=2), cfg.storage)
+    items = ", ".join(f"{v} {k[6:]}" for k, v in sorted(totals.items()) if k.startswith("items_")) or "no media"
+    log(f"[vlp] packed {totals['packed']} of {totals['records']} record(s) into {len(shards)} shard(s) in "
+        f"{seconds:.1f} s ({items}; {totals['text_only']} text-only); {totals['errors']} error(s)"
+        + (f", listed in {join(cfg.out, '_pack', 'errors')}/" if totals["errors"] else ""))
+    return man
+
+
+def run_pack(cfg: PackConfig, log=print) -> dict:
+    return PackRun(cfg, log).run()
+
+
+def errors_of(out: str, storage=None) -> list[dict]:
+    """Every error line of a packed output (tests, reports)."""
+    fs, root = get_fs(join(out, "_pack", "errors"), storage)
+    if not fs.exists(root):
+        return []
+    rows = []
+    for p in sorted(fs.ls(root, detail=False)):
+        with fs.open(p, "rb") as f:
+            rows += [json.loads(ln) for ln in f.read().decode().splitlines() if ln]
+    return rows
+
+
+def pack_summary(out: str, storage=None) -> Optional[dict]:
+    data = read_bytes(join(out, "pack_manifest.json"), storage)
+    return None if data is None else json.loads(data)
