@@ -62,6 +62,7 @@ def _cmd_pack(args) -> int:
 
 def _cmd_inspect(args) -> int:
     from .config import validate
+    from .data.sample import SampleConfig
     from .inspect_ import format_report, inspect_features, inspect_shards, is_feature_set
     from .storage import StorageConfig
 
@@ -69,7 +70,9 @@ def _cmd_inspect(args) -> int:
     if len(args.uri) == 1 and is_feature_set(args.uri[0], storage):
         rep = inspect_features(args.uri[0], storage)
     else:
-        rep = inspect_shards(args.uri, storage, decode=not args.no_decode, max_samples=args.max_samples)
+        cap = {} if args.max_sample_bytes is None else {"max_sample_bytes": args.max_sample_bytes}
+        sample = validate(SampleConfig, cap)
+        rep = inspect_shards(args.uri, storage, decode=not args.no_decode, max_samples=args.max_samples, sample=sample)
     print(json.dumps(rep, indent=2, default=str) if args.json else format_report(rep))
     return 0
 
@@ -164,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--endpoint-url", help="S3-compatible endpoint")
     sp.add_argument("--no-decode", action="store_true", help="do not open media to count frames")
     sp.add_argument("--max-samples", type=int, default=None)
+    sp.add_argument("--max-sample-bytes", type=int, default=None,
+                    help="refuse a sample holding more than this (data.sample.max_sample_bytes; default 1 GiB)")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(fn=_cmd_inspect)
     sp = sub.add_parser("eval", help="accuracy per question type on a held-out feature set")

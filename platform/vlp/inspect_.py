@@ -25,9 +25,11 @@ def is_feature_set(uri: str, storage: StorageConfig | None = None) -> bool:
 
 
 def inspect_shards(specs: list[str], storage: StorageConfig | None = None, decode: bool = True,
-                   max_samples: int | None = None) -> dict:
-    """Read every sample of the shards; with ``decode`` also open each media to count its frames.
-    NotInspectable when no shard opens as a tar."""
+                   max_samples: int | None = None, sample: SampleConfig | None = None) -> dict:
+    """Read every sample of the shards (as precompute does with ``sample``); with ``decode`` also open each
+    media to count its frames. Members no stage reads are counted in ``ignored_members``. NotInspectable when
+    no shard opens as a tar."""
+    sample = sample or SampleConfig()
     shards = expand_shards(specs, storage)
     media = Counter()
     containers = Counter()
@@ -47,7 +49,7 @@ def inspect_shards(specs: list[str], storage: StorageConfig | None = None, decod
             errors.append({"shard": uri, "key": "<shard>", "stage": "open", "reason": str(e)})
             continue
         with f:
-            for item in iter_tar_samples(f):
+            for item in iter_tar_samples(f, max_sample_bytes=sample.max_sample_bytes):
                 if max_samples is not None and n >= max_samples:
                     break
                 n += 1
@@ -57,16 +59,16 @@ def inspect_shards(specs: list[str], storage: StorageConfig | None = None, decod
                     continue
                 ignored.update(item.ignored)
                 try:
-                    sample = parse_sample(item, SampleConfig())
+                    parsed = parse_sample(item, sample)
                 except ValueError as e:
                     errors.append({"shard": uri, "key": item.key, "stage": "read", "reason": str(e)})
                     continue
-                problem = _look_at_items(sample, decode, sampling, containers, media, frames_hist)
+                problem = _look_at_items(parsed, decode, sampling, containers, media, frames_hist)
                 if problem:
                     errors.append({"shard": uri, "key": item.key, "stage": "decode", "reason": problem})
                     continue
-                items.update(sample.modalities)
-                text += sample.text_only
+                items.update(parsed.modalities)
+                text += parsed.text_only
                 ok += 1
                 s_ok += 1
         per_shard[uri] = {"samples": s_n, "ok": s_ok}
@@ -148,7 +150,7 @@ def format_report(rep: dict) -> str:
         sf = rep["source_frames"]
         lines.append(f"  source frames per sample: min {sf['min']}, max {sf['max']}")
         if rep["ignored_members"]:
-            lines.append(f"  ignored members (never unpickled): {rep['ignored_members']}")
+            lines.append(f"  ignored members (streamed past, never held or unpickled): {rep['ignored_members']}")
         for e in rep["error_records"][:50]:
             lines.append(f"  ! {e['shard'].rsplit('/', 1)[-1]} {e['key']} [{e['stage']}] {e['reason'][:160]}")
         if len(rep["error_records"]) > 50:

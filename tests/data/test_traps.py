@@ -254,6 +254,20 @@ def test_trap9_pickle_members_never_unpickled(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ more traps
 
+def test_sample_over_max_sample_bytes_and_unused_members(tmp_path):
+    video = mp4()
+    samples = [("heavy", {"0.mp4": video, "1.mp4": video, **cap()}),
+               ("extras", {"mp4": video, "npy": bytes(5000), "seg.json": b"[]", **cap()})]
+    rows = run(shard(tmp_path, samples), sample=SampleConfig(max_sample_bytes=len(video) + 100))
+    assert_error(rows["heavy"], "read", "sample 'heavy' is over the max_sample_bytes limit", "heavy.1.mp4",
+                 str(len(video) + 100))
+    assert_decoded(rows["extras"], "video", 8)
+    assert rows["extras"]["ignored"] == "npy,seg.json"  # streamed past, never held, and counted
+    assert rows["extras"]["bytes_in"] == len(video) + len(cap()["txt"])
+    heavy = run(shard(tmp_path, samples, "default.tar"))["heavy"]  # the default limit is 1 GiB
+    assert heavy["kind"] == "sample" and heavy["modalities"] == ["video", "video"]
+
+
 def test_deeply_nested_json_is_an_error_not_a_crash(tmp_path):
     # json.loads raises RecursionError (not ValueError) on this; it used to escape ReadShard
     rows = run(shard(tmp_path, [("deep", {"mp4": mp4(), **cap(), "json": b"[" * 100_000 + b"]" * 100_000}),

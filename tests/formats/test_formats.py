@@ -197,6 +197,7 @@ def test_precompute_refuses_to_add_to_a_first_format_set_and_a_changed_sample_co
     run.check_existing()
     assert Fingerprint.read(FeatureSetLayout(str(tmp_path / "new"))).sample == {"max_items": 64,
                                                                                 "max_json_bytes": 16 << 20,
+                                                                                "max_sample_bytes": 1 << 30,
                                                                                 "text_only": True}
     run = PrecomputeRun(validate(PrecomputeConfig, dotted(fresh, **{"data.sample.text_only": False})),
                         log=lambda m: None)

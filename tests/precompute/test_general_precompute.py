@@ -139,7 +139,7 @@ def test_precompute_writes_per_item_rows_manifest_and_counts(ray_local, general_
     assert errors["mismatch"]["stage"] == "read" and "'mismatch'" in errors["mismatch"]["reason"]
     assert errors["bad_second"]["stage"] == "decode" and errors["bad_second"]["reason"].startswith("item 1 (1.jpg)")
     fp = json.loads((out / "fingerprint.json").read_text())
-    assert fp["sample"] == {"max_items": 64, "max_json_bytes": 16 << 20, "text_only": True}
+    assert fp["sample"] == {"max_items": 64, "max_json_bytes": 16 << 20, "max_sample_bytes": 1 << 30, "text_only": True}
 
     rep = inspect_features(str(out))
     assert rep["samples_text"] == 1 and rep["items_by_modality"] == {"image": 5, "video": 1}

@@ -5,7 +5,7 @@ order, and the sample's JSON (``meta``). :func:`parse_sample` builds one from a 
 (``members`` maps the name after the key to bytes: ``{"mp4": .., "json": .., "txt": ..}``). Rules:
 
 * **Modality** from the member's last extension: ``media.VIDEO_EXTS`` -> video, ``media.IMAGE_EXTS`` -> image,
-  ``AUDIO_EXTS`` -> audio (reserved: refused with "audio is not supported yet").
+  ``media.AUDIO_EXTS`` -> audio (reserved: refused with "audio is not supported yet").
 * **Which members, in which order.** If the JSON has any of ``"images"`` / ``"videos"`` / ``"audios"``
   (lists of member names, as LLaMA-Factory/LLaVA annotations name their media), those lists are the whole
   truth: each names a member (``"0.jpg"``, or ``"<key>.0.jpg"``) or, when it holds a ``/``, a reference (a
@@ -25,6 +25,7 @@ order, and the sample's JSON (``meta``). :func:`parse_sample` builds one from a 
 * **Text-only**: no media member is a valid sample (``SampleConfig.text_only``), if it has a caption or a
   conversation without placeholders.
 * **Hostile input** is bounded: at most ``max_items`` items, a JSON member of at most ``max_json_bytes``,
+  a sample of at most ``max_sample_bytes`` (enforced while reading the tar: ``vlp.data.tario``),
   JSON nested too deeply is a ValueError, not a crash.
 
 Every problem is a ``ValueError(reason)`` (the read stage records it as an error row for the sample).
@@ -41,11 +42,10 @@ from pydantic import Field
 
 from ..config import Cfg
 from .conversation import MAX_PLACEHOLDERS, PLACEHOLDER_RE, caption_conversation, turn_role
-from .media import IMAGE_EXTS, VIDEO_EXTS
-from .tario import RawSample
+from .media import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS
+from .tario import MAX_SAMPLE_BYTES, RawSample
 
 Modality = Literal["image", "video", "audio"]
-AUDIO_EXTS = ("wav", "flac", "mp3", "m4a", "ogg")  # reserved: recognised, refused for now
 MODALITY_ORDER = ("video", "image", "audio")  # tie-break of the member order across modalities
 LIST_KEYS = {"images": "image", "videos": "video", "audios": "audio"}  # JSON keys that name the media
 MAX_POSITION_DIGITS = 6  # key.123456.jpg at most: a longer numeric prefix is not a position
@@ -56,6 +56,9 @@ class SampleConfig(Cfg):
 
     max_items: int = Field(64, ge=1, le=MAX_PLACEHOLDERS, description="refuse samples with more media items")
     max_json_bytes: int = Field(16 << 20, ge=1, description="refuse a .json member larger than this")
+    max_sample_bytes: int = Field(MAX_SAMPLE_BYTES, ge=1, description="refuse a sample whose members read from the "
+                                  "shard (media, .json, .txt) add up to more than this; the rest of it is streamed "
+                                  "past, not held (members no stage reads are never held)")
     text_only: bool = Field(True, description="keep samples without media as text-only samples; false refuses "
                             "them ('no media member'), as vlp did before text-only samples existed")
 

@@ -89,7 +89,7 @@ class ReadShard:
             yield make_row(shard=shard, key="<end>", kind="end", expected=1)
             return
         with f:
-            for item_ in iter_tar_samples(f):
+            for item_ in iter_tar_samples(f, max_sample_bytes=self.sample.max_sample_bytes):
                 n += 1
                 dt = time.perf_counter() - t0
                 if isinstance(item_, TarProblem):

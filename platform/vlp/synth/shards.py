@@ -6,7 +6,9 @@ that gets direction right must be using temporal information (Valley's per-frame
 Captions and Q&A state colour, shape and direction. Everything is deterministic from the seed: attributes, captions, Q&A, JSON and the rendered pixels.
 libx264's bitstream has been seen to differ by a few bytes between runs on a loaded machine (the decoded
 frames agree to within a grey level); ``codec=mpeg4`` gave byte-identical files in our runs.
-The layout is what video2dataset / img2dataset write: ``{key}.mp4|jpg`` + ``{key}.txt`` + ``{key}.json``.
+The layout is what video2dataset / img2dataset write: ``{key}.mp4|jpg`` + ``{key}.txt`` + ``{key}.json``,
+written by ``webdataset.ShardWriter`` with pinned tar headers (mtime 0, mode 0644, no user/group): the same
+members give the same shard bytes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from pydantic import Field, model_validator
 from ..config import Cfg
 from ..errors import OutputNotWritable
 from ..storage import StorageConfig, get_fs, join, write_atomic
-from ..data.tario import write_tar
 
 # Bump when make_shards writes different samples for the same config (2: held-out clips in reversed,
 # lossless pairs). The demo records it with the settings its shards were made with and refuses stale ones.
@@ -278,15 +279,40 @@ def make_shards(cfg: MakeShardsConfig) -> dict:
     out: dict[str, list[str]] = {}
     families = [("webvid", cfg.videos), ("cc3m", cfg.images), ("instruct", cfg.instructions), ("heldout", cfg.heldout)]
     for fam_i, (fam, count) in enumerate(families):
+        if count == 0:
+            continue
         rng = np.random.default_rng([cfg.seed, fam_i])
-        shards: dict[int, list] = {}
         # keys are unique across families (as video2dataset's are across shards): family i uses shards i*1000+
-        for shard, key, members in make_samples(fam, count, cfg, rng, fam_i * 1000):
-            shards.setdefault(shard - fam_i * 1000, []).append((key, members))
-        for shard, samples in sorted(shards.items()):
-            name = f"{fam}-{shard:05d}.tar"
-            buf = io.BytesIO()
-            write_tar(buf, samples)
-            write_atomic(join(cfg.out, name), buf.getvalue(), cfg.storage)
-            out.setdefault(fam, []).append(join(cfg.out, name))
+        samples = ((key, members) for _, key, members in make_samples(fam, count, cfg, rng, fam_i * 1000))
+        out[fam] = write_shards(fam, samples, cfg)
     return out
+
+
+# TarWriter options that make the bytes a function of the members alone (its defaults: the time, user "bigdata")
+TAR_HEADERS = {"mtime": 0.0, "mode": 0o644, "user": "", "group": "", "encoder": False}
+
+
+def write_shards(family: str, samples, cfg: MakeShardsConfig) -> list[str]:
+    """(key, members) -> ``{family}-00000.tar``, ``-00001`` ... of ``cfg.samples_per_shard`` samples each, in
+    ``cfg.out``, with ``webdataset.ShardWriter`` (members of a sample in sorted order). Each shard is built in
+    memory and written whole by ``storage.write_atomic`` (a rename locally, one PUT on S3) when complete; an
+    error while writing leaves no partial shard. -> the shards' URIs."""
+    import webdataset as wds  # imports torch: only when writing shards
+
+    done: list[str] = []
+    bufs: dict[str, io.BytesIO] = {}
+
+    def opener(name: str) -> io.BytesIO:
+        return bufs.setdefault(name, io.BytesIO())
+
+    def upload(name: str) -> None:
+        done.append(join(cfg.out, name))
+        write_atomic(done[-1], bufs.pop(name).getvalue(), cfg.storage)
+
+    # maxsize unbounded: the count alone splits shards, as make_samples' keys (shard number first) assume
+    sink = wds.ShardWriter(f"{family}-%05d.tar", maxcount=cfg.samples_per_shard, maxsize=float("inf"),
+                           opener=opener, post=upload, verbose=0, **TAR_HEADERS)
+    for key, members in samples:
+        sink.write({"__key__": key, **members})
+    sink.close()  # not in a finally: ShardWriter.close writes the open shard, which must not happen on an error
+    return done
