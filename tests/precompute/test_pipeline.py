@@ -287,3 +287,24 @@ def test_old_fingerprints_still_match_and_bad_values_are_refused(tmp_path, tiny_
     assert tower_mean_std(str(bad)) == (CLIP_MEAN, CLIP_STD)  # no file: CLIP's
     (bad / "preprocessor_config.json").write_text(json.dumps({"image_mean": 0.5, "image_std": 0.5}))
     assert tower_mean_std(str(bad)) == ((0.5,) * 3, (0.5,) * 3)  # one number: every channel
+
+
+def test_a_set_fingerprinted_before_a_sample_key_existed_resumes(tmp_path, synth_shards):
+    """``data.sample.max_sample_bytes`` came later: a fingerprint without it had the default, so the set resumes
+    with the default and is refused with another value."""
+    from vlp.precompute.pipeline import PrecomputeRun
+
+    cfg = _cfg([synth_shards / "cc3m-00000.tar"], tmp_path / "out")
+    run = PrecomputeRun(cfg, log=lambda *_: None)
+    run.plan()
+    old = run.fp.to_json()
+    del old["sample"]["max_sample_bytes"]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "fingerprint.json").write_text(json.dumps(old))
+    run.check_existing()  # no FeatureSetMismatch
+    (tmp_path / "out" / "fingerprint.json").write_text(json.dumps(old))
+    other = PrecomputeRun(_cfg([synth_shards / "cc3m-00000.tar"], tmp_path / "out",
+                               **{"data.sample.max_sample_bytes": 1 << 20}), log=lambda *_: None)
+    other.plan()
+    with pytest.raises(FeatureSetMismatch, match="different sample"):
+        other.check_existing()

@@ -25,6 +25,7 @@ from .. import __version__
 from ..config import dump_config
 from ..errors import UserError
 from ..data.preprocess import RESAMPLER
+from ..data.sample import SampleConfig
 from ..formats.featureset import (FEATURES_FORMAT, EncoderInfo, FeatureSetLayout, Fingerprint, Manifest,
                                   PreprocessInfo, ShardCommit, Totals, committed_shards)
 from ..formats.records import RecordError
@@ -127,6 +128,14 @@ def fingerprint(cfg: PrecomputeConfig, size: int, hidden: int, sha: str, mean: t
         sample=cfg.data.sample.model_dump(mode="json"))
 
 
+def with_added_sample_keys(fp: Optional[Fingerprint]) -> Optional[Fingerprint]:
+    """A fingerprint written before a ``data.sample`` key existed (e.g. ``max_sample_bytes``) had that key at its
+    default: filled in, so such a set still resumes with the default and is refused with another value."""
+    if fp is None or fp.sample is None:
+        return fp
+    return fp.model_copy(update={"sample": {**SampleConfig().model_dump(mode="json"), **fp.sample}})
+
+
 def plan_stages(cfg: PrecomputeConfig) -> tuple[Fingerprint, DecodeFrames, dict]:
     """(fingerprint, decode stage, encoder actor kwargs), resolved once on the driver: the decode stage pads with
     the resolved mean and the encoder normalises with the resolved mean/std, the values the fingerprint records."""
@@ -201,6 +210,7 @@ class PrecomputeRun:
             if man is not None and man.format != FEATURES_FORMAT:  # readable (/1), but its rows have another shape
                 problem = (f"{out} holds a feature set in format {man.format or 'vlp-features/1'}; this vlp writes "
                            f"{FEATURES_FORMAT} and cannot add to it")
+        old_fp = with_added_sample_keys(old_fp)
         if problem is None and old_fp is not None and old_fp.to_json() != self.fp.to_json():
             problem = f"{out} holds features made with a different {', '.join(self.fp.differences(old_fp))}"
         if problem is not None:
