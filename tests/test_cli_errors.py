@@ -30,6 +30,8 @@ def bad(tmp_path_factory):
     for name in ("a.tar", "b.tar"):
         (d / "junk" / name).write_bytes(b"x" * 2048)
     (d / "broken.yaml").write_text("run_name: x\ndata: {sets: [\n")
+    (d / "ann.json").write_text('[{"id": "1", "conversations": [{"from": "human", "value": "hi"}, '
+                                '{"from": "gpt", "value": "hello"}]}]')
     return d
 
 
@@ -80,6 +82,15 @@ CONFIG_CASES = [  # (id, argv with {d} = the bad-things folder, words the messag
     ("precompute with a missing tower folder", ["precompute", "run_name=p", "data.shards=[{d}/texts.tar]",
                                                 "output.uri={d}/features", "encoder.tower.path={d}/models/clip"],
      ["encoder.tower.path", "{d}/models/clip", "no such folder"], 2),
+    ("precompute output under a file", ["precompute", "data.shards=[{d}/texts.tar]",
+                                        "output.uri={d}/notes.txt/features"],
+     ["output.uri={d}/notes.txt/features", "cannot create"], 2),
+    ("pack out under a file", ["pack", "--annotations", "{d}/ann.json", "--out", "{d}/notes.txt/shards"],
+     ["out={d}/notes.txt/shards", "cannot create"], 2),
+    ("pack annotations missing", ["pack", "--annotations", "{d}/llava/*.json", "--out", "{d}/shards"],
+     ["{d}/llava/*.json"], 2),
+    ("pack with an unknown format", ["pack", "--format", "coco", "--annotations", "{d}/ann.json", "--out", "{d}/s"],
+     ["format", "coco"], 2),
     ("infer on a missing model", ["infer", "model={d}/runs/export", "shards=[{d}/texts.tar]", "output={d}/inf"],
      ["{d}/runs/export", "does not exist"], 2),
     ("infer on a folder that is no export", ["infer", "model={d}/empty", "shards=[{d}/texts.tar]",
@@ -105,6 +116,7 @@ TRAIN_CASES = [
     ("tokenizer path missing", ["model.llm.tokenizer=models/vicuna/tok"], ["model.llm.tokenizer", "models/vicuna/tok"]),
     ("feature set missing", ["data.sets=[{{uri: {d}/features/pretrain}}]"], ["data.sets[0].uri", "{d}/features/pretrain"]),
     ("feature set incomplete", ["data.sets=[{{uri: {d}/empty}}]"], ["data.sets[0].uri", "{d}/empty", "incomplete"]),
+    ("output_dir under a file", ["output_dir={d}/notes.txt/runs"], ["output_dir=", "notes.txt/runs", "cannot create"]),
     ("stage-1 connector missing", ["model.connector.init_from={d}/stage1/export"],
      ["model.connector.init_from", "{d}/stage1/export"]),
 ]
@@ -136,6 +148,11 @@ def test_eval_and_chat_on_paths_that_are_no_export(bad, export, capsys):
         for not_export in (bad / "empty", export / "llm"):  # an empty folder, a folder inside an export
             rc, text = run(capsys, cmd, "--model", str(not_export), *extra)
             check(rc, text, cmd, str(not_export), "not a model export", "vlp_model.json")
+
+
+def test_infer_output_under_a_file_fails_before_ray(bad, export, capsys, no_ray):
+    rc, text = run(capsys, "infer", f"model={export}", f"shards=[{bad}/texts.tar]", f"output={bad}/notes.txt/inf")
+    check(rc, text, "infer", f"output={bad}/notes.txt/inf", "cannot create")
 
 
 def test_eval_on_paths_that_are_no_feature_set(bad, export, capsys):

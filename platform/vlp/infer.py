@@ -18,7 +18,7 @@ from .config import Cfg
 from .data.media import DecodeConfig
 from .data.sample import SampleConfig
 from .runtime import RayConfig
-from .storage import StorageConfig, expand_shards, get_fs, join
+from .storage import StorageConfig, expand_shards, get_fs, join, make_output_dir
 
 if TYPE_CHECKING:
     from .formats.export import ExportInfo
@@ -151,6 +151,7 @@ def run_infer(cfg: InferConfig, log=print) -> dict:
     info = ExportInfo.read(cfg.model)  # NotAnExport / ExportFormatError before Ray starts
     shards = expand_shards(cfg.shards, cfg.storage)
     names = shard_names(shards)
+    make_output_dir(cfg.output, "output", cfg.output_storage)  # before Ray starts
     init_ray(cfg.ray)
     t0 = time.time()
     ds = ray.data.from_items([{"shard": names[u], "uri": u} for u in shards], override_num_blocks=len(shards))

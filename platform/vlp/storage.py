@@ -16,7 +16,7 @@ from braceexpand import braceexpand
 from pydantic import Field
 
 from .config import Cfg
-from .errors import UserError
+from .errors import OutputNotWritable, UserError
 
 
 class StorageConfig(Cfg):
@@ -63,6 +63,17 @@ def get_fs(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.Abstr
 def join(base: str, *parts: str) -> str:
     base = base.rstrip("/")
     return "/".join([base, *[p.strip("/") for p in parts]])
+
+
+def make_output_dir(uri: str, key: str, storage: StorageConfig | None = None):
+    """Create the output folder ``uri`` (named by the config ``key``) -> (fs, path); OutputNotWritable when it
+    cannot be (its parent is a file, a read-only place): the user's mistake, said in one line, before any work."""
+    fs, root = get_fs(uri, storage)
+    try:
+        fs.makedirs(root, exist_ok=True)
+    except OSError as e:  # NotADirectoryError, FileExistsError (a file there), PermissionError, ...
+        raise OutputNotWritable(f"{key}={uri}: cannot create this folder ({e.strerror or e})") from None
+    return fs, root
 
 
 def write_atomic(uri: str, data: bytes | str, storage: StorageConfig | None = None) -> None:

@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 
 from ..config import dump_config
 from ..errors import UserError
-from ..storage import get_fs, join, read_bytes, write_atomic
+from ..storage import get_fs, join, make_output_dir, read_bytes, write_atomic
 from .config import PackConfig
 from .formats import PackError, PackRecord, expand_annotations, read_annotations
 from .group import build_sample, error_line, parse_plan_line, plan_line, write_group
@@ -124,6 +124,7 @@ class PackRun:
         """Refuse (or with overwrite delete) an output packed with other settings; record this run's settings and
         config; read the committed groups."""
         cfg = self.cfg
+        make_output_dir(cfg.out, "out", cfg.storage)
         old = read_bytes(self.uri("settings.json"), cfg.storage)
         if old is not None and json.loads(old) != self.settings():
             diff = sorted(k for k, v in self.settings().items() if json.loads(old).get(k) != v)

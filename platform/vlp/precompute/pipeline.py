@@ -29,7 +29,7 @@ from ..data.sample import SampleConfig
 from ..formats.featureset import (FEATURES_FORMAT, EncoderInfo, FeatureSetLayout, Fingerprint, Manifest,
                                   PreprocessInfo, ShardCommit, Totals, committed_shards)
 from ..formats.records import RecordError
-from ..storage import expand_shards
+from ..storage import expand_shards, make_output_dir
 from .config import PrecomputeConfig
 from .stages import DecodeFrames, EncodeFeatures, ReadShard, WriteParts
 
@@ -198,8 +198,7 @@ class PrecomputeRun:
         """Refuse (or with output.overwrite delete) an output made with another fingerprint or in a format this
         vlp does not write; then record this run's fingerprint and config."""
         out, layout = self.cfg.output.uri, self.layout
-        fs, root = layout.fs()
-        fs.makedirs(root, exist_ok=True)
+        fs, root = make_output_dir(out, "output.uri", self.cfg.output.storage)
         old_fp = Fingerprint.read(layout)
         problem = None
         try:

@@ -16,12 +16,12 @@ from pydantic import Field, field_validator
 
 from ..config import Cfg, ConfigError, dump_config, validate
 from ..data.media import SamplingConfig
-from .shards import SYNTH_VERSION, MakeShardsConfig, make_out_dir, make_shards
+from .shards import SYNTH_VERSION, MakeShardsConfig, make_shards
 from ..inspect_ import format_report, inspect_features
 from ..models.towers import TOWERS, TowerConfig
 from ..precompute import PrecomputeConfig, run_precompute
 from ..runtime import RayConfig
-from ..storage import get_fs, join
+from ..storage import get_fs, join, make_output_dir
 
 
 class DemoShardsConfig(MakeShardsConfig):
@@ -103,7 +103,7 @@ def _check_same_shards(old: dict, new: dict, where: str) -> None:
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     """shards -> feature sets -> stage 1 -> stage 2 (+ the ablation) -> evaluation -> report; see the module doc."""
-    fs, root = make_out_dir(cfg.root, "root")
+    fs, root = make_output_dir(cfg.root, "root")
     with fs.open(join(root, "demo_config.yaml"), "w") as f:
         f.write(dump_config(cfg))
     n_steps = (7 if cfg.ablation_pooler is not None else 6) if cfg.train else 2

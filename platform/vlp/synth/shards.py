@@ -22,8 +22,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from ..config import Cfg
-from ..errors import OutputNotWritable
-from ..storage import StorageConfig, get_fs, join, write_atomic
+from ..storage import StorageConfig, get_fs, join, make_output_dir, write_atomic
 
 # Bump when make_shards writes different samples for the same config (2: held-out clips in reversed,
 # lossless pairs). The demo records it with the settings its shards were made with and refuses stale ones.
@@ -262,20 +261,9 @@ def make_samples(kind: str, count: int, cfg: MakeShardsConfig, rng: np.random.Ge
         yield shard_base + shard, key, members
 
 
-def make_out_dir(uri: str, key: str, storage: StorageConfig | None = None):
-    """Create the output folder ``uri`` (named by the config ``key``) -> (fs, path); OutputNotWritable when it
-    cannot be (its parent is a file, a read-only place): the user's mistake, said in one line."""
-    fs, root = get_fs(uri, storage)
-    try:
-        fs.makedirs(root, exist_ok=True)
-    except OSError as e:  # NotADirectoryError, FileExistsError (a file there), PermissionError, ...
-        raise OutputNotWritable(f"{key}={uri}: cannot create this folder ({e.strerror or e})") from None
-    return fs, root
-
-
 def make_shards(cfg: MakeShardsConfig) -> dict:
     """Write all shard families; returns {family: [shard uris]}."""
-    fs, root = make_out_dir(cfg.out, "out", cfg.storage)
+    fs, root = make_output_dir(cfg.out, "out", cfg.storage)
     out: dict[str, list[str]] = {}
     families = [("webvid", cfg.videos), ("cc3m", cfg.images), ("instruct", cfg.instructions), ("heldout", cfg.heldout)]
     for fam_i, (fam, count) in enumerate(families):

@@ -15,7 +15,7 @@ from ..models.videollm import feature_mode_problems
 from ..formats.export import MODEL_CONFIG, ExportInfo
 from ..formats.featureset import FeatureSetInfo
 from ..formats.records import RecordError
-from ..storage import get_fs, join
+from ..storage import get_fs, join, make_output_dir
 from .config import TrainConfig
 from .data import DropSeen, Mixture, Tokenize, feature_set_info, mixture_passes
 from .memory import BF16_GPUS, GPU_MEMORY_GB, preflight, resolve_precision
@@ -316,7 +316,8 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
         log(f"[vlp] train {cfg.run_name}: finished earlier, reusing {run_dir}/export")
         return {**json.loads(fs.cat(join(rd, "train_summary.json"))), "run_dir": run_dir,
                 "export": join(run_dir, "export"), "reused": True}
-    check_inputs(cfg)  # missing or unfinished feature sets fail here, before Ray starts
+    make_output_dir(out_root, "output_dir")  # an output_dir that cannot be created fails before Ray starts,
+    check_inputs(cfg)  # and so do missing or unfinished feature sets
     init_ray(cfg.ray)
     setup = check_setup(cfg, log)
     fs.makedirs(rd, exist_ok=True)
