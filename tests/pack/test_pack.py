@@ -173,10 +173,12 @@ def test_packing_again_gives_the_same_bytes_and_resumes_per_group(packed):
         run_pack(cfg.model_copy(update={"samples_per_shard": 2}), lines.append)
 
 
-def test_packed_shards_go_through_precompute(packed, tmp_path):
-    """Precompute reads the packed folder unchanged: the two-image row encodes both, the text-only row is kept."""
+def test_packed_shards_go_through_precompute_and_train(packed, tmp_path):
+    """Precompute reads the packed folder unchanged: the two-image row encodes both, the text-only row is kept;
+    one training step (one worker, all four rows in its batch) trains on them."""
     from featrows import feature_rows
     from vlp.precompute import PrecomputeConfig, run_precompute
+    from vlp.train import TrainConfig, run_train
 
     d, _, _, _ = packed
     run_precompute(validate(PrecomputeConfig, {
@@ -185,6 +187,14 @@ def test_packed_shards_go_through_precompute(packed, tmp_path):
     rows = {r["key"]: r for r in feature_rows(str(tmp_path / "f"))}
     assert sorted(rows) == ["000000000", "000000001", "000000003", "000000005"]
     assert rows["000000003"]["modalities"] == ["image", "image"] and rows["000000001"]["modalities"] == []
+    res = run_train(validate(TrainConfig, {
+        "run_name": "packed", "output_dir": str(tmp_path / "runs"), "max_steps": 1, "epochs": 1,
+        "data": {"sets": [{"uri": str(tmp_path / "f")}], "max_length": 1024}, "batch": {"global_size": 4,
+        "micro_size": 4}, "scaling": {"num_workers": 1}, "tensorboard": False, "ray": {"progress_bars": False}}),
+        log=lambda *a: None)
+    assert res["steps"] == 1
+    seen = json.loads((tmp_path / "runs" / "packed" / "samples.jsonl").read_text().splitlines()[0])["uids"]
+    assert len(seen) == 4 and any(u.endswith("/000000001") for u in seen)  # the text-only row trained
 
 
 def test_pack_on_s3(ray_local, media, s3_server, tmp_path):
