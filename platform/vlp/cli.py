@@ -185,6 +185,34 @@ def _cmd_presets(args) -> int:
     return 0
 
 
+def _add_eval_parser(sub) -> None:
+    """``vlp eval``'s flags (synthetic held-out features, or a benchmark's files with --task)."""
+    sp = sub.add_parser("eval", help="accuracy on the synthetic held-out features, or a video QA / multiple-choice "
+                        "benchmark (--task)")
+    sp.add_argument("--model", required=True, help="export folder of a trained run")
+    sp.add_argument("--task", choices=("synthetic", "videoqa", "mcq"), default="synthetic",
+                    help="synthetic: held-out feature set (--features); videoqa: open-ended QA (MSRVTT-QA, MSVD-QA, "
+                    "ActivityNet-QA files); mcq: multiple choice by log-likelihood (Video-MME, MVBench files)")
+    sp.add_argument("--features", help="held-out feature set (vlp precompute output); --task synthetic")
+    sp.add_argument("--questions", help="benchmark questions JSON file; --task videoqa/mcq")
+    sp.add_argument("--answers", help="answers JSON file of the activitynet format (test_a.json); --task videoqa")
+    sp.add_argument("--media-root", help="folder holding the benchmark's videos; --task videoqa/mcq")
+    sp.add_argument("--qa-format", default="auto", help="auto | activitynet | msrvtt (--task videoqa)")
+    sp.add_argument("--out", help="folder for predictions.json, results.json, results.md (--task videoqa/mcq; "
+                    "default runs/eval/TASK-QUESTIONS_STEM)")
+    sp.add_argument("--max-new-tokens", type=int, default=None,
+                    help="answer length cap of greedy generation (synthetic 12, videoqa 32)")
+    sp.add_argument("--pooler", default=None,
+                    help="evaluate the export with another pooler than it was trained with (e.g. patch_mean on "
+                    "valley-trained weights): a probe, not the pooling ablation, which is a stage 2 trained with "
+                    "that pooler (vlp demo's train/stage2_patch_mean/export); --task synthetic")
+    sp.add_argument("--max-samples", type=int, default=None, help="only the first N feature rows / questions")
+    sp.add_argument("--no-generate", action="store_true", help="choice accuracy only (--task synthetic)")
+    sp.add_argument("--endpoint-url", help="S3-compatible endpoint")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=_cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlp", description="vlp: video-language training platform")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -217,30 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refuse a sample holding more than this (data.sample.max_sample_bytes; default 1 GiB)")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(fn=_cmd_inspect)
-    sp = sub.add_parser("eval", help="accuracy on the synthetic held-out features, or a video QA / multiple-choice "
-                        "benchmark (--task)")
-    sp.add_argument("--model", required=True, help="export folder of a trained run")
-    sp.add_argument("--task", choices=("synthetic", "videoqa", "mcq"), default="synthetic",
-                    help="synthetic: held-out feature set (--features); videoqa: open-ended QA (MSRVTT-QA, MSVD-QA, "
-                    "ActivityNet-QA files); mcq: multiple choice by log-likelihood (Video-MME, MVBench files)")
-    sp.add_argument("--features", help="held-out feature set (vlp precompute output); --task synthetic")
-    sp.add_argument("--questions", help="benchmark questions JSON file; --task videoqa/mcq")
-    sp.add_argument("--answers", help="answers JSON file of the activitynet format (test_a.json); --task videoqa")
-    sp.add_argument("--media-root", help="folder holding the benchmark's videos; --task videoqa/mcq")
-    sp.add_argument("--qa-format", default="auto", help="auto | activitynet | msrvtt (--task videoqa)")
-    sp.add_argument("--out", help="folder for predictions.json, results.json, results.md (--task videoqa/mcq; "
-                    "default runs/eval/TASK-QUESTIONS_STEM)")
-    sp.add_argument("--max-new-tokens", type=int, default=None,
-                    help="answer length cap of greedy generation (synthetic 12, videoqa 32)")
-    sp.add_argument("--pooler", default=None,
-                    help="evaluate the export with another pooler than it was trained with (e.g. patch_mean on "
-                    "valley-trained weights): a probe, not the pooling ablation, which is a stage 2 trained with "
-                    "that pooler (vlp demo's train/stage2_patch_mean/export); --task synthetic")
-    sp.add_argument("--max-samples", type=int, default=None, help="only the first N feature rows / questions")
-    sp.add_argument("--no-generate", action="store_true", help="choice accuracy only (--task synthetic)")
-    sp.add_argument("--endpoint-url", help="S3-compatible endpoint")
-    sp.add_argument("--json", action="store_true")
-    sp.set_defaults(fn=_cmd_eval)
+    _add_eval_parser(sub)
     sp = sub.add_parser("chat", help="ask a trained model about videos and images (multi-turn without a question)")
     sp.add_argument("--model", required=True, help="export folder of a trained run")
     sp.add_argument("--video", dest="media", action="append", help="video file (mp4, webm, avi, ...); repeatable")
