@@ -27,9 +27,11 @@ def bench(tmp_path_factory):
          {"video_name": "abc", "question": "what shape is shown", "question_id": "q2"},
          {"video_name": "gone", "question": "what is it", "question_id": "q3"},
          {"video_name": "bad", "question": "what is it", "question_id": "q4"},
+         {"video_name": "bad", "question": "and now", "question_id": "q6"},  # the same bad video again
          {"video_name": "abc", "question": "is it moving", "question_id": "q5"}]
     a = [{"answer": "red", "type": 4, "question_id": "q1"}, {"answer": "circle", "type": 5, "question_id": "q2"},
-         {"answer": "x", "type": 8, "question_id": "q3"}, {"answer": "y", "type": 8, "question_id": "q4"}]
+         {"answer": "x", "type": 8, "question_id": "q3"}, {"answer": "y", "type": 8, "question_id": "q4"},
+         {"answer": "z", "type": 8, "question_id": "q6"}]
     (d / "test_q.json").write_text(json.dumps(q))  # q5 has no answer: unparseable
     (d / "test_a.json").write_text(json.dumps(a))
     (d / "test_qa.json").write_text(json.dumps([
@@ -78,14 +80,14 @@ def test_activitynet_format_through_the_cli(export, bench, tmp_path, capsys):
     rows = {r["group"]: r for r in rep["rows"]}
     assert list(rows) == ["all", "type=color", "type=object", "type=other"]
     assert {k: rows["all"][k] for k in ("n", "scored", "unanswerable", "unparseable")} == \
-        {"n": 5, "scored": 2, "unanswerable": 2, "unparseable": 1}
-    assert rows["type=other"]["n"] == 2 and rows["type=other"]["unanswerable"] == 2
+        {"n": 6, "scored": 2, "unanswerable": 3, "unparseable": 1}
+    assert rows["type=other"]["n"] == 3 and rows["type=other"]["unanswerable"] == 3
     assert rows["all"]["correct"] == sum(exact_match(p["pred"], p["A"]) for p in preds)
-    assert [u["id"] for u in rep["unanswerable"]] == ["q3", "q4"]
+    assert [u["id"] for u in rep["unanswerable"]] == ["q3", "q4", "q6"]
     assert "gone" in rep["unanswerable"][0]["reason"] and "bad.mp4" in rep["unanswerable"][1]["reason"]
     assert rep["unparseable"] == [{"id": "q5", "reason": "no answer for question_id q5 in --answers"}]
     md = (out / "results.md").read_text()
-    assert "| all | 5 | 2 |" in md and md in text  # the CLI prints the table it wrote
+    assert "| all | 6 | 2 |" in md and md in text  # the CLI prints the table it wrote
     s = ChatSession(str(export))  # the same answer vlp chat's session gives, and no conversation state left over
     s.load_media(str(bench / "media" / "video7.webm"))
     "".join(s.ask("what moves?", max_new_tokens=2))

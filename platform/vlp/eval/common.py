@@ -75,8 +75,8 @@ class VideoCache:
     def item(self, path: Path):
         """The ChatItem of ``path``; BadMedia (from chat) when it cannot be decoded."""
         if self.last[0] != str(path):
-            self.last = (str(path), None)  # a failed decode is not cached as a success
-            self.last = (str(path), self.session.encode(str(path)))
+            self.last = (None, None)
+            self.last = (str(path), self.session.encode(str(path)))  # kept only when the decode succeeded
         return self.last[1]
 
 
