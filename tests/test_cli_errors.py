@@ -162,6 +162,43 @@ def test_eval_on_paths_that_are_no_feature_set(bad, export, capsys):
     check(rc, text, "eval", str(bad / "empty"), "not a feature set")
 
 
+EVAL_CASES = [  # vlp eval --task videoqa/mcq: (id, flags after --model EXPORT, words the message must hold);
+    # {d} = a folder with media/, qa.json (MSRVTT-QA rows), q.json (ActivityNet questions), obj.json (a JSON object)
+    ("synthetic without --features", [], ["--task synthetic needs --features"]),
+    ("videoqa without --questions", ["--task", "videoqa", "--media-root", "{d}/media"],
+     ["--task videoqa needs --questions"]),
+    ("mcq without --media-root", ["--task", "mcq", "--questions", "{d}/qa.json"], ["--task mcq needs --media-root"]),
+    ("questions file missing", ["--task", "videoqa", "--questions", "{d}/nope.json", "--media-root", "{d}/media"],
+     ["--questions {d}/nope.json", "no such file"]),
+    ("questions file not JSON", ["--task", "mcq", "--questions", "{d}/notes.txt", "--media-root", "{d}/media"],
+     ["--questions {d}/notes.txt", "not a JSON file"]),
+    ("questions file not a list", ["--task", "videoqa", "--questions", "{d}/obj.json", "--media-root", "{d}/media"],
+     ["--questions {d}/obj.json", "JSON dict", "not the list"]),
+    ("unknown qa format", ["--task", "videoqa", "--questions", "{d}/qa.json", "--media-root", "{d}/media",
+                           "--qa-format", "tgif"], ["--qa-format tgif", "unknown format", "activitynet, msrvtt"]),
+    ("questions of no known format", ["--task", "videoqa", "--questions", "{d}/odd.json", "--media-root",
+                                      "{d}/media"], ["--questions {d}/odd.json", "unknown QA format", "clip"]),
+    ("activitynet questions without answers", ["--task", "videoqa", "--questions", "{d}/q.json", "--media-root",
+                                               "{d}/media"], ["activitynet format", "--answers"]),
+    ("media root missing", ["--task", "videoqa", "--questions", "{d}/qa.json", "--media-root", "{d}/videos"],
+     ["--media-root {d}/videos", "no such folder"]),
+    ("a flag of another task", ["--task", "mcq", "--questions", "{d}/qa.json", "--media-root", "{d}/media",
+                                "--answers", "{d}/qa.json"], ["--answers does not apply to --task mcq"]),
+]
+
+
+@pytest.mark.parametrize("flags,names", [c[1:] for c in EVAL_CASES], ids=[c[0] for c in EVAL_CASES])
+def test_eval_benchmark_mistakes(export, tmp_path, capsys, flags, names):
+    (tmp_path / "media").mkdir()
+    (tmp_path / "notes.txt").write_text("not json\n")
+    (tmp_path / "obj.json").write_text('{"questions": []}')
+    (tmp_path / "odd.json").write_text('[{"clip": "a", "q": "b"}]')
+    (tmp_path / "qa.json").write_text('[{"video_id": 7, "question": "what?", "answer": "x", "id": 0}]')
+    (tmp_path / "q.json").write_text('[{"video_name": "abc", "question": "what?", "question_id": "q1"}]')
+    rc, text = run(capsys, "eval", "--model", str(export), *(f.format(d=tmp_path) for f in flags))
+    check(rc, text, "eval", *(n.format(d=tmp_path) for n in names))
+
+
 @pytest.mark.parametrize("flag,name,words", [
     ("--video", "clip.mp4", ["no such file"]),
     ("--video", "texts.tar", ["not a video or image", "unrecognised media"]),

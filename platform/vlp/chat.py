@@ -77,26 +77,34 @@ class ChatSession:
         return mtype, resize_crop(dec.frames, g.size, g.pad_to_square, g.mean)  # (T, H, W, 3) -> (T, 3, S, S)
 
     @torch.no_grad()
+    def encode(self, path: str) -> ChatItem:
+        """Decode + sample + preprocess + encode one file; touches no conversation state (BadMedia if unreadable)."""
+        mtype, x = self.frames(path)
+        px = normalize(x, self.geom.mean, self.geom.std, self.tower.dtype)  # the feature set's mean/std
+        return ChatItem(path, mtype, self.tower.features(px).float().cpu())  # (T, 1 + P, D)
+
     def load_media(self, paths: Union[str, Sequence[str]]) -> list[str]:
-        """Decode + sample + preprocess + encode each file (a new conversation); -> the media types found."""
-        items = []
-        for path in [paths] if isinstance(paths, str) else paths:
-            mtype, x = self.frames(path)
-            px = normalize(x, self.geom.mean, self.geom.std, self.tower.dtype)  # the feature set's mean/std
-            items.append(ChatItem(path, mtype, self.tower.features(px).float().cpu()))  # (T, 1 + P, D)
+        """Encode each file (:meth:`encode`) and start a new conversation about them; -> the media types found."""
+        items = [self.encode(p) for p in ([paths] if isinstance(paths, str) else paths)]
         self.items, self.conv, self.order = items, [], []
         return [it.modality for it in items]
 
-    def first_turn(self, question: str) -> str:
-        """The first question with its placeholders: as written when it has any (``<image>``/``<video>``, matched
-        per modality in order), else one per item in the order given, each on its own line."""
-        if self.items and not PLACEHOLDER_RE.search(question):
-            question = "".join(f"<{it.modality}>\n" for it in self.items) + question
+    @staticmethod
+    def place(question: str, items: Sequence[ChatItem]) -> tuple[str, list[int]]:
+        """A first question with its placeholders (as written when it has any, ``<image>``/``<video>`` matched per
+        modality in order; else one per item in the order given, each on its own line) and the item of each
+        placeholder. BadPrompt when they do not match."""
+        if items and not PLACEHOLDER_RE.search(question):
+            question = "".join(f"<{it.modality}>\n" for it in items) + question
         try:
-            _, self.order = match_placeholders("chat", [{"from": "human", "value": question}],
-                                               [it.modality for it in self.items])
+            _, order = match_placeholders("chat", [{"from": "human", "value": question}], [it.modality for it in items])
         except ValueError as e:
             raise BadPrompt(str(e).replace("sample 'chat': ", "the question and the media given: ")) from None
+        return question, order
+
+    def first_turn(self, question: str) -> str:
+        """The conversation's first question with its placeholders (:meth:`place`); records their items."""
+        question, self.order = self.place(question, self.items)
         return question
 
     def ask(self, question: str, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
@@ -107,8 +115,24 @@ class ChatSession:
         elif PLACEHOLDER_RE.search(question):
             raise BadPrompt("media placeholders may only appear in the first question")
         self.conv.append({"from": "human", "value": question})
-        ids = torch.tensor(prompt_ids(self.conv, self.tok, self.template))
-        items = [self.items[i] for i in self.order]
+        shown = ""
+        for piece in self.stream(self.conv, [self.items[i] for i in self.order], max_new_tokens=max_new_tokens,
+                                 do_sample=do_sample, temperature=temperature, top_p=top_p):
+            shown += piece
+            yield piece
+        self.conv.append({"from": "gpt", "value": shown.strip()})
+
+    def answer(self, question: str, items: Sequence[ChatItem], max_new_tokens: int = 64) -> str:
+        """Greedy answer to a one-turn conversation about ``items`` (from :meth:`encode`), placed as in a first
+        question. Stateless: the session's conversation and items are neither read nor changed (batch eval)."""
+        question, order = self.place(question, items)
+        conv = [{"from": "human", "value": question}]
+        return "".join(self.stream(conv, [items[i] for i in order], max_new_tokens=max_new_tokens)).strip()
+
+    def stream(self, conv: list[dict], items: Sequence[ChatItem], max_new_tokens: int = 64, do_sample: bool = False,
+               temperature: float = 1.0, top_p: float = 1.0) -> Iterator[str]:
+        """The answer to ``conv`` (ending with a human turn; ``items`` in placeholder order) as new text pieces."""
+        ids = torch.tensor(prompt_ids(conv, self.tok, self.template))
         out: list[int] = []
         shown = ""
         for tok in self.model.generate(ids, [it.feats for it in items] or None, "frames",
@@ -120,7 +144,6 @@ class ChatSession:
             if len(full) > len(shown):
                 yield full[len(shown):]
                 shown = full
-        self.conv.append({"from": "gpt", "value": shown.strip()})
 
 
 def run_chat(export_dir: str, media: Union[None, str, Sequence[str]], question: Optional[str],

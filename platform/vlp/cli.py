@@ -1,7 +1,8 @@
 """The ``vlp`` command line.
 
 Config-driven subcommands (make-shards, pack, precompute, train, infer, demo): ``vlp <cmd> [--config FILE]
-[dotted.key=value ...]``. The others take plain flags: ``eval --model --features``, ``chat --model [--video|--image FILE]...
+[dotted.key=value ...]``. The others take plain flags: ``eval --model --features`` (or ``--task videoqa|mcq
+--questions --media-root``), ``chat --model [--video|--image FILE]...
 [question]``, ``inspect URI...``; ``presets`` and ``config-docs`` take none.
 """
 
@@ -87,14 +88,31 @@ def _cmd_train(args) -> int:
     return 0
 
 
+EVAL_FLAGS = {"features": ("synthetic",), "pooler": ("synthetic",), "no_generate": ("synthetic",),
+              "endpoint_url": ("synthetic",), "questions": ("videoqa", "mcq"), "media_root": ("videoqa", "mcq"),
+              "out": ("videoqa", "mcq"), "answers": ("videoqa",), "max_new_tokens": ("synthetic", "videoqa")}
+
+
 def _cmd_eval(args) -> int:
+    from .eval.common import MissingFlag
+
+    stray = [f"--{k.replace('_', '-')}" for k, tasks in EVAL_FLAGS.items()
+             if getattr(args, k) and args.task not in tasks]
+    stray += ["--qa-format"] if args.qa_format != "auto" and args.task != "videoqa" else []
+    if stray:
+        raise MissingFlag(f"{', '.join(stray)} {'does' if len(stray) == 1 else 'do'} not apply to --task {args.task}")
+    if args.task != "synthetic":
+        return _cmd_eval_benchmark(args)
     from .config import validate
     from .eval.synthetic import evaluate
     from .storage import StorageConfig
 
+    if not args.features:
+        raise MissingFlag("--task synthetic needs --features (a held-out feature set made by vlp precompute)")
     storage = validate(StorageConfig, {k: v for k, v in {"endpoint_url": args.endpoint_url}.items() if v})
+    gen = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
     rep = evaluate(args.model, args.features, storage, max_samples=args.max_samples, generate=not args.no_generate,
-                   pooler=args.pooler)
+                   pooler=args.pooler, **gen)
     if args.json:
         print(json.dumps(rep, indent=2))
         return 0
@@ -103,6 +121,34 @@ def _cmd_eval(args) -> int:
     for k, v in rep["by_type"].items():
         gen = f"{v['gen_acc']:.2f}" if v["gen_acc"] is not None else "-"
         print(f"  {k:<21} {v['n']:>4} {v['choice_acc']:>10.2f} {gen:>8} {v['chance']:>7.2f}")
+    return 0
+
+
+def _cmd_eval_benchmark(args) -> int:
+    """``vlp eval --task videoqa|mcq``: a benchmark's questions file about videos under --media-root."""
+    from pathlib import Path
+
+    from .eval.common import MissingFlag
+
+    missing = [f for f, v in (("--questions", args.questions), ("--media-root", args.media_root)) if not v]
+    if missing:
+        raise MissingFlag(f"--task {args.task} needs {' and '.join(missing)}")
+    out = args.out or str(Path("runs") / "eval" / f"{args.task}-{Path(args.questions).stem}")
+    if args.task == "videoqa":
+        from .eval.videoqa import evaluate_videoqa
+
+        rep = evaluate_videoqa(args.model, args.questions, args.answers, args.media_root, out, args.qa_format,
+                               args.max_samples, args.max_new_tokens or 32)
+    else:
+        from .eval.mcq import evaluate_mcq
+
+        rep = evaluate_mcq(args.model, args.questions, args.media_root, out, args.max_samples)
+    table = rep.pop("table")
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    print(f"eval {args.model}: {args.task} on {args.questions} -> {out}/results.json")
+    print(table, end="")
     return 0
 
 
@@ -139,6 +185,34 @@ def _cmd_presets(args) -> int:
     return 0
 
 
+def _add_eval_parser(sub) -> None:
+    """``vlp eval``'s flags (synthetic held-out features, or a benchmark's files with --task)."""
+    sp = sub.add_parser("eval", help="accuracy on the synthetic held-out features, or a video QA / multiple-choice "
+                        "benchmark (--task)")
+    sp.add_argument("--model", required=True, help="export folder of a trained run")
+    sp.add_argument("--task", choices=("synthetic", "videoqa", "mcq"), default="synthetic",
+                    help="synthetic: held-out feature set (--features); videoqa: open-ended QA (MSRVTT-QA, MSVD-QA, "
+                    "ActivityNet-QA files); mcq: multiple choice by log-likelihood (Video-MME, MVBench files)")
+    sp.add_argument("--features", help="held-out feature set (vlp precompute output); --task synthetic")
+    sp.add_argument("--questions", help="benchmark questions JSON file; --task videoqa/mcq")
+    sp.add_argument("--answers", help="answers JSON file of the activitynet format (test_a.json); --task videoqa")
+    sp.add_argument("--media-root", help="folder holding the benchmark's videos; --task videoqa/mcq")
+    sp.add_argument("--qa-format", default="auto", help="auto | activitynet | msrvtt (--task videoqa)")
+    sp.add_argument("--out", help="folder for predictions.json, results.json, results.md (--task videoqa/mcq; "
+                    "default runs/eval/TASK-QUESTIONS_STEM)")
+    sp.add_argument("--max-new-tokens", type=int, default=None,
+                    help="answer length cap of greedy generation (synthetic 12, videoqa 32)")
+    sp.add_argument("--pooler", default=None,
+                    help="evaluate the export with another pooler than it was trained with (e.g. patch_mean on "
+                    "valley-trained weights): a probe, not the pooling ablation, which is a stage 2 trained with "
+                    "that pooler (vlp demo's train/stage2_patch_mean/export); --task synthetic")
+    sp.add_argument("--max-samples", type=int, default=None, help="only the first N feature rows / questions")
+    sp.add_argument("--no-generate", action="store_true", help="choice accuracy only (--task synthetic)")
+    sp.add_argument("--endpoint-url", help="S3-compatible endpoint")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=_cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlp", description="vlp: video-language training platform")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -171,18 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refuse a sample holding more than this (data.sample.max_sample_bytes; default 1 GiB)")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(fn=_cmd_inspect)
-    sp = sub.add_parser("eval", help="accuracy per question type on a held-out feature set")
-    sp.add_argument("--model", required=True, help="export folder of a trained run")
-    sp.add_argument("--features", required=True, help="held-out feature set (vlp precompute output)")
-    sp.add_argument("--pooler", default=None,
-                    help="evaluate the export with another pooler than it was trained with (e.g. patch_mean on "
-                    "valley-trained weights): a probe, not the pooling ablation, which is a stage 2 trained with "
-                    "that pooler (vlp demo's train/stage2_patch_mean/export)")
-    sp.add_argument("--max-samples", type=int, default=None)
-    sp.add_argument("--no-generate", action="store_true", help="choice accuracy only")
-    sp.add_argument("--endpoint-url", help="S3-compatible endpoint")
-    sp.add_argument("--json", action="store_true")
-    sp.set_defaults(fn=_cmd_eval)
+    _add_eval_parser(sub)
     sp = sub.add_parser("chat", help="ask a trained model about videos and images (multi-turn without a question)")
     sp.add_argument("--model", required=True, help="export folder of a trained run")
     sp.add_argument("--video", dest="media", action="append", help="video file (mp4, webm, avi, ...); repeatable")
