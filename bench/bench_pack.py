@@ -63,6 +63,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 NICENESS = 15
 # a busy shared machine can make the local node miss Ray's default registration deadline
 os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+# and its raylet stops when the metrics agent has not written its port file in time (seen at load ~18 on 2 cores)
+os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
 
 from _benchutil import WORK, CpuAccount, loadavg, spread, write_json  # noqa: E402
 
@@ -362,7 +364,8 @@ def main(argv=None) -> int:
                    "samples_per_shard": per_shard, "shards": -(-n // per_shard)},
         "knobs": {"variants": {v: {"samples_per_shard": per_shard, **VARIANTS[v]} for v in variants},
                   "ray_num_cpus": NUM_CPUS, "driver_and_baseline_niceness": os.nice(0),
-                  "ray_worker_niceness": niceness, "ray.progress_bars": False},
+                  "ray_worker_niceness": niceness, "ray.progress_bars": False,
+                  "ray_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_")}},
         "ray_init_s": round(ray_init_s, 3), "ray_init_failed_tries": init_failures,
         "cold_first_run_s": {"what": f"the first vlp pack (local, {variants[0]}) in the fresh Ray session: task "
                              "workers start and import vlp; not part of the rounds", "wall_s": round(cold_s, 3),
