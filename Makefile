@@ -35,6 +35,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_decode.py
 	$(BIN)/python bench/bench_precompute.py
+	$(BIN)/python bench/bench_pack.py
 
 bench-train: $(STAMP)
 	$(BIN)/python bench/train_padding.py
