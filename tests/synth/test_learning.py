@@ -8,6 +8,11 @@ stage-1 loss falls, held-out colour accuracy (choice and generated) at least 0.5
 model tells a direction from its opposite on at least 0.7 of the held-out clips and names it (out of 4) on at
 least 0.5, while `patch_mean` (no CLS tokens) stays within 0.1 of chance (0.5) on direction-vs-opposite: the
 held-out clips come in reversed pairs, on which an order-blind model scores 0.5 by construction.
+
+The suite runs stage 2 and the ablation on half the work of `make demo` (SUITE: the same 600 steps, of 16 samples
+instead of 32, so 50 epochs instead of 100): measured once on a loaded 2-core machine, valley 0.72 direction /
+0.81 direction-vs-opposite, patch_mean 0.31 / 0.50, stage-2 loss down 300x, the same as the full demo's run
+(0.72 / 0.81 and 0.41 / 0.50); `make demo` keeps the full size.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from vlp.config import load_config
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
+SUITE = ["stage2.global_batch=16", "stage2.micro_batch=8", "stage2.epochs=50"]  # half of make demo's stage 2
+
+
 def _losses(run_dir) -> list[float]:
     return [json.loads(x)["loss"] for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -31,7 +39,7 @@ def test_demo_end_to_end_learns_and_the_ablation_shows_what_cls_tokens_buy(ray_l
     from vlp.synth.demo import DemoConfig, run_demo
 
     root = tmp_path / "demo"
-    cfg = load_config(DemoConfig, ROOT / "configs/local/demo.yaml", [f"root={root}", "ray.progress_bars=false"])
+    cfg = load_config(DemoConfig, ROOT / "configs/local/demo.yaml", [f"root={root}", "ray.progress_bars=false", *SUITE])
     res = run_demo(cfg, log=print)
 
     l1, l2 = _losses(res["stage1"]["run_dir"]), _losses(res["stage2"]["run_dir"])
