@@ -35,5 +35,7 @@ class PackConfig(Cfg):
         "sniff", description="sniff: an image/video item whose magic bytes are no known image/video container is "
         "an error; none: pack whatever the file holds (precompute reports what it cannot decode)")
     cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved per group task")
+    fetch_threads: int = Field(8, ge=1, le=256, description="threads per group task fetching media (object-store "
+                               "latency overlaps; at most twice as many records in flight)")
     overwrite: bool = Field(False, description="delete an output packed with other settings instead of refusing")
     ray: RayConfig = RayConfig()

@@ -1,5 +1,5 @@
-"""One group of records -> its shard(s): fetch each record's media, build the WebDataset sample, write with
-``webdataset.ShardWriter``. A plain callable (:class:`PackGroup`), testable without Ray; the pipeline maps it over
+"""One group of records -> its shard(s): fetch each record's media (a ranged GET per file, on a few threads),
+build the WebDataset sample, stream it into ``webdataset.ShardWriter``. A plain callable (:class:`PackGroup`), testable without Ray; the pipeline maps it over
 the groups.
 
 A sample in the shards (the video2dataset / img2dataset layout the precompute reader parses,
@@ -23,8 +23,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 from ..data.media import sniff
 from ..data.sample import modality_of
@@ -52,24 +54,20 @@ def media_uri(root: str, path: str) -> str:
 
 
 def read_item(item: PackItem, cfg: PackConfig) -> tuple[bytes, str]:
-    """(bytes, path that held them) of the first of the item's path and candidates that exists. ValueError(reason)
-    when none does, or the file is a folder, too large or unreadable; memory stays at max_item_bytes."""
+    """(bytes, path that held them) of the first of the item's path and candidates that exists: one ranged GET
+    each (at most max_item_bytes + 1 bytes, so memory stays bounded whatever the file holds). ValueError(reason)
+    when none exists, or the file is a folder, too large or unreadable."""
     for p in [item.path, *item.candidates]:
         fs, path = get_fs(media_uri(cfg.media_root, p), cfg.storage)
         try:
-            info = fs.info(path)
+            data = fs.cat_file(path, start=0, end=cfg.max_item_bytes + 1)
         except FileNotFoundError:
             continue
-        if info.get("type") == "directory":
-            raise ValueError(f"{p} is a folder, not a media file")
-        if (info.get("size") or 0) > cfg.max_item_bytes:
-            raise ValueError(f"{p} is {info['size']} bytes, over max_item_bytes={cfg.max_item_bytes}")
-        try:
-            with fs.open(path, "rb") as f:
-                data = f.read(cfg.max_item_bytes + 1)
+        except IsADirectoryError:
+            raise ValueError(f"{p} is a folder, not a media file") from None
         except OSError as e:
             raise ValueError(f"{p} cannot be read: {type(e).__name__}: {e}") from None
-        if len(data) > cfg.max_item_bytes:  # the listing said less than it holds
+        if len(data) > cfg.max_item_bytes:
             raise ValueError(f"{p} is over max_item_bytes={cfg.max_item_bytes}")
         if not data:
             raise ValueError(f"{p} is empty")
@@ -159,21 +157,57 @@ def publish(local_files: list[str], names: list[str], out: str, storage: Optiona
     return uris
 
 
-def write_group(samples: list[dict], group: int, cfg: PackConfig) -> list[str]:
-    """Write the samples with webdataset.ShardWriter into a temp folder (split at max_shard_bytes), then publish
-    them under their final names. -> the shard URIs (none for a group with no packable record)."""
-    import webdataset as wds
+def built_in_order(entries: Iterable[PackRecord | PackError], cfg: PackConfig
+                   ) -> Iterator[tuple[PackRecord | PackError, Optional[dict], str, str]]:
+    """(entry, sample or None, error stage, error reason) for each entry, in input order; the samples are built
+    (media fetched) by ``cfg.fetch_threads`` threads with at most twice that many in flight, so a group's media
+    is never all in memory at once and fetch latency (object stores) overlaps."""
+    def one(e):
+        if isinstance(e, PackError):
+            return e, None, "annotation", e.reason
+        try:
+            return e, build_sample(e, cfg), "", ""
+        except ValueError as err:
+            return e, None, "media", str(err)
 
-    if not samples:
-        return []
-    tmp = tempfile.mkdtemp(prefix="vlp-pack-")
-    try:
-        with wds.ShardWriter(os.path.join(tmp, "part-%d.tar"), maxcount=len(samples) + 1,
-                             maxsize=cfg.max_shard_bytes, verbose=0, mtime=0.0) as sink:
-            for s in samples:
-                sink.write(s)
-        files = sorted((f for f in os.listdir(tmp) if f.endswith(".tar")), key=lambda f: int(f[5:-4]))
-        return publish([os.path.join(tmp, f) for f in files], shard_names(cfg.prefix, group, len(files)),
-                       cfg.out, cfg.storage)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    window: deque = deque()
+    with ThreadPoolExecutor(cfg.fetch_threads) as pool:
+        for e in entries:
+            window.append(pool.submit(one, e))
+            if len(window) >= 2 * cfg.fetch_threads:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+class GroupWriter:
+    """Samples -> webdataset.ShardWriter in a temp folder (a new file past max_shard_bytes), opened at the first
+    sample; :meth:`publish` moves the files to ``out`` under their final names (none for a group without a
+    packable record)."""
+
+    def __init__(self, group: int, cfg: PackConfig):
+        self.group, self.cfg = group, cfg
+        self.tmp = tempfile.mkdtemp(prefix="vlp-pack-")
+        self.sink = None
+
+    def write(self, sample: dict) -> None:
+        import webdataset as wds
+
+        if self.sink is None:
+            self.sink = wds.ShardWriter(os.path.join(self.tmp, "part-%d.tar"), maxcount=1 << 62,
+                                        maxsize=self.cfg.max_shard_bytes, verbose=0, mtime=0.0)
+        self.sink.write(sample)
+
+    def publish(self) -> list[str]:
+        try:
+            if self.sink is None:
+                return []
+            self.sink.close()
+            files = sorted((f for f in os.listdir(self.tmp) if f.endswith(".tar")), key=lambda f: int(f[5:-4]))
+            return publish([os.path.join(self.tmp, f) for f in files],
+                           shard_names(self.cfg.prefix, self.group, len(files)), self.cfg.out, self.cfg.storage)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)

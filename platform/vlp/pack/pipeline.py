@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..storage import get_fs, join, make_output_dir, read_bytes, write_atomic
 from .config import PackConfig
 from .formats import PackError, PackRecord, expand_annotations, read_annotations
-from .group import build_sample, error_line, parse_plan_line, plan_line, write_group
+from .group import GroupWriter, built_in_order, error_line, parse_plan_line, plan_line
 
 SETTINGS_KEYS = ("format", "samples_per_shard", "prefix", "max_shard_bytes", "media_check")
 
@@ -54,25 +54,24 @@ class PackGroup:
     def __call__(self, row: dict) -> dict:
         cfg, g = self.cfg, int(row["group"])
         text = (read_bytes(row["plan"], cfg.storage) or b"").decode()
-        samples, errors, counts = [], [], Counter()
-        for line in filter(None, text.split("\n")):
-            entry = parse_plan_line(line)
-            counts["records"] += 1
-            if isinstance(entry, PackError):
-                errors.append(error_line(entry, entry.reason, "annotation"))
-                continue
-            try:
-                samples.append(build_sample(entry, cfg))
-            except ValueError as e:
-                errors.append(error_line(entry, str(e), "media"))
-                continue
-            counts["text_only" if not entry.items else "with_media"] += 1
-            for it in entry.items:
-                counts[f"items_{it.modality}"] += 1
-        shards = write_group(samples, g, cfg)
+        entries = (parse_plan_line(line) for line in text.split("\n") if line)
+        errors, counts, out = [], Counter(), GroupWriter(g, cfg)
+        try:
+            for entry, sample, stage, reason in built_in_order(entries, cfg):
+                counts["records"] += 1
+                if sample is None:
+                    errors.append(error_line(entry, reason, stage))
+                    continue
+                out.write(sample)
+                counts["packed"] += 1
+                counts["text_only" if not entry.items else "with_media"] += 1
+                counts.update(f"items_{it.modality}" for it in entry.items)
+            shards = out.publish()
+        finally:
+            out.close()
         write_atomic(join(cfg.out, "_pack", "errors", f"{g:06d}.jsonl"), "".join(e + "\n" for e in errors),
                      cfg.storage)
-        marker = {"group": g, **counts, "packed": len(samples), "errors": len(errors),
+        marker = {"group": g, **counts, "packed": counts["packed"], "errors": len(errors),
                   "shards": [u.rsplit("/", 1)[-1] for u in shards]}
         write_atomic(join(cfg.out, "_pack", "groups", f"{g:06d}.json"), json.dumps(marker), cfg.storage)
         return {"group": g, "marker": json.dumps(marker)}
