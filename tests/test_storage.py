@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from conftest import make_bucket
-from vlp.storage import Appender, StorageConfig, get_fs, read_appended, read_bytes, write_atomic
+from vlp.storage import Appender, StorageConfig, get_fs, put_file_atomic, read_appended, read_bytes, write_atomic
 
 
 def test_write_atomic_local_replaces_whole_file_and_leaves_no_temp(tmp_path):
@@ -47,6 +47,19 @@ def test_appender_s3_uploads_each_byte_once(s3_server):
     parts = sorted(fs.ls("logs/run/metrics.jsonl.parts", detail=True), key=lambda d: d["name"])
     assert (parts[0]["name"], parts[0]["ETag"]) == first  # earlier parts untouched
     assert read_appended(uri, st) == "".join(lines) + "line5\n"
+
+
+def test_put_file_atomic_copies_a_local_file_whole_locally_and_to_s3(tmp_path, s3_server):
+    src = tmp_path / "src.tar"
+    src.write_bytes(os.urandom(3 << 20))  # more than one copy chunk
+    target = tmp_path / "out" / "deep" / "a.tar"
+    put_file_atomic(str(src), str(target))
+    put_file_atomic(str(src), str(target))  # over an existing file
+    assert target.read_bytes() == src.read_bytes() and os.listdir(target.parent) == ["a.tar"]
+    make_bucket(s3_server, "putfile")
+    st = StorageConfig(endpoint_url=s3_server)
+    put_file_atomic(str(src), "s3://putfile/deep/a.tar", st)
+    assert read_bytes("s3://putfile/deep/a.tar", st) == src.read_bytes()
 
 
 def test_write_atomic_s3_single_put(s3_server):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob as _glob
 import os
+import shutil
 import time
 from typing import Optional
 
@@ -79,17 +80,35 @@ def make_output_dir(uri: str, key: str, storage: StorageConfig | None = None):
 def write_atomic(uri: str, data: bytes | str, storage: StorageConfig | None = None) -> None:
     """Write a whole file so that a reader sees the old content or the new, never a torn one: a temp file in the
     same folder + rename locally, a single PUT on object stores (atomic there). Creates parent folders."""
-    if isinstance(data, str):
-        data = data.encode()
+    _put_atomic(uri, storage, lambda f: f.write(data.encode() if isinstance(data, str) else data))
+
+
+def put_file_atomic(src: str, uri: str, storage: StorageConfig | None = None) -> None:
+    """Copy the local file ``src`` to ``uri`` as :func:`write_atomic` writes bytes (never torn), streaming it:
+    memory stays flat whatever its size (an upload per file on object stores)."""
+    _put_atomic(uri, storage, lambda f: _copy_into(src, f), src)
+
+
+def _copy_into(src: str, f) -> None:
+    with open(src, "rb") as s:
+        shutil.copyfileobj(s, f, 1 << 20)
+
+
+def _put_atomic(uri: str, storage: StorageConfig | None, write, src: Optional[str] = None) -> None:
+    """``write(file)`` fills a temp file in ``uri``'s folder, renamed over it; on object stores it writes the
+    object directly (``fs.put_file`` for a local ``src``), which is atomic there."""
     fs, path = get_fs(uri, storage)
     fs.makedirs(path.rsplit("/", 1)[0] or "/", exist_ok=True)
     if is_remote(uri):
+        if src is not None:
+            fs.put_file(src, path)
+            return
         with fs.open(path, "wb") as f:
-            f.write(data)
+            write(f)
         return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
-        f.write(data)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
