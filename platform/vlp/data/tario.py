@@ -42,6 +42,9 @@ MAX_MEMBER_BYTES = 2 << 30
 # default of SampleConfig.max_sample_bytes: far above a real sample (WebVid/CC3M: a few MB; an hour of 1080p at
 # 2 Mbit/s is ~0.9 GB), low enough that a read task holding one sample (and its row copy) stays within a few GiB
 MAX_SAMPLE_BYTES = 1 << 30
+# the tar headers of every shard vlp writes (webdataset.TarWriter / ShardWriter keywords): fixed, so the same
+# samples give the same bytes; members are written as given (bytes), never re-encoded
+TAR_HEADERS = {"mtime": 0.0, "mode": 0o644, "user": "", "group": "", "encoder": False}
 MAX_HEADER_BYTES = 1 << 20  # pax / GNU long-name blocks: a path and a few fields, never megabytes
 SKIP_CHUNK = 1 << 20  # members streamed past are read (and dropped) this much at a time
 TEXT_EXTS = ("json", "txt")

@@ -30,7 +30,8 @@ from typing import Iterable, Iterator, Optional
 
 from ..data.media import sniff
 from ..data.sample import modality_of
-from ..storage import StorageConfig, get_fs, is_remote, join
+from ..data.tario import TAR_HEADERS
+from ..storage import StorageConfig, get_fs, join, put_file_atomic
 from .config import PackConfig
 from .formats import PackError, PackItem, PackRecord
 
@@ -140,20 +141,11 @@ def shard_names(prefix: str, group: int, n: int) -> list[str]:
 
 
 def publish(local_files: list[str], names: list[str], out: str, storage: Optional[StorageConfig]) -> list[str]:
-    """Move the written tars to ``out`` under their final names: one PUT each on object stores, a rename into
-    the folder locally (a reader never sees a half-written shard). -> their URIs."""
-    fs, root = get_fs(out, storage)
-    fs.makedirs(root, exist_ok=True)
-    uris = []
-    for src, name in zip(local_files, names):
-        dst = join(root, name)
-        if is_remote(out):
-            fs.put_file(src, dst)
-        else:
-            tmp = f"{dst}.tmp{os.getpid()}"
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
-        uris.append(join(out, name))
+    """Copy the written tars to ``out`` under their final names (``storage.put_file_atomic``: a reader never sees a
+    half-written shard). -> their URIs."""
+    uris = [join(out, name) for name in names]
+    for src, uri in zip(local_files, uris):
+        put_file_atomic(src, uri, storage)
     return uris
 
 
@@ -195,7 +187,7 @@ class GroupWriter:
 
         if self.sink is None:
             self.sink = wds.ShardWriter(os.path.join(self.tmp, "part-%d.tar"), maxcount=1 << 62,
-                                        maxsize=self.cfg.max_shard_bytes, verbose=0, mtime=0.0)
+                                        maxsize=self.cfg.max_shard_bytes, verbose=0, **TAR_HEADERS)
         self.sink.write(sample)
 
     def publish(self) -> list[str]:

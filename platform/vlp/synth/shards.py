@@ -22,7 +22,8 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from ..config import Cfg
-from ..storage import StorageConfig, get_fs, join, make_output_dir, write_atomic
+from ..data.tario import TAR_HEADERS
+from ..storage import StorageConfig, join, make_output_dir, write_atomic
 
 # Bump when make_shards writes different samples for the same config (2: held-out clips in reversed,
 # lossless pairs). The demo records it with the settings its shards were made with and refuses stale ones.
@@ -277,9 +278,6 @@ def make_shards(cfg: MakeShardsConfig) -> dict:
 
 
 # TarWriter options that make the bytes a function of the members alone (its defaults: the time, user "bigdata")
-TAR_HEADERS = {"mtime": 0.0, "mode": 0o644, "user": "", "group": "", "encoder": False}
-
-
 def write_shards(family: str, samples, cfg: MakeShardsConfig) -> list[str]:
     """(key, members) -> ``{family}-00000.tar``, ``-00001`` ... of ``cfg.samples_per_shard`` samples each, in
     ``cfg.out``, with ``webdataset.ShardWriter`` (members of a sample in sorted order). Each shard is built in
