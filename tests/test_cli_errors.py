@@ -184,6 +184,8 @@ EVAL_CASES = [  # vlp eval --task videoqa/mcq: (id, flags after --model EXPORT, 
      ["--media-root {d}/videos", "no such folder"]),
     ("a flag of another task", ["--task", "mcq", "--questions", "{d}/qa.json", "--media-root", "{d}/media",
                                 "--answers", "{d}/qa.json"], ["--answers does not apply to --task mcq"]),
+    ("--out under a file", ["--task", "videoqa", "--questions", "{d}/qa.json", "--media-root", "{d}/media",
+                            "--out", "{d}/notes.txt/out"], ["--out={d}/notes.txt/out", "cannot create"]),
 ]
 
 

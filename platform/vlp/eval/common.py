@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..errors import OutputNotWritable, UserError
+from ..errors import UserError
+from ..storage import make_output_dir
 
 VIDEO_EXTS = ("mp4", "mkv", "webm", "avi", "mov")
 
@@ -136,13 +137,8 @@ def markdown_table(task: str, rows: list[dict]) -> str:
 
 
 def out_dir(path: str) -> Path:
-    """``--out`` created; OutputNotWritable when it cannot be."""
-    p = Path(path)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputNotWritable(f"--out {path}: cannot create this folder ({e.strerror or e})") from None
-    return p
+    """``--out`` created (``storage.make_output_dir``: OutputNotWritable when it cannot be)."""
+    return Path(make_output_dir(path, "--out")[1])
 
 
 def write_results(out: Path, report: dict) -> str:
