@@ -122,16 +122,16 @@ class PackRun:
     def check_existing(self) -> None:
         """Refuse (or with overwrite delete) an output packed with other settings; record this run's settings and
         config; read the committed groups."""
-        cfg = self.cfg
+        cfg, now = self.cfg, self.settings()
         make_output_dir(cfg.out, "out", cfg.storage)
-        old = read_bytes(self.uri("settings.json"), cfg.storage)
-        if old is not None and json.loads(old) != self.settings():
-            diff = sorted(k for k, v in self.settings().items() if json.loads(old).get(k) != v)
+        old = json.loads(read_bytes(self.uri("settings.json"), cfg.storage) or b"null")
+        if old is not None and old != now:
+            diff = sorted(k for k, v in now.items() if old.get(k) != v)
             if not cfg.overwrite:
                 raise PackMismatch(f"{cfg.out} holds shards packed with a different {', '.join(diff)}; use a new "
                                    "out or overwrite=true to delete them")
             self.remove_output()
-        write_atomic(self.uri("settings.json"), json.dumps(self.settings(), indent=2), cfg.storage)
+        write_atomic(self.uri("settings.json"), json.dumps(now, indent=2), cfg.storage)
         write_atomic(self.uri("config.yaml"), dump_config(cfg), cfg.storage)
         self.done = self.read_markers()
 

@@ -124,6 +124,13 @@ def path_list(raw: dict, key: str, max_items: int) -> list[str]:
     return [check_path(p, f"{key!r} entry") for p in vals]
 
 
+def record_turns(raw: dict) -> list[dict]:
+    """The record's ``conversations`` after :func:`check_turns`; ValueError when it has none."""
+    if "conversations" not in raw:
+        raise ValueError("missing 'conversations'")
+    return check_turns(raw["conversations"])
+
+
 def check_turns(conv: Any, what: str = "conversations") -> list[dict]:
     """A copy of ``[{from, value}, ...]`` after vlp's turn rules: string roles and values, an optional system
     turn first, then user/assistant alternating from a user turn. ValueError(reason) otherwise."""

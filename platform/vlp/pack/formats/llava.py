@@ -21,8 +21,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import (ANNOTATION_FORMATS, AnnotationFormat, FormatCfg, PackRecord, check_turns, conversation_record,
-                   item_for, path_list)
+from .base import (ANNOTATION_FORMATS, AnnotationFormat, FormatCfg, PackRecord, conversation_record, item_for,
+                   path_list, record_turns)
 
 
 @ANNOTATION_FORMATS.register
@@ -36,8 +36,6 @@ class LlavaFormat(AnnotationFormat):
     cfg: Cfg
 
     def convert(self, index: int, raw: dict) -> PackRecord:
-        if "conversations" not in raw:
-            raise ValueError("missing 'conversations'")
-        conv = check_turns(raw["conversations"])
+        conv = record_turns(raw)
         items = [item_for(p, "image") for p in path_list(raw, self.cfg.image_key, self.cfg.max_items)]
         return conversation_record(index, raw, self.record_id(raw), conv, items)

@@ -26,8 +26,8 @@ from typing import Literal, Optional
 from pydantic import Field
 
 from ...data.media import VIDEO_EXTS
-from .base import (ANNOTATION_FORMATS, AnnotationFormat, FormatCfg, PackItem, PackRecord, check_path, check_turns,
-                   conversation_record, item_for, path_list)
+from .base import (ANNOTATION_FORMATS, AnnotationFormat, FormatCfg, PackItem, PackRecord, check_path,
+                   conversation_record, item_for, path_list, record_turns)
 
 
 @ANNOTATION_FORMATS.register
@@ -43,9 +43,7 @@ class ValleyFormat(AnnotationFormat):
     cfg: Cfg
 
     def convert(self, index: int, raw: dict) -> PackRecord:
-        if "conversations" not in raw:
-            raise ValueError("missing 'conversations'")
-        conv = check_turns(raw["conversations"])
+        conv = record_turns(raw)
         if "video" in raw:
             items = [self.video_item(raw)]
         else:
