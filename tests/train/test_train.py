@@ -48,20 +48,26 @@ def _steps(run_dir: Path) -> dict[int, list[str]]:
     return out
 
 
-def test_materialized_feature_rows_give_the_same_epoch(demo_features, tmp_path):
-    """data.materialize keeps the raw rows in the object store; the per-epoch graph on top must be unchanged."""
-    from vlp.train.trainer import build_dataset, should_materialize
+def test_held_sets_give_the_streaming_graphs_epoch(demo_features, tmp_path):
+    """The held path (sets tokenised once, each epoch planned on the workers) trains on exactly the rows the
+    streaming graph gives (Mixture with a fractional weight, DropSeen after a resume, Tokenize), split over
+    the ranks without overlap."""
+    from vlp.train.data import write_state
+    from vlp.train.held import HeldRows
+    from vlp.train.trainer import build_dataset, build_held, should_materialize
 
-    rows = {}
-    for mode in ("always", "never"):
-        cfg = _cfg(demo_features, tmp_path / mode, **{"data.materialize": mode,
-                                                       "data.sets": [{"uri": str(demo_features / "features/pretrain")},
-                                                                     {"uri": str(demo_features / "features/instruct"),
-                                                                      "weight": 1.5}]})
-        assert should_materialize(cfg) == (mode == "always")
-        got = build_dataset(cfg, str(tmp_path / mode / "state.json")).take_all()
-        rows[mode] = sorted((str(r["uid"]), list(r["input_ids"])) for r in got)
-    assert 24 + 16 < len(rows["always"]) < 24 + 32 and rows["always"] == rows["never"]  # 1.5: a seeded subset again
+    sets = [{"uri": str(demo_features / "features/pretrain")},
+            {"uri": str(demo_features / "features/instruct"), "weight": 1.5}]
+    cfg = _cfg(demo_features, tmp_path, **{"data.sets": sets})
+    held = HeldRows(build_held(cfg))
+    state, epoch, seen = str(tmp_path / "state.json"), 3, set(held.plan_sets[0][1][:3])  # resumed: 3 rows seen
+    write_state(state, epoch, sorted(seen))
+    stream = sorted((str(r["uid"]), list(r["input_ids"])) for r in build_dataset(cfg, state).take_all())
+    shares = [held.plan(cfg.data.seed, epoch, seen, rank, 2) for rank in range(2)]
+    assert abs(len(shares[0]) - len(shares[1])) <= 1 and not {e[2] for e in shares[0]} & {e[2] for e in shares[1]}
+    rows = sorted((str(r["uid"]), list(r["input_ids"])) for share in shares for r in held.rows(share))
+    assert rows == stream and 24 + 16 - 3 < len(rows) < 24 + 32, len(rows)  # 1.5: a seeded subset again
+    assert not seen & {u for u, _ in rows}
     auto = _cfg(demo_features, tmp_path, **{"data.materialize_max_mb": 1e-3})  # a few KB: the set is bigger
     assert not should_materialize(auto) and should_materialize(_cfg(demo_features, tmp_path))
 
@@ -128,8 +134,8 @@ def test_stage1_zero1_then_stage2_zero2_export_and_reload(demo_features, tmp_pat
 def test_worker_failure_resumes_with_the_same_steps_and_samples(demo_features, tmp_path):
     common = {"batch.global_size": 4, "batch.micro_size": 1, "checkpoint.every_n_steps": 2, "epochs": 1}
     ok = run_train(_cfg(demo_features, tmp_path / "a", run_name="nofault", **common), log=print)
-    bad = run_train(_cfg(demo_features, tmp_path / "b", run_name="fault", **common,
-                         **{"debug.fail_at_step": 5, "debug.fail_rank": 1}), log=print)
+    bad = run_train(_cfg(demo_features, tmp_path / "b", run_name="fault", **common,  # the streaming path here
+                         **{"debug.fail_at_step": 5, "debug.fail_rank": 1, "data.materialize": "never"}), log=print)
     assert (Path(bad["run_dir"]) / ".injected_failure").exists()
     assert ok["steps"] == bad["steps"] == 6
     a, b = _steps(Path(ok["run_dir"])), _steps(Path(bad["run_dir"]))

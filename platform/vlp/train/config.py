@@ -34,13 +34,14 @@ class TrainDataConfig(Cfg):
                                     "group_by_modality_length); costs padding on mixed sets (see docs/benchmarks.md)")
     group_window: int = Field(8, ge=1, description="global batches pooled before sorting by length")
     local_shuffle_buffer_size: int = Field(
-        256, ge=0, description="rows each worker shuffles its stream in (Ray Data local shuffle, seeded from "
-        "data.seed, epoch, rank) before the length-grouping windows; 0 = off")
+        256, ge=0, description="streamed sets (not materialised): rows each worker shuffles its stream in (Ray "
+        "Data local shuffle, seeded from data.seed, epoch, rank) before the length-grouping windows; 0 = off")
     seed: int = 0
     materialize: Literal["auto", "always", "never"] = Field(
-        "auto", description="keep the feature rows in Ray's object store after the first read, so later epochs "
-        "skip Ray Data's read start-up (~1.5 s per epoch measured on 2 CPUs; the per-epoch mixture, resume filter "
-        "and tokenisation still run every epoch); auto: when all sets together are at most materialize_max_mb")
+        "auto", description="tokenise the sets once and hold them in Ray's object store; every epoch each worker "
+        "takes its rows from one seeded permutation of the epoch (mixture copies, resume filter) with no Ray Data "
+        "execution (the streaming path re-reads and re-tokenises every epoch: 1-2 s of start-up per epoch on 2 "
+        "CPUs); auto: when all sets together are at most materialize_max_mb")
     materialize_max_mb: float = Field(256, gt=0, description="size limit for materialize=auto (bytes on storage)")
 
     @field_validator("template")

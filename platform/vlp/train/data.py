@@ -83,13 +83,34 @@ class Mixture:
 
     def __call__(self, batch: dict) -> dict:
         epoch = read_state(self.state_path)["epoch"]
-        base = batch["uid"] if "uid" in batch else [f"{s}/{k}" for s, k in zip(batch["shard"], batch["key"])]
+        base = row_uids(batch)
         idx = [i for i, uid in enumerate(base)
                if copies_of(self.weight, self.seed, epoch, self.set_name, uid) > self.copy]
         suffix = f"#{self.copy}" if self.copy else ""
         out = {k: v[idx] if len(idx) else v[:0] for k, v in batch.items()}
         out["uid"] = np.asarray([f"{self.set_name}:{base[i]}{suffix}" for i in idx], dtype=object)
         out["format"] = np.asarray([self.fmt] * len(idx), dtype=object)
+        return out
+
+
+def row_uids(batch: dict) -> list:
+    """A feature-set batch's sample uids: its ``uid`` column, else ``shard/key`` (feature sets before /2)."""
+    return list(batch["uid"]) if "uid" in batch else [f"{s}/{k}" for s, k in zip(batch["shard"], batch["key"])]
+
+
+class TagSet:
+    """One feature set's rows -> uid ``set:uid`` and the set's format: Mixture's pass 0 without the sampling.
+    The held path (:mod:`vlp.train.held`) tokenises these once; which copies an epoch holds and what resume
+    drops are then decided per epoch on the workers."""
+
+    def __init__(self, set_name: str, fmt: str):
+        self.set_name, self.fmt = set_name, fmt
+
+    def __call__(self, batch: dict) -> dict:
+        base = row_uids(batch)
+        out = dict(batch)
+        out["uid"] = np.asarray([f"{self.set_name}:{u}" for u in base], dtype=object)
+        out["format"] = np.asarray([self.fmt] * len(base), dtype=object)
         return out
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from ..storage import Appender, StorageConfig, get_fs, write_atomic
 from .config import TrainConfig
 from .data import iter_rows, length_grouped, padding_fraction, write_state
+from .held import HeldRows
 from .memory import default_bucket_elems, resolve_precision
 
 PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peak per device
@@ -317,6 +318,7 @@ class TrainRecipe:
         self.probe_row: Optional[dict] = None
         self.counters = Counters()
         self.logs: Optional[RunLogs] = None
+        self.held: Optional[HeldRows] = None  # the held sets' blocks, fetched at the first epoch
 
     @classmethod
     def from_ray(cls, config: dict) -> "TrainRecipe":
@@ -393,24 +395,36 @@ class TrainRecipe:
     # ------------------------------------------------------------------------------------------------ data
 
     def epoch_stream(self, epoch: int) -> Iterator[list[dict]]:
-        """This worker's split of the epoch as length-grouped micro-batches. Rank 0 first writes the data state
-        (epoch + uids already seen in it) that the data graph's Mixture and DropSeen read."""
-        import ray.train
+        """This worker's split of the epoch as length-grouped micro-batches: from the held sets' seeded plan
+        (:mod:`vlp.train.held`), or from Ray Train's streaming split of the data graph, for which rank 0 first
+        writes the data state (epoch + uids already seen in it) that the graph's Mixture and DropSeen read."""
         import torch.distributed as dist
 
         cfg = self.cfg
+        seen = self.seen if epoch == self.start_epoch else []
         if self.rank == 0:
-            write_state(self.state_path, epoch, self.seen if epoch == self.start_epoch else [])
+            write_state(self.state_path, epoch, seen)
         dist.barrier()
         rng = np.random.default_rng([cfg.data.seed, epoch, self.rank, len(self.seen)])
-        shard = ray.train.get_dataset_shard("train")
-        buf_n = cfg.data.local_shuffle_buffer_size
-        rows = iter_rows(shard.iter_batches(  # the shuffle reorders; which samples an epoch holds is DropSeen's
-            batch_size=64, batch_format="numpy", prefetch_batches=2, local_shuffle_buffer_size=buf_n or None,
-            local_shuffle_seed=int(rng.integers(2**31)) if buf_n else None))
+        if self.meta.get("held"):
+            if self.held is None:
+                self.held = HeldRows(self.meta["held"])
+            rows = self.held.rows(self.held.plan(cfg.data.seed, epoch, set(seen), self.rank, self.world))
+        else:
+            rows = self.stream_rows(rng)
         micro, accum = cfg.batch.micro_size, cfg.batch.grad_accum
         return micro_batches(rows, micro, micro * accum * cfg.data.group_window, rng, cfg.data.group_by_length,
                              cfg.data.group_by_modality, self.counters)
+
+    def stream_rows(self, rng: np.random.Generator) -> Iterator[dict]:
+        """Rows of this worker's streaming split (``get_dataset_shard``), through Ray Data's local shuffle."""
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+        buf_n = self.cfg.data.local_shuffle_buffer_size
+        return iter_rows(shard.iter_batches(  # the shuffle reorders; which samples an epoch holds is DropSeen's
+            batch_size=64, batch_format="numpy", prefetch_batches=2, local_shuffle_buffer_size=buf_n or None,
+            local_shuffle_seed=int(rng.integers(2**31)) if buf_n else None))
 
     def next_group(self, stream: Iterator[list[dict]]) -> tuple[Optional[list[list[dict]]], float]:
         """(the next grad_accum micro-batches, seconds waited for them), or (None, ...) when any rank has run out

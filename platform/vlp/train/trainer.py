@@ -17,7 +17,7 @@ from ..formats.featureset import FeatureSetInfo
 from ..formats.records import RecordError
 from ..storage import get_fs, join, make_output_dir
 from .config import TrainConfig
-from .data import DropSeen, Mixture, Tokenize, feature_set_info, mixture_passes
+from .data import DropSeen, Mixture, TagSet, Tokenize, feature_set_info, mixture_passes
 from .memory import BF16_GPUS, GPU_MEMORY_GB, preflight, resolve_precision
 
 
@@ -187,16 +187,34 @@ def should_materialize(cfg: TrainConfig) -> bool:
     return total <= cfg.data.materialize_max_mb * 2**20
 
 
-def build_dataset(cfg: TrainConfig, state_path: str):
+def tokenize_stage(cfg: TrainConfig) -> Tokenize:
+    return Tokenize(cfg.model.llm.tokenizer or cfg.model.llm.path, cfg.data.template, cfg.data.max_length,
+                    cfg.data.overlong, cfg.model.model_dump(mode="json"))
+
+
+def build_held(cfg: TrainConfig) -> list[dict]:
+    """The held path (:mod:`vlp.train.held`): each set read, tagged and tokenised once, materialised in Ray's
+    object store; per set its weight and block refs, which the workers plan every epoch from."""
     from ..formats.featureset import open_feature_dataset
 
-    tok_path = cfg.model.llm.tokenizer or cfg.model.llm.path
-    keep = should_materialize(cfg)
-    raw = {}
+    held = []
     for i, s in enumerate(cfg.data.sets):
-        raw[i] = open_feature_dataset(s.uri, s.storage, decode=False)
-        if keep:
-            raw[i] = raw[i].materialize()  # read once; every epoch and mixture pass reuses these blocks
+        ds = open_feature_dataset(s.uri, s.storage, decode=False)
+        ds = ds.map_batches(TagSet(f"s{i}", s.format), batch_format="numpy", batch_size=256,
+                            num_cpus=cfg.scaling.data_cpus_per_task)
+        ds = ds.map_batches(tokenize_stage(cfg), batch_format="numpy", batch_size=64,
+                            num_cpus=cfg.scaling.data_cpus_per_task).materialize()
+        refs = [b.ref for rb in ds.iter_internal_ref_bundles() for b in rb.blocks]  # keep the blocks alive
+        held.append({"weight": s.weight, "blocks": refs})
+    return held
+
+
+def build_dataset(cfg: TrainConfig, state_path: str):
+    """The streaming path: the Ray Data graph that Ray Train splits over the workers, re-executed every epoch
+    (read -> Mixture per pass -> union -> DropSeen -> Tokenize; :mod:`vlp.train.data`)."""
+    from ..formats.featureset import open_feature_dataset
+
+    raw = {i: open_feature_dataset(s.uri, s.storage, decode=False) for i, s in enumerate(cfg.data.sets)}
     ds = None
     for k in range(max(mixture_passes(s.weight) for s in cfg.data.sets)):  # pass k holds every set's copy k
         for i, s in enumerate(cfg.data.sets):
@@ -208,10 +226,8 @@ def build_dataset(cfg: TrainConfig, state_path: str):
             ds = part if ds is None else ds.union(part)
     ds = ds.map_batches(DropSeen(state_path), batch_format="numpy", batch_size=256,
                         num_cpus=cfg.scaling.data_cpus_per_task)
-    ds = ds.map_batches(Tokenize(tok_path, cfg.data.template, cfg.data.max_length, cfg.data.overlong,
-                                 cfg.model.model_dump(mode="json")), batch_format="numpy", batch_size=64,
-                        num_cpus=cfg.scaling.data_cpus_per_task)
-    return ds
+    return ds.map_batches(tokenize_stage(cfg), batch_format="numpy", batch_size=64,
+                          num_cpus=cfg.scaling.data_cpus_per_task)
 
 
 # Fields that may differ between attempts of one run (a re-run reuses the finished run or resumes it from its
@@ -328,10 +344,11 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
         with fs.open(join(rd, "config.yaml"), "w") as f:
             f.write(dump_config(cfg))
     state_path = join(run_dir, "data_state.json")
-    ds = build_dataset(cfg, state_path)
+    held = build_held(cfg) if should_materialize(cfg) else None
     info = ExportInfo.from_fingerprint(setup["infos"][0].fingerprint, cfg.data.template, cfg.run_name)
     meta = {"run_dir": run_dir, "state_path": state_path, "total_steps": setup["total_steps"],
-            "export_extra": info.to_json()}  # JSON: the export's vlp_model.json less the model config
+            "export_extra": info.to_json(),  # JSON: the export's vlp_model.json less the model config
+            "held": held}  # object refs of the tokenised sets (the held path), or None: stream every epoch
     log(f"[vlp] train {cfg.run_name}: {setup['samples_per_epoch']} samples/epoch, {setup['total_steps']} steps, "
         f"{cfg.scaling.num_workers} workers x micro {cfg.batch.micro_size} x accum {cfg.batch.grad_accum}, "
         f"ZeRO-{cfg.deepspeed.zero_stage}, trainable {setup['trainable']:,} / frozen {setup['frozen']:,} params")
@@ -342,7 +359,7 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
         run_config=RunConfig(name=cfg.run_name, storage_path=out_root,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last)),
-        datasets={"train": ds},
+        datasets={} if held else {"train": build_dataset(cfg, state_path)},
     )
     result = trainer.fit()
     if result.error:
