@@ -50,3 +50,8 @@ def test_rank_shares_split_the_plan_without_overlap():
     assert sorted(e for s in shares for e in s) == sorted(plan)
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
     assert epoch_plan([], 7, 0, set()) == []
+
+
+def test_the_plan_does_not_depend_on_the_order_rows_came_in():
+    shuffled = [(w, list(np.random.default_rng(1).permutation(uids))) for w, uids in SETS]
+    assert ([e[2] for e in epoch_plan(shuffled, 7, 2, set())] == [e[2] for e in epoch_plan(SETS, 7, 2, set())])

@@ -29,8 +29,8 @@ def epoch_plan(sets: list[tuple[float, list[str]]], seed: int, epoch: int, seen:
     """Every row one epoch trains on, in the order every worker agrees on. ``sets``: per feature set its weight
     and its rows' uids (``s<i>:<uid>``, as TagSet writes them). Pass k holds copy k of each sample whose copy
     count (:func:`copies_of` of seed, epoch, set, uid) is above k, uid ``s<i>:<uid>#k`` for k > 0, exactly the
-    streaming path's Mixture; uids in ``seen`` (trained on before a resume) are left out; the rest is permuted
-    by a generator seeded with (seed, epoch, len(seen))."""
+    streaming path's Mixture; uids in ``seen`` (trained on before a resume) are left out; the rest, sorted by uid
+    (whatever order the blocks came in), is permuted by a generator seeded with (seed, epoch, len(seen))."""
     entries: list[Entry] = []
     for k in range(max((mixture_passes(w) for w, _ in sets), default=0)):
         for i, (w, uids) in enumerate(sets):
@@ -41,6 +41,7 @@ def epoch_plan(sets: list[tuple[float, list[str]]], seed: int, epoch: int, seen:
                 name, _, base = uid.partition(":")
                 if copies_of(w, seed, epoch, name, base) > k and uid + suffix not in seen:
                     entries.append((i, j, uid + suffix))
+    entries.sort(key=lambda e: e[2])  # the blocks' order is Ray Data's (not replayable); uids are unique per copy
     order = np.random.default_rng([seed, epoch, len(seen)]).permutation(len(entries))
     return [entries[j] for j in order]
 
