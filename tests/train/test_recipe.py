@@ -147,10 +147,11 @@ def test_step_inputs_of_a_mixed_micro_batch_are_per_item_lists_and_none_for_text
 
     rows = _tokenised(3, mixed=True)  # a video, an image + a video, a text-only row
     assert [r["skip"] for r in rows] == ["", "", ""]
-    ids, labels, feats, modes, nfs = batch_inputs(rows, "cpu", torch.float32)
+    ids, labels, feats, modes, nfs, mods = batch_inputs(rows, "cpu", torch.float32)
     assert [len(f) if f is not None else None for f in feats] == [1, 2, None]
     assert [tuple(t.shape) for t in feats[1]] == [(257, 64), (264, 64)] and feats[1][0].dtype == torch.float32
     assert nfs == [[8], [1, 8], []] and modes == ["valley_pooled"] * 3
+    assert mods == [["video"], ["image", "video"], []]  # for connectors that take an ItemContext
     assert [int((i == -200).sum()) for i in ids] == [1, 2, 0] and all(len(i) == len(l) for i, l in zip(ids, labels))
     np.testing.assert_array_equal(feats[1][1].numpy(), np.frombuffer(rows[1]["features"][1], np.float16)
                                   .reshape(264, 64).astype(np.float32))
@@ -158,6 +159,7 @@ def test_step_inputs_of_a_mixed_micro_batch_are_per_item_lists_and_none_for_text
                                                 for i, f in zip(ids, feats)]  # visual tokens summed over items
     p = probe_of(rows[1])
     assert p["shape"] == [[257, 64], [264, 64]] and p["num_frames"] == [1, 8]
+    assert p["modalities"] == ["image", "video"]
     assert probe_of(rows[2])["shape"] == [] and probe_of(rows[2])["num_frames"] == []
 
 
