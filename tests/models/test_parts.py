@@ -122,7 +122,7 @@ def test_unknown_type_or_parameter_fails_by_dotted_path_with_the_known_types():
         "plugins": ["no_such_plugin_module"]}})
     assert set(probs) == {"model.connector.type", "model.pooler.window", "model.plugins[0]"}
     assert probs["model.connector.type"].startswith(
-        "unknown connector type 'qformer'; known: abstractor, linear, mlp2x_gelu")
+        "unknown connector type 'qformer'; known: abstractor, linear, mlp2x_gelu, perceiver")
     assert probs["model.pooler.window"] == "unknown key"
     assert "cannot import plugin module 'no_such_plugin_module'" in probs["model.plugins[0]"]
     assert "PYTHONPATH" in probs["model.plugins[0]"]
