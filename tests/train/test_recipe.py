@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import free_port, make_bucket
+from conftest import make_bucket
 from vlp.config import validate
 from vlp.storage import StorageConfig, read_appended
 from vlp.train.config import TrainConfig
@@ -99,20 +99,6 @@ def test_run_logs_on_s3_are_buffered_until_a_checkpoint_flushes_them(s3_server):
     logs.close()
     assert [json.loads(x)["uids"] for x in read_appended(f"{run}/samples.jsonl", st).splitlines()] == \
         [["u1"], ["u2"], ["u3"], ["u4"]]
-
-
-@pytest.fixture
-def one_rank(monkeypatch):
-    """A one-rank gloo process group in this process (what DeepSpeed and the recipe's collectives run on)."""
-    import torch.distributed as dist
-
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _tokenised(n: int, mixed: bool = False) -> list[dict]:
