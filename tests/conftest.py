@@ -113,6 +113,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def one_rank(monkeypatch):
+    """A one-rank gloo process group in this process (what DeepSpeed and the recipe's collectives run on). Torn
+    down through DeepSpeed when an engine used it, so DeepSpeed drops the groups it cached: the next test's engine
+    (in another file on the same xdist worker too) would otherwise be handed this test's destroyed group."""
+    import torch.distributed as dist
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    ds_comm = sys.modules.get("deepspeed.comm")
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()  # torch's, and DeepSpeed's cached references to its groups
+    else:
+        dist.destroy_process_group()
+
+
 def start_moto(env_extra: dict | None = None):
     port = free_port()
     env = {**os.environ, **(env_extra or {})}

@@ -138,7 +138,8 @@ class ChatSession:
         for tok in self.model.generate(ids, [it.feats for it in items] or None, "frames",
                                        [it.num_frames for it in items], max_new_tokens=max_new_tokens,
                                        do_sample=do_sample, temperature=temperature, top_p=top_p,
-                                       eos_token_id=self.tok.eos_token_id):
+                                       eos_token_id=self.tok.eos_token_id,
+                                       modalities=[it.modality for it in items]):
             out.append(tok)
             full = self.tok.decode(out, skip_special_tokens=True)
             if len(full) > len(shown):

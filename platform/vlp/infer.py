@@ -94,7 +94,8 @@ class AnswerBatch:
         ids = torch.tensor(prompt_ids([{"from": "human", "value": prompt}], self.tok, self.template),
                            device=self.device)
         toks = list(self.model.generate(ids, feats or None, "frames", nfs or 1, max_new_tokens=self.max_new,
-                                        eos_token_id=self.tok.eos_token_id))
+                                        eos_token_id=self.tok.eos_token_id,
+                                        modalities=[str(m) for m in r["modalities"]]))
         return self.tok.decode(toks, skip_special_tokens=True).strip()
 
     def __call__(self, batch) -> dict:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import free_port, make_bucket
+from conftest import make_bucket
 from vlp.config import validate
 from vlp.storage import StorageConfig, read_appended
 from vlp.train.config import TrainConfig
@@ -101,20 +101,6 @@ def test_run_logs_on_s3_are_buffered_until_a_checkpoint_flushes_them(s3_server):
         [["u1"], ["u2"], ["u3"], ["u4"]]
 
 
-@pytest.fixture
-def one_rank(monkeypatch):
-    """A one-rank gloo process group in this process (what DeepSpeed and the recipe's collectives run on)."""
-    import torch.distributed as dist
-
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def _tokenised(n: int, mixed: bool = False) -> list[dict]:
     """n tokenised /2 rows: one video each, or (``mixed``) in turn a video, an image + a video, a text-only row."""
     from vlp.train.data import Tokenize
@@ -147,10 +133,11 @@ def test_step_inputs_of_a_mixed_micro_batch_are_per_item_lists_and_none_for_text
 
     rows = _tokenised(3, mixed=True)  # a video, an image + a video, a text-only row
     assert [r["skip"] for r in rows] == ["", "", ""]
-    ids, labels, feats, modes, nfs = batch_inputs(rows, "cpu", torch.float32)
+    ids, labels, feats, modes, nfs, mods = batch_inputs(rows, "cpu", torch.float32)
     assert [len(f) if f is not None else None for f in feats] == [1, 2, None]
     assert [tuple(t.shape) for t in feats[1]] == [(257, 64), (264, 64)] and feats[1][0].dtype == torch.float32
     assert nfs == [[8], [1, 8], []] and modes == ["valley_pooled"] * 3
+    assert mods == [["video"], ["image", "video"], []]  # for connectors that take an ItemContext
     assert [int((i == -200).sum()) for i in ids] == [1, 2, 0] and all(len(i) == len(l) for i, l in zip(ids, labels))
     np.testing.assert_array_equal(feats[1][1].numpy(), np.frombuffer(rows[1]["features"][1], np.float16)
                                   .reshape(264, 64).astype(np.float32))
@@ -158,6 +145,7 @@ def test_step_inputs_of_a_mixed_micro_batch_are_per_item_lists_and_none_for_text
                                                 for i, f in zip(ids, feats)]  # visual tokens summed over items
     p = probe_of(rows[1])
     assert p["shape"] == [[257, 64], [264, 64]] and p["num_frames"] == [1, 8]
+    assert p["modalities"] == ["image", "video"]
     assert probe_of(rows[2])["shape"] == [] and probe_of(rows[2])["num_frames"] == []
 
 

@@ -127,7 +127,7 @@ def option_scores(session, question: str, item, answers: list[str]) -> tuple[lis
 
     q, _ = session.place(question, [item])
     sums = score_answers(session.model, session.tok, session.template, q, answers, [item.feats], "frames",
-                         [item.num_frames])
+                         [item.num_frames], [item.modality])
     counts = [sum(lab != IGNORE_INDEX for lab in tokenize_conversation(
         [{"from": "human", "value": q}, {"from": "gpt", "value": a}], session.tok, session.template)[1])
         for a in answers]

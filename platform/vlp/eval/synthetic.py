@@ -48,14 +48,15 @@ def question_type(question: str) -> Optional[str]:
 
 @torch.no_grad()
 def score_answers(model, tok, template: str, question: str, answers: list[str], feats, mode: str,
-                  num_frames) -> list[float]:
+                  num_frames, modalities=None) -> list[float]:
     """Sum of log-probabilities of each answer's tokens given the question and the sample's visual tokens.
 
     ``feats``: the sample's features, one tensor per media item in placeholder order (with ``num_frames`` one per
-    item), one tensor (one number), or None for a text-only sample (see ``VideoLLM.sample_visuals``)."""
+    item), one tensor (one number), or None for a text-only sample, ``modalities`` like ``num_frames`` or None
+    (see ``VideoLLM.sample_visuals``)."""
     enc = [tokenize_conversation([{"from": "human", "value": question}, {"from": "gpt", "value": a}], tok, template)
            for a in answers]
-    visuals = model.sample_visuals(feats, mode, num_frames)  # None, or a list of (N_j, d_model)
+    visuals = model.sample_visuals(feats, mode, num_frames, modalities=modalities)  # None, or [(N_j, d_model)]
     embeds, mask, labels = model.build_inputs([torch.tensor(i) for i, _ in enc], [torch.tensor(l) for _, l in enc],
                                               [visuals] * len(answers))
     logits = model.llm(inputs_embeds=embeds, attention_mask=mask).logits.float()  # (B, L, V)
@@ -108,11 +109,12 @@ class RowVisuals:
     feats: Optional[list[torch.Tensor]]  # one (T, 1 + P, D) or (N, D) block per item; None for text-only
     num_frames: list[int]
     mode: str
+    modalities: Optional[list[str]] = None
 
     @classmethod
     def of(cls, row: dict) -> "RowVisuals":
         return cls([torch.from_numpy(f.astype(np.float32)) for f in row["features"]] or None,
-                   [int(t) for t in row["num_frames"]], row["mode"])
+                   [int(t) for t in row["num_frames"]], row["mode"], [str(m) for m in row["modalities"]])
 
 
 def score_question(model, tok, template: str, row: dict, vis: RowVisuals, qtype: str, tally: Tally,
@@ -125,7 +127,7 @@ def score_question(model, tok, template: str, row: dict, vis: RowVisuals, qtype:
     truth = meta[qtype]
     cands = CANDIDATES[qtype]
     answers = [QUESTIONS[qtype][1].format(**{**{k: meta.get(k, "") for k in CANDIDATES}, qtype: c}) for c in cands]
-    scores = score_answers(model, tok, template, q, answers, feats, vis.mode, nf)
+    scores = score_answers(model, tok, template, q, answers, feats, vis.mode, nf, vis.modalities)
     choice = cands[int(np.argmax(scores))]
     st = tally.per[qtype]
     st["n"] += 1
@@ -137,7 +139,7 @@ def score_question(model, tok, template: str, row: dict, vis: RowVisuals, qtype:
     if generate:
         ids = torch.tensor(prompt_ids([{"from": "human", "value": q}], tok, template))
         out = list(model.generate(ids, feats, vis.mode, nf, max_new_tokens=max_new_tokens,
-                                  eos_token_id=tok.eos_token_id))
+                                  eos_token_id=tok.eos_token_id, modalities=vis.modalities))
         gen_text = tok.decode(out, skip_special_tokens=True)
         named = [c for c in cands if c in gen_text.lower().split() or c + "." in gen_text.lower().split()]
         st["gen_correct"] += int(named == [truth])

@@ -169,7 +169,8 @@ def probe_logits(model: VideoLLM, probe: dict) -> torch.Tensor:
     """Logits at the last position for a fixed probe: ``probe["input_ids"]`` (a tokenised training row) with
     features drawn from a seeded generator, one block per item of ``probe["shape"]`` (a list of shapes, one per
     item, [] for a text-only row; a probe written before samples had several items holds one shape) with
-    ``num_frames`` (a list, or one number for such an old probe) and mode. Eval mode, no grad; the model's
+    ``num_frames`` (a list, or one number for such an old probe), ``modalities`` (a list; absent from probes
+    written before connectors were told them: each item's from its T) and mode. Eval mode, no grad; the model's
     train/eval state is restored. Under ZeRO-3 every rank must call this (the forward gathers weights). Used to
     check that an export reloads to the model that was trained (train_summary.json ``probe``)."""
     was_training = model.training
@@ -183,7 +184,8 @@ def probe_logits(model: VideoLLM, probe: dict) -> torch.Tensor:
         feats = [torch.randn(tuple(s), generator=g).to(w.device, w.dtype) for s in shapes]  # (T+P, D) or (T, P+1, D)
         ids = torch.as_tensor(probe["input_ids"], dtype=torch.long)
         with torch.no_grad():
-            out = model([ids], None, [feats or None], [probe["mode"]], [[int(t) for t in nfs]])
+            out = model([ids], None, [feats or None], [probe["mode"]], [[int(t) for t in nfs]],
+                        [probe.get("modalities")])
         return out.logits[0, -1, :1024].float().cpu()  # (V,) capped
     finally:
         model.train(was_training)

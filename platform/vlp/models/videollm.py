@@ -17,9 +17,9 @@ from pydantic import Field, field_validator
 
 from ..config import Cfg
 from ..data.conversation import IGNORE_INDEX, VISUAL_TOKEN_INDEX
-from .connectors import CONNECTORS, ConnectorConfig
+from .connectors import CONNECTORS, ConnectorConfig, ItemContext, default_modality
 from .parts import PluginModule
-from .poolers import POOLERS, PoolerConfig
+from .poolers import POOLERS, Pooler, PoolerConfig
 from .presets import check_model_path, resolve_model_path
 
 
@@ -51,11 +51,23 @@ class ModelConfig(Cfg):
     llm: LLMConfig = LLMConfig()
 
 
-def visual_token_count(cfg: ModelConfig, shape: Sequence[int], mode: str, num_frames: int) -> int:
-    """Visual tokens the model makes for one sample's features of ``shape`` (as the pooler, then the connector,
-    count them); what training reserves in the sequence before any feature is loaded."""
-    n = POOLERS.part(cfg.pooler).num_tokens(shape, mode, num_frames)
-    return CONNECTORS.part(cfg.connector).num_tokens(n)
+def item_context(pooler: Pooler, shape: Sequence[int], mode: str, num_frames: int,
+                 modality: Optional[str] = None) -> ItemContext:
+    """What a context-taking connector learns of one media item: its modality (None: ``default_modality``, an
+    image for T=1, else a video) and how the pooler's tokens lie over its frames."""
+    return ItemContext(modality=modality or default_modality(num_frames), num_frames=int(num_frames),
+                       tokens_per_frame=pooler.tokens_per_frame(shape, mode, num_frames))
+
+
+def visual_token_count(cfg: ModelConfig, shape: Sequence[int], mode: str, num_frames: int,
+                       modality: Optional[str] = None) -> int:
+    """Visual tokens the model makes for one media item's features of ``shape`` (as the pooler, then the
+    connector, count them); what training reserves in the sequence before any feature is loaded."""
+    pooler, connector = POOLERS.part(cfg.pooler), CONNECTORS.part(cfg.connector)
+    n = pooler.num_tokens(shape, mode, num_frames)
+    if not connector.takes_context:
+        return connector.num_tokens(n)
+    return connector.num_tokens(n, item_context(pooler, shape, mode, num_frames, modality))
 
 
 def feature_mode_problems(cfg: ModelConfig, modes: Sequence[str]) -> list[str]:
@@ -78,7 +90,8 @@ class VideoLLM(nn.Module):
         self.llm = llm if llm is not None else AutoModelForCausalLM.from_pretrained(
             resolve_model_path(cfg.llm.path), dtype=dtype)
         d_model = self.llm.get_input_embeddings().weight.shape[1]
-        self.connector = CONNECTORS.part(cfg.connector).build(cfg.vision_hidden_size, d_model)
+        self.connector_part = CONNECTORS.part(cfg.connector)  # its takes_context: how the module is called
+        self.connector = self.connector_part.build(cfg.vision_hidden_size, d_model)
         self.pool = POOLERS.part(cfg.pooler)  # (feats, mode, num_frames) -> (N, D)
         self.llm.requires_grad_(cfg.llm.trainable)
         self.connector.requires_grad_(cfg.connector.trainable)
@@ -86,11 +99,16 @@ class VideoLLM(nn.Module):
             self.llm.gradient_checkpointing_enable()
             self.llm.config.use_cache = False
 
-    def visual_tokens(self, feats: torch.Tensor, mode: str, num_frames: int) -> torch.Tensor:
-        """One sample's features -> (N_visual, d_model) embeddings."""
-        pooled = self.pool(feats, mode, num_frames)  # -> (N_visual, D)
+    def visual_tokens(self, feats: torch.Tensor, mode: str, num_frames: int,
+                      modality: Optional[str] = None) -> torch.Tensor:
+        """One media item's features -> (M, d_model) embeddings. ``modality`` (image, video, audio) reaches only a
+        connector that takes an ItemContext; None: an image for T=1, else a video."""
+        pooled = self.pool(feats, mode, num_frames)  # -> (N, D)
         w = next(self.connector.parameters())
-        return self.connector(pooled.to(w.dtype))  # (N_visual, D) -> (N_visual, d_model)
+        if not self.connector_part.takes_context:
+            return self.connector(pooled.to(w.dtype))  # (N, D) -> (M, d_model)
+        ctx = item_context(self.pool, feats.shape, mode, num_frames, modality)
+        return self.connector(pooled.to(w.dtype), ctx)  # (N, D) -> (M, d_model)
 
     def build_inputs(self, input_ids: list[torch.Tensor], labels: Optional[list[torch.Tensor]],
                      visuals: list[Visuals]):
@@ -124,41 +142,50 @@ class VideoLLM(nn.Module):
         return embeds, mask, out_labels
 
     def sample_visuals(self, features: Features, mode: PerItem[str], num_frames: PerItem[int],
-                       index: int = 0) -> Visuals:
+                       index: int = 0, modalities: Optional[PerItem[str]] = None) -> Visuals:
         """Sample ``index``'s features -> its visual tokens: None (text-only), one tensor, or a list of them.
 
         ``features``: None, one feature tensor ((P + T, D) valley_pooled or (T, 1 + P, D) frames), or a list of them
         (one per placeholder); ``mode``: one for all items or one per item; ``num_frames``: one per item (a single
-        value for several items is refused: an image has T=1, a video T=8)."""
+        value for several items is refused: an image has T=1, a video T=8); ``modalities``: None (each item's
+        from its T, see :meth:`visual_tokens`), or like ``mode``."""
         if features is None or isinstance(features, torch.Tensor):
-            return None if features is None else self.visual_tokens(features, mode, int(num_frames))
+            one = modalities if modalities is None or isinstance(modalities, str) else next(iter(modalities), None)
+            return None if features is None else self.visual_tokens(features, mode, int(num_frames), one)
         feats = list(features)
         modes = [mode] * len(feats) if isinstance(mode, str) else list(mode)
+        mods = [modalities] * len(feats) if modalities is None or isinstance(modalities, str) else list(modalities)
         try:
             nfs = [int(t) for t in num_frames]
         except TypeError:  # one number (not iterable)
             nfs = []
-        if len(modes) != len(feats) or len(nfs) != len(feats):
-            raise ValueError(f"sample {index}: {len(feats)} feature blocks need as many num_frames (and modes, or "
-                             f"one mode); got modes={mode!r}, num_frames={num_frames!r}")
-        return [self.visual_tokens(f, m, t) for f, m, t in zip(feats, modes, nfs)]  # each (N_j, d_model)
+        if len(modes) != len(feats) or len(nfs) != len(feats) or len(mods) != len(feats):
+            raise ValueError(f"sample {index}: {len(feats)} feature blocks need as many num_frames (and modes and "
+                             f"modalities, or one of each); got modes={mode!r}, num_frames={num_frames!r}, "
+                             f"modalities={modalities!r}")
+        return [self.visual_tokens(f, m, t, x) for f, m, t, x in zip(feats, modes, nfs, mods)]  # each (N_j, d_model)
 
     def forward(self, input_ids, labels, features: list[Features], modes: list[PerItem[str]],
-                num_frames: list[PerItem[int]]):
-        """features[i]: None, a tensor or a list of tensors per sample (see :meth:`sample_visuals`)."""
-        visuals = [self.sample_visuals(f, m, t, i) for i, (f, m, t) in enumerate(zip(features, modes, num_frames))]
+                num_frames: list[PerItem[int]], modalities: Optional[list[Optional[PerItem[str]]]] = None):
+        """features[i]: None, a tensor or a list of tensors per sample (see :meth:`sample_visuals`); modalities:
+        None, or per sample None / one / one per item."""
+        mods = modalities if modalities is not None else [None] * len(features)
+        visuals = [self.sample_visuals(f, m, t, i, x)
+                   for i, (f, m, t, x) in enumerate(zip(features, modes, num_frames, mods))]
         embeds, mask, lab = self.build_inputs(input_ids, labels, visuals)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=lab)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, feature: Features, mode: PerItem[str] = "valley_pooled",
                  num_frames: PerItem[int] = 1, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, eos_token_id: Optional[int] = None, generator=None):
+                 temperature: float = 1.0, top_p: float = 1.0, eos_token_id: Optional[int] = None, generator=None,
+                 modalities: Optional[PerItem[str]] = None):
         """Greedy or sampled decoding for one prompt; yields token ids as they are produced (streaming).
 
         ``feature``: None (text-only prompt), one tensor, or a list of tensors, one per placeholder in
-        ``input_ids`` (L,), with ``mode``/``num_frames`` as in :meth:`sample_visuals`."""
-        embeds, mask, _ = self.build_inputs([input_ids], None, [self.sample_visuals(feature, mode, num_frames)])
+        ``input_ids`` (L,), with ``mode``/``num_frames``/``modalities`` as in :meth:`sample_visuals`."""
+        visuals = self.sample_visuals(feature, mode, num_frames, modalities=modalities)
+        embeds, mask, _ = self.build_inputs([input_ids], None, [visuals])
         past = None
         cur = embeds
         for _ in range(max_new_tokens):

@@ -175,8 +175,8 @@ class Tokenize:
         reserved in the sequence before any feature is loaded; [] for a text-only row."""
         from ..models.videollm import visual_token_count  # torch: imported where rows are tokenised
 
-        return [visual_token_count(self.model_cfg, shape, row["mode"], int(nf))
-                for shape, nf in zip(row["shape"], row["num_frames"])]
+        return [visual_token_count(self.model_cfg, shape, row["mode"], int(nf), str(m))
+                for shape, nf, m in zip(row["shape"], row["num_frames"], row["modalities"])]
 
     def one(self, row: dict) -> tuple[list[int], list[int], int, str]:
         """A /2 row -> (input_ids, labels, length, skip reason or ""). ``length`` counts each placeholder as its

@@ -160,12 +160,12 @@ def row_features(row: dict, device, dtype) -> Optional[list]:
 def batch_inputs(mb: list[dict], device, dtype) -> tuple:
     """The VideoLLM forward's arguments for one micro-batch of tokenised /2 rows: input_ids, labels (1-D int64
     each), features (per row a list of tensors, one per media item, or None for a text-only row,
-    :func:`row_features`), modes (one per row), num_frames (per row a list, one per item)."""
+    :func:`row_features`), modes (one per row), num_frames and modalities (per row a list, one per item)."""
     import torch
 
     return ([torch.as_tensor(r["input_ids"]) for r in mb], [torch.as_tensor(r["labels"]) for r in mb],
             [row_features(r, device, dtype) for r in mb], [str(r["mode"]) for r in mb],
-            [[int(t) for t in r["num_frames"]] for r in mb])
+            [[int(t) for t in r["num_frames"]] for r in mb], [[str(m) for m in r["modalities"]] for r in mb])
 
 
 @dataclass(frozen=True)
@@ -266,9 +266,11 @@ def merge_counters(counts: list[dict]) -> tuple[dict, int]:
 
 def probe_of(row: dict) -> dict:
     """A fixed export-check input from a tokenised /2 row (train_summary.json ``probe``: seeded features of each
-    item's ``shape``, so ``shape`` is a list of shapes and ``num_frames`` a list, [] for a text-only row)."""
+    item's ``shape``, so ``shape`` is a list of shapes and ``num_frames`` and ``modalities`` lists, [] for a
+    text-only row)."""
     return {"input_ids": [int(x) for x in row["input_ids"]], "shape": [[int(x) for x in s] for s in row["shape"]],
-            "mode": str(row["mode"]), "num_frames": [int(t) for t in row["num_frames"]], "seed": 0}
+            "mode": str(row["mode"]), "num_frames": [int(t) for t in row["num_frames"]],
+            "modalities": [str(m) for m in row["modalities"]], "seed": 0}
 
 
 class RunLogs:

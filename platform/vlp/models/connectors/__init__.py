@@ -1,22 +1,59 @@
 """Connectors (projectors): pooled visual tokens (N, D) -> LLM embeddings (M, d_model), chosen by
 ``model.connector.type``.
 
-A connector class (one module each: linear, mlp) owns its ``Cfg`` (``trainable`` and ``init_from`` are common to
-every connector; a class adds its own parameters), ``build`` (the nn.Module whose state dict is
-connector.safetensors) and ``num_tokens``: M for N input tokens (N for a per-token projector; a learnable-query
-connector returns its number of queries). docs/extending.md says how to add one.
+A connector class (one module each: linear, mlp, abstractor, perceiver) owns its ``Cfg`` (``trainable`` and
+``init_from`` are common to every connector; a class adds its own parameters), ``build`` (the nn.Module whose state
+dict is connector.safetensors) and ``num_tokens``: M for N input tokens (N for a per-token projector; a
+learnable-query connector returns its number of queries). docs/extending.md says how to add one.
+
+A connector that needs to know more of the item than its pooled tokens sets ``takes_context = True``: its
+module's forward and its ``num_tokens`` then get an :class:`ItemContext` as their second argument (the item's
+modality and how its pooled tokens are laid out over frames). Connectors that leave it False (linear, mlp, every
+plugin written before it existed) are called exactly as before.
 
 May import: torch, vlp.config, vlp.models.parts.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch.nn as nn
 from pydantic import Field
 
 from ..parts import Part, PartCfg, PartRegistry
+
+MODALITIES = ("image", "video", "audio")
+
+
+@dataclass(frozen=True)
+class ItemContext:
+    """One media item as a context-taking connector sees it, besides its pooled tokens (N, D).
+
+    ``modality``: image, video or audio. ``num_frames``: T of the item (1 for an image). ``tokens_per_frame``: the
+    last ``num_frames * tokens_per_frame`` pooled tokens are per-frame groups in frame order (``tokens_per_frame``
+    tokens of frame 0, then of frame 1, ...); the tokens before them belong to no one frame (e.g. Valley's
+    time-averaged patches). 0: no per-frame tokens at all. The pooler says which (``Pooler.tokens_per_frame``):
+    ``none`` gives T * P tokens with P per frame, ``valley`` P + T with 1 per frame (the CLS tokens),
+    ``patch_mean`` P with 0."""
+
+    modality: str = "image"
+    num_frames: int = 1
+    tokens_per_frame: int = 0
+
+    def shared_tokens(self, n: int) -> int:
+        """How many of ``n`` pooled tokens come before the per-frame groups (``n - T * tokens_per_frame``)."""
+        lead = n - self.num_frames * self.tokens_per_frame
+        if lead < 0:
+            raise ValueError(f"{n} pooled tokens cannot hold {self.num_frames} frames x {self.tokens_per_frame} "
+                             "tokens per frame")
+        return lead
+
+
+def default_modality(num_frames: int) -> str:
+    """The modality of an item nobody named: an image is T=1 in this platform, anything longer a video."""
+    return "image" if int(num_frames) == 1 else "video"
 
 
 class ConnectorCfg(PartCfg):
@@ -32,9 +69,11 @@ ConnectorConfig = CONNECTORS.field  # annotation of a config field holding any r
 
 
 class Connector(Part):
-    """Base of a connector class."""
+    """Base of a connector class. ``takes_context``: its module's forward is ``(x, ctx)`` and its ``num_tokens``
+    is ``(n_in, ctx)``, ``ctx`` an :class:`ItemContext`; False (the default): ``(x)`` and ``(n_in)``."""
 
     Cfg: ClassVar[type[ConnectorCfg]] = ConnectorCfg
+    takes_context: ClassVar[bool] = False
 
     def build(self, d_vision: int, d_model: int) -> nn.Module:
         """The module: forward maps (N, d_vision) -> (num_tokens(N), d_model). Called on the meta device too
@@ -46,4 +85,4 @@ class Connector(Part):
         return n_in
 
 
-from . import linear, mlp  # noqa: E402,F401  (register the built-in connectors)
+from . import abstractor, linear, mlp, perceiver  # noqa: E402,F401  (register the built-in connectors)

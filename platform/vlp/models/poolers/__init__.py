@@ -5,6 +5,7 @@ patch tokens) or already Valley-pooled ``(P + T, D)`` (``valley_pooled``, pooled
 class (one module each: valley, patch_mean, none) owns its ``Cfg``, its forward (``__call__``) and
 ``num_tokens``: how many tokens that forward makes for a features shape, mode and frame count. Training counts
 tokens with it (train/data.py) before any feature is loaded; tests/models/test_parts.py checks it against the forward.
+``tokens_per_frame`` says which of those tokens belong to which frame (for connectors that use frame positions).
 
 May import: torch, vlp.config, vlp.models.parts.
 """
@@ -44,6 +45,12 @@ class Pooler(Part):
     def num_tokens(self, shape: Sequence[int], mode: str, num_frames: int) -> int:
         """N of ``__call__`` for features of ``shape`` (stored shape of one sample) without computing them."""
         raise NotImplementedError
+
+    def tokens_per_frame(self, shape: Sequence[int], mode: str, num_frames: int) -> int:
+        """How ``__call__``'s N tokens lie over frames, for connectors that use it (``ItemContext``): the last
+        ``num_frames * tokens_per_frame`` of them are per-frame groups in frame order, the rest belong to no one
+        frame. 0 (the default): no per-frame tokens."""
+        return 0
 
     def check_mode(self, mode: str) -> None:
         if mode not in self.modes:

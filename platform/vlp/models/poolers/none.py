@@ -26,3 +26,6 @@ class NoPooling(Pooler):
     def num_tokens(self, shape: Sequence[int], mode: str, num_frames: int) -> int:
         self.check_mode(mode)
         return int(shape[0]) * (int(shape[1]) - 1)  # (T, 1 + P, D) -> T * P
+
+    def tokens_per_frame(self, shape: Sequence[int], mode: str, num_frames: int) -> int:
+        return int(shape[1]) - 1  # T groups of P patch tokens

@@ -39,3 +39,6 @@ class Valley(Pooler):
         if mode == "valley_pooled":
             return int(shape[0])  # (P + T, D)
         return int(shape[1]) - 1 + int(shape[0])  # (T, 1 + P, D) -> P + T
+
+    def tokens_per_frame(self, shape: Sequence[int], mode: str, num_frames: int) -> int:
+        return 1  # P time-averaged patch tokens (no one frame's), then one CLS token per frame
