@@ -2,7 +2,7 @@
 (a ``datasets`` folder of two Pillow images, one made clip and a text-only row; task YAMLs + utils.py): requests
 answered directly (generate_until = ``ChatSession.answer`` cut at ``until``; loglikelihood = the continuation's
 log-probabilities, checked against a one-sample forward pass written out here and against ``mcq.option_scores``),
-then the real ``python -m lmms_eval --model vlp`` CLI end to end.
+then the real ``lmms-eval --model vlp`` CLI end to end.
 
 lmms-eval is an optional extra (``.[lmms]``), not in the test venv: the whole module skips without it. To run it:
 docs/inference.md, "lmms-eval"."""
@@ -281,7 +281,7 @@ def samples(out: Path, task: str) -> list[dict]:
 
 
 def run_cli(export: Path, local_task: Path, task: str, tmp: Path) -> Path:
-    """``python -m lmms_eval --model vlp ...`` (what the ``lmms-eval`` command runs) on one local task, offline;
+    """``lmms-eval --model vlp ...`` (or ``python -m lmms_eval``, the same main) on one local task, offline;
     -> its output folder. lmms-eval 0.7.3 exits 0 even when the evaluation failed: results.json is the proof."""
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp / "hf"),
@@ -289,7 +289,9 @@ def run_cli(export: Path, local_task: Path, task: str, tmp: Path) -> Path:
            "PYTHONPATH": os.pathsep.join([str(root / "platform"), *entry_point_path(tmp),
                                           os.environ.get("PYTHONPATH", "")])}
     out = tmp / "out"
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "vlp", "--model_args", f"pretrained={export}",
+    script = Path(sys.executable).parent / "lmms-eval"  # the console script; else the same main through -m
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "lmms_eval"]
+    cmd += ["--model", "vlp", "--model_args", f"pretrained={export}",
            "--tasks", task, "--include_path", str(local_task / "tasks"), "--device", "cpu", "--batch_size", "1",
            "--output_path", str(out), "--log_samples"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
