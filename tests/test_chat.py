@@ -140,6 +140,20 @@ def test_single_question_streams_and_is_deterministic(export, clip):
     assert len(text) >= 2 and all(text), outs[0]
 
 
+def test_encode_bytes_is_encode_of_the_file(export, clip):
+    """ChatSession.encode_bytes (media made in memory, as lmms-eval's PIL images reach vlp.eval.lmms) gives what
+    encode gives for the same file; undecodable bytes are BadMedia naming what was passed as the name."""
+    from vlp.chat import BadMedia, ChatSession
+
+    s = ChatSession(str(export))
+    for name in ("clip.mp4", "photo.jpg"):
+        a, b = s.encode(str(clip / name)), s.encode_bytes((clip / name).read_bytes(), name.split(".")[1], "mem")
+        assert (a.modality, a.num_frames, b.path) == (b.modality, b.num_frames, "mem")
+        assert torch.equal(a.feats, b.feats)
+    with pytest.raises(BadMedia, match="^mem is not a video or image vlp can decode"):
+        s.encode_bytes(b"not media", "png", "mem")
+
+
 def test_multi_turn_session_keeps_history(export, clip):
     from vlp.chat import ChatSession, run_chat
 

@@ -68,20 +68,28 @@ class ChatSession:
 
     def frames(self, path: str) -> tuple[str, torch.Tensor]:
         """Decode + sample + resize/pad/crop as precompute did: (media type, (T, 3, S, S) uint8)."""
-        data = media_file(path).read_bytes()
+        return self.frames_of(media_file(path).read_bytes(), Path(path).suffix.lstrip(".").lower(), path)
+
+    def frames_of(self, data: bytes, ext: str, name: str) -> tuple[str, torch.Tensor]:
+        """:meth:`frames` of a file's bytes already in memory (``ext``: its extension, a hint for the decoder;
+        ``name``: how BadMedia names it)."""
         try:
-            mtype, dec = decode_media(data, Path(path).suffix.lstrip(".").lower(), self.sampling, DecodeConfig())
+            mtype, dec = decode_media(data, ext, self.sampling, DecodeConfig())
         except MediaError as e:
-            raise BadMedia(f"{path} is not a video or image vlp can decode: {e}") from None
+            raise BadMedia(f"{name} is not a video or image vlp can decode: {e}") from None
         g = self.geom
         return mtype, resize_crop(dec.frames, g.size, g.pad_to_square, g.mean)  # (T, H, W, 3) -> (T, 3, S, S)
 
-    @torch.no_grad()
     def encode(self, path: str) -> ChatItem:
         """Decode + sample + preprocess + encode one file; touches no conversation state (BadMedia if unreadable)."""
-        mtype, x = self.frames(path)
+        return self.encode_bytes(media_file(path).read_bytes(), Path(path).suffix.lstrip(".").lower(), path)
+
+    @torch.no_grad()
+    def encode_bytes(self, data: bytes, ext: str, name: str) -> ChatItem:
+        """:meth:`encode` of a media file's bytes (an image made in memory: lmms-eval's PIL images)."""
+        mtype, x = self.frames_of(data, ext, name)
         px = normalize(x, self.geom.mean, self.geom.std, self.tower.dtype)  # the feature set's mean/std
-        return ChatItem(path, mtype, self.tower.features(px).float().cpu())  # (T, 1 + P, D)
+        return ChatItem(name, mtype, self.tower.features(px).float().cpu())  # (T, 1 + P, D)
 
     def load_media(self, paths: Union[str, Sequence[str]]) -> list[str]:
         """Encode each file (:meth:`encode`) and start a new conversation about them; -> the media types found."""
