@@ -114,7 +114,8 @@ def score_continuations(session: ChatSession, context: str, items: Sequence[Chat
     model, tok, tpl = session.model, session.tok, session.template
     enc = [tokenize_conversation([{"from": "human", "value": question}, {"from": "gpt", "value": answers[i]}],
                                  tok, tpl) for i in todo]
-    visuals = model.sample_visuals([it.feats for it in placed] or None, "frames", [it.num_frames for it in placed])
+    visuals = model.sample_visuals([it.feats for it in placed] or None, "frames", [it.num_frames for it in placed],
+                                   modalities=[it.modality for it in placed])
     embeds, mask, labels = model.build_inputs([torch.tensor(ids) for ids, _ in enc],
                                               [torch.tensor(lab) for _, lab in enc], [visuals] * len(todo))
     logp = torch.log_softmax(model.llm(inputs_embeds=embeds, attention_mask=mask).logits.float()[:, :-1], -1)
