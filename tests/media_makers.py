@@ -91,3 +91,44 @@ def aac_in_mp4() -> bytes:
         for pkt in st.encode():
             c.mux(pkt)
     return buf.getvalue()
+
+
+AUDIO_SAMPLE_FORMAT = {"pcm_s16le": "s16", "flac": "s16", "libmp3lame": "fltp", "aac": "fltp"}
+
+
+def tone(freqs: list[float], seconds: float, rate: int, amp: float = 0.3) -> np.ndarray:
+    """(C, n) float32: channel c a sine at ``freqs[c]`` Hz."""
+    t = np.arange(int(rate * seconds)) / rate
+    return np.stack([amp * np.sin(2 * np.pi * f * t) for f in freqs]).astype(np.float32)
+
+
+def audio_bytes(signal: np.ndarray, rate: int, fmt: str = "wav", codec: str = "pcm_s16le",
+                video: np.ndarray | None = None) -> bytes:
+    """(C, n) float in [-1, 1] -> a container in memory with PyAV (mono or stereo); with ``video`` frames
+    (T, H, W, 3) an mp4-style file with a libx264 track and this soundtrack."""
+    buf = io.BytesIO()
+    sf = AUDIO_SAMPLE_FORMAT[codec]
+    layout = "mono" if signal.shape[0] == 1 else "stereo"
+    with av.open(buf, mode="w", format=fmt) as c:
+        if video is not None:
+            vs = c.add_stream("libx264", rate=8)
+            vs.height, vs.width, vs.pix_fmt = video.shape[1], video.shape[2], "yuv420p"
+        st = c.add_stream(codec, rate=rate)
+        st.layout = layout
+        step = st.codec_context.frame_size or 1024
+        for i in range(0, signal.shape[1], step):
+            chunk = signal[:, i:i + step]
+            arr = ((chunk.T.reshape(1, -1) * 32767).astype(np.int16) if sf == "s16" else chunk.copy())
+            fr = av.AudioFrame.from_ndarray(arr, format=sf, layout=layout)
+            fr.sample_rate, fr.pts = rate, i
+            for pkt in st.encode(fr):
+                c.mux(pkt)
+        for pkt in st.encode():
+            c.mux(pkt)
+        if video is not None:
+            for k, img in enumerate(video):
+                for pkt in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    c.mux(pkt)
+            for pkt in vs.encode():
+                c.mux(pkt)
+    return buf.getvalue()
