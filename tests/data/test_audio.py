@@ -91,3 +91,18 @@ def test_fbank_is_the_ast_extractors_own_on_each_segment():
     one = ext(chunks[1], sampling_rate=16000, return_tensors="np")["input_values"][0]
     np.testing.assert_allclose(feats[1], one, rtol=1e-5, atol=1e-5)
     assert not np.allclose(feats[0, :50], feats[0, -50:])  # the tone, then padding
+
+
+def test_the_tiny_ast_preset_loads_offline_and_encodes_the_features():
+    import torch
+    from transformers import ASTFeatureExtractor, ASTModel
+
+    from vlp.models.presets import resolve_model_path
+
+    path = resolve_model_path("preset:tiny-ast")
+    model, ext = ASTModel.from_pretrained(path).eval(), ASTFeatureExtractor.from_pretrained(path)
+    wave = decode_audio(audio_bytes(tone([440.0], 2.0, 16000), 16000), CFG)
+    feats = fbank_features(segments(wave, CFG), ext)  # (1, 1024, 128)
+    with torch.no_grad():
+        out = model(input_values=torch.from_numpy(feats)).last_hidden_state
+    assert out.shape == (1, 2 + 12 * 101, 64) and torch.isfinite(out).all()  # CLS, distillation, 12 x 101 patches

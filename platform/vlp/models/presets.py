@@ -1,6 +1,7 @@
 """Tiny, locally built models: the same load path as real checkpoints, no downloads.
 
-``preset:tiny-clip`` / ``preset:tiny-clip-synth`` / ``preset:tiny-llama`` / ``preset:tiny-tokenizer`` resolve to
+``preset:tiny-clip`` / ``preset:tiny-clip-synth`` / ``preset:tiny-llama`` / ``preset:tiny-tokenizer`` /
+``preset:tiny-ast`` resolve to
 folders under the vlp cache (``$VLP_CACHE``, default ``~/.cache/vlp``), built deterministically on first use with
 ``save_pretrained`` and then always loaded through ``from_pretrained``, exactly like
 ``openai/clip-vit-large-patch14`` or a Vicuna checkpoint would be.
@@ -143,6 +144,22 @@ def build_tiny_llama(out: Path) -> None:
                       tie_word_embeddings=False)
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
+
+
+@PRESETS.register("tiny-ast")
+def build_tiny_ast(out: Path) -> None:
+    """Audio Spectrogram Transformer with AST's input geometry (128 mel bins x 1024 frames of 10 ms, patch 16,
+    strides 10 -> 12 x 101 patches + CLS + distillation token) but 2 layers of width 64, and the AST feature
+    extractor (Kaldi fbank, AudioSet mean/std): the audio tower's local stand-in (vlp.data.audio makes its
+    inputs)."""
+    import torch
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
+
+    torch.manual_seed(0)
+    cfg = ASTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                    num_mel_bins=128, max_length=1024, patch_size=16, frequency_stride=10, time_stride=10)
+    ASTModel(cfg).save_pretrained(out)
+    ASTFeatureExtractor(num_mel_bins=128, max_length=1024).save_pretrained(out)
 
 
 def _write_preprocessor_config(out: Path, size: int) -> None:
