@@ -28,10 +28,10 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field
 
-from . import CONNECTORS, Connector, ConnectorCfg, ItemContext
-from .blocks import Attention, FramePositions, heads_problem
+from . import CONNECTORS, Connector, ItemContext
+from .blocks import Attention, AttentionCfg, FramePositions
 
 LN_EPS = 1e-6  # Owl's layer_norm_eps
 
@@ -108,7 +108,7 @@ class Abstractor(Connector):
 
     takes_context = True
 
-    class Cfg(ConnectorCfg):
+    class Cfg(AttentionCfg):
         type: Literal["abstractor"] = "abstractor"
         num_queries: int = Field(64, ge=1, description="learnable queries; visual tokens out = num_queries + 1 "
                                  "(the end token)")
@@ -123,14 +123,6 @@ class Abstractor(Connector):
         max_frames: int = Field(32, ge=1, description="frames the frame positions cover; a longer item fails")
         temporal_queries: bool = Field(False, description="mPLUG-Owl video's temporal queries, added to the "
                                        "output for items of more than one frame")
-
-        @field_validator("num_heads")
-        @classmethod
-        def _heads_divide_width(cls, v: int, info: ValidationInfo) -> int:
-            problem = heads_problem(info.data["hidden_size"], v) if "hidden_size" in info.data else None
-            if problem:
-                raise ValueError(problem)
-            return v
 
     def build(self, d_vision: int, d_model: int) -> nn.Module:
         return VisualAbstractor(self.cfg, d_vision, d_model)

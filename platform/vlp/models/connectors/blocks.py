@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import ValidationInfo, field_validator
 
-from . import ItemContext
+from . import ConnectorCfg, ItemContext
 
 
 def heads_problem(width: int, num_heads: int, width_name: str = "hidden_size") -> str | None:
@@ -16,6 +17,19 @@ def heads_problem(width: int, num_heads: int, width_name: str = "hidden_size") -
     if width % num_heads:
         return f"{width_name}={width} is not a multiple of num_heads={num_heads}"
     return None
+
+
+class AttentionCfg(ConnectorCfg):
+    """Base of an attention connector's Cfg: its ``num_heads`` must divide its ``hidden_size`` (both fields
+    declared by the subclass, with its own defaults)."""
+
+    @field_validator("num_heads", check_fields=False)
+    @classmethod
+    def _heads_divide_width(cls, v: int, info: ValidationInfo) -> int:
+        problem = heads_problem(info.data["hidden_size"], v) if "hidden_size" in info.data else None
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class Attention(nn.Module):

@@ -30,10 +30,10 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, field_validator
 
-from . import CONNECTORS, MODALITIES, Connector, ConnectorCfg, ItemContext
-from .blocks import Attention, FramePositions, heads_problem
+from . import CONNECTORS, MODALITIES, Connector, ItemContext
+from .blocks import Attention, AttentionCfg, FramePositions
 
 LN_EPS = 1e-12  # BERT's layer_norm_eps
 Modality = Literal["image", "video", "audio"]
@@ -97,7 +97,7 @@ class Perceiver(Connector):
 
     takes_context = True
 
-    class Cfg(ConnectorCfg):
+    class Cfg(AttentionCfg):
         type: Literal["perceiver"] = "perceiver"
         num_queries: int = Field(32, ge=1, description="learnable queries per modality = visual tokens out")
         modalities: list[Modality] = Field(list(MODALITIES), min_length=1, description="modalities with their "
@@ -118,14 +118,6 @@ class Perceiver(Connector):
         def _unique(cls, v: list[str]) -> list[str]:
             if len(set(v)) != len(v):
                 raise ValueError(f"a modality is listed twice: {v}")
-            return v
-
-        @field_validator("num_heads")
-        @classmethod
-        def _heads_divide_width(cls, v: int, info: ValidationInfo) -> int:
-            problem = heads_problem(info.data["hidden_size"], v) if "hidden_size" in info.data else None
-            if problem:
-                raise ValueError(problem)
             return v
 
     def build(self, d_vision: int, d_model: int) -> nn.Module:
