@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+from .data.audio import AudioConfig, decode_audio
 from .data.media import DecodeConfig, MediaError, SamplingConfig, decode_media, sniff
 from .data.tario import TarProblem, iter_tar_samples
 from .errors import UserError
@@ -106,6 +107,10 @@ def _look_at_items(sample, decode: bool, sampling, containers: Counter, media: C
             media[it.ext] += 1
             continue
         try:
+            if it.modality == "audio":  # decoded (default cuts) to know it is sound; no frames to count
+                decode_audio(it.data, AudioConfig())
+                media["audio"] += 1
+                continue
             mtype, dec = decode_media(it.data, it.ext, sampling, DecodeConfig())
         except MediaError as e:
             return f"item {it.index} ({it.name}): {e}"

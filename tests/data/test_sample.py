@@ -168,12 +168,21 @@ def test_text_only_samples(jpg):
         s.conversation("caption")
 
 
-def test_audio_is_recognised_and_refused(jpg):
-    with pytest.raises(ValueError, match=r"audio is not supported yet \(sample 'a': member 'wav'\)"):
-        parse_sample(RawSample("a", {"wav": b"RIFF....WAVE", "txt": b"a sound"}))
-    with pytest.raises(ValueError, match="audio is not supported yet"):
-        parse_sample(RawSample("a", {"json": js({"audios": ["x/y.flac"], "caption": "c"})}))
-    with pytest.raises(ValueError, match=r"audio is not supported yet \(sample 'a': an <audio> placeholder\)"):
+def test_audio_items_and_a_videos_soundtrack(jpg):
+    s = parse_sample(RawSample("a", {"wav": b"RIFF....WAVE", "txt": b"a sound"}))
+    assert [(it.modality, it.name) for it in s.items] == [("audio", "wav")]
+    assert s.conversation()[0]["value"].startswith("<audio>")
+    s = parse_sample(RawSample("a", {"jpg": jpg, "flac": b"fLaC", "json": js({"conversations": conv("<image><audio>",
+                                                                                                    "x")})}))
+    assert s.modalities == ["image", "audio"]
+    # one mp4 named as the video and as its own soundtrack: two items with the same bytes, in placeholder order
+    s = parse_sample(RawSample("v", {"mp4": b"mp4 bytes", "json": js({
+        "videos": ["mp4"], "audios": ["mp4"], "conversations": conv("<video> and its sound <audio>", "x")})}))
+    assert [(it.modality, it.ext) for it in s.items] == [("video", "mp4"), ("audio", "mp4")]
+    assert s.items[0].data is s.items[1].data
+    with pytest.raises(ValueError, match="names member 'jpg', which is not audio media"):
+        parse_sample(RawSample("a", {"jpg": jpg, "json": js({"audios": ["jpg"], "caption": "c"})}))
+    with pytest.raises(ValueError, match=r"1 <audio> placeholder\(s\) but 0 audio item"):
         parse_sample(RawSample("a", {"jpg": jpg, "json": js({"conversations": conv("<image><audio>", "x")})}))
 
 

@@ -241,7 +241,7 @@ def test_truncated_gzip_tar():
 
 @pytest.mark.parametrize("ext,wanted", [
     ("mp4", True), ("0.jpg", True), ("12.MP4".lower(), True), ("thumb.png", True), ("json", True), ("txt", True),
-    ("wav", True),  # audio is read, then refused by data.sample ("audio is not supported yet"), not skipped
+    ("wav", True),  # audio is read: an audio item
     ("seg.json", False), ("bin", False), ("npy", False), ("cls", False), ("pyd", False), ("", False),
 ])
 def test_wanted_member(ext, wanted):

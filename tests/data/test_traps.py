@@ -292,7 +292,7 @@ def test_bad_json_and_conversations(tmp_path):
 def test_no_media_member(tmp_path):
     samples = [("audio", {"mp3": b"ID3\x03", **cap()}), ("nothing", {**cap()})]
     rows = run(shard(tmp_path, samples))
-    assert_error(rows["audio"], "read", "audio is not supported yet", "mp3")
+    assert_error(rows["audio"], "decode", "no audio tower is set (encoder.audio_tower)", "mp3")
     assert rows["nothing"]["kind"] == "sample" and rows["nothing"]["media_type"] == "text"  # a text-only sample
     strict = run(shard(tmp_path, samples, "strict.tar"), sample=SampleConfig(text_only=False))
     assert_error(strict["nothing"], "read", "no media member")

@@ -199,7 +199,7 @@ def test_existing_yaml_and_saved_configs_load_unchanged():
            "llm": {"path": "preset:tiny-llama", "tokenizer": None, "trainable": False,
                    "gradient_checkpointing": False, "dtype": "float32"}}
     cfg = validate(ModelConfig, old)  # a vlp_model.json / config.yaml written before model.plugins existed
-    assert cfg.model_dump(mode="json") == {"plugins": [], **old}
+    assert cfg.model_dump(mode="json") == {"plugins": [], **old, "audio_hidden_size": None}  # new keys: defaults
     from vlp.train.trainer import config_changes
 
     train = validate(TrainConfig, {**TRAIN, "model": {**old, "connector": {"type": "mlp2x_gelu", "trainable": False}}})

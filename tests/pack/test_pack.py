@@ -236,3 +236,12 @@ def test_the_llamafactory_demo_files_pack(ray_local, tmp_path):
     t = man["totals"]
     assert t["errors"] == 0 and t["packed"] == t["records"] == 15, t
     assert t["items_image"] > 0 and t["items_video"] > 0 and t["items_audio"] > 0
+    # and every item, the real mp3/wav/flac ones too, goes through precompute with an audio tower
+    from vlp.precompute import PrecomputeConfig, run_precompute
+
+    pc = validate(PrecomputeConfig, {"data": {"shards": [str(tmp_path / "out")]},
+                                     "encoder": {"tower": {"path": "preset:tiny-clip"}, "audio_tower": {"type": "ast"}},
+                                     "output": {"uri": str(tmp_path / "feat")}, "ray": {"progress_bars": False}})
+    s = run_precompute(pc, log=lambda *_: None)
+    assert s["samples_failed"] == 0 and s["samples_ok"] == 15, s["errors_by_reason"]
+    assert s["items_by_modality"] == {m: t[f"items_{m}"] for m in ("image", "video", "audio")}

@@ -13,13 +13,17 @@ ChatBridge and the AST family take audio as 16 kHz mono, cut into 10.24 s segmen
 - :func:`fbank_features`: segments -> (n_segments, frames, mel_bins) through transformers'
   ``ASTFeatureExtractor`` (its Kaldi fbank; torchaudio's when installed), i.e. the tower's own preprocessing.
 
-Plain functions, no Ray; imports av, numpy, transformers (lazily). Not yet called by precompute: audio items
-are still refused there (media.AUDIO_EXTS) until the audio tower and feature rows exist.
+- :class:`AudioFeaturizer`: all three for one item's bytes with the audio tower's own extractor (what the
+  precompute decode stage and chat run for an audio item).
+
+Plain functions, no Ray; imports av, numpy, transformers (lazily).
 """
 
 from __future__ import annotations
 
+import functools
 import io
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -99,3 +103,36 @@ def fbank_features(chunks: list[np.ndarray], extractor: Any) -> np.ndarray:
     fbank, padding or cutting each segment to its ``max_length`` frames and normalising with its mean/std."""
     out = extractor(chunks, sampling_rate=extractor.sampling_rate, return_tensors="np")
     return np.asarray(out["input_values"], dtype=np.float32)  # (n_seg, 1024, 128) with AST's defaults
+
+
+@dataclass
+class DecodedAudio:
+    fbank: np.ndarray  # (n_segments, frames, mel_bins) float32, normalised as the tower expects
+    starts: list[float]  # each segment's start in seconds
+    n_samples: int  # samples decoded (at the target rate)
+
+
+@functools.lru_cache(maxsize=4)
+def load_extractor(path: str) -> Any:
+    """The tower's ``ASTFeatureExtractor`` (its preprocessor_config.json), loaded once per process."""
+    import warnings
+
+    from transformers import ASTFeatureExtractor
+
+    with warnings.catch_warnings():  # AST's 128 mel bins over a 400-sample window leave one filter empty, by design
+        warnings.filterwarnings("ignore", message="At least one mel filter has all zero values")
+        return ASTFeatureExtractor.from_pretrained(path)
+
+
+class AudioFeaturizer:
+    """One audio item's bytes -> :class:`DecodedAudio` with the tower's extractor at ``extractor_path`` (a local
+    folder or hub id, as resolve_model_path gives). Raises MediaError for bad audio."""
+
+    def __init__(self, cfg: AudioConfig, extractor_path: str):
+        self.cfg, self.path = cfg, extractor_path
+
+    def __call__(self, data: bytes) -> DecodedAudio:
+        wave = decode_audio(data, self.cfg)
+        chunks = segments(wave, self.cfg)
+        fbank = fbank_features(chunks, load_extractor(self.path))  # (n_seg, F, M)
+        return DecodedAudio(fbank, [i * self.cfg.segment_seconds for i in range(len(chunks))], int(wave.size))

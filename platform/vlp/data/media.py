@@ -17,7 +17,7 @@ from ..config import Cfg
 
 VIDEO_EXTS = ("mp4", "webm", "avi", "mkv", "mov", "m4v", "mpeg", "mpg", "gif")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
-AUDIO_EXTS = ("wav", "flac", "mp3", "m4a", "ogg")  # reserved: recognised (and read from shards), refused for now
+AUDIO_EXTS = ("wav", "flac", "mp3", "m4a", "aac", "ogg", "opus")  # decoded by vlp.data.audio
 
 
 class SamplingConfig(Cfg):

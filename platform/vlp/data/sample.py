@@ -5,7 +5,8 @@ order, and the sample's JSON (``meta``). :func:`parse_sample` builds one from a 
 (``members`` maps the name after the key to bytes: ``{"mp4": .., "json": .., "txt": ..}``). Rules:
 
 * **Modality** from the member's last extension: ``media.VIDEO_EXTS`` -> video, ``media.IMAGE_EXTS`` -> image,
-  ``media.AUDIO_EXTS`` -> audio (reserved: refused with "audio is not supported yet").
+  ``media.AUDIO_EXTS`` -> audio. A video member named in the JSON's ``"audios"`` list is an audio item: its
+  soundtrack (a sample may name one mp4 in both ``"videos"`` and ``"audios"``: the video and its audio).
 * **Which members, in which order.** If the JSON has any of ``"images"`` / ``"videos"`` / ``"audios"``
   (lists of member names, as LLaMA-Factory/LLaVA annotations name their media), those lists are the whole
   truth: each names a member (``"0.jpg"``, or ``"<key>.0.jpg"``) or, when it holds a ``/``, a reference (a
@@ -135,9 +136,6 @@ def parse_sample(raw: RawSample, cfg: SampleConfig | None = None) -> Sample:
     n = sum(len(v) for v in media.values())
     if n > cfg.max_items:
         raise ValueError(f"sample {raw.key!r} has {n} media items, over the limit of {cfg.max_items}")
-    if media["audio"] or (conv and any("<audio>" in t["value"] for t in conv)):
-        what = f"member {media['audio'][0][1]!r}" if media["audio"] else "an <audio> placeholder"
-        raise ValueError(f"audio is not supported yet (sample {raw.key!r}: {what})")
     if n == 0 and not cfg.text_only:
         raise ValueError(f"no media member (sample has: {', '.join(sorted(raw.members)) or 'nothing'})")
     conv, order = _match_placeholders(raw.key, conv, media)
@@ -244,13 +242,14 @@ def _explicit_media(raw: RawSample, meta: dict, cfg: SampleConfig) -> tuple[dict
         for pos, x in enumerate(names):
             name = x[len(stem):] if x not in raw.members and x.startswith(stem) else x
             if name in raw.members:
-                if modality_of(name) != modality:
+                found = modality_of(name)
+                if found != modality and (modality, found) != ("audio", "video"):  # a video's soundtrack is audio
                     raise ValueError(f"json {list_key!r} names member {x!r}, which is not {modality} media")
                 media[modality].append((pos, name, name.rsplit(".", 1)[-1].lower(), raw.members[name], None))
                 used.add(name)
             elif "/" in x and len(x) <= 4096 and "\x00" not in x:  # a path or URI: resolved by the decode stage
                 ext = x.rsplit("/", 1)[-1].rpartition(".")[2].lower()
-                media[modality].append((pos, x, ext if modality_of(ext) == modality else "", None, x))
+                media[modality].append((pos, x, ext if modality_of(ext) in (modality, "video") else "", None, x))
             else:
                 have = ", ".join(sorted(raw.members))
                 raise ValueError(f"json {list_key!r} names member {x!r}, which the sample lacks (it has: {have})")

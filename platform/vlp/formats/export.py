@@ -23,7 +23,7 @@ import torch
 from ..errors import NotAnExport, not_an_export  # noqa: F401  (NotAnExport: part of this API)
 from ..models.videollm import ModelConfig, VideoLLM
 from ..storage import get_fs, join, read_bytes, write_atomic
-from .featureset import EncoderInfo, Fingerprint, PreprocessInfo
+from .featureset import AudioEncoderInfo, EncoderInfo, Fingerprint, PreprocessInfo
 from .records import Record, RecordError, format_problem, parse_json
 
 if TYPE_CHECKING:
@@ -46,15 +46,18 @@ class ExportInfo(Record):
     template: Optional[str] = None  # the conversation template; chat, infer and eval need it
     feature_mode: Optional[str] = None
     encoder: Optional[EncoderInfo] = None
+    audio: Optional[AudioEncoderInfo] = None  # the audio tower and cuts audio items need (absent: no audio)
     sampling: Optional[dict[str, Any]] = None
     preprocess: Optional[PreprocessInfo] = None
     run: Optional[str] = None
 
     @classmethod
-    def from_fingerprint(cls, fp: Fingerprint, template: str, run: Optional[str] = None) -> "ExportInfo":
-        """What training records of its features: the first set's encoder, sampling and preprocess."""
+    def from_fingerprint(cls, fp: Fingerprint, template: str, run: Optional[str] = None,
+                         audio: Optional[AudioEncoderInfo] = None) -> "ExportInfo":
+        """What training records of its features: the first set's encoder, sampling and preprocess, and the
+        audio tower of the first set that had one."""
         return cls(template=template, feature_mode=fp.mode, encoder=fp.encoder, sampling=fp.sampling,
-                   preprocess=fp.preprocess, run=run)
+                   preprocess=fp.preprocess, run=run, **({"audio": audio} if audio else {}))
 
     @classmethod
     def read(cls, path: str | Path) -> "ExportInfo":

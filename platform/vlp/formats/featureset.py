@@ -132,6 +132,21 @@ class EncoderInfo(Record):
     image_size: int
 
 
+class AudioEncoderInfo(Record):
+    """The frozen audio tower audio items' features come from, and how their audio was cut (``decode``: the
+    ``data.audio`` config). Absent from sets made without one (fingerprint, manifest and export ``audio``)."""
+
+    type: str
+    path: str
+    weights_sha256: Optional[str] = None
+    layer: int
+    hidden_size: int
+    tokens_per_segment: int
+    num_mel_bins: int
+    max_length: int
+    decode: dict[str, Any] = {}
+
+
 class PreprocessInfo(Record):
     """Geometry and normalisation actually used (resolved: never None in what precompute writes)."""
 
@@ -150,6 +165,7 @@ class Fingerprint(Record):
     sampling: dict[str, Any]
     preprocess: Optional[PreprocessInfo] = None  # absent in sets made before it was recorded
     sample: Optional[dict[str, Any]] = None  # the SampleConfig (which samples are kept); absent before /2
+    audio: Optional[AudioEncoderInfo] = None  # set only when precompute had an audio tower
 
     @classmethod
     def read(cls, layout: FeatureSetLayout) -> Optional["Fingerprint"]:
@@ -232,6 +248,7 @@ class Manifest(Record):
     shard_names: dict[str, str] = {}
     shards: dict[str, ShardCounts] = {}
     encoder: Optional[EncoderInfo] = None
+    audio: Optional[AudioEncoderInfo] = None
     layer: Optional[int] = None
     mode: Optional[str] = None
     sampling: Optional[dict[str, Any]] = None
@@ -272,6 +289,11 @@ class FeatureSetInfo:
     @property
     def hidden_size(self) -> int:
         return self.fingerprint.encoder.hidden_size
+
+    @property
+    def audio_hidden_size(self) -> Optional[int]:
+        """D of the audio items' features; None when the set was made without an audio tower."""
+        return self.fingerprint.audio.hidden_size if self.fingerprint.audio else None
 
     @property
     def mode(self) -> str:

@@ -17,6 +17,7 @@ from pydantic import Field, field_validator
 
 from ..config import Cfg
 from ..data.conversation import IGNORE_INDEX, VISUAL_TOKEN_INDEX
+from .audio_towers import flatten_segments
 from .connectors import CONNECTORS, ConnectorConfig, ItemContext, default_modality
 from .parts import PluginModule
 from .poolers import POOLERS, Pooler, PoolerConfig
@@ -46,6 +47,9 @@ class ModelConfig(Cfg):
         "types (docs/extending.md)")
     vision_hidden_size: Optional[int] = Field(
         None, ge=1, description="D of the visual features; None = read from the feature set (must match it)")
+    audio_hidden_size: Optional[int] = Field(
+        None, ge=1, description="D of the audio items' features (the audio tower's); None = read from the feature "
+        "sets (none: the model takes no audio)")
     pooler: PoolerConfig = POOLERS.config()
     connector: ConnectorConfig = CONNECTORS.config()
     llm: LLMConfig = LLMConfig()
@@ -54,17 +58,30 @@ class ModelConfig(Cfg):
 def item_context(pooler: Pooler, shape: Sequence[int], mode: str, num_frames: int,
                  modality: Optional[str] = None) -> ItemContext:
     """What a context-taking connector learns of one media item: its modality (None: ``default_modality``, an
-    image for T=1, else a video) and how the pooler's tokens lie over its frames."""
+    image for T=1, else a video) and how the pooler's tokens lie over its frames. An audio item is never pooled:
+    its (segments, tokens, D) features are flattened segment by segment (``audio_towers.flatten_segments``), so
+    each segment is a "frame" of ``tokens`` tokens."""
+    if modality == "audio":
+        return ItemContext(modality="audio", num_frames=int(shape[0]), tokens_per_frame=int(shape[1]))
     return ItemContext(modality=modality or default_modality(num_frames), num_frames=int(num_frames),
                        tokens_per_frame=pooler.tokens_per_frame(shape, mode, num_frames))
 
 
+def feature_widths(cfg: ModelConfig) -> dict[str, int]:
+    """modality -> D of its features: the vision tower's for images and video, the audio tower's for audio."""
+    if cfg.vision_hidden_size is None:
+        raise ValueError("model.vision_hidden_size is not set (training fills it from the feature set)")
+    widths = {"image": cfg.vision_hidden_size, "video": cfg.vision_hidden_size}
+    return {**widths, "audio": cfg.audio_hidden_size} if cfg.audio_hidden_size else widths
+
+
 def visual_token_count(cfg: ModelConfig, shape: Sequence[int], mode: str, num_frames: int,
                        modality: Optional[str] = None) -> int:
-    """Visual tokens the model makes for one media item's features of ``shape`` (as the pooler, then the
-    connector, count them); what training reserves in the sequence before any feature is loaded."""
+    """Tokens the model makes for one media item's features of ``shape`` (as the pooler, then the connector,
+    count them; an audio item's segments x tokens are not pooled); what training reserves in the sequence
+    before any feature is loaded."""
     pooler, connector = POOLERS.part(cfg.pooler), CONNECTORS.part(cfg.connector)
-    n = pooler.num_tokens(shape, mode, num_frames)
+    n = shape[0] * shape[1] if modality == "audio" else pooler.num_tokens(shape, mode, num_frames)
     if not connector.takes_context:
         return connector.num_tokens(n)
     return connector.num_tokens(n, item_context(pooler, shape, mode, num_frames, modality))
@@ -83,15 +100,14 @@ class VideoLLM(nn.Module):
         super().__init__()
         from transformers import AutoModelForCausalLM
 
-        if cfg.vision_hidden_size is None:
-            raise ValueError("model.vision_hidden_size is not set (training fills it from the feature set)")
+        widths = feature_widths(cfg)  # ValueError when vision_hidden_size is unset
         self.cfg = cfg
         dtype = getattr(torch, cfg.llm.dtype)
         self.llm = llm if llm is not None else AutoModelForCausalLM.from_pretrained(
             resolve_model_path(cfg.llm.path), dtype=dtype)
         d_model = self.llm.get_input_embeddings().weight.shape[1]
         self.connector_part = CONNECTORS.part(cfg.connector)  # its takes_context: how the module is called
-        self.connector = self.connector_part.build(cfg.vision_hidden_size, d_model)
+        self.connector = self.connector_part.build_for(widths, d_model)
         self.pool = POOLERS.part(cfg.pooler)  # (feats, mode, num_frames) -> (N, D)
         self.llm.requires_grad_(cfg.llm.trainable)
         self.connector.requires_grad_(cfg.connector.trainable)
@@ -102,8 +118,12 @@ class VideoLLM(nn.Module):
     def visual_tokens(self, feats: torch.Tensor, mode: str, num_frames: int,
                       modality: Optional[str] = None) -> torch.Tensor:
         """One media item's features -> (M, d_model) embeddings. ``modality`` (image, video, audio) reaches only a
-        connector that takes an ItemContext; None: an image for T=1, else a video."""
-        pooled = self.pool(feats, mode, num_frames)  # -> (N, D)
+        connector that takes an ItemContext; None: an image for T=1, else a video. Audio features (n, tokens, D_a)
+        skip the pooler (its formulas are over video frames)."""
+        if modality == "audio":
+            pooled = flatten_segments(feats)  # (n, tokens, D_a) -> (n * tokens, D_a)
+        else:
+            pooled = self.pool(feats, mode, num_frames)  # -> (N, D)
         w = next(self.connector.parameters())
         if not self.connector_part.takes_context:
             return self.connector(pooled.to(w.dtype))  # (N, D) -> (M, d_model)

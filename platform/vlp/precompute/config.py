@@ -7,9 +7,11 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from ..config import Cfg
+from ..data.audio import AudioConfig
 from ..data.media import DecodeConfig, SamplingConfig
 from ..data.preprocess import PreprocessConfig
 from ..data.sample import SampleConfig
+from ..models.audio_towers import AudioTowerConfig
 from ..models.parts import PluginModule
 from ..models.towers import TOWERS, TowerConfig
 from ..runtime import AcceleratorType, RayConfig
@@ -26,6 +28,8 @@ class DataConfig(Cfg):
     sampling: SamplingConfig = SamplingConfig()
     decode: DecodeConfig = DecodeConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
+    audio: AudioConfig = Field(AudioConfig(), description="how audio items are decoded and cut into segments "
+                               "(used when encoder.audio_tower is set)")
     read_cpus: float = Field(0.25, gt=0, description="CPUs reserved per shard-read task (I/O bound)")
     decode_cpus: float = Field(1.0, gt=0, description="CPUs reserved per decode task")
     decode_batch_size: int = Field(4, ge=1, description="samples per decode task call")
@@ -39,6 +43,9 @@ class EncoderConfig(Cfg):
     plugins: list[PluginModule] = Field([], description="modules imported before the tower is validated; they "
                                         "register more tower types (docs/extending.md)")
     tower: TowerConfig = TOWERS.config()
+    audio_tower: Optional[AudioTowerConfig] = Field(
+        None, description="frozen audio encoder for audio items (e.g. {type: ast, path: preset:tiny-ast}); without "
+        "one, a sample with an audio item is an error record")
     batch_size: int = Field(8, ge=1, description="samples per encoder call")
     max_frames_per_forward: int = Field(256, ge=1, description="frames per forward pass (memory bound)")
     concurrency: int = Field(1, ge=1, description="encoder actors (one GPU each where GPUs exist)")

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .. import __version__
-from ..config import dump_config
+from ..config import ConfigError, dump_config
+from ..data.audio import AudioFeaturizer
 from ..errors import UserError
 from ..data.preprocess import RESAMPLER
 from ..data.sample import SampleConfig
-from ..formats.featureset import (FEATURES_FORMAT, EncoderInfo, FeatureSetLayout, Fingerprint, Manifest,
+from ..formats.featureset import (FEATURES_FORMAT, AudioEncoderInfo, EncoderInfo, FeatureSetLayout, Fingerprint, Manifest,
                                   PreprocessInfo, ShardCommit, Totals, committed_shards)
 from ..formats.records import RecordError
 from ..storage import expand_shards, make_output_dir
@@ -114,7 +115,8 @@ def tower_geometry(cfg: PrecomputeConfig) -> tuple[int, int, str, tuple, tuple]:
     return size, hidden, weights_hash(path), mean, std
 
 
-def fingerprint(cfg: PrecomputeConfig, size: int, hidden: int, sha: str, mean: tuple, std: tuple) -> Fingerprint:
+def fingerprint(cfg: PrecomputeConfig, size: int, hidden: int, sha: str, mean: tuple, std: tuple,
+                audio: Optional[AudioEncoderInfo] = None) -> Fingerprint:
     """What the features depend on. ``preprocess`` holds the crop size and the mean/std actually used (resolved,
     never None): chat and infer read them back from the export, and a resume with other values is refused."""
     tower = cfg.encoder.tower
@@ -125,7 +127,29 @@ def fingerprint(cfg: PrecomputeConfig, size: int, hidden: int, sha: str, mean: t
         sampling=cfg.data.sampling.model_dump(),
         preprocess=PreprocessInfo.model_validate({**cfg.data.preprocess.model_dump(mode="json"), "size": size,
                                                   "mean": list(mean), "std": list(std), "resampler": RESAMPLER}),
-        sample=cfg.data.sample.model_dump(mode="json"))
+        sample=cfg.data.sample.model_dump(mode="json"), **({"audio": audio} if audio else {}))
+
+
+def audio_plan(cfg: PrecomputeConfig) -> tuple[Optional[AudioEncoderInfo], Optional[AudioFeaturizer]]:
+    """(fingerprint ``audio``, the decode stage's featurizer), both None without ``encoder.audio_tower``. The
+    tower's extractor must expect the rate audio is resampled to (``data.audio.sample_rate``)."""
+    tcfg = cfg.encoder.audio_tower
+    if tcfg is None:
+        return None, None
+    from ..models.audio_towers import AUDIO_TOWERS
+    from ..models.presets import resolve_model_path
+    from ..models.towers import weights_hash
+
+    path = resolve_model_path(tcfg.path)
+    g = AUDIO_TOWERS.part(tcfg).geometry()
+    if g["sampling_rate"] != cfg.data.audio.sample_rate:
+        raise ConfigError([("data.audio.sample_rate", f"{cfg.data.audio.sample_rate} Hz, but the audio tower's "
+                                                      f"feature extractor ({tcfg.path}) expects {g['sampling_rate']} Hz")])
+    info = AudioEncoderInfo(type=tcfg.type, path=tcfg.path, weights_sha256=weights_hash(path), layer=tcfg.layer,
+                            hidden_size=g["hidden_size"], tokens_per_segment=g["tokens_per_segment"],
+                            num_mel_bins=g["num_mel_bins"], max_length=g["max_length"],
+                            decode=cfg.data.audio.model_dump(mode="json"))
+    return info, AudioFeaturizer(cfg.data.audio, path)
 
 
 def with_added_sample_keys(fp: Optional[Fingerprint]) -> Optional[Fingerprint]:
@@ -141,10 +165,13 @@ def plan_stages(cfg: PrecomputeConfig) -> tuple[Fingerprint, DecodeFrames, dict]
     the resolved mean and the encoder normalises with the resolved mean/std, the values the fingerprint records."""
     size, hidden, sha, mean, std = tower_geometry(cfg)
     size = cfg.data.preprocess.size or size
-    fp = fingerprint(cfg, size, hidden, sha, mean, std)
-    decode = DecodeFrames(cfg.data.sampling, cfg.data.decode, size, cfg.data.preprocess.pad_to_square, mean)
+    audio, featurizer = audio_plan(cfg)
+    fp = fingerprint(cfg, size, hidden, sha, mean, std, audio)
+    decode = DecodeFrames(cfg.data.sampling, cfg.data.decode, size, cfg.data.preprocess.pad_to_square, mean,
+                          audio=featurizer)
     encode = dict(tower_cfg=cfg.encoder.tower, mode=cfg.output.mode,
-                  max_frames_per_forward=cfg.encoder.max_frames_per_forward, mean=mean, std=std)
+                  max_frames_per_forward=cfg.encoder.max_frames_per_forward, mean=mean, std=std,
+                  audio_tower_cfg=cfg.encoder.audio_tower)
     return fp, decode, encode
 
 
@@ -322,7 +349,7 @@ class PrecomputeRun:
             format=FEATURES_FORMAT, vlp_version=__version__, created_at=time.time(), host=socket.gethostname(),
             inputs=self.shards, shard_names={u: self.names[u] for u in self.shards},
             shards={n: done[n].counts() for n in sorted(done)},
-            encoder=fp.encoder, layer=fp.encoder.layer, mode=fp.mode, sampling=fp.sampling, preprocess=fp.preprocess,
+            encoder=fp.encoder, **({"audio": fp.audio} if fp.audio else {}), layer=fp.encoder.layer, mode=fp.mode, sampling=fp.sampling, preprocess=fp.preprocess,
             totals=Totals(samples_ok=summary["samples_ok"], samples_failed=summary["samples_failed"],
                           samples_text=summary["samples_text"], items_by_modality=summary["items_by_modality"]),
             config=self.cfg.model_dump(mode="json"))

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from ..data.audio import AudioFeaturizer
 from ..data.media import DecodeConfig, MediaError, SamplingConfig, decode_media
 from ..data.preprocess import normalize, resize_crop
 from ..data.sample import SampleConfig, parse_sample
@@ -149,6 +151,17 @@ def rows_batch(rows: list[dict]):
 
 # ------------------------------------------------------------------------------------------------ decode
 
+@dataclass
+class DecodedItem:
+    """One decoded item: ``array`` (T, 3, S, S) uint8 frames, or (n, F, M) float32 fbank segments for audio."""
+
+    array: np.ndarray
+    modality: str  # as decoded (a one-frame "mp4" is an image)
+    timestamps: list[float]  # frame times, or segment starts, in seconds
+    n_source: int  # frames in the source, or audio samples decoded
+    decoder: str
+
+
 def retag(r: dict, decoded: list[str]) -> dict:
     """The decoded media types win over the container's name (a one-frame "mp4" is an image, an mp4 named "jpg" a
     video): -> ``media_type`` and, when the row has a conversation, it with each item's placeholder renamed (the
@@ -166,18 +179,26 @@ def retag(r: dict, decoded: list[str]) -> dict:
 
 
 class DecodeFrames:
-    """Batch stage: each item's media bytes -> sampled, resized, centre-cropped uint8 frames (T, 3, S, S)."""
+    """Batch stage: each item's media bytes -> sampled, resized, centre-cropped uint8 frames (T, 3, S, S); an audio
+    item's -> float32 fbank segments (n, frames, mel_bins) through ``audio`` (None: audio items are errors)."""
 
     def __init__(self, sampling: SamplingConfig, decode: DecodeConfig, size: int, pad_to_square: bool = False,
-                 mean=(0.48145466, 0.4578275, 0.40821073)):
+                 mean=(0.48145466, 0.4578275, 0.40821073), audio: Optional[AudioFeaturizer] = None):
         self.sampling, self.decode, self.size, self.pad, self.mean = sampling, decode, size, pad_to_square, mean
+        self.audio = audio
 
-    def decode_item(self, data: bytes, ext: str, ref: str) -> tuple[np.ndarray, Any]:
-        """-> ((T, 3, S, S) uint8 frames, (media type as decoded, DecodedMedia)). Raises MediaError for bad media."""
+    def decode_item(self, data: bytes, ext: str, ref: str, modality: str = "") -> DecodedItem:
+        """One item -> its decoded arrays and how they were made. Raises MediaError for bad media."""
         if ref:
             raise MediaError("media references are not supported yet")
+        if modality == "audio":
+            if self.audio is None:
+                raise MediaError("an audio item, but no audio tower is set (encoder.audio_tower)")
+            a = self.audio(data)
+            return DecodedItem(a.fbank, "audio", a.starts, a.n_samples, "pyav-audio")  # (n, F, M) float32
         mtype, dec = decode_media(data, ext, self.sampling, self.decode)
-        return resize_crop(dec.frames, self.size, self.pad, self.mean).numpy(), (mtype, dec)  # (T, 3, S, S) uint8
+        frames = resize_crop(dec.frames, self.size, self.pad, self.mean).numpy()  # (T, 3, S, S) uint8
+        return DecodedItem(frames, mtype, list(dec.timestamps), dec.n_source_frames, dec.decoder)
 
     def decode_row(self, r: dict) -> dict:
         if r["kind"] != "sample" or not r["media"]:
@@ -185,9 +206,10 @@ class DecodeFrames:
         t0 = time.perf_counter()
         out: dict[str, list] = {k: [] for k in ("frames", "frames_shape", "timestamps", "n_source_frames", "decoder",
                                                 "modalities")}
-        for i, (data, ext, name, ref) in enumerate(zip(r["media"], r["media_ext"], r["item_names"], r["item_refs"])):
+        for i, (data, ext, name, ref, mod) in enumerate(zip(r["media"], r["media_ext"], r["item_names"],
+                                                            r["item_refs"], r["modalities"])):
             try:
-                frames, (mtype, dec) = self.decode_item(data, ext, ref)
+                d = self.decode_item(data, ext, ref, mod)
             except MediaError as e:
                 reason = str(e)
             except Exception as e:
@@ -197,12 +219,12 @@ class DecodeFrames:
                 first = str(e).splitlines()[0][:300] if str(e) else ""
                 reason = f"unexpected decode failure: {type(e).__name__}: {first}"
             else:
-                out["frames"].append(frames.tobytes())
-                out["frames_shape"].append(",".join(map(str, frames.shape)))
-                out["timestamps"].append(",".join(f"{t:.4f}" for t in dec.timestamps))
-                out["n_source_frames"].append(dec.n_source_frames)
-                out["decoder"].append(dec.decoder)
-                out["modalities"].append(mtype)
+                out["frames"].append(d.array.tobytes())
+                out["frames_shape"].append(",".join(map(str, d.array.shape)))
+                out["timestamps"].append(",".join(f"{t:.4f}" for t in d.timestamps))
+                out["n_source_frames"].append(d.n_source)
+                out["decoder"].append(d.decoder)
+                out["modalities"].append(d.modality)
                 continue
             return {**r, "kind": "error", "stage": "decode", "error": f"item {i} ({name}): {reason}", "media": [],
                     "t_decode": time.perf_counter() - t0}
@@ -219,13 +241,17 @@ def shape_of(s: str) -> tuple[int, ...]:
 
 
 class EncodeFeatures:
-    """Actor stage: uint8 frames -> frozen-tower features (fp16), pooled per ``mode`` and item. Normalises with
+    """Actor stage: uint8 frames -> frozen-tower features (fp16), pooled per ``mode`` and item; audio items' fbank
+    segments -> the audio tower's features (fp16, (n, tokens, D_a), never pooled). Normalises frames with
     ``mean``/``std`` (the driver's resolved values, see pipeline.plan_stages); None = the tower's own."""
 
-    def __init__(self, tower_cfg, mode: str, max_frames_per_forward: int = 256, mean=None, std=None):
+    def __init__(self, tower_cfg, mode: str, max_frames_per_forward: int = 256, mean=None, std=None,
+                 audio_tower_cfg=None):
+        from ..models.audio_towers import build_audio_tower
         from ..models.towers import build_vision_tower
 
         self.tower = build_vision_tower(tower_cfg)
+        self.audio = build_audio_tower(audio_tower_cfg) if audio_tower_cfg is not None else None
         self.mean = tuple(mean) if mean is not None else self.tower.mean
         self.std = tuple(std) if std is not None else self.tower.std
         self.mode = mode
@@ -235,6 +261,8 @@ class EncodeFeatures:
         """Per item (T_j, 3, S, S) uint8 -> per item fp16 (P + T_j, D) valley_pooled or (T_j, 1 + P, D) frames."""
         import torch
 
+        if not stacks:
+            return []
         lens = [s.shape[0] for s in stacks]
         x = torch.from_numpy(np.concatenate(stacks))  # (sum T_j, 3, S, S) uint8
         feats = []
@@ -248,17 +276,33 @@ class EncodeFeatures:
             out.append(f.to(torch.float16).cpu().contiguous().numpy())
         return out
 
+    def encode_audio(self, stacks: list[np.ndarray]) -> list[np.ndarray]:
+        """Per item (n_j, F, M) float32 fbank -> per item fp16 (n_j, tokens, D_a)."""
+        import torch
+
+        if not stacks:
+            return []
+        if self.audio is None:
+            raise RuntimeError("audio items reached the encoder without an audio tower")
+        x = torch.from_numpy(np.concatenate(stacks))  # (sum n_j, F, M)
+        allf = torch.cat([self.audio.features(x[s:s + self.chunk]) for s in range(0, x.shape[0], self.chunk)])
+        return [f.to(torch.float16).cpu().contiguous().numpy() for f in torch.split(allf, [s.shape[0] for s in stacks])]
+
     def __call__(self, batch):
         rows = batch_rows(batch)
         todo = [i for i, r in enumerate(rows) if r["kind"] == "sample"]
-        stacks = [np.frombuffer(b, np.uint8).reshape(shape_of(s))
-                  for i in todo for b, s in zip(rows[i]["frames"], rows[i]["frames_shape"])]
-        if stacks:
+        items = [(i, j) for i in todo for j in range(len(rows[i]["frames"]))]
+        if items:
             t0 = time.perf_counter()
-            feats = iter(self.encode(stacks))
+            feats = {}
+            for audio, fn, dtype in ((False, self.encode, np.uint8), (True, self.encode_audio, np.float32)):
+                mine = [(i, j) for i, j in items if (rows[i]["modalities"][j] == "audio") == audio]
+                arrays = [np.frombuffer(rows[i]["frames"][j], dtype).reshape(shape_of(rows[i]["frames_shape"][j]))
+                          for i, j in mine]
+                feats.update(zip(mine, fn(arrays)))
             dt = (time.perf_counter() - t0) / len(todo)
             for i in todo:
-                out = [next(feats) for _ in rows[i]["frames"]]
+                out = [feats[(i, j)] for j in range(len(rows[i]["frames"]))]
                 rows[i].update(features=[f.tobytes() for f in out], features_shape=[",".join(map(str, f.shape))
                                                                                      for f in out],
                                frames=[], t_encode=dt)
@@ -313,7 +357,8 @@ def shard_counts(ok: list[dict], rs: list[dict]) -> dict:
     for r in rs:
         for e in filter(None, r["ignored"].split(",")):
             ign[e] = ign.get(e, 0) + 1
-    return dict(frames=sum(shape_of(s)[0] for r in ok for s in r["frames_shape"]),
+    return dict(frames=sum(shape_of(s)[0] for r in ok for s, m in zip(r["frames_shape"], r["modalities"])
+                           if m != "audio"),  # video/image frames; audio segments are not frames
                 bytes_in=sum(r["bytes_in"] for r in rs), t_read=sum(r["t_read"] for r in rs),
                 t_decode=sum(r["t_decode"] for r in rs), t_encode=sum(r["t_encode"] for r in rs),
                 ignored=json.dumps(ign), media_counts=json.dumps(media), item_counts=json.dumps(items))

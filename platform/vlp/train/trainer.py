@@ -32,12 +32,13 @@ def param_counts(cfg: TrainConfig) -> tuple[int, int]:
 
     from ..models.connectors import CONNECTORS
     from ..models.presets import resolve_model_path
+    from ..models.videollm import feature_widths
 
     lcfg = AutoConfig.from_pretrained(resolve_model_path(cfg.model.llm.path))
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(lcfg)
         d_model = llm.get_input_embeddings().weight.shape[1]
-        conn = CONNECTORS.part(cfg.model.connector).build(cfg.model.vision_hidden_size, d_model)
+        conn = CONNECTORS.part(cfg.model.connector).build_for(feature_widths(cfg.model), d_model)
     n_llm = sum(p.numel() for p in llm.parameters())
     n_conn = sum(p.numel() for p in conn.parameters())
     trainable = (n_conn if cfg.model.connector.trainable else 0)
@@ -67,9 +68,31 @@ def _mixed_encoders(infos: list[FeatureSetInfo]) -> list[str]:
     return out
 
 
+def fill_widths(cfg: TrainConfig, infos: list[FeatureSetInfo]) -> list[str]:
+    """Fill model.vision_hidden_size / audio_hidden_size from the sets (or check them against the sets), and
+    check the connector takes those widths. -> the problems."""
+    from ..models.connectors import CONNECTORS
+    from ..models.videollm import feature_widths
+
+    problems = []
+    for field, what in (("vision_hidden_size", "hidden_size"), ("audio_hidden_size", "audio_hidden_size")):
+        sizes = sorted({getattr(inf, what) for inf in infos} - {None})
+        if len(sizes) > 1:
+            problems.append(f"data.sets: feature sets have different {field.split('_')[0]} feature widths {sizes}")
+        have = getattr(cfg.model, field)
+        if sizes and have is None:
+            setattr(cfg.model, field, sizes[0])
+        elif sizes and have != sizes[0]:
+            problems.append(f"model.{field}={have} does not match the feature set's hidden size {sizes[0]}")
+    if not problems:
+        problems += CONNECTORS.part(cfg.model.connector).width_problems(feature_widths(cfg.model))
+    return problems
+
+
 def check_inputs(cfg: TrainConfig) -> list[dict]:
     """What can be checked without Ray: the feature sets (present, complete, one encoder) and the stage-1
-    connector. -> the sets' infos; TrainSetupError listing every problem. Fills model.vision_hidden_size."""
+    connector. -> the sets' infos; TrainSetupError listing every problem. Fills model.vision_hidden_size and
+    audio_hidden_size."""
     problems = []
     infos = []
     for i, s in enumerate(cfg.data.sets):
@@ -78,16 +101,8 @@ def check_inputs(cfg: TrainConfig) -> list[dict]:
         except (FileNotFoundError, RecordError) as e:  # RecordError: a format this vlp does not read
             problems.append(f"data.sets[{i}].uri: {e}")
     if infos:
-        sizes = {inf.hidden_size for inf in infos}
-        if len(sizes) > 1:
-            problems.append(f"data.sets: feature sets have different hidden sizes {sorted(sizes)}")
+        problems += fill_widths(cfg, infos)
         problems += _mixed_encoders(infos)
-        d = infos[0].hidden_size
-        if cfg.model.vision_hidden_size is None:
-            cfg.model.vision_hidden_size = d
-        elif cfg.model.vision_hidden_size != d:
-            problems.append(f"model.vision_hidden_size={cfg.model.vision_hidden_size} does not match the feature "
-                            f"set's hidden size {d} (encoder {infos[0].fingerprint.encoder.path})")
         problems += feature_mode_problems(cfg.model, [inf.mode for inf in infos])
     if cfg.model.connector.init_from and not Path(cfg.model.connector.init_from).exists():
         problems.append(f"model.connector.init_from: {cfg.model.connector.init_from} does not exist")
@@ -251,7 +266,7 @@ RERUN_MAY_CHANGE = (
                                    # saved before plugins existed have no such key)
 )
 # Filled in by check_setup when left None; the saved config holds the resolved value.
-_RESOLVED_AT_SETUP = ("model.vision_hidden_size",)
+_RESOLVED_AT_SETUP = ("model.vision_hidden_size", "model.audio_hidden_size")
 
 
 def _may_change(path: str) -> bool:
@@ -345,7 +360,8 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
             f.write(dump_config(cfg))
     state_path = join(run_dir, "data_state.json")
     held = build_held(cfg) if should_materialize(cfg) else None
-    info = ExportInfo.from_fingerprint(setup["infos"][0].fingerprint, cfg.data.template, cfg.run_name)
+    audio = next((inf.fingerprint.audio for inf in setup["infos"] if inf.fingerprint.audio), None)
+    info = ExportInfo.from_fingerprint(setup["infos"][0].fingerprint, cfg.data.template, cfg.run_name, audio)
     meta = {"run_dir": run_dir, "state_path": state_path, "total_steps": setup["total_steps"],
             "export_extra": info.to_json(),  # JSON: the export's vlp_model.json less the model config
             "held": held}  # object refs of the tokenised sets (the held path), or None: stream every epoch

@@ -17,7 +17,7 @@ May import: torch, vlp.config, vlp.models.parts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Mapping, Optional
 
 import torch.nn as nn
 from pydantic import Field
@@ -83,6 +83,23 @@ class Connector(Part):
     def num_tokens(self, n_in: int) -> int:
         """Tokens out for ``n_in`` pooled tokens in; a per-token projector keeps the count."""
         return n_in
+
+    def width_problems(self, widths: Mapping[str, int]) -> list[str]:
+        """Why this connector cannot take features of these widths (modality -> D, e.g. an audio tower narrower
+        than the vision tower); [] if it can. The default: one input projection, so one width for all."""
+        if len(set(widths.values())) <= 1:
+            return []
+        have = ", ".join(f"{m} {d}" for m, d in widths.items())
+        return [f"model.connector.type={self.cfg.type} takes features of one width, but they differ ({have}); use "
+                "a connector with an input projection per modality (perceiver)"]
+
+    def build_for(self, widths: Mapping[str, int], d_model: int) -> nn.Module:
+        """The module for features of ``widths`` (modality -> D): :meth:`build` with the one width by default; a
+        connector with an input projection per modality overrides it. ValueError when :meth:`width_problems`."""
+        problems = self.width_problems(widths)
+        if problems:
+            raise ValueError(problems[0])
+        return self.build(next(iter(widths.values())), d_model)
 
 
 from . import abstractor, linear, mlp, perceiver  # noqa: E402,F401  (register the built-in connectors)

@@ -20,13 +20,13 @@ cross-attention, built by ``Blip2Base.init_Qformer`` in ``chatbridge/models/blip
 
 Differences: no dropout; no text branch (ChatBridge drops it too: the Q-Former's text FFN and embeddings are
 ``None``); the cross-attention keys/values project from the Q-Former width (the input projection already maps
-the vision width to it). Every modality's tokens come from the one vision tower today, so each input projection
-takes its width. May import: torch, pydantic, vlp.models.connectors.
+the vision width to it). Each modality's input projection takes that modality's feature width (audio comes from
+the audio tower: :meth:`Perceiver.build_for`). May import: torch, pydantic, vlp.models.connectors.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Mapping
 
 import torch
 import torch.nn as nn
@@ -60,12 +60,12 @@ class QFormerLayer(nn.Module):
 
 
 class QFormerBridge(nn.Module):
-    """(N, d_vision) pooled tokens + ItemContext -> (num_queries, d_model), with the item's modality's queries."""
+    """(N, D_m) pooled tokens of modality m + ItemContext -> (num_queries, d_model), with m's queries."""
 
-    def __init__(self, cfg: "Perceiver.Cfg", d_vision: int, d_model: int):
+    def __init__(self, cfg: "Perceiver.Cfg", widths: Mapping[str, int], d_model: int):
         super().__init__()
         w, mods = cfg.hidden_size, list(cfg.modalities)
-        self.inp = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(d_vision), nn.Linear(d_vision, w)) for m in mods})
+        self.inp = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(widths[m]), nn.Linear(widths[m], w)) for m in mods})
         self.frame_pos = nn.ModuleDict({m: FramePositions(cfg.max_frames, w, "max_frames") for m in mods}) \
             if cfg.frame_positions else None
         self.queries = nn.ParameterDict({m: nn.Parameter(torch.empty(cfg.num_queries, w)) for m in mods})  # (Q, W)
@@ -82,7 +82,7 @@ class QFormerBridge(nn.Module):
         if m not in self.queries:
             raise ValueError(f"connector 'perceiver' has no queries for {m} items (model.connector.modalities: "
                              f"{', '.join(self.queries)})")
-        enc = self.inp[m](x)  # (N, d_vision) -> (N, W)
+        enc = self.inp[m](x)  # (N, D_m) -> (N, W)
         if self.frame_pos is not None:
             enc = self.frame_pos[m](enc, ctx)  # + a position on each frame's tokens
         q = self.query_ln(self.queries[m])  # (Q, W)
@@ -121,7 +121,15 @@ class Perceiver(Connector):
             return v
 
     def build(self, d_vision: int, d_model: int) -> nn.Module:
-        return QFormerBridge(self.cfg, d_vision, d_model)
+        return QFormerBridge(self.cfg, {m: d_vision for m in self.cfg.modalities}, d_model)
+
+    def width_problems(self, widths: Mapping[str, int]) -> list[str]:
+        return []  # an input projection per modality: any widths
+
+    def build_for(self, widths: Mapping[str, int], d_model: int) -> nn.Module:
+        """Each modality's input projection from its own width (a modality without features: the vision width)."""
+        d_vision = widths.get("image", next(iter(widths.values())))
+        return QFormerBridge(self.cfg, {m: widths.get(m, d_vision) for m in self.cfg.modalities}, d_model)
 
     def num_tokens(self, n_in: int, ctx: ItemContext = ItemContext()) -> int:
         return self.cfg.num_queries

@@ -5,7 +5,7 @@ mllm_video_audio_demo.json): ``{"messages": [{"role": "user"|"assistant"|"system
 Roles map to vlp's ``human``/``gpt``. Each of ``images``/``videos``/``audios`` lists that modality's paths in the
 order of its placeholders in the messages (several per record, in any turn of the user); the k-th ``<image>`` is
 the k-th entry of ``images`` (vlp's rule). Paths are kept as written (``mllm_demo_data/1.jpg``: relative to the
-media root). Audio items are packed as they are (training refuses audio until vlp supports it).
+media root). Audio items are packed as they are (precompute encodes them with `encoder.audio_tower`).
 
 **System prompt.** A first message with role ``system`` (or a top-level ``system`` string, LLaMA-Factory's
 ``system`` column; the message wins) becomes the conversation's first turn ``{"from": "system", "value": ...}``:
