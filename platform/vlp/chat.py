@@ -1,9 +1,11 @@
-"""``vlp chat``: ask a trained model about videos and images (0..N per conversation), decoding and encoding each
-online with the same sampling and preprocessing the model's features were precomputed with. The first question's
-``<image>``/``<video>`` placeholders place the items (matched per modality in order); without any, one per item
-goes in front of it in the order given.
+"""``vlp chat``: ask a trained model about videos, images and sounds (0..N per conversation), decoding and encoding
+each online with the same sampling, preprocessing and audio cuts the model's features were precomputed with. The
+first question's ``<image>``/``<video>``/``<audio>`` placeholders place the items (matched per modality in order);
+without any, one per item goes in front of it in the order given. A video's soundtrack is an item of its own
+(``--with-audio``: each video is followed by its audio).
 
-A media file that is missing or that no decoder can read raises :class:`BadMedia` (a user error naming the file).
+A media file that is missing or that no decoder can read raises :class:`BadMedia` (a user error naming the file);
+audio given to a model trained without audio raises :class:`NoAudio`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ class BadMedia(UserError):
     """The file given to chat is missing, not a file, or not a video/image any decoder can read."""
 
 
+class NoAudio(UserError):
+    """Audio was given to a model whose export has no audio tower (it was trained without audio features)."""
+
+
 class BadPrompt(UserError):
     """The question's placeholders do not match the media given (or come after the first question)."""
 
@@ -43,7 +49,7 @@ class ChatItem:
     """One media item of a chat: its file, the modality its decoder found and its tower features."""
     path: str
     modality: str
-    feats: torch.Tensor  # (T, 1 + P, D)
+    feats: torch.Tensor  # (T, 1 + P, D) frames, or audio (segments, tokens, D_a)
 
     @property
     def num_frames(self) -> int:
@@ -62,9 +68,37 @@ class ChatSession:
         self.template = self.info.prompt_template(export_dir)
         self.tower = build_vision_tower({"type": enc.type, "path": enc.path, "layer": enc.layer, "device": device})
         self.geom = self.info.geometry(self.tower.image_size, self.tower.mean, self.tower.std)
+        self.audio_tower, self.featurizer = self.audio_parts(device)
         self.conv: list[dict] = []
         self.items: list[ChatItem] = []
         self.order: list[int] = []  # the item of each placeholder of the conversation, in order
+
+    def audio_parts(self, device: str):
+        """(audio tower, featurizer) from the export's ``audio`` record; (None, None) for a model without audio."""
+        a = self.info.audio
+        if a is None:
+            return None, None
+        from .data.audio import AudioConfig, AudioFeaturizer
+        from .models.audio_towers import build_audio_tower
+        from .models.presets import resolve_model_path
+
+        tower = build_audio_tower({"type": a.type, "path": a.path, "layer": a.layer, "device": device})
+        return tower, AudioFeaturizer(AudioConfig(**a.decode), resolve_model_path(a.path))
+
+    @torch.no_grad()
+    def encode_audio(self, path: str) -> ChatItem:
+        """A file's sound (an audio file, or a video's soundtrack) -> its audio item, cut and encoded as precompute
+        did. NoAudio for a model without audio; BadMedia when the file holds no decodable sound."""
+        data = media_file(path).read_bytes()
+        if self.featurizer is None:
+            raise NoAudio(f"{path}: this model was trained without audio (its export has no audio tower); audio "
+                          "needs a model trained on features precomputed with encoder.audio_tower")
+        try:
+            dec = self.featurizer(data)
+        except MediaError as e:
+            raise BadMedia(f"{path} has no audio vlp can decode: {e}") from None
+        feats = self.audio_tower.features(torch.from_numpy(dec.fbank))  # (n, F, M) -> (n, tokens, D_a)
+        return ChatItem(path, "audio", feats.float().cpu())
 
     def frames(self, path: str) -> tuple[str, torch.Tensor]:
         """Decode + sample + resize/pad/crop as precompute did: (media type, (T, 3, S, S) uint8)."""
@@ -91,9 +125,16 @@ class ChatSession:
         px = normalize(x, self.geom.mean, self.geom.std, self.tower.dtype)  # the feature set's mean/std
         return ChatItem(name, mtype, self.tower.features(px).float().cpu())  # (T, 1 + P, D)
 
-    def load_media(self, paths: Union[str, Sequence[str]]) -> list[str]:
-        """Encode each file (:meth:`encode`) and start a new conversation about them; -> the media types found."""
-        items = [self.encode(p) for p in ([paths] if isinstance(paths, str) else paths)]
+    def load_media(self, paths: Union[str, Sequence[str]], audio: Sequence[int] = (), with_audio: bool = False
+                   ) -> list[str]:
+        """Encode each file (:meth:`encode`; those at the positions in ``audio``: their sound, :meth:`encode_audio`)
+        and start a new conversation about them; ``with_audio``: each video is followed by its soundtrack. -> the
+        media types found."""
+        items = []
+        for i, p in enumerate([paths] if isinstance(paths, str) else paths):
+            items.append(self.encode_audio(p) if i in audio else self.encode(p))
+            if with_audio and items[-1].modality == "video":
+                items.append(self.encode_audio(p))
         self.items, self.conv, self.order = items, [], []
         return [it.modality for it in items]
 
@@ -156,21 +197,24 @@ class ChatSession:
 
 
 def run_chat(export_dir: str, media: Union[None, str, Sequence[str]], question: Optional[str],
-             write: Callable[[str], None] = None, read: Callable[[str], str] = input, **gen) -> int:
-    """One question (``question``) or an interactive session about 0..N media files."""
+             write: Callable[[str], None] = None, read: Callable[[str], str] = input, audio: Sequence[int] = (),
+             with_audio: bool = False, **gen) -> int:
+    """One question (``question``) or an interactive session about 0..N media files (those at the positions in
+    ``audio``: their sound; ``with_audio``: each video followed by its soundtrack)."""
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     paths = [media] if isinstance(media, str) else list(media or [])
     for p in paths:
         media_file(p)  # a missing file fails before the model loads
     session = ChatSession(export_dir)
-    session.load_media(paths)
+    session.load_media(paths, audio, with_audio)
     if question is not None:
         for piece in session.ask(question, **gen):
             write(piece)
         write("\n")
         return 0
     for it in session.items:
-        write(f"[{it.modality}: {it.path}, {it.num_frames} frame(s)]\n")
+        unit = "segment(s)" if it.modality == "audio" else "frame(s)"
+        write(f"[{it.modality}: {it.path}, {it.num_frames} {unit}]\n")
     write("ask away; empty line or Ctrl-D to quit\n")
     while True:
         try:

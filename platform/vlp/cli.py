@@ -152,11 +152,21 @@ def _cmd_eval_benchmark(args) -> int:
     return 0
 
 
+class _AudioArg(argparse.Action):
+    """``--audio FILE``: appended to the media in the order given; its position is remembered as one to take the
+    sound of (``args.audio``)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.media = [*(namespace.media or []), value]
+        namespace.audio = [*(getattr(namespace, "audio", None) or []), len(namespace.media) - 1]
+
+
 def _cmd_chat(args) -> int:
     from .chat import run_chat
 
     return run_chat(args.model, args.media or [], args.question, max_new_tokens=args.max_new_tokens,
-                    do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-5), top_p=args.top_p)
+                    do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-5), top_p=args.top_p,
+                    audio=args.audio or [], with_audio=args.with_audio)
 
 
 def _cmd_infer(args) -> int:
@@ -246,16 +256,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(fn=_cmd_inspect)
     _add_eval_parser(sub)
-    sp = sub.add_parser("chat", help="ask a trained model about videos and images (multi-turn without a question)")
+    sp = sub.add_parser("chat", help="ask a trained model about videos, images and sounds (multi-turn without a "
+                        "question)")
     sp.add_argument("--model", required=True, help="export folder of a trained run")
     sp.add_argument("--video", dest="media", action="append", help="video file (mp4, webm, avi, ...); repeatable")
     sp.add_argument("--image", dest="media", action="append", help="image file; repeatable (items keep the order "
-                    "given; <image>/<video> in the question place them, else they go in front of it)")
+                    "given; <image>/<video>/<audio> in the question place them, else they go in front of it)")
+    sp.add_argument("--audio", dest="media", action=_AudioArg, help="audio file (wav, flac, mp3, m4a, ...) or a "
+                    "video whose soundtrack to use; repeatable (a model trained with audio features)")
+    sp.add_argument("--with-audio", action="store_true", help="follow each --video with its soundtrack as an "
+                    "<audio> item")
     sp.add_argument("question", nargs="?", help="one question; omit for an interactive session")
     sp.add_argument("--max-new-tokens", type=int, default=64)
     sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     sp.add_argument("--top-p", type=float, default=1.0)
-    sp.set_defaults(fn=_cmd_chat)
+    sp.set_defaults(fn=_cmd_chat, audio=[])
     sp = sub.add_parser("config-docs", help="print the configuration reference (Markdown)")
     sp.set_defaults(fn=lambda a: (print(__import__("vlp.configdoc", fromlist=["x"]).config_reference()), 0)[1])
     sp = sub.add_parser("presets", help="build (if needed) and list the tiny model presets")
