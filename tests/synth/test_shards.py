@@ -63,3 +63,29 @@ def test_an_error_while_writing_leaves_no_partial_shard(tmp_path):
     assert [p.name for p in (tmp_path / "s").iterdir()] == ["fam-00000.tar"]  # complete; fam-00001 never written
     assert [s.key for s in iter_tar_samples(io.BytesIO((tmp_path / "s" / "fam-00000.tar").read_bytes()))] == [
         "k0", "k1"]
+
+
+def test_audio_clips_carry_a_tone_naming_a_word_and_ask_for_it():
+    """shards.audio: each clip's mp4 has a soundtrack whose pitch names a word (WORDS); the instruction/held-out JSON
+    names the mp4 as the video and as the audio item and ends with the sound's question. Without it, the clips
+    are those of before (the rng is not drawn from: the demo's data do not change)."""
+    from vlp.data.audio import AudioConfig, decode_audio
+    from vlp.data.sample import parse_sample
+    from vlp.synth.shards import SOUND_QUESTION, WORDS
+
+    cfg = MakeShardsConfig(out="unused", **{**SMALL, "num_frames": 8}, audio=True)
+    (_, key, m), = list(make_samples("heldout", 1, cfg, np.random.default_rng(0), 3000))
+    meta = json.loads(m["json"])
+    assert meta["word"] in WORDS and meta["videos"] == meta["audios"] == ["mp4"]
+    conv = meta["conversations"]
+    assert conv[0]["value"].startswith("<video>\n<audio>\n") and conv[-2]["value"] == SOUND_QUESTION[0]
+    assert conv[-1]["value"] == f"It names {meta['word']}."
+    wave = decode_audio(m["mp4"], AudioConfig())
+    peak = np.fft.rfftfreq(wave.size, 1 / 16000)[np.abs(np.fft.rfft(wave)).argmax()]
+    assert abs(peak - WORDS[meta["word"]]) < 5
+    assert parse_sample(RawSample(key, m)).modalities == ["video", "audio"]
+    (_, _, webvid), = list(make_samples("webvid", 1, cfg, np.random.default_rng(0), 0))
+    assert "audios" not in json.loads(webvid["json"])  # caption clips have the sound but no audio item
+    quiet = MakeShardsConfig(out="unused", **{**SMALL, "num_frames": 8})
+    (_, _, before), = list(make_samples("heldout", 1, quiet, np.random.default_rng(0), 3000))
+    assert "word" not in json.loads(before["json"]) and "audios" not in json.loads(before["json"])

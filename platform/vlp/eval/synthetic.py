@@ -23,8 +23,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..data.conversation import IGNORE_INDEX, prompt_ids, tokenize_conversation
-from ..synth.shards import COLORS, DIRECTIONS, OPPOSITE, QUESTIONS, SHAPES
+from ..data.conversation import IGNORE_INDEX, PLACEHOLDER_RE, prompt_ids, tokenize_conversation
+from ..synth.shards import COLORS, DIRECTIONS, OPPOSITE, QUESTIONS, SHAPES, SOUND_QUESTION, WORDS
 from ..errors import UserError
 from ..formats.featureset import FeatureSetLayout, Fingerprint, iter_feature_rows
 from ..storage import StorageConfig
@@ -38,12 +38,14 @@ class NothingToScore(UserError):
     """The feature set holds no question eval knows how to score (no colour/shape/direction question)."""
 
 
-CANDIDATES = {"color": list(COLORS), "shape": list(SHAPES), "direction": list(DIRECTIONS)}
+CANDIDATES = {"color": list(COLORS), "shape": list(SHAPES), "direction": list(DIRECTIONS), "sound": list(WORDS)}
+ASKED = {**QUESTIONS, "sound": SOUND_QUESTION}  # question type -> (question, answer template)
+TRUTH_KEY = {"sound": "word"}  # the sample metadata key holding a type's answer (default: the type's name)
 
 
 def question_type(question: str) -> Optional[str]:
-    q = question.replace("<video>", "").replace("<image>", "").strip()
-    return next((k for k, (text, _) in QUESTIONS.items() if text == q), None)
+    q = PLACEHOLDER_RE.sub("", question).strip()
+    return next((k for k, (text, _) in ASKED.items() if text == q), None)
 
 
 @torch.no_grad()
@@ -112,9 +114,11 @@ class RowVisuals:
     modalities: Optional[list[str]] = None
 
     @classmethod
-    def of(cls, row: dict) -> "RowVisuals":
-        return cls([torch.from_numpy(f.astype(np.float32)) for f in row["features"]] or None,
-                   [int(t) for t in row["num_frames"]], row["mode"], [str(m) for m in row["modalities"]])
+    def of(cls, row: dict, without: Optional[str] = None) -> "RowVisuals":
+        """The row's items, less those of modality ``without`` (the ablation: the same model not given them)."""
+        keep = [i for i, m in enumerate(row["modalities"]) if m != without]
+        return cls([torch.from_numpy(row["features"][i].astype(np.float32)) for i in keep] or None,
+                   [int(row["num_frames"][i]) for i in keep], row["mode"], [str(row["modalities"][i]) for i in keep])
 
 
 def score_question(model, tok, template: str, row: dict, vis: RowVisuals, qtype: str, tally: Tally,
@@ -122,11 +126,13 @@ def score_question(model, tok, template: str, row: dict, vis: RowVisuals, qtype:
     """Choice (and generation) scores of one known question about one row, added to ``tally``."""
     meta = json.loads(row["meta"]) if row["meta"] else {}
     feats, nf = vis.feats, vis.num_frames
-    placeholder = "".join(f"<{m}>" for m in row["modalities"]) + "\n" if row["modalities"] else ""
-    q = placeholder + QUESTIONS[qtype][0]
-    truth = meta[qtype]
+    placeholder = "".join(f"<{m}>" for m in vis.modalities) + "\n" if vis.modalities else ""
+    q = placeholder + ASKED[qtype][0]
+    key = TRUTH_KEY.get(qtype, qtype)
+    truth = meta[key]
     cands = CANDIDATES[qtype]
-    answers = [QUESTIONS[qtype][1].format(**{**{k: meta.get(k, "") for k in CANDIDATES}, qtype: c}) for c in cands]
+    answers = [ASKED[qtype][1].format(**{**{TRUTH_KEY.get(k, k): meta.get(TRUTH_KEY.get(k, k), "") for k in
+                                            CANDIDATES}, key: c}) for c in cands]
     scores = score_answers(model, tok, template, q, answers, feats, vis.mode, nf, vis.modalities)
     choice = cands[int(np.argmax(scores))]
     st = tally.per[qtype]
@@ -144,7 +150,7 @@ def score_question(model, tok, template: str, row: dict, vis: RowVisuals, qtype:
         named = [c for c in cands if c in gen_text.lower().split() or c + "." in gen_text.lower().split()]
         st["gen_correct"] += int(named == [truth])
     if len(tally.examples) < 12:
-        tally.examples.append({"uid": row["uid"], "question": QUESTIONS[qtype][0], "truth": truth, "choice": choice,
+        tally.examples.append({"uid": row["uid"], "question": ASKED[qtype][0], "truth": truth, "choice": choice,
                                "generated": gen_text})
 
 
@@ -160,9 +166,10 @@ def check_feature_set(uri: str, storage: StorageConfig | None) -> None:
 
 def evaluate(export_dir: str, feature_uri: str, storage: StorageConfig | None = None,
              max_samples: Optional[int] = None, generate: bool = True, max_new_tokens: int = 12,
-             pooler: Optional[str] = None) -> dict:
+             pooler: Optional[str] = None, without: Optional[str] = None) -> dict:
     """Accuracy per question type of the export on the feature set's known questions; NothingToScore when it
-    has none (a caption-only set, another data set), NotAFeatureSet / NotAnExport for wrong paths."""
+    has none (a caption-only set, another data set), NotAFeatureSet / NotAnExport for wrong paths. ``without``: a
+    modality whose items are withheld from the model (e.g. ``audio``: the sound ablation)."""
     from ..models.poolers import POOLERS
     from ..formats.export import load_model
 
@@ -184,12 +191,12 @@ def evaluate(export_dir: str, feature_uri: str, storage: StorageConfig | None = 
             if turn["from"] != "human":
                 continue
             qtype = question_type(turn["value"])
-            if qtype is None or qtype not in meta:
-                tally.other_questions[turn["value"].replace("<video>", "").replace("<image>", "").strip()] += 1
+            if qtype is None or TRUTH_KEY.get(qtype, qtype) not in meta:
+                tally.other_questions[PLACEHOLDER_RE.sub("", turn["value"]).strip()] += 1
                 continue
-            vis = vis or RowVisuals.of(row)
+            vis = vis or RowVisuals.of(row, without)
             score_question(model, tok, template, row, vis, qtype, tally, generate, max_new_tokens)
     if not any(st["n"] for st in tally.per.values()):
         raise NothingToScore(tally.nothing_scored(feature_uri))
     return {"export": str(export_dir), "features": feature_uri, "pooler": pooler or model.cfg.pooler.type,
-            "by_type": tally.by_type(generate), "examples": tally.examples}
+            "without": without, "by_type": tally.by_type(generate), "examples": tally.examples}

@@ -1,7 +1,7 @@
 """Tiny, locally built models: the same load path as real checkpoints, no downloads.
 
 ``preset:tiny-clip`` / ``preset:tiny-clip-synth`` / ``preset:tiny-llama`` / ``preset:tiny-tokenizer`` /
-``preset:tiny-ast`` resolve to
+``preset:tiny-ast`` / ``preset:tiny-ast-synth`` resolve to
 folders under the vlp cache (``$VLP_CACHE``, default ``~/.cache/vlp``), built deterministically on first use with
 ``save_pretrained`` and then always loaded through ``from_pretrained``, exactly like
 ``openai/clip-vit-large-patch14`` or a Vicuna checkpoint would be.
@@ -22,7 +22,7 @@ PRESETS: Registry[Callable[[Path], None]] = Registry("model preset")
 CHAT_SPECIAL_TOKENS = ["<image>", "<video>", "<|im_start|>", "<|im_end|>"]
 # Bump a preset's version whenever its builder can produce different weights: the cache folder is named
 # after it, so an old build is never reused for a new recipe.
-PRESET_VERSIONS = {"tiny-clip-synth": 1}
+PRESET_VERSIONS = {"tiny-clip-synth": 1, "tiny-ast-synth": 1}
 
 
 def cache_dir() -> Path:
@@ -164,6 +164,33 @@ def build_tiny_ast(out: Path) -> None:
     with warnings.catch_warnings():  # AST's 128 mel bins over a 400-sample window leave one filter empty, by design
         warnings.filterwarnings("ignore", message="At least one mel filter has all zero values")
         ASTFeatureExtractor(num_mel_bins=128, max_length=1024).save_pretrained(out)
+
+
+@PRESETS.register("tiny-ast-synth")
+def build_tiny_ast_synth(out: Path) -> None:
+    """``tiny-ast`` cut to the synthetic world's short sounds (64 mel bins x 128 frames: 1.28 s, so
+    ``data.audio.segment_seconds: 1.28``; 5 x 12 patches + 2 = 62 tokens per segment), trained ~10-20 s on random
+    tones so that its CLS token knows pitch (vlp.synth.sound_tower): the demo's stand-in for a pretrained audio
+    tower. Build stats in pretraining.json."""
+    import json
+    import warnings
+
+    import torch
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
+
+    from ..synth.sound_tower import pretrain_on_tones
+
+    torch.manual_seed(0)
+    cfg = ASTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                    num_mel_bins=64, max_length=128, patch_size=16, frequency_stride=10, time_stride=10)
+    model = ASTModel(cfg)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="At least one mel filter has all zero values")
+        extractor = ASTFeatureExtractor(num_mel_bins=64, max_length=128)
+    stats = pretrain_on_tones(model, extractor, log=print)
+    model.save_pretrained(out)
+    extractor.save_pretrained(out)
+    (out / "pretraining.json").write_text(json.dumps(stats, indent=2))
 
 
 def _write_preprocessor_config(out: Path, size: int) -> None:

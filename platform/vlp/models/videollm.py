@@ -193,7 +193,17 @@ class VideoLLM(nn.Module):
         visuals = [self.sample_visuals(f, m, t, i, x)
                    for i, (f, m, t, x) in enumerate(zip(features, modes, num_frames, mods))]
         embeds, mask, lab = self.build_inputs(input_ids, labels, visuals)
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=lab)
+        return self.llm(inputs_embeds=self.touch_connector(embeds), attention_mask=mask, labels=lab)
+
+    def touch_connector(self, embeds: torch.Tensor) -> torch.Tensor:
+        """``embeds`` + 0 x one element of every trainable connector parameter, so that each gets a gradient (zero
+        when unused) on every step. A connector with parts per modality (the perceiver's queries, the abstractor's
+        temporal queries) would otherwise leave some without one on a rank whose micro-batch lacks that modality,
+        and ZeRO's gradient reduction would run collectives of different sizes on different ranks (gloo aborts)."""
+        ps = [p for p in self.connector.parameters() if p.requires_grad]
+        if not ps or not torch.is_grad_enabled():
+            return embeds
+        return embeds + torch.stack([p.reshape(-1)[0] for p in ps]).sum().to(embeds.dtype) * 0.0  # (B, L, d)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, feature: Features, mode: PerItem[str] = "valley_pooled",

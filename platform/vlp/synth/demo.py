@@ -15,7 +15,10 @@ from typing import Optional
 from pydantic import Field, field_validator
 
 from ..config import Cfg, ConfigError, dump_config, validate
+from ..data.audio import AudioConfig
 from ..data.media import SamplingConfig
+from ..models.audio_towers import AUDIO_TOWERS, AudioTowerConfig
+from ..models.connectors import CONNECTORS, ConnectorConfig
 from .shards import SYNTH_VERSION, MakeShardsConfig, make_shards
 from ..inspect_ import format_report, inspect_features
 from ..models.towers import TOWERS, TowerConfig
@@ -52,6 +55,8 @@ class DemoConfig(Cfg):
     tower: TowerConfig = TOWERS.config(path="preset:tiny-clip-synth")
     mode: str = Field("valley_pooled", pattern="^(frames|valley_pooled)$")
     llm: str = Field("preset:tiny-llama", description="causal LM for training")
+    connector: ConnectorConfig = Field(CONNECTORS.config(), description="the connector both stages train (its "
+                                       "trainable/init_from are set by the stages)")
     stage1: DemoStageConfig = DemoStageConfig(epochs=3, lr=2e-3, zero_stage=1)
     stage2: DemoStageConfig = DemoStageConfig(epochs=100, lr=3e-3, global_batch=32, micro_batch=16, zero_stage=2)
     train: bool = Field(True, description="false: stop after the feature sets")
@@ -59,6 +64,11 @@ class DemoConfig(Cfg):
     ablation_pooler: Optional[str] = Field(
         "patch_mean", description="also train stage 2 with this pooler (same data, steps, stage-1 connector) and "
         "evaluate it next to valley; null: skip the ablation")
+    audio_tower: AudioTowerConfig = Field(
+        AUDIO_TOWERS.config(path="preset:tiny-ast-synth"), description="with shards.audio: the tower the clips' "
+        "soundtracks are encoded with")
+    audio: AudioConfig = Field(AudioConfig(segment_seconds=1.28), description="with shards.audio: how soundtracks "
+                               "are cut (one 1.28 s segment: tiny-ast-synth's 128 frames)")
     answers: int = Field(6, ge=0, description="held-out questions answered in the report")
     ray: RayConfig = RayConfig()
     run_name: Optional[str] = None
@@ -72,6 +82,7 @@ class DemoConfig(Cfg):
         return None if v is None else POOLERS.validate(v)
 
 
+WITHOUT_AUDIO = "stage2 (valley), no audio"  # the sound ablation's row: the same model, audio items withheld
 FEATURE_SETS = {"pretrain": ("webvid", "cc3m"), "instruct": ("instruct",), "heldout": ("heldout",)}
 _COUNT = {"webvid": "videos", "cc3m": "images", "instruct": "instructions", "heldout": "heldout"}
 
@@ -159,9 +170,10 @@ def demo_features(cfg: DemoConfig, shards_cfg: MakeShardsConfig, n_steps: int, r
         specs = [join(shards_cfg.out, f"{fam}-*.tar") for fam in families if getattr(shards_cfg, _COUNT[fam]) > 0]
         if not specs:
             continue
+        sound = {"audio_tower": cfg.audio_tower} if cfg.shards.audio else {}
         pc = PrecomputeConfig(
-            run_name=name, data={"shards": specs, "sampling": cfg.sampling},
-            encoder={"tower": cfg.tower}, output={"uri": join(cfg.root, "features", name), "mode": cfg.mode},
+            run_name=name, data={"shards": specs, "sampling": cfg.sampling, "audio": cfg.audio},
+            encoder={"tower": cfg.tower, **sound}, output={"uri": join(cfg.root, "features", name), "mode": cfg.mode},
             ray=cfg.ray)
         log(f"[vlp] step 2/{n_steps} features: {name} <- {', '.join(families)}")
         run_precompute(pc, log=log)
@@ -177,20 +189,21 @@ def demo_train(cfg: DemoConfig, features: dict, n_steps: int, log) -> tuple[dict
     from ..train import run_train
 
     log(f"[vlp] step 3/{n_steps} stage 1: connector on captions, LLM frozen, ZeRO-{cfg.stage1.zero_stage}")
+    conn = cfg.connector.model_dump(mode="json", exclude={"trainable", "init_from"})
     s1 = run_train(_train_cfg(cfg, "stage1", cfg.stage1, data={
         "sets": [{"uri": features["pretrain"]}], "template": "plain", "max_length": 512},
-        model={"llm": {"path": cfg.llm}}), log=log)
+        model={"llm": {"path": cfg.llm}, "connector": conn}), log=log)
     log(f"[vlp] step 4/{n_steps} stage 2: connector + LLM on conversations, ZeRO-{cfg.stage2.zero_stage}")
     s2_data = {"sets": [{"uri": features["instruct"]}], "template": "vicuna_v1", "max_length": 512}
     s2 = run_train(_train_cfg(cfg, "stage2", cfg.stage2, data=s2_data, model={
-        "llm": {"path": cfg.llm, "trainable": True}, "connector": {"init_from": s1["export"]}}), log=log)
+        "llm": {"path": cfg.llm, "trainable": True}, "connector": {**conn, "init_from": s1["export"]}}), log=log)
     if cfg.ablation_pooler is None:
         return s1, s2, None
     log(f"[vlp] step 5/{n_steps} ablation: stage 2 again with pooler {cfg.ablation_pooler} "
         "(same stage-1 connector, data and steps)")
     sa = run_train(_train_cfg(cfg, f"stage2_{cfg.ablation_pooler}", cfg.stage2, stage="stage2", data=s2_data, model={
         "pooler": {"type": cfg.ablation_pooler}, "llm": {"path": cfg.llm, "trainable": True},
-        "connector": {"init_from": s1["export"]}}), log=log)
+        "connector": {**conn, "init_from": s1["export"]}}), log=log)
     return s1, s2, sa
 
 
@@ -202,7 +215,8 @@ def demo_evaluate(cfg: DemoConfig, models: dict, heldout: str, step: str, log) -
     fs, root = get_fs(cfg.root)
     eval_path = join(root, "eval.json")
     old = json.loads(fs.cat(eval_path)) if fs.exists(eval_path) else None
-    if old is not None and all(m["reused"] for m in models.values()) and set(old) == set(models) and all(
+    names = set(models) | ({WITHOUT_AUDIO} if cfg.shards.audio else set())
+    if old is not None and all(m["reused"] for m in models.values()) and set(old) == names and all(
             old[n]["export"] == str(m["export"]) and old[n]["features"] == heldout for n, m in models.items()):
         log(f"[vlp] step {step} evaluation: reused {eval_path}")
         evals = old
@@ -212,6 +226,8 @@ def demo_evaluate(cfg: DemoConfig, models: dict, heldout: str, step: str, log) -
         # it does not need (in our runs generated accuracy equalled choice accuracy to the clip)
         s2 = models["stage2 (valley)"]
         evals = {n: evaluate(m["export"], heldout, generate=(m is s2)) for n, m in models.items()}
+        if cfg.shards.audio:  # the sound ablation: the same model, its clips' <audio> items withheld
+            evals[WITHOUT_AUDIO] = evaluate(s2["export"], heldout, generate=False, without="audio")
     for name, e in evals.items():
         for q, v in e["by_type"].items():
             gen = "-" if v.get("gen_acc") is None else f"{v['gen_acc']:.2f}"
@@ -222,6 +238,9 @@ def demo_evaluate(cfg: DemoConfig, models: dict, heldout: str, step: str, log) -
             "(chance 0.50): " + ", ".join(f"{n} {e['by_type']['direction']['choice_acc']:.2f} / "
                                          f"{e['by_type']['direction_vs_opposite']['choice_acc']:.2f}"
                                          for n, e in evals.items()))
+    if WITHOUT_AUDIO in evals:
+        log("[vlp] what the <audio> item buys: the word the sound names (chance 0.25): " + ", ".join(
+            f"{n} {e['by_type']['sound']['choice_acc']:.2f}" for n, e in evals.items() if "sound" in e["by_type"]))
     with fs.open(eval_path, "w") as f:
         f.write(json.dumps(evals, indent=2))
     return evals

@@ -39,6 +39,11 @@ QUESTIONS = {
     "shape": ("What shape is shown?", "It is a {shape}."),
     "direction": ("Which direction does the shape move?", "It moves {direction}."),
 }
+# With ``audio``: a clip's soundtrack is a tone whose pitch names a word no frame shows, so only a model that hears
+# the <audio> item can answer (kept out of QUESTIONS: the tiny tokenizer's corpus, and so the demo, stay as they are)
+WORDS = {"apple": 330.0, "river": 660.0, "stone": 1320.0, "cloud": 2640.0}  # word -> pitch (Hz)
+SOUND_QUESTION = ("Which word does the sound name?", "It names {word}.")
+SOUND_RATE = 16000
 
 
 class MakeShardsConfig(Cfg):
@@ -58,6 +63,9 @@ class MakeShardsConfig(Cfg):
     fps: int = Field(8, ge=1, le=120)
     codec: Literal["libx264", "mpeg4"] = "libx264"
     image_fraction_in_instructions: float = Field(0.25, ge=0, le=1)
+    audio: bool = Field(False, description="video clips get a soundtrack: a tone whose pitch names a word (WORDS) "
+                        "no frame shows; instruction and held-out clips name it as an <audio> item (the mp4's "
+                        "sound) and ask for the word")
 
     @model_validator(mode="after")
     def _even(self):
@@ -149,8 +157,9 @@ def render_stills(rng: np.random.Generator, n: int, h: int, w: int) -> tuple[np.
 
 
 def encode_mp4(frames: np.ndarray, fps: int, codec: str = "libx264", pix_fmt: str | None = None,
-               container: str = "mp4", options: dict | None = None) -> bytes:
-    """(n, h, w, 3) uint8 -> video bytes with PyAV (mp4 unless ``container`` says otherwise)."""
+               container: str = "mp4", options: dict | None = None, sound: np.ndarray | None = None) -> bytes:
+    """(n, h, w, 3) uint8 -> video bytes with PyAV (mp4 unless ``container`` says otherwise); ``sound``: a mono
+    float32 (S,) waveform at SOUND_RATE muxed as an AAC soundtrack."""
     import av
 
     buf = io.BytesIO()
@@ -163,12 +172,37 @@ def encode_mp4(frames: np.ndarray, fps: int, codec: str = "libx264", pix_fmt: st
             st.options = options
         elif codec == "libx264":
             st.options = {"crf": "18", "preset": "veryfast"}
+        sst = c.add_stream("aac", rate=SOUND_RATE, layout="mono") if sound is not None else None  # before muxing
         for f in frames:
             for pkt in st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 c.mux(pkt)
         for pkt in st.encode():
             c.mux(pkt)
+        if sst is not None:
+            mux_sound(c, sst, sound)
     return buf.getvalue()
+
+
+def mux_sound(container, st, wave: np.ndarray) -> None:
+    """Encode (S,) float32 at SOUND_RATE into ``st``, an AAC stream of ``container`` (PyAV, open for writing)."""
+    import av
+
+    step = st.codec_context.frame_size or 1024
+    for i in range(0, wave.size, step):
+        fr = av.AudioFrame.from_ndarray(wave[None, i:i + step].astype(np.float32), format="fltp", layout="mono")
+        fr.sample_rate, fr.pts = SOUND_RATE, i
+        for pkt in st.encode(fr):
+            container.mux(pkt)
+    for pkt in st.encode():
+        container.mux(pkt)
+
+
+def render_sound(word: str, seconds: float) -> np.ndarray:
+    """(S,) float32 at SOUND_RATE: the tone that names ``word`` (WORDS), faded in and out over 10 ms."""
+    t = np.arange(int(SOUND_RATE * seconds)) / SOUND_RATE
+    wave = 0.3 * np.sin(2 * np.pi * WORDS[word] * t)
+    ramp = np.minimum(1.0, np.minimum(t, t[-1] - t) / 0.01)
+    return (wave * ramp).astype(np.float32)
 
 
 def encode_jpeg(img: np.ndarray, quality: int = 92) -> bytes:
@@ -195,6 +229,14 @@ def conversation(attrs: Attributes, media: str, rng: np.random.Generator, kinds:
         conv.append({"from": "human", "value": q})
         conv.append({"from": "gpt", "value": a.format(**attrs.__dict__)})
     return conv
+
+
+def with_sound_turn(conv: list[dict], word: str) -> list[dict]:
+    """A clip's conversation with its <audio> placeholder after the <video> one and the sound's question last."""
+    conv = [dict(t) for t in conv]
+    conv[0]["value"] = conv[0]["value"].replace("<video>\n", "<video>\n<audio>\n", 1)
+    q, a = SOUND_QUESTION
+    return [*conv, {"from": "human", "value": q}, {"from": "gpt", "value": a.format(word=word)}]
 
 
 def vocabulary_corpus() -> list[str]:
@@ -242,11 +284,15 @@ def make_samples(kind: str, count: int, cfg: MakeShardsConfig, rng: np.random.Ge
         members: dict[str, bytes] = {}
         if reverse_of is not None:
             meta["reverse_of"] = reverse_of
+        sound = None
+        if media == "video" and cfg.audio:
+            meta["word"] = str(rng.choice(list(WORDS)))
+            sound = render_sound(meta["word"], cfg.num_frames / cfg.fps)
         if media == "video":
             frames = render_clip(attrs, clip_rng, cfg.height, cfg.width, cfg.num_frames)
             # held-out clips lossless (x264 qp 0): a reversed pair then decodes to exactly reversed frames
             lossless = {"qp": "0", "preset": "veryfast"} if kind == "heldout" and cfg.codec == "libx264" else None
-            members["mp4"] = encode_mp4(frames, cfg.fps, cfg.codec, options=lossless)
+            members["mp4"] = encode_mp4(frames, cfg.fps, cfg.codec, options=lossless, sound=sound)
             meta["duration"] = cfg.num_frames / cfg.fps
             meta["num_frames"] = cfg.num_frames
         else:
@@ -257,6 +303,9 @@ def make_samples(kind: str, count: int, cfg: MakeShardsConfig, rng: np.random.Ge
         if kind in ("instruct", "heldout"):
             kinds = ["color", "shape", "direction"] if kind == "heldout" else None
             meta["conversations"] = conversation(attrs, media, rng, kinds)
+            if sound is not None:  # the mp4 is the video item and, through its soundtrack, the audio item
+                meta.update(videos=["mp4"], audios=["mp4"], conversations=with_sound_turn(meta["conversations"],
+                                                                                          meta["word"]))
         members["txt"] = caption.encode()
         members["json"] = json.dumps(meta).encode()
         yield shard_base + shard, key, members
