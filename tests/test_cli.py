@@ -201,3 +201,42 @@ def test_no_platform_package_shadowing_stdlib():
     import platform
 
     assert hasattr(platform, "python_version")  # still the stdlib module
+
+
+@pytest.mark.ray
+def test_demo_with_sound_encodes_soundtracks_and_eval_asks_with_and_without_them(ray_local, tmp_path, capsys):
+    """``shards.audio``: instruction and held-out clips carry their soundtrack as an <audio> item, precompute
+    encodes it with the demo's audio tower, and ``vlp eval`` asks the sound's question with the audio item and
+    (``--without audio``) without it. Untrained export: the plumbing, not the accuracies (docs/training.md)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from vlp.config import validate
+    from vlp.formats.export import export_model
+    from vlp.models.presets import resolve_model_path
+    from vlp.models.videollm import ModelConfig, VideoLLM
+
+    root = tmp_path / "demo"
+    assert main(["demo", f"root={root}", "shards.videos=2", "shards.images=0", "shards.instructions=2",
+                 "shards.heldout=2", "shards.audio=true", "ray.progress_bars=false", "train=false"]) == 0
+    feats = root / "features" / "heldout"
+    fp = json.loads((feats / "fingerprint.json").read_text())
+    man = json.loads((feats / "manifest.json").read_text())
+    assert fp["audio"]["path"] == "preset:tiny-ast-synth" and fp["audio"]["tokens_per_segment"] == 62
+    assert man["totals"]["items_by_modality"] == {"video": 2, "audio": 2} and man["totals"]["samples_failed"] == 0
+    torch.manual_seed(0)
+    model = VideoLLM(validate(ModelConfig, {"vision_hidden_size": 64, "audio_hidden_size": 64, "connector": {
+        "type": "perceiver", "num_queries": 2, "num_layers": 1, "hidden_size": 32, "num_heads": 2,
+        "intermediate_size": 32}}))
+    exp = export_model(model, AutoTokenizer.from_pretrained(resolve_model_path("preset:tiny-tokenizer")),
+                       tmp_path / "export", extra={"template": "vicuna_v1", **{k: fp[k] for k in (
+                           "encoder", "sampling", "preprocess", "audio")}, "feature_mode": fp["mode"]})
+    capsys.readouterr()
+    for extra in ([], ["--without", "audio"]):
+        assert main(["eval", "--model", str(exp), "--features", str(feats), "--no-generate", *extra]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].endswith(", audio items withheld)" if extra else "(pooler valley)")
+        rows = {ln.split()[0]: ln.split()[1:] for ln in lines[2:]}
+        assert rows["sound"][0] == "2" and rows["sound"][3] == "0.25"  # two clips, four words
+    rc = main(["eval", "--model", str(exp), "--task", "mcq", "--without", "audio", "--questions", "q.json"])
+    assert rc == 2 and "--without does not apply to --task mcq" in capsys.readouterr().err

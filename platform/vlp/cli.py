@@ -88,8 +88,8 @@ def _cmd_train(args) -> int:
     return 0
 
 
-EVAL_FLAGS = {"features": ("synthetic",), "pooler": ("synthetic",), "no_generate": ("synthetic",),
-              "endpoint_url": ("synthetic",), "questions": ("videoqa", "mcq"), "media_root": ("videoqa", "mcq"),
+EVAL_FLAGS = {"features": ("synthetic",), "pooler": ("synthetic",), "without": ("synthetic",),
+              "no_generate": ("synthetic",), "endpoint_url": ("synthetic",), "questions": ("videoqa", "mcq"), "media_root": ("videoqa", "mcq"),
               "out": ("videoqa", "mcq"), "answers": ("videoqa",), "max_new_tokens": ("synthetic", "videoqa")}
 
 
@@ -112,11 +112,12 @@ def _cmd_eval(args) -> int:
     storage = validate(StorageConfig, {k: v for k, v in {"endpoint_url": args.endpoint_url}.items() if v})
     gen = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
     rep = evaluate(args.model, args.features, storage, max_samples=args.max_samples, generate=not args.no_generate,
-                   pooler=args.pooler, **gen)
+                   pooler=args.pooler, without=args.without, **gen)
     if args.json:
         print(json.dumps(rep, indent=2))
         return 0
-    print(f"eval {args.model} on {args.features} (pooler {rep['pooler']})")
+    print(f"eval {args.model} on {args.features} (pooler {rep['pooler']}"
+          f"{f', {args.without} items withheld' if args.without else ''})")
     print(f"  {'question':<21} {'n':>4} {'choice acc':>10} {'gen acc':>8} {'chance':>7}")
     for k, v in rep["by_type"].items():
         gen = f"{v['gen_acc']:.2f}" if v["gen_acc"] is not None else "-"
@@ -216,6 +217,9 @@ def _add_eval_parser(sub) -> None:
                     help="evaluate the export with another pooler than it was trained with (e.g. patch_mean on "
                     "valley-trained weights): a probe, not the pooling ablation, which is a stage 2 trained with "
                     "that pooler (vlp demo's train/stage2_patch_mean/export); --task synthetic")
+    sp.add_argument("--without", choices=("image", "video", "audio"), default=None,
+                    help="withhold the samples' items of this modality from the model (the sound ablation: --without "
+                    "audio); --task synthetic")
     sp.add_argument("--max-samples", type=int, default=None, help="only the first N feature rows / questions")
     sp.add_argument("--no-generate", action="store_true", help="choice accuracy only (--task synthetic)")
     sp.add_argument("--endpoint-url", help="S3-compatible endpoint")

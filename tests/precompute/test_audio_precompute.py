@@ -129,3 +129,12 @@ def test_precompute_writes_audio_items_and_records_the_audio_tower(ray_local, au
     spec["data"]["audio"] = {"max_segments": 3}  # other audio cuts: not the same features
     with pytest.raises(FeatureSetMismatch, match="holds features made with a different audio"):
         run_precompute(validate(PrecomputeConfig, spec), log=lambda *_: None)
+
+
+def test_inspect_counts_audio_items_and_names_bad_audio(audio_shard):
+    from vlp.inspect_ import inspect_shards
+
+    rep = inspect_shards([str(audio_shard)])
+    assert rep["items_by_modality"] == {"audio": 3, "image": 1, "video": 1} and rep["ok"] == 3
+    assert rep["media_types"]["audio"] == 3 and rep["media_types"]["video"] == 1
+    assert [e["reason"] for e in rep["error_records"]] == ["item 0 (wav): silent audio"]

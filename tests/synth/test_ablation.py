@@ -79,6 +79,14 @@ def test_demo_refuses_to_reuse_shards_made_with_other_settings(tmp_path):
     with pytest.raises(ConfigError) as e:
         run_demo(validate(DemoConfig, base), log=lambda m: None)
     assert "shards.videos" in str(e.value) and "made with 5" in str(e.value) and "says 2" in str(e.value)
+    older = {k: v for k, v in made.items() if k != "audio"}  # made before shards.audio existed: it was off
+    (shards / "_SUCCESS").write_text(json.dumps(older | {"synth_version": SYNTH_VERSION}))
+    from vlp.storage import StorageError
+
+    with pytest.raises(StorageError, match="matched nothing"):  # reused, not refused: on to their (absent) tars
+        run_demo(validate(DemoConfig, base), log=lambda m: None)
+    with pytest.raises(ConfigError, match="shards.audio: the shards in .* were made with False, this config says True"):
+        run_demo(validate(DemoConfig, {**base, "shards": {**base["shards"], "audio": True}}), log=lambda m: None)
     (shards / "_SUCCESS").write_text("ok\n")  # a run folder from before the check: an older generator
     with pytest.raises(ConfigError, match="older shard generator"):
         run_demo(validate(DemoConfig, base), log=lambda m: None)

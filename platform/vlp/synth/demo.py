@@ -104,8 +104,10 @@ def _check_same_shards(old: dict, new: dict, where: str) -> None:
         problems = [("shards", f"the shards in {where} were made by an older shard generator (version "
                                f"{old.get('synth_version')}, now {new['synth_version']})")]
     else:
-        problems = [(f"shards.{k}", f"the shards in {where} were made with {old.get(k)!r}, this config says {v!r}")
-                    for k, v in new.items() if k != "storage" and old.get(k) != v]
+        # a setting added after the shards were made (shards.audio) was at its default then
+        made = {**MakeShardsConfig().model_dump(mode="json"), **old}
+        problems = [(f"shards.{k}", f"the shards in {where} were made with {made.get(k)!r}, this config says {v!r}")
+                    for k, v in new.items() if k != "storage" and made.get(k) != v]
     if problems:
         problems.append(("root", "use another root, or delete the old shards (and the features/train folders "
                                  "made from them) to rebuild"))
