@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_decode.py
 	$(BIN)/python bench/bench_precompute.py
 	$(BIN)/python bench/bench_pack.py
+	$(BIN)/python bench/bench_audio.py
 
 bench-train: $(STAMP)
 	$(BIN)/python bench/train_padding.py
