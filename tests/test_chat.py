@@ -123,7 +123,7 @@ def test_chat_and_infer_preprocess_as_precompute_did(padded_export, clip, name):
     got = s.items[0].feats
     assert torch.allclose(got, stored, atol=2e-2, rtol=1e-2), (got - stored).abs().max()
     actor = AnswerBatch(str(padded_export), None, 3)
-    assert torch.allclose(actor.features(precomputed), stored, atol=2e-2, rtol=1e-2)
+    assert torch.allclose(actor.enc.frames(precomputed), stored, atol=2e-2, rtol=1e-2)
 
 
 def test_single_question_streams_and_is_deterministic(export, clip):

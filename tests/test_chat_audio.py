@@ -117,3 +117,30 @@ def test_chat_hears_real_files(audio_export, name):
     assert s.load_media([str(SHARED_MEDIA / name)], audio=[0]) == ["audio"]
     assert s.items[0].feats.shape[1:] == (AST_TOKENS, 64)
     assert isinstance("".join(s.ask("What do you hear?", max_new_tokens=3)), str)
+
+
+def test_infer_answers_samples_with_sound_through_the_exports_audio_cuts(audio_export, export, media):
+    """vlp infer's stages on a model trained with audio: the decode stage cuts the sound as the export records
+    (two segments here), the answer actor encodes it with the audio tower; a model without audio records the
+    sample as an error naming the missing audio tower, not a crash."""
+    import json
+
+    from vlp.data.media import DecodeConfig
+    from vlp.data.tario import RawSample
+    from vlp.formats.export import ExportInfo
+    from vlp.infer import AnswerBatch, decode_stage
+    from vlp.precompute.stages import ReadShard, batch_rows, rows_batch
+
+    turn = {"from": "human", "value": "<video>\n<audio>\nWhat do you hear?"}
+    raws = [RawSample("movie", {"mp4": (media / "movie.mp4").read_bytes(), "json": json.dumps(
+                {"videos": ["mp4"], "audios": ["mp4"], "conversations": [turn]}).encode()}),
+            RawSample("tone", {"wav": (media / "tone.wav").read_bytes(), "txt": b"A tone."})]
+    rows = [ReadShard().row("s", r, 0.0) for r in raws]
+    batch = decode_stage(ExportInfo.read(audio_export), DecodeConfig())(rows_batch(rows))
+    assert [r["frames_shape"] for r in batch_rows(batch)] == [["8,3,224,224", "1,1024,128"], ["2,1024,128"]]
+    out = AnswerBatch(str(audio_export), "Describe.", 3)(batch)
+    assert out["kind"] == ["answer", "answer"], out["error"]
+    deaf = batch_rows(decode_stage(ExportInfo.read(export), DecodeConfig())(rows_batch(rows)))
+    assert [r["kind"] for r in deaf] == ["error", "error"]
+    assert deaf[1]["error"] == ("item 0 (wav): an audio item, but the model was trained without audio (its export "
+                                "has no audio tower)")

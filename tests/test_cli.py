@@ -240,3 +240,9 @@ def test_demo_with_sound_encodes_soundtracks_and_eval_asks_with_and_without_them
         assert rows["sound"][0] == "2" and rows["sound"][3] == "0.25"  # two clips, four words
     rc = main(["eval", "--model", str(exp), "--task", "mcq", "--without", "audio", "--questions", "q.json"])
     assert rc == 2 and "--without does not apply to --task mcq" in capsys.readouterr().err
+    deaf = export_model(VideoLLM(validate(ModelConfig, {"vision_hidden_size": 64})), AutoTokenizer.from_pretrained(
+        resolve_model_path("preset:tiny-tokenizer")), tmp_path / "deaf", extra={"template": "vicuna_v1", **{
+            k: fp[k] for k in ("encoder", "sampling", "preprocess")}, "feature_mode": fp["mode"]})
+    assert main(["eval", "--model", str(deaf), "--features", str(feats), "--no-generate"]) == 2
+    assert "was trained without audio; evaluate it with --without audio" in capsys.readouterr().err
+    assert main(["eval", "--model", str(deaf), "--features", str(feats), "--no-generate", "--without", "audio"]) == 0

@@ -24,7 +24,7 @@ def test_answer_actor_runs_where_the_config_says(export, synth_shards):
     assert answer_device(validate(InferConfig, {**base, "use_gpu": True})) == "cuda"
 
     actor = AnswerBatch(str(export), None, 3, device=answer_device(validate(InferConfig, base)))
-    assert next(actor.model.parameters()).device.type == "cpu" and actor.tower.device.type == "cpu"
+    assert next(actor.model.parameters()).device.type == "cpu" and actor.enc.tower.device.type == "cpu"
     info = ExportInfo.read(export)
     with open(synth_shards / "heldout-00000.tar", "rb") as f:
         item = next(iter_tar_samples(f))

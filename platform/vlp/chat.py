@@ -20,7 +20,7 @@ import torch
 from .data.conversation import PLACEHOLDER_RE, prompt_ids
 from .data.media import DecodeConfig, MediaError, decode_media
 from .data.sample import match_placeholders
-from .data.preprocess import normalize, resize_crop
+from .data.preprocess import resize_crop
 from .errors import UserError
 
 
@@ -60,45 +60,29 @@ class ChatSession:
     """Holds the model, the media items' visual features and the conversation so far."""
 
     def __init__(self, export_dir: str, device: str = "cpu"):
-        from .models.towers import build_vision_tower
         from .formats.export import load_model
+        from .online import OnlineEncoder
 
         self.model, self.tok, self.info = load_model(export_dir, device)
-        enc, self.sampling = self.info.media(export_dir)
         self.template = self.info.prompt_template(export_dir)
-        self.tower = build_vision_tower({"type": enc.type, "path": enc.path, "layer": enc.layer, "device": device})
-        self.geom = self.info.geometry(self.tower.image_size, self.tower.mean, self.tower.std)
-        self.audio_tower, self.featurizer = self.audio_parts(device)
+        self.enc = OnlineEncoder(self.info, export_dir, device)  # the export's towers and preprocessing
         self.conv: list[dict] = []
         self.items: list[ChatItem] = []
         self.order: list[int] = []  # the item of each placeholder of the conversation, in order
-
-    def audio_parts(self, device: str):
-        """(audio tower, featurizer) from the export's ``audio`` record; (None, None) for a model without audio."""
-        a = self.info.audio
-        if a is None:
-            return None, None
-        from .data.audio import AudioConfig, AudioFeaturizer
-        from .models.audio_towers import build_audio_tower
-        from .models.presets import resolve_model_path
-
-        tower = build_audio_tower({"type": a.type, "path": a.path, "layer": a.layer, "device": device})
-        return tower, AudioFeaturizer(AudioConfig(**a.decode), resolve_model_path(a.path))
 
     @torch.no_grad()
     def encode_audio(self, path: str) -> ChatItem:
         """A file's sound (an audio file, or a video's soundtrack) -> its audio item, cut and encoded as precompute
         did. NoAudio for a model without audio; BadMedia when the file holds no decodable sound."""
         data = media_file(path).read_bytes()
-        if self.featurizer is None:
+        if self.enc.featurizer is None:
             raise NoAudio(f"{path}: this model was trained without audio (its export has no audio tower); audio "
                           "needs a model trained on features precomputed with encoder.audio_tower")
         try:
-            dec = self.featurizer(data)
+            dec = self.enc.featurizer(data)
         except MediaError as e:
             raise BadMedia(f"{path} has no audio vlp can decode: {e}") from None
-        feats = self.audio_tower.features(torch.from_numpy(dec.fbank))  # (n, F, M) -> (n, tokens, D_a)
-        return ChatItem(path, "audio", feats.float().cpu())
+        return ChatItem(path, "audio", self.enc.sound(dec.fbank).cpu())  # (n, F, M) -> (n, tokens, D_a)
 
     def frames(self, path: str) -> tuple[str, torch.Tensor]:
         """Decode + sample + resize/pad/crop as precompute did: (media type, (T, 3, S, S) uint8)."""
@@ -108,10 +92,10 @@ class ChatSession:
         """:meth:`frames` of a file's bytes already in memory (``ext``: its extension, a hint for the decoder;
         ``name``: how BadMedia names it)."""
         try:
-            mtype, dec = decode_media(data, ext, self.sampling, DecodeConfig())
+            mtype, dec = decode_media(data, ext, self.enc.sampling, DecodeConfig())
         except MediaError as e:
             raise BadMedia(f"{name} is not a video or image vlp can decode: {e}") from None
-        g = self.geom
+        g = self.enc.geom
         return mtype, resize_crop(dec.frames, g.size, g.pad_to_square, g.mean)  # (T, H, W, 3) -> (T, 3, S, S)
 
     def encode(self, path: str) -> ChatItem:
@@ -122,8 +106,7 @@ class ChatSession:
     def encode_bytes(self, data: bytes, ext: str, name: str) -> ChatItem:
         """:meth:`encode` of a media file's bytes (an image made in memory: lmms-eval's PIL images)."""
         mtype, x = self.frames_of(data, ext, name)
-        px = normalize(x, self.geom.mean, self.geom.std, self.tower.dtype)  # the feature set's mean/std
-        return ChatItem(name, mtype, self.tower.features(px).float().cpu())  # (T, 1 + P, D)
+        return ChatItem(name, mtype, self.enc.frames(x).cpu())  # (T, 3, S, S) -> (T, 1 + P, D)
 
     def load_media(self, paths: Union[str, Sequence[str]], audio: Sequence[int] = (), with_audio: bool = False
                    ) -> list[str]:
@@ -196,6 +179,12 @@ class ChatSession:
                 shown = full
 
 
+def _export_info(export_dir: str):
+    from .formats.export import ExportInfo
+
+    return ExportInfo.read(export_dir)
+
+
 def run_chat(export_dir: str, media: Union[None, str, Sequence[str]], question: Optional[str],
              write: Callable[[str], None] = None, read: Callable[[str], str] = input, audio: Sequence[int] = (),
              with_audio: bool = False, **gen) -> int:
@@ -205,6 +194,9 @@ def run_chat(export_dir: str, media: Union[None, str, Sequence[str]], question: 
     paths = [media] if isinstance(media, str) else list(media or [])
     for p in paths:
         media_file(p)  # a missing file fails before the model loads
+    if (audio or with_audio) and _export_info(export_dir).audio is None:  # and so does audio for a deaf model
+        raise NoAudio(f"{export_dir}: this model was trained without audio (its export has no audio tower); --audio "
+                      "and --with-audio need a model trained on features precomputed with encoder.audio_tower")
     session = ChatSession(export_dir)
     session.load_media(paths, audio, with_audio)
     if question is not None:

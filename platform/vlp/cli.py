@@ -89,7 +89,8 @@ def _cmd_train(args) -> int:
 
 
 EVAL_FLAGS = {"features": ("synthetic",), "pooler": ("synthetic",), "without": ("synthetic",),
-              "no_generate": ("synthetic",), "endpoint_url": ("synthetic",), "questions": ("videoqa", "mcq"), "media_root": ("videoqa", "mcq"),
+              "no_generate": ("synthetic",), "endpoint_url": ("synthetic",), "questions": ("videoqa", "mcq"),
+              "media_root": ("videoqa", "mcq"),
               "out": ("videoqa", "mcq"), "answers": ("videoqa",), "max_new_tokens": ("synthetic", "videoqa")}
 
 

@@ -45,27 +45,28 @@ class InferConfig(Cfg):
 
 
 class AnswerBatch:
-    """Actor stage: decoded frames -> tower features -> VideoLLM answer."""
+    """Actor stage: decoded items -> the export's tower features (vlp.online) -> VideoLLM answer."""
 
     def __init__(self, export_dir: str, question: Optional[str], max_new_tokens: int, device: str = "cpu"):
         from .formats.export import load_model
-        from .models.towers import build_vision_tower
+        from .online import OnlineEncoder
 
         self.device = device
         self.model, self.tok, self.info = load_model(export_dir, device)
-        enc, _ = self.info.media(export_dir)
         self.template = self.info.prompt_template(export_dir)
-        self.tower = build_vision_tower({"type": enc.type, "path": enc.path, "layer": enc.layer, "device": device})
+        self.enc = OnlineEncoder(self.info, export_dir, device)
         self.question, self.max_new = question, max_new_tokens
-        self.geom = self.info.geometry(self.tower.image_size, self.tower.mean, self.tower.std)
 
-    def features(self, x):
-        """(T, 3, S, S) uint8 frames -> (T, 1 + P, D) float features, normalised with the mean/std the model's
-        features were precomputed with (export info), as precompute's EncodeFeatures did."""
-        from .data.preprocess import normalize
+    def features(self, data: bytes, shape: str, modality: str):
+        """One decoded item -> its features: uint8 frames (T, 3, S, S) -> (T, 1 + P, D); an audio item's float32
+        fbank (n, F, M) -> (n, tokens, D_a) (as precompute's EncodeFeatures did)."""
+        import torch
 
-        px = normalize(x.to(self.tower.device), self.geom.mean, self.geom.std, self.tower.dtype)
-        return self.tower.features(px).float().to(self.device)  # (T, 3, S, S) -> (T, 1 + P, D)
+        from .precompute.stages import shape_of
+
+        if modality == "audio":
+            return self.enc.sound(np.frombuffer(data, np.float32).reshape(shape_of(shape)).copy())
+        return self.enc.frames(torch.from_numpy(np.frombuffer(data, np.uint8).reshape(shape_of(shape)).copy()))
 
     def prompt(self, r: dict) -> Optional[str]:
         """The user turn asked of a sample row: with ``question`` set, one placeholder per item + the question;
@@ -84,13 +85,9 @@ class AnswerBatch:
         import torch
 
         from .data.conversation import prompt_ids
-        from .precompute.stages import shape_of
 
-        feats, nfs = [], []
-        for b, s in zip(r["frames"], r["frames_shape"]):
-            x = torch.from_numpy(np.frombuffer(b, np.uint8).reshape(shape_of(s)).copy())  # (T, 3, S, S) uint8
-            feats.append(self.features(x))  # (T, 3, S, S) -> (T, 1 + P, D)
-            nfs.append(x.shape[0])
+        feats = [self.features(b, s, str(m)) for b, s, m in zip(r["frames"], r["frames_shape"], r["modalities"])]
+        nfs = [int(f.shape[0]) for f in feats]  # frames, or audio segments
         ids = torch.tensor(prompt_ids([{"from": "human", "value": prompt}], self.tok, self.template),
                            device=self.device)
         toks = list(self.model.generate(ids, feats or None, "frames", nfs or 1, max_new_tokens=self.max_new,
@@ -127,8 +124,10 @@ def answer_device(cfg: InferConfig) -> str:
 
 def decode_stage(info: ExportInfo, decode: DecodeConfig):
     """The decode stage for a model: the sampling, crop size, padding and padding colour its features were
-    precomputed with (export info), as precompute's DecodeFrames was built. An export that records no mean
-    (none written by vlp) pads with the tower's own, as AnswerBatch then normalises."""
+    precomputed with (export info), and its audio cuts when it was trained on audio, as precompute's DecodeFrames
+    was built. An export that records no mean (none written by vlp) pads with the tower's own, as AnswerBatch then
+    normalises. Built on the driver without loading a tower."""
+    from .data.audio import AudioConfig, AudioFeaturizer
     from .data.preprocess import CLIP_MEAN, CLIP_STD
     from .models.presets import resolve_model_path
     from .models.towers import tower_mean_std
@@ -138,7 +137,11 @@ def decode_stage(info: ExportInfo, decode: DecodeConfig):
     recorded = info.preprocess is not None and info.preprocess.mean
     mean, std = (CLIP_MEAN, CLIP_STD) if recorded else tower_mean_std(resolve_model_path(enc.path))
     g = info.geometry(enc.image_size, mean, std)
-    return DecodeFrames(sampling, decode, g.size, g.pad_to_square, g.mean)
+    a = info.audio
+    audio = AudioFeaturizer(AudioConfig(**a.decode), a.path) if a is not None else None
+    return DecodeFrames(sampling, decode, g.size, g.pad_to_square, g.mean, audio=audio,
+                        no_audio="an audio item, but the model was trained without audio (its export has no audio "
+                                 "tower)")
 
 
 def run_infer(cfg: InferConfig, log=print) -> dict:

@@ -142,3 +142,15 @@ def test_every_trainable_connector_parameter_gets_a_gradient_each_step(llm):
     params = dict(model.connector.named_parameters())
     assert all(p.grad is not None for p in params.values()), [n for n, p in params.items() if p.grad is None]
     assert params["queries.video"].grad.abs().sum() == 0 and params["queries.audio"].grad.abs().sum() > 0
+
+
+def test_zero3_partitioned_parameters_are_not_touched(llm):
+    """Under ZeRO-3 a large parameter's data is empty outside its module's forward (DeepSpeed marks it ds_id):
+    indexing it would fail on the first step, so the touch skips such parameters."""
+    torch.manual_seed(0)
+    model = VideoLLM(model_cfg(PERCEIVER), llm=llm)
+    for p in model.connector.parameters():
+        p.ds_id = 0
+        p.data = torch.empty(0)
+    embeds = torch.randn(1, 3, 64, requires_grad=True)
+    assert model.touch_connector(embeds) is embeds

@@ -96,7 +96,7 @@ def audio_shard(tmp_path_factory):
     return p
 
 
-def test_the_audio_rate_must_be_the_towers():
+def test_audio_tower_mistakes_are_config_errors_before_any_work():
     from vlp.precompute.pipeline import plan_stages
     from vlp.precompute import PrecomputeConfig
 
@@ -105,6 +105,14 @@ def test_the_audio_rate_must_be_the_towers():
     with pytest.raises(ConfigError, match=r"data.audio.sample_rate: 22050 Hz, but the audio tower's feature "
                                           r"extractor \(preset:tiny-ast\) expects 16000 Hz"):
         plan_stages(cfg)
+    bad = validate(PrecomputeConfig, {"data": {"shards": ["x.tar"]}, "output": {"uri": "o"},
+                                      "encoder": {"audio_tower": {"type": "ast", "layer": 7}}})
+    with pytest.raises(ConfigError, match=r"encoder.audio_tower.layer: 7 is out of range for a 2-layer tower"):
+        plan_stages(bad)
+    clip = validate(PrecomputeConfig, {"data": {"shards": ["x.tar"]}, "output": {"uri": "o"},
+                                       "encoder": {"audio_tower": {"type": "ast", "path": "preset:tiny-clip"}}})
+    with pytest.raises(ConfigError, match=r"encoder.audio_tower.path: preset:tiny-clip is not an ast audio tower"):
+        plan_stages(clip)
 
 
 @pytest.mark.ray

@@ -114,19 +114,24 @@ class DecodedAudio:
 
 @functools.lru_cache(maxsize=4)
 def load_extractor(path: str) -> Any:
-    """The tower's ``ASTFeatureExtractor`` (its preprocessor_config.json), loaded once per process."""
+    """The tower's ``ASTFeatureExtractor`` (its preprocessor_config.json), loaded once per process. ``path`` as the
+    config writes it (a folder, hub id or ``preset:NAME``): resolved here, in the process that decodes (a preset's
+    folder exists on the node that builds it, not necessarily on the driver's)."""
     import warnings
 
     from transformers import ASTFeatureExtractor
 
+    from ..models.presets import resolve_model_path
+
+    path = resolve_model_path(path)
     with warnings.catch_warnings():  # AST's 128 mel bins over a 400-sample window leave one filter empty, by design
         warnings.filterwarnings("ignore", message="At least one mel filter has all zero values")
         return ASTFeatureExtractor.from_pretrained(path)
 
 
 class AudioFeaturizer:
-    """One audio item's bytes -> :class:`DecodedAudio` with the tower's extractor at ``extractor_path`` (a local
-    folder or hub id, as resolve_model_path gives). Raises MediaError for bad audio."""
+    """One audio item's bytes -> :class:`DecodedAudio` with the tower's extractor at ``extractor_path`` (the audio
+    tower's path as configured: folder, hub id or preset). Raises MediaError for bad audio."""
 
     def __init__(self, cfg: AudioConfig, extractor_path: str):
         self.cfg, self.path = cfg, extractor_path

@@ -249,7 +249,8 @@ def _explicit_media(raw: RawSample, meta: dict, cfg: SampleConfig) -> tuple[dict
                 used.add(name)
             elif "/" in x and len(x) <= 4096 and "\x00" not in x:  # a path or URI: resolved by the decode stage
                 ext = x.rsplit("/", 1)[-1].rpartition(".")[2].lower()
-                media[modality].append((pos, x, ext if modality_of(ext) in (modality, "video") else "", None, x))
+                ok = (modality, "video") if modality == "audio" else (modality,)  # a video's soundtrack is audio
+                media[modality].append((pos, x, ext if modality_of(ext) in ok else "", None, x))
             else:
                 have = ", ".join(sorted(raw.members))
                 raise ValueError(f"json {list_key!r} names member {x!r}, which the sample lacks (it has: {have})")

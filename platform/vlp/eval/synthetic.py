@@ -34,6 +34,10 @@ class NotAFeatureSet(UserError):
     """``--features`` names a missing folder or one that is not a feature set."""
 
 
+class ModelDoesNotFit(UserError):
+    """The feature set holds items the model was not trained to take (audio for a model without audio)."""
+
+
 class NothingToScore(UserError):
     """The feature set holds no question eval knows how to score (no colour/shape/direction question)."""
 
@@ -99,7 +103,7 @@ class Tally:
                 else "no committed samples")
         asked = (f"; its questions are e.g. {', '.join(repr(q) for q, _ in self.other_questions.most_common(3))}"
                  if self.other_questions else "; none of them has a question")
-        scored = ", ".join(f"{k} ({text!r})" for k, (text, _) in QUESTIONS.items())
+        scored = ", ".join(f"{k} ({text!r})" for k, (text, _) in ASKED.items())
         return (f"feature set {uri} holds no question vlp eval can score: {held}{asked}. vlp eval scores the "
                 f"synthetic held-out questions {scored} with the sample's colour/shape/direction in its metadata "
                 "(a feature set precomputed from vlp make-shards' heldout-*.tar)")
@@ -175,6 +179,10 @@ def evaluate(export_dir: str, feature_uri: str, storage: StorageConfig | None = 
 
     model, tok, info = load_model(export_dir)
     check_feature_set(feature_uri, storage)
+    fp = Fingerprint.read(FeatureSetLayout(feature_uri, storage))
+    if fp.audio is not None and model.cfg.audio_hidden_size is None and without != "audio":
+        raise ModelDoesNotFit(f"feature set {feature_uri} holds audio items (audio tower {fp.audio.path}) but the "
+                              f"model {export_dir} was trained without audio; evaluate it with --without audio")
     if pooler:  # evaluate an ablation (e.g. patch_mean) on the same weights
         model.pool = POOLERS.part(pooler)
     template = info.prompt_template(str(export_dir))

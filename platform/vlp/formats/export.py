@@ -137,13 +137,39 @@ def export_model(model: VideoLLM, tokenizer, out: str | Path,
     return out
 
 
+def connector_weights_path(path: str) -> Path:
+    """``model.connector.init_from`` -> its connector.safetensors (an export folder holds one)."""
+    p = Path(path)
+    return p / "connector.safetensors" if p.is_dir() else p
+
+
+def connector_fit_problems(connector: torch.nn.Module, path: str) -> list[str]:
+    """Why the weights at ``path`` (init_from) do not fit ``connector`` (a meta-device build is enough: only names
+    and shapes are compared, read from the safetensors header without loading): e.g. a stage-1 perceiver made
+    without audio features, whose audio input projection has the vision width. [] when they fit."""
+    from safetensors import safe_open
+
+    p = connector_weights_path(path)
+    if not p.is_file():
+        return [f"model.connector.init_from: no connector weights at {p}"]
+    with safe_open(str(p), "pt") as f:
+        have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    want = {k: tuple(v.shape) for k, v in connector.state_dict().items()}
+    bad = [f"{k} {have[k]} vs {want[k]}" for k in want if k in have and have[k] != want[k]]
+    missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if not (bad or missing or unexpected):
+        return []
+    return [f"model.connector.init_from: the weights at {p} do not fit this connector (" + "; ".join(filter(None, [
+        bad and "other shapes: " + ", ".join(bad[:4]), missing and f"missing: {missing[:4]}",
+        unexpected and f"unexpected: {unexpected[:4]}"])) + "); check model.connector, the feature widths "
+        "(vision/audio_hidden_size) and the modalities the earlier stage was trained with"]
+
+
 def load_connector(connector: torch.nn.Module, path: str) -> None:
     """Load connector weights from a safetensors file or an export folder (stage 1 -> stage 2)."""
     from safetensors.torch import load_file
 
-    p = Path(path)
-    if p.is_dir():
-        p = p / "connector.safetensors"
+    p = connector_weights_path(path)
     if not p.exists():
         raise FileNotFoundError(f"connector weights not found at {p} (point model.connector.init_from at a stage-1 "
                                 "export folder or its connector.safetensors)")

@@ -1,4 +1,4 @@
-"""The model: typed parts chosen by ``type`` (``poolers``, ``connectors``, ``towers``, on the machinery in
-``parts``), the ``videollm`` that splices their visual tokens into a causal LM, and model loading by path, hub id
+"""The model: typed parts chosen by ``type`` (``poolers``, ``connectors``, ``towers``, ``audio_towers``, on the
+machinery in ``parts``), the ``videollm`` that splices their visual tokens into a causal LM, and model loading by path, hub id
 or ``preset:NAME`` with the tiny presets tests and the demo use (``presets``).
 May import: config, errors, registry, data (conversation ids, preprocessing). Never formats, precompute, train."""

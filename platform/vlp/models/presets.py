@@ -169,7 +169,7 @@ def build_tiny_ast(out: Path) -> None:
 @PRESETS.register("tiny-ast-synth")
 def build_tiny_ast_synth(out: Path) -> None:
     """``tiny-ast`` cut to the synthetic world's short sounds (64 mel bins x 128 frames: 1.28 s, so
-    ``data.audio.segment_seconds: 1.28``; 5 x 12 patches + 2 = 62 tokens per segment), trained ~10-20 s on random
+    ``data.audio.segment_seconds: 1.28``; 5 x 12 patches + 2 = 62 tokens per segment), trained ~15 s on random
     tones so that its CLS token knows pitch (vlp.synth.sound_tower): the demo's stand-in for a pretrained audio
     tower. Build stats in pretraining.json."""
     import json

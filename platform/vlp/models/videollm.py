@@ -200,7 +200,9 @@ class VideoLLM(nn.Module):
         when unused) on every step. A connector with parts per modality (the perceiver's queries, the abstractor's
         temporal queries) would otherwise leave some without one on a rank whose micro-batch lacks that modality,
         and ZeRO's gradient reduction would run collectives of different sizes on different ranks (gloo aborts)."""
-        ps = [p for p in self.connector.parameters() if p.requires_grad]
+        # ZeRO-3 parameters (ds_id) are partitioned and gathered only inside their own module's forward: not
+        # touched here (their data is empty outside it)
+        ps = [p for p in self.connector.parameters() if p.requires_grad and not hasattr(p, "ds_id")]
         if not ps or not torch.is_grad_enabled():
             return embeds
         return embeds + torch.stack([p.reshape(-1)[0] for p in ps]).sum().to(embeds.dtype) * 0.0  # (B, L, d)

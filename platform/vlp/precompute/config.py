@@ -48,6 +48,8 @@ class EncoderConfig(Cfg):
         "one, a sample with an audio item is an error record")
     batch_size: int = Field(8, ge=1, description="samples per encoder call")
     max_frames_per_forward: int = Field(256, ge=1, description="frames per forward pass (memory bound)")
+    max_segments_per_forward: int = Field(32, ge=1, description="audio segments per forward pass of the audio "
+                                          "tower (an AST segment holds ~5x a CLIP frame's tokens)")
     concurrency: int = Field(1, ge=1, description="encoder actors (one GPU each where GPUs exist)")
     num_gpus_per_actor: float = Field(1.0, ge=0, description="used only when the tower runs on cuda")
     cpus_per_actor: float = Field(1.0, gt=0)

@@ -27,8 +27,8 @@ from ..data.audio import AudioFeaturizer
 from ..errors import UserError
 from ..data.preprocess import RESAMPLER
 from ..data.sample import SampleConfig
-from ..formats.featureset import (FEATURES_FORMAT, AudioEncoderInfo, EncoderInfo, FeatureSetLayout, Fingerprint, Manifest,
-                                  PreprocessInfo, ShardCommit, Totals, committed_shards)
+from ..formats.featureset import (FEATURES_FORMAT, AudioEncoderInfo, EncoderInfo, FeatureSetLayout, Fingerprint,
+                                  Manifest, PreprocessInfo, ShardCommit, Totals, committed_shards)
 from ..formats.records import RecordError
 from ..storage import expand_shards, make_output_dir
 from .config import PrecomputeConfig
@@ -141,15 +141,27 @@ def audio_plan(cfg: PrecomputeConfig) -> tuple[Optional[AudioEncoderInfo], Optio
     from ..models.towers import weights_hash
 
     path = resolve_model_path(tcfg.path)
-    g = AUDIO_TOWERS.part(tcfg).geometry()
+    try:
+        g = AUDIO_TOWERS.part(tcfg).geometry()
+    except (OSError, ValueError, KeyError) as e:  # not a checkpoint of this tower type, or no extractor beside it
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError([("encoder.audio_tower.path", f"{tcfg.path} is not an {tcfg.type} audio tower with its "
+                                                        f"feature extractor: {first}")]) from None
+    problems = []
     if g["sampling_rate"] != cfg.data.audio.sample_rate:
-        raise ConfigError([("data.audio.sample_rate", f"{cfg.data.audio.sample_rate} Hz, but the audio tower's "
-                                                      f"feature extractor ({tcfg.path}) expects {g['sampling_rate']} Hz")])
+        problems.append(("data.audio.sample_rate", f"{cfg.data.audio.sample_rate} Hz, but the audio tower's feature "
+                                                   f"extractor ({tcfg.path}) expects {g['sampling_rate']} Hz"))
+    n = g["num_layers"]
+    if not -(n + 1) <= tcfg.layer <= n:
+        problems.append(("encoder.audio_tower.layer", f"{tcfg.layer} is out of range for a {n}-layer tower "
+                                                      f"(hidden states -{n + 1}..{n})"))
+    if problems:
+        raise ConfigError(problems)
     info = AudioEncoderInfo(type=tcfg.type, path=tcfg.path, weights_sha256=weights_hash(path), layer=tcfg.layer,
                             hidden_size=g["hidden_size"], tokens_per_segment=g["tokens_per_segment"],
                             num_mel_bins=g["num_mel_bins"], max_length=g["max_length"],
                             decode=cfg.data.audio.model_dump(mode="json"))
-    return info, AudioFeaturizer(cfg.data.audio, path)
+    return info, AudioFeaturizer(cfg.data.audio, tcfg.path)
 
 
 def with_added_sample_keys(fp: Optional[Fingerprint]) -> Optional[Fingerprint]:
@@ -171,15 +183,16 @@ def plan_stages(cfg: PrecomputeConfig) -> tuple[Fingerprint, DecodeFrames, dict]
                           audio=featurizer)
     encode = dict(tower_cfg=cfg.encoder.tower, mode=cfg.output.mode,
                   max_frames_per_forward=cfg.encoder.max_frames_per_forward, mean=mean, std=std,
-                  audio_tower_cfg=cfg.encoder.audio_tower)
+                  audio_tower_cfg=cfg.encoder.audio_tower,
+                  max_segments_per_forward=cfg.encoder.max_segments_per_forward)
     return fp, decode, encode
 
 
 def encoder_on_gpu(cfg: PrecomputeConfig, cluster_gpus: float) -> bool:
-    """Whether the encoder actors ask for GPUs: tower.device=cuda, or auto with GPUs in the cluster or an
-    accelerator_type asked for (an autoscaling cluster may have no GPU node up yet)."""
-    device = cfg.encoder.tower.device
-    return device == "cuda" or (device == "auto" and (cluster_gpus > 0 or cfg.encoder.accelerator_type is not None))
+    """Whether the encoder actors ask for GPUs: a tower (vision or audio) with device=cuda, or auto with GPUs in the
+    cluster or an accelerator_type asked for (an autoscaling cluster may have no GPU node up yet)."""
+    devices = {cfg.encoder.tower.device} | ({cfg.encoder.audio_tower.device} if cfg.encoder.audio_tower else set())
+    return "cuda" in devices or ("auto" in devices and (cluster_gpus > 0 or cfg.encoder.accelerator_type is not None))
 
 
 def stage_resources(cfg: PrecomputeConfig, on_gpu: bool) -> dict[str, dict]:

@@ -183,9 +183,10 @@ class DecodeFrames:
     item's -> float32 fbank segments (n, frames, mel_bins) through ``audio`` (None: audio items are errors)."""
 
     def __init__(self, sampling: SamplingConfig, decode: DecodeConfig, size: int, pad_to_square: bool = False,
-                 mean=(0.48145466, 0.4578275, 0.40821073), audio: Optional[AudioFeaturizer] = None):
+                 mean=(0.48145466, 0.4578275, 0.40821073), audio: Optional[AudioFeaturizer] = None,
+                 no_audio: str = "an audio item, but no audio tower is set (encoder.audio_tower)"):
         self.sampling, self.decode, self.size, self.pad, self.mean = sampling, decode, size, pad_to_square, mean
-        self.audio = audio
+        self.audio, self.no_audio = audio, no_audio  # no_audio: the reason an audio item gets without ``audio``
 
     def decode_item(self, data: bytes, ext: str, ref: str, modality: str = "") -> DecodedItem:
         """One item -> its decoded arrays and how they were made. Raises MediaError for bad media."""
@@ -193,7 +194,7 @@ class DecodeFrames:
             raise MediaError("media references are not supported yet")
         if modality == "audio":
             if self.audio is None:
-                raise MediaError("an audio item, but no audio tower is set (encoder.audio_tower)")
+                raise MediaError(self.no_audio)
             a = self.audio(data)
             return DecodedItem(a.fbank, "audio", a.starts, a.n_samples, "pyav-audio")  # (n, F, M) float32
         mtype, dec = decode_media(data, ext, self.sampling, self.decode)
@@ -246,7 +247,7 @@ class EncodeFeatures:
     ``mean``/``std`` (the driver's resolved values, see pipeline.plan_stages); None = the tower's own."""
 
     def __init__(self, tower_cfg, mode: str, max_frames_per_forward: int = 256, mean=None, std=None,
-                 audio_tower_cfg=None):
+                 audio_tower_cfg=None, max_segments_per_forward: int = 32):
         from ..models.audio_towers import build_audio_tower
         from ..models.towers import build_vision_tower
 
@@ -255,7 +256,7 @@ class EncodeFeatures:
         self.mean = tuple(mean) if mean is not None else self.tower.mean
         self.std = tuple(std) if std is not None else self.tower.std
         self.mode = mode
-        self.chunk = max_frames_per_forward
+        self.chunk, self.audio_chunk = max_frames_per_forward, max_segments_per_forward
 
     def encode(self, stacks: list[np.ndarray]) -> list[np.ndarray]:
         """Per item (T_j, 3, S, S) uint8 -> per item fp16 (P + T_j, D) valley_pooled or (T_j, 1 + P, D) frames."""
@@ -285,7 +286,8 @@ class EncodeFeatures:
         if self.audio is None:
             raise RuntimeError("audio items reached the encoder without an audio tower")
         x = torch.from_numpy(np.concatenate(stacks))  # (sum n_j, F, M)
-        allf = torch.cat([self.audio.features(x[s:s + self.chunk]) for s in range(0, x.shape[0], self.chunk)])
+        step = self.audio_chunk
+        allf = torch.cat([self.audio.features(x[s:s + step]) for s in range(0, x.shape[0], step)])  # (sum n_j, N, D_a)
         return [f.to(torch.float16).cpu().contiguous().numpy() for f in torch.split(allf, [s.shape[0] for s in stacks])]
 
     def __call__(self, batch):

@@ -3,7 +3,7 @@
 A real AST (AudioSet-trained) arrives knowing what sounds are; a randomly initialised tiny one mixes its
 fbank patches through random layers, and the demo's connector then has to dig the pitch out of noise (one run:
 the word a clip's tone names 0.56 with its audio, chance 0.25). ``preset:tiny-ast-synth`` therefore trains the
-tiny tower for ``steps`` steps (~20 s on 2 CPU cores) on 768 random pure tones: a linear head on the CLS token of
+tiny tower for ``steps`` steps (~15 s on 2 CPU cores) on 768 random pure tones: a linear head on the CLS token of
 the layer the features are taken from regresses the tone's pitch (log2 Hz, anywhere in 150-5000 Hz). It never
 hears a clip, a word or a held-out sample; the tower is frozen afterwards like any audio encoder.
 """

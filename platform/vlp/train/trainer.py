@@ -53,7 +53,7 @@ def param_counts(cfg: TrainConfig) -> tuple[int, int]:
     return trainable, n_llm + n_conn - trainable
 
 
-def _mixed_encoders(infos: list[FeatureSetInfo]) -> list[str]:
+def mixed_encoders(infos: list[FeatureSetInfo]) -> list[str]:
     """Sets of one run must come from the same tower, layer and preprocessing (sampling may differ: images vs
     videos); the export records the first set's, which chat/infer then reproduce for every input."""
     out = []
@@ -65,6 +65,12 @@ def _mixed_encoders(infos: list[FeatureSetInfo]) -> list[str]:
             if diff:
                 out.append(f"data.sets[{i}]: made with another {part} than data.sets[0] "
                            f"({', '.join(f'{k}: {a!r} vs {b!r}' for k, a, b in diff)})")
+    heard = [(i, inf.fingerprint.audio) for i, inf in enumerate(infos) if inf.fingerprint.audio is not None]
+    for i, a in heard[1:]:  # sets with audio: one audio tower and one way of cutting (the export records one)
+        diff = _diff(heard[0][1].to_json(), a.to_json())
+        if diff:
+            out.append(f"data.sets[{i}]: made with another audio tower or audio cuts than data.sets[{heard[0][0]}] "
+                       f"({', '.join(f'{k}: {x!r} vs {y!r}' for k, x, y in diff)})")
     return out
 
 
@@ -84,9 +90,46 @@ def fill_widths(cfg: TrainConfig, infos: list[FeatureSetInfo]) -> list[str]:
             setattr(cfg.model, field, sizes[0])
         elif sizes and have != sizes[0]:
             problems.append(f"model.{field}={have} does not match the feature set's hidden size {sizes[0]}")
-    if not problems:
-        problems += CONNECTORS.part(cfg.model.connector).width_problems(feature_widths(cfg.model))
+    if problems:
+        return problems
+    part = CONNECTORS.part(cfg.model.connector)
+    problems += part.width_problems(feature_widths(cfg.model)) + part.item_problems(item_extents(infos))
+    init = cfg.model.connector.init_from
+    if not problems and init and "://" not in init and Path(init).exists():
+        import torch
+
+        from ..formats.export import connector_fit_problems
+
+        with torch.device("meta"):
+            module = part.build_for(feature_widths(cfg.model), _llm_width(cfg))
+        problems += connector_fit_problems(module, init)
     return problems
+
+
+def item_extents(infos: list[FeatureSetInfo]) -> dict[str, int]:
+    """modality -> the most frames (audio: segments) an item of the sets may have, for the modalities they hold
+    (their manifests' item counts; sets written before those were counted add nothing)."""
+    out: dict[str, int] = {}
+    for inf in infos:
+        fp = inf.fingerprint
+        for m in inf.manifest.totals.items_by_modality:
+            if m == "audio":
+                n = int(fp.audio.decode.get("max_segments", 1)) if fp.audio else 1
+            elif m == "video":
+                s = fp.sampling or {}
+                n = int((s.get("num_frames") if s.get("mode", "uniform") == "uniform" else s.get("max_frames")) or 1)
+            else:
+                n = 1
+            out[m] = max(out.get(m, 0), n)
+    return out
+
+
+def _llm_width(cfg: TrainConfig) -> int:
+    from transformers import AutoConfig
+
+    from ..models.presets import resolve_model_path
+
+    return int(AutoConfig.from_pretrained(resolve_model_path(cfg.model.llm.path)).hidden_size)
 
 
 def check_inputs(cfg: TrainConfig) -> list[dict]:
@@ -102,7 +145,7 @@ def check_inputs(cfg: TrainConfig) -> list[dict]:
             problems.append(f"data.sets[{i}].uri: {e}")
     if infos:
         problems += fill_widths(cfg, infos)
-        problems += _mixed_encoders(infos)
+        problems += mixed_encoders(infos)
         problems += feature_mode_problems(cfg.model, [inf.mode for inf in infos])
     if cfg.model.connector.init_from and not Path(cfg.model.connector.init_from).exists():
         problems.append(f"model.connector.init_from: {cfg.model.connector.init_from} does not exist")

@@ -76,7 +76,8 @@ class AudioTowerPart(Part):
 
     def geometry(self) -> dict[str, Any]:
         """What the driver plans with, read from the checkpoint without loading weights: ``hidden_size``,
-        ``tokens_per_segment`` and the extractor's ``sampling_rate``, ``num_mel_bins``, ``max_length``."""
+        ``num_layers``, ``tokens_per_segment`` and the extractor's ``sampling_rate``, ``num_mel_bins``,
+        ``max_length``. ValueError/OSError when the checkpoint is not one of this tower type."""
         raise NotImplementedError
 
 

@@ -32,9 +32,15 @@ class Ast(AudioTowerPart):
                           weights_sha256=weights_hash(path), device=device, dtype=dtype, layer=cfg.layer)
 
     def model_config(self):
+        """The checkpoint's ASTConfig; ValueError when its config.json is another model's (ASTConfig would
+        silently fill AST's defaults in)."""
         from transformers import ASTConfig
 
-        return ASTConfig.from_pretrained(resolve_model_path(self.cfg.path))
+        path = resolve_model_path(self.cfg.path)
+        found = ASTConfig.get_config_dict(path)[0].get("model_type")
+        if found != ASTConfig.model_type:
+            raise ValueError(f"its config.json is a {found!r} model, not {ASTConfig.model_type!r}")
+        return ASTConfig.from_pretrained(path)
 
     def tokens_per_segment(self) -> int:
         c = self.model_config()
@@ -50,5 +56,6 @@ class Ast(AudioTowerPart):
         if (fx.num_mel_bins, fx.max_length) != (c.num_mel_bins, c.max_length):
             raise ValueError(f"{self.cfg.path}: the feature extractor makes {fx.max_length} x {fx.num_mel_bins} "
                              f"fbanks, the model takes {c.max_length} x {c.num_mel_bins}")
-        return {"hidden_size": c.hidden_size, "tokens_per_segment": self.tokens_per_segment(),
+        return {"hidden_size": c.hidden_size, "num_layers": c.num_hidden_layers,
+                "tokens_per_segment": self.tokens_per_segment(),
                 "sampling_rate": fx.sampling_rate, "num_mel_bins": fx.num_mel_bins, "max_length": fx.max_length}

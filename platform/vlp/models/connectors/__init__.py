@@ -93,6 +93,12 @@ class Connector(Part):
         return [f"model.connector.type={self.cfg.type} takes features of one width, but they differ ({have}); use "
                 "a connector with an input projection per modality (perceiver)"]
 
+    def item_problems(self, extents: Mapping[str, int]) -> list[str]:
+        """Why this connector cannot take the items the feature sets hold (modality -> the most frames, or audio
+        segments, an item has); [] if it can. Checked before training starts: a connector with per-modality parts or
+        a frame limit says so here rather than failing mid-run. The default: any."""
+        return []
+
     def build_for(self, widths: Mapping[str, int], d_model: int) -> nn.Module:
         """The module for features of ``widths`` (modality -> D): :meth:`build` with the one width by default; a
         connector with an input projection per modality overrides it. ValueError when :meth:`width_problems`."""

@@ -31,7 +31,7 @@ import torch.nn as nn
 from pydantic import Field
 
 from . import CONNECTORS, Connector, ItemContext
-from .blocks import Attention, AttentionCfg, FramePositions
+from .blocks import Attention, AttentionCfg, FramePositions, frame_limit_problems
 
 LN_EPS = 1e-6  # Owl's layer_norm_eps
 
@@ -129,3 +129,6 @@ class Abstractor(Connector):
 
     def num_tokens(self, n_in: int, ctx: ItemContext = ItemContext()) -> int:
         return self.cfg.num_queries + 1
+
+    def item_problems(self, extents) -> list[str]:
+        return frame_limit_problems(self.cfg, extents)

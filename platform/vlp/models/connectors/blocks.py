@@ -75,3 +75,13 @@ class FramePositions(nn.Module):
                              f"{self.config_key}={self.table.shape[0]}")
         per_frame = self.table[: ctx.num_frames].repeat_interleave(ctx.tokens_per_frame, 0)  # (T * tpf, W)
         return torch.cat([x[:lead], x[lead:] + per_frame.to(x.dtype)])  # (N, W)
+
+
+def frame_limit_problems(cfg, extents) -> list[str]:
+    """The items longer than a connector's frame positions cover (``cfg.frame_positions``, ``cfg.max_frames``;
+    ``extents``: modality -> the most frames, or audio segments, an item has), which would fail mid-run."""
+    if not getattr(cfg, "frame_positions", False):
+        return []
+    return [f"model.connector.max_frames: the feature sets hold {m} items of up to {n} "
+            f"{'segments' if m == 'audio' else 'frames'}, more than max_frames={cfg.max_frames} (raise it, or set "
+            "frame_positions: false)" for m, n in extents.items() if n > cfg.max_frames]

@@ -33,7 +33,7 @@ import torch.nn as nn
 from pydantic import Field, field_validator
 
 from . import CONNECTORS, MODALITIES, Connector, ItemContext
-from .blocks import Attention, AttentionCfg, FramePositions
+from .blocks import Attention, AttentionCfg, FramePositions, frame_limit_problems
 
 LN_EPS = 1e-12  # BERT's layer_norm_eps
 Modality = Literal["image", "video", "audio"]
@@ -125,6 +125,11 @@ class Perceiver(Connector):
 
     def width_problems(self, widths: Mapping[str, int]) -> list[str]:
         return []  # an input projection per modality: any widths
+
+    def item_problems(self, extents: Mapping[str, int]) -> list[str]:
+        out = [f"model.connector.modalities: the feature sets hold {m} items, which the perceiver has no queries for "
+               f"(it has {', '.join(self.cfg.modalities)})" for m in extents if m not in self.cfg.modalities]
+        return out + frame_limit_problems(self.cfg, extents)
 
     def build_for(self, widths: Mapping[str, int], d_model: int) -> nn.Module:
         """Each modality's input projection from its own width (a modality without features: the vision width)."""

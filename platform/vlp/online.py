@@ -1,0 +1,57 @@
+"""Encoding media online exactly as precompute did, from what an export records: the towers chat and batch
+inference share.
+
+:class:`OnlineEncoder` builds the export's vision tower (and its audio tower and featurizer, when the model was
+trained on audio features) with the recorded sampling, crop, padding colour, mean/std and audio cuts, and turns a
+decoded item into its features: uint8 frames (T, 3, S, S) -> (T, 1 + P, D); an audio item's fbank segments
+(n, F, M) -> (n, tokens, D_a). Decoding stays with the caller (chat reads files, infer runs precompute's
+decode stage, ``infer.decode_stage``); both then hand the same arrays here.
+
+May import: torch, vlp.data, vlp.formats, vlp.models.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from .formats.export import ExportInfo
+
+
+class OnlineEncoder:
+    """The towers of an export, on ``device``, and the preprocessing its features were made with."""
+
+    def __init__(self, info: "ExportInfo", export_dir: Optional[str] = None, device: str = "cpu"):
+        from .models.towers import build_vision_tower
+
+        enc, self.sampling = info.media(export_dir) if export_dir else info.media()
+        self.device = device
+        self.tower = build_vision_tower({"type": enc.type, "path": enc.path, "layer": enc.layer, "device": device})
+        self.geom = info.geometry(self.tower.image_size, self.tower.mean, self.tower.std)
+        self.audio_tower, self.featurizer = None, None
+        if info.audio is not None:
+            from .data.audio import AudioConfig, AudioFeaturizer
+            from .models.audio_towers import build_audio_tower
+
+            a = info.audio
+            self.audio_tower = build_audio_tower({"type": a.type, "path": a.path, "layer": a.layer, "device": device})
+            self.featurizer = AudioFeaturizer(AudioConfig(**a.decode), a.path)
+
+    @torch.no_grad()
+    def frames(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, 3, S, S) uint8 -> (T, 1 + P, D) float32 features, normalised with the feature set's mean/std."""
+        from .data.preprocess import normalize
+
+        px = normalize(x.to(self.tower.device), self.geom.mean, self.geom.std, self.tower.dtype)
+        return self.tower.features(px).float().to(self.device)
+
+    @torch.no_grad()
+    def sound(self, fbank: np.ndarray) -> torch.Tensor:
+        """(n, F, M) float32 fbank segments -> (n, tokens, D_a) float32 audio features. RuntimeError for a model
+        without an audio tower (callers check :attr:`featurizer` first and say so to the user)."""
+        if self.audio_tower is None:
+            raise RuntimeError("this export has no audio tower")
+        return self.audio_tower.features(torch.from_numpy(np.ascontiguousarray(fbank))).float().to(self.device)
