@@ -134,6 +134,7 @@ def test_precompute_writes_audio_items_and_records_the_audio_tower(ray_local, au
     info = read_feature_set(str(tmp_path / "feat"))
     assert info.audio_hidden_size == 64 and info.fingerprint.audio.tokens_per_segment == AST_TOKENS
     assert info.manifest.audio.decode["max_segments"] == 1
+    assert info.manifest.format == "vlp-features/3"  # rows with audio items: a reader without audio refuses them
     spec["data"]["audio"] = {"max_segments": 3}  # other audio cuts: not the same features
     with pytest.raises(FeatureSetMismatch, match="holds features made with a different audio"):
         run_precompute(validate(PrecomputeConfig, spec), log=lambda *_: None)

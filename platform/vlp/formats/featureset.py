@@ -20,6 +20,9 @@ and read one without a manifest (never completed) or without a ``format`` key (t
 ``vlp-features/2`` has one row per sample with 0..N items: ``modalities``/``items`` list<string>, ``features``
 list<binary>, ``shape`` list<list<int32>>, ``timestamps`` list<list<float32>>, ``num_frames``/``n_source_frames``
 list<int32>, ``media_type`` the one modality / ``text`` / ``mixed`` (docs/architecture.md, "The general sample").
+``vlp-features/3`` is the /2 layout for a set made with an audio tower: its rows may hold audio items, whose blocks
+are (segments, tokens, D_a) and skip the pooler; a reader that knows no audio would take them for video frames, so
+it must refuse the set. Sets without an audio tower are still written as /2.
 """
 
 from __future__ import annotations
@@ -34,8 +37,14 @@ from ..storage import StorageConfig, get_fs, join, read_bytes, write_atomic
 from .records import Record, RecordError, format_problem, parse_json
 
 FEATURES_FORMAT = "vlp-features/2"  # what precompute writes: one row per sample, per-item list columns
+FEATURES_AUDIO = "vlp-features/3"  # the /2 layout with audio items (a set made with an audio tower)
 FEATURES_V1 = "vlp-features/1"  # one media item per row; read by lifting its rows to the /2 shape
-READ_FORMATS = (FEATURES_V1, FEATURES_FORMAT)  # what the readers read (/1 rows are lifted to the /2 shape)
+READ_FORMATS = (FEATURES_V1, FEATURES_FORMAT, FEATURES_AUDIO)  # what the readers read (/1 rows are lifted)
+
+
+def features_format(has_audio: bool) -> str:
+    """The format precompute writes: /3 for a set made with an audio tower, else /2."""
+    return FEATURES_AUDIO if has_audio else FEATURES_FORMAT
 
 
 class FeatureSetFormatError(RecordError):
@@ -266,7 +275,7 @@ class Manifest(Record):
             return None
         obj = parse_json(data, source)
         found = obj.get("format") if isinstance(obj, dict) else None
-        problem = None if found in READ_FORMATS else format_problem(found, FEATURES_FORMAT)
+        problem = None if found in READ_FORMATS else format_problem(found, FEATURES_AUDIO)
         if problem:
             newer = "newer" in problem
             raise FeatureSetFormatError(

@@ -27,8 +27,8 @@ from ..data.audio import AudioFeaturizer
 from ..errors import UserError
 from ..data.preprocess import RESAMPLER
 from ..data.sample import SampleConfig
-from ..formats.featureset import (FEATURES_FORMAT, AudioEncoderInfo, EncoderInfo, FeatureSetLayout, Fingerprint,
-                                  Manifest, PreprocessInfo, ShardCommit, Totals, committed_shards)
+from ..formats.featureset import (FEATURES_V1, AudioEncoderInfo, EncoderInfo, FeatureSetLayout, Fingerprint,
+                                  Manifest, PreprocessInfo, ShardCommit, Totals, committed_shards, features_format)
 from ..formats.records import RecordError
 from ..storage import expand_shards, make_output_dir
 from .config import PrecomputeConfig
@@ -246,9 +246,9 @@ class PrecomputeRun:
         except RecordError as e:  # a newer/unknown format (FeatureSetFormatError) or a foreign manifest
             problem = f"{out} holds a feature set this vlp cannot resume ({e})"
         else:
-            if man is not None and man.format != FEATURES_FORMAT:  # readable (/1), but its rows have another shape
-                problem = (f"{out} holds a feature set in format {man.format or 'vlp-features/1'}; this vlp writes "
-                           f"{FEATURES_FORMAT} and cannot add to it")
+            if man is not None and man.format in (None, FEATURES_V1):  # readable, but its rows have another shape
+                problem = (f"{out} holds a feature set in format {man.format or FEATURES_V1}; this vlp writes "
+                           f"{features_format(self.fp.audio is not None)} and cannot add to it")
         old_fp = with_added_sample_keys(old_fp)
         if problem is None and old_fp is not None and old_fp.to_json() != self.fp.to_json():
             problem = f"{out} holds features made with a different {', '.join(self.fp.differences(old_fp))}"
@@ -359,7 +359,7 @@ class PrecomputeRun:
     def manifest(self, done: dict[str, ShardCommit], summary: dict) -> Manifest:
         fp = self.fp
         return Manifest(
-            format=FEATURES_FORMAT, vlp_version=__version__, created_at=time.time(), host=socket.gethostname(),
+            format=features_format(fp.audio is not None), vlp_version=__version__, created_at=time.time(), host=socket.gethostname(),
             inputs=self.shards, shard_names={u: self.names[u] for u in self.shards},
             shards={n: done[n].counts() for n in sorted(done)},
             encoder=fp.encoder, **({"audio": fp.audio} if fp.audio else {}), layer=fp.encoder.layer, mode=fp.mode, sampling=fp.sampling, preprocess=fp.preprocess,
