@@ -36,3 +36,13 @@ def test_report_counts_feature_errors_and_training_skips(tmp_path):
 def test_report_says_when_nothing_failed(tmp_path):
     md = make_report(tmp_path / "report", {"stage1": _run(tmp_path / "s1", [2.0, 1.0], {})}, {}, {}).read_text()
     assert "None: every sample was decoded, encoded and trained on." in md
+
+
+def test_report_explains_the_sound_ablation_and_not_the_pooling_one_without_it(tmp_path):
+    row = {"n": 4, "choice_acc": 0.75, "gen_acc": None, "chance": 0.25}
+    evals = {"stage2 (valley)": {"by_type": {"sound": row}, "without": None},
+             "stage2 (valley), no audio": {"by_type": {"sound": {**row, "choice_acc": 0.25}}, "without": "audio"}}
+    md = make_report(tmp_path / "report", {"stage1": _run(tmp_path / "s1", [2.0, 1.0], {})}, {}, evals).read_text()
+    assert "`stage2 (valley), no audio` is the same weights asked the same questions without the clips'" in md
+    assert "differ only in the temporal pooler" not in md  # one pooler here: no pooling ablation to explain
+    assert "| sound | 4 | 0.25 | 0.75 | - | 0.25 | - |" in md

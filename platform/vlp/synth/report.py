@@ -47,7 +47,13 @@ def _eval_intro(evals: dict[str, dict]) -> str:
     text = ("Accuracy per question type on held-out clips. *choice*: the answer filled with each candidate value "
             "is scored by the model's log-likelihood and the best must be right; *generated*: the greedy answer "
             "names the right value and no other.")
-    if len(evals) > 1:
+    deaf = [n for n, ev in evals.items() if ev.get("without") == "audio"]
+    if deaf:
+        text += (f" `{deaf[0]}` is the same weights asked the same questions without the clips' `<audio>` items "
+                 "(their soundtrack: a tone whose pitch names a word no frame shows; *sound*, chance 0.25): what "
+                 "the audio item buys.")
+    pooled = [n for n, ev in evals.items() if ev.get("without") is None]
+    if len(pooled) > 1:
         text += (" The models side by side differ only in the temporal pooler (same stage-1 connector, data and "
                  "steps): `valley` = patch tokens averaged over time + one CLS token per frame; `patch_mean` = "
                  "the time-averaged patch tokens only, which look the same whichever way the shape moves along "
