@@ -133,6 +133,18 @@ def one_rank(monkeypatch):
         dist.destroy_process_group()
 
 
+def recipe_on_one_rank(cfg, run_dir: str, total_steps: int):
+    """A TrainRecipe of ``cfg`` set up in this process (under the ``one_rank`` fixture's group: the DeepSpeed
+    engine built, run logs open), ready for ``train_step``; its template goes to the export. No Ray."""
+    from vlp.train.recipe import RunLogs, TrainRecipe
+
+    recipe = TrainRecipe(cfg, {"run_dir": run_dir, "state_path": f"{run_dir}/data_state.json",
+                               "total_steps": total_steps, "export_extra": {"template": cfg.data.template}})
+    recipe.setup()
+    recipe.logs = RunLogs(run_dir, tensorboard=False)
+    return recipe
+
+
 def start_moto(env_extra: dict | None = None):
     port = free_port()
     env = {**os.environ, **(env_extra or {})}

@@ -98,7 +98,8 @@ def tokenised_rows(model: dict, n: int) -> list[dict]:
 
 def test_audio_rows_train_one_step_export_and_reload(one_rank, tmp_path):
     from vlp.formats.export import load_model, probe_logits
-    from vlp.train.recipe import RunLogs, TrainRecipe, micro_batches, take_group
+    from conftest import recipe_on_one_rank
+    from vlp.train.recipe import micro_batches, take_group
 
     model = {"vision_hidden_size": D, "audio_hidden_size": D_A, "connector": PERCEIVER}
     cfg = validate(TrainConfig, {
@@ -107,10 +108,7 @@ def test_audio_rows_train_one_step_export_and_reload(one_rank, tmp_path):
         "batch": {"global_size": 3, "micro_size": 3}, "deepspeed": {"zero_stage": 2, "precision": "fp32"},
         "scaling": {"num_workers": 1}})
     run_dir = str(tmp_path / "run")
-    recipe = TrainRecipe(cfg, {"run_dir": run_dir, "state_path": f"{run_dir}/data_state.json", "total_steps": 1,
-                               "export_extra": {"template": "plain"}})
-    recipe.setup()
-    recipe.logs = RunLogs(run_dir, tensorboard=False)
+    recipe = recipe_on_one_rank(cfg, run_dir, 1)
     rows = tokenised_rows(model, 3)
     assert [r["skip"] for r in rows] == [""] * 3
     text = [len(r["input_ids"]) - len(r["modalities"]) for r in rows]  # each placeholder -> 3 query tokens

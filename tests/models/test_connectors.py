@@ -268,7 +268,8 @@ def test_one_training_step_through_the_recipe_and_its_export_reloads(one_rank, c
     to the trained model (the probe's logits agree). The perceiver runs under ZeRO-3's engine (parameters this
     small stay whole: below DeepSpeed's stage3_param_persistence_threshold, so nothing is partitioned here)."""
     from vlp.formats.export import load_model, probe_logits
-    from vlp.train.recipe import RunLogs, TrainRecipe, micro_batches, take_group
+    from conftest import recipe_on_one_rank
+    from vlp.train.recipe import micro_batches, take_group
 
     model = {"vision_hidden_size": D, "connector": SMALL[conn]}
     cfg = validate(TrainConfig, {
@@ -277,10 +278,7 @@ def test_one_training_step_through_the_recipe_and_its_export_reloads(one_rank, c
         "batch": {"global_size": 3, "micro_size": 3}, "deepspeed": {"zero_stage": zero, "precision": "fp32"},
         "scaling": {"num_workers": 1}})
     run_dir = str(tmp_path / "run")
-    recipe = TrainRecipe(cfg, {"run_dir": run_dir, "state_path": f"{run_dir}/data_state.json", "total_steps": 1,
-                               "export_extra": {"template": "plain"}})
-    recipe.setup()
-    recipe.logs = RunLogs(run_dir, tensorboard=False)
+    recipe = recipe_on_one_rank(cfg, run_dir, 1)
     rows = _tokenised(model, 3)
     assert [r["skip"] for r in rows] == [""] * 3
     text = [len(r["input_ids"]) - len(r["modalities"]) for r in rows]  # each placeholder -> OUT visual tokens

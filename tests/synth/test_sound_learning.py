@@ -79,7 +79,8 @@ def test_a_model_names_the_word_a_tone_means_and_is_at_chance_without_the_tone(o
     from transformers import AutoTokenizer
 
     from vlp.models.presets import resolve_model_path
-    from vlp.train.recipe import RunLogs, TrainRecipe, micro_batches, take_group
+    from conftest import recipe_on_one_rank
+    from vlp.train.recipe import micro_batches, take_group
 
     rng = np.random.default_rng(0)
     train, heldout = feature_rows(tones(rng, 64)), feature_rows(tones(rng, 24))
@@ -91,10 +92,7 @@ def test_a_model_names_the_word_a_tone_means_and_is_at_chance_without_the_tone(o
         "batch": {"global_size": 16, "micro_size": 16}, "deepspeed": {"zero_stage": 1, "precision": "fp32"},
         "scaling": {"num_workers": 1}})
     run_dir = str(tmp_path / "run")
-    recipe = TrainRecipe(cfg, {"run_dir": run_dir, "state_path": f"{run_dir}/s.json", "total_steps": 120,
-                               "export_extra": {"template": "vicuna_v1"}})
-    recipe.setup()
-    recipe.logs = RunLogs(run_dir, tensorboard=False)
+    recipe = recipe_on_one_rank(cfg, run_dir, 120)
     rows = tokenised(train, model)
     shuffle = np.random.default_rng(1)
     for epoch in range(30):  # 4 steps of 16 per epoch: 120 steps (it named every held-out word by step 48)

@@ -5,7 +5,6 @@ line of TrainSetupError instead of a crash in every worker."""
 
 from __future__ import annotations
 
-import pytest
 
 from vlp.config import validate
 from vlp.formats.featureset import (AudioEncoderInfo, EncoderInfo, FeatureSetInfo, Fingerprint, Manifest, Totals)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_bucket
+from conftest import make_bucket, recipe_on_one_rank
 from vlp.config import validate
 from vlp.storage import StorageConfig, read_appended
 from vlp.train.config import TrainConfig
-from vlp.train.recipe import (Counters, ModelSize, Reduced, RunLogs, StepStats, TrainRecipe, merge_counters,
+from vlp.train.recipe import (Counters, ModelSize, Reduced, RunLogs, StepStats, merge_counters,
                               micro_batches, step_metrics, take_group)
 
 METRIC_KEYS = ["step", "epoch", "loss", "lr", "tokens_per_s", "samples_per_s", "compute_tokens_per_s",
@@ -175,10 +175,7 @@ def test_recipe_steps_train_log_and_export_on_one_rank(one_rank, tmp_path):
         "batch": {"global_size": 4, "micro_size": 2}, "deepspeed": {"zero_stage": 0, "precision": "fp32"},
         "scaling": {"num_workers": 1}})
     run_dir = str(tmp_path / "run")
-    recipe = TrainRecipe(cfg, {"run_dir": run_dir, "state_path": f"{run_dir}/data_state.json", "total_steps": 4,
-                               "export_extra": {"template": "vicuna_v1"}})
-    recipe.setup()
-    recipe.logs = RunLogs(run_dir, tensorboard=False)
+    recipe = recipe_on_one_rank(cfg, run_dir, 4)
     rows = _tokenised(8)
     stream = micro_batches(iter(rows + rows), 2, 8, np.random.default_rng(0), True, False, recipe.counters)
     t_mark, losses = 0.0, []
