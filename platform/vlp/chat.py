@@ -179,12 +179,6 @@ class ChatSession:
                 shown = full
 
 
-def _export_info(export_dir: str):
-    from .formats.export import ExportInfo
-
-    return ExportInfo.read(export_dir)
-
-
 def run_chat(export_dir: str, media: Union[None, str, Sequence[str]], question: Optional[str],
              write: Callable[[str], None] = None, read: Callable[[str], str] = input, audio: Sequence[int] = (),
              with_audio: bool = False, **gen) -> int:
@@ -194,7 +188,9 @@ def run_chat(export_dir: str, media: Union[None, str, Sequence[str]], question: 
     paths = [media] if isinstance(media, str) else list(media or [])
     for p in paths:
         media_file(p)  # a missing file fails before the model loads
-    if (audio or with_audio) and _export_info(export_dir).audio is None:  # and so does audio for a deaf model
+    from .formats.export import ExportInfo
+
+    if (audio or with_audio) and ExportInfo.read(export_dir).audio is None:  # and so does audio for a deaf model
         raise NoAudio(f"{export_dir}: this model was trained without audio (its export has no audio tower); --audio "
                       "and --with-audio need a model trained on features precomputed with encoder.audio_tower")
     session = ChatSession(export_dir)

@@ -127,19 +127,17 @@ def decode_stage(info: ExportInfo, decode: DecodeConfig):
     precomputed with (export info), and its audio cuts when it was trained on audio, as precompute's DecodeFrames
     was built. An export that records no mean (none written by vlp) pads with the tower's own, as AnswerBatch then
     normalises. Built on the driver without loading a tower."""
-    from .data.audio import AudioConfig, AudioFeaturizer
     from .data.preprocess import CLIP_MEAN, CLIP_STD
     from .models.presets import resolve_model_path
     from .models.towers import tower_mean_std
+    from .online import audio_featurizer
     from .precompute.stages import DecodeFrames
 
     enc, sampling = info.media()
     recorded = info.preprocess is not None and info.preprocess.mean
     mean, std = (CLIP_MEAN, CLIP_STD) if recorded else tower_mean_std(resolve_model_path(enc.path))
     g = info.geometry(enc.image_size, mean, std)
-    a = info.audio
-    audio = AudioFeaturizer(AudioConfig(**a.decode), a.path) if a is not None else None
-    return DecodeFrames(sampling, decode, g.size, g.pad_to_square, g.mean, audio=audio,
+    return DecodeFrames(sampling, decode, g.size, g.pad_to_square, g.mean, audio=audio_featurizer(info),
                         no_audio="an audio item, but the model was trained without audio (its export has no audio "
                                  "tower)")
 

@@ -21,6 +21,16 @@ if TYPE_CHECKING:
     from .formats.export import ExportInfo
 
 
+def audio_featurizer(info: "ExportInfo"):
+    """The decode stage's audio featurizer with the export's audio cuts and extractor; None for a model without
+    audio. Cheap (the extractor loads on first use): infer's driver builds it without loading a tower."""
+    if info.audio is None:
+        return None
+    from .data.audio import AudioConfig, AudioFeaturizer
+
+    return AudioFeaturizer(AudioConfig(**info.audio.decode), info.audio.path)
+
+
 class OnlineEncoder:
     """The towers of an export, on ``device``, and the preprocessing its features were made with."""
 
@@ -31,14 +41,12 @@ class OnlineEncoder:
         self.device = device
         self.tower = build_vision_tower({"type": enc.type, "path": enc.path, "layer": enc.layer, "device": device})
         self.geom = info.geometry(self.tower.image_size, self.tower.mean, self.tower.std)
-        self.audio_tower, self.featurizer = None, None
+        self.audio_tower, self.featurizer = None, audio_featurizer(info)
         if info.audio is not None:
-            from .data.audio import AudioConfig, AudioFeaturizer
             from .models.audio_towers import build_audio_tower
 
             a = info.audio
             self.audio_tower = build_audio_tower({"type": a.type, "path": a.path, "layer": a.layer, "device": device})
-            self.featurizer = AudioFeaturizer(AudioConfig(**a.decode), a.path)
 
     @torch.no_grad()
     def frames(self, x: torch.Tensor) -> torch.Tensor:

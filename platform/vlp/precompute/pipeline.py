@@ -138,7 +138,7 @@ def audio_plan(cfg: PrecomputeConfig) -> tuple[Optional[AudioEncoderInfo], Optio
         return None, None
     from ..models.audio_towers import AUDIO_TOWERS
     from ..models.presets import resolve_model_path
-    from ..models.towers import weights_hash
+    from ..models.towers import layer_problem, weights_hash
 
     path = resolve_model_path(tcfg.path)
     try:
@@ -151,10 +151,9 @@ def audio_plan(cfg: PrecomputeConfig) -> tuple[Optional[AudioEncoderInfo], Optio
     if g["sampling_rate"] != cfg.data.audio.sample_rate:
         problems.append(("data.audio.sample_rate", f"{cfg.data.audio.sample_rate} Hz, but the audio tower's feature "
                                                    f"extractor ({tcfg.path}) expects {g['sampling_rate']} Hz"))
-    n = g["num_layers"]
-    if not -(n + 1) <= tcfg.layer <= n:
-        problems.append(("encoder.audio_tower.layer", f"{tcfg.layer} is out of range for a {n}-layer tower "
-                                                      f"(hidden states -{n + 1}..{n})"))
+    bad_layer = layer_problem(tcfg.layer, g["num_layers"])
+    if bad_layer:
+        problems.append(("encoder.audio_tower.layer", f"{tcfg.layer} is {bad_layer}"))
     if problems:
         raise ConfigError(problems)
     info = AudioEncoderInfo(type=tcfg.type, path=tcfg.path, weights_sha256=weights_hash(path), layer=tcfg.layer,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from ..presets import resolve_model_path
-from ..towers import resolve_device_dtype, weights_hash
+from ..towers import load_frozen, weights_hash
 from . import AUDIO_TOWERS, AudioTower, AudioTowerCfg, AudioTowerPart
 
 
@@ -21,13 +21,7 @@ class Ast(AudioTowerPart):
         from transformers import ASTModel
 
         cfg = self.cfg
-        path = resolve_model_path(cfg.path)
-        device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
-        model = ASTModel.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
-        n_layers = model.config.num_hidden_layers
-        if not -(n_layers + 1) <= cfg.layer <= n_layers:
-            raise ValueError(f"audio_tower.layer={cfg.layer} out of range for a {n_layers}-layer tower "
-                             f"(hidden states -{n_layers + 1}..{n_layers})")
+        model, path, device, dtype = load_frozen(ASTModel, cfg, "audio_tower.layer")
         return AudioTower(model=model, hidden_size=model.config.hidden_size, path=cfg.path,
                           weights_sha256=weights_hash(path), device=device, dtype=dtype, layer=cfg.layer)
 
@@ -43,10 +37,7 @@ class Ast(AudioTowerPart):
         return ASTConfig.from_pretrained(path)
 
     def tokens_per_segment(self) -> int:
-        c = self.model_config()
-        f = (c.num_mel_bins - c.patch_size) // c.frequency_stride + 1  # ASTEmbeddings.get_shape
-        t = (c.max_length - c.patch_size) // c.time_stride + 1
-        return 2 + f * t  # CLS + distillation token + patches
+        return ast_tokens(self.model_config())
 
     def geometry(self) -> dict[str, Any]:
         from transformers import ASTFeatureExtractor
@@ -57,5 +48,12 @@ class Ast(AudioTowerPart):
             raise ValueError(f"{self.cfg.path}: the feature extractor makes {fx.max_length} x {fx.num_mel_bins} "
                              f"fbanks, the model takes {c.max_length} x {c.num_mel_bins}")
         return {"hidden_size": c.hidden_size, "num_layers": c.num_hidden_layers,
-                "tokens_per_segment": self.tokens_per_segment(),
+                "tokens_per_segment": ast_tokens(c),
                 "sampling_rate": fx.sampling_rate, "num_mel_bins": fx.num_mel_bins, "max_length": fx.max_length}
+
+
+def ast_tokens(c) -> int:
+    """Tokens per segment of an ``ASTConfig``: CLS + distillation token + its f x t patches."""
+    f = (c.num_mel_bins - c.patch_size) // c.frequency_stride + 1  # ASTEmbeddings.get_shape
+    t = (c.max_length - c.patch_size) // c.time_stride + 1
+    return 2 + f * t

@@ -14,14 +14,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 from pydantic import Field, field_validator
 
 from ...data.preprocess import CLIP_MEAN, CLIP_STD
 from ..parts import Part, PartCfg, PartRegistry
-from ..presets import check_model_path
+from ..presets import check_model_path, resolve_model_path
 
 
 class TowerCfg(PartCfg):
@@ -85,6 +85,26 @@ class Tower(Part):
 
 def build_vision_tower(cfg: TowerCfg | dict) -> VisionTower:
     return TOWERS.part(cfg).build()
+
+
+def layer_problem(layer: int, n_layers: int) -> Optional[str]:
+    """Why ``layer`` is no hidden-state index of an ``n_layers``-layer encoder (hidden states -(n+1)..n); None."""
+    if -(n_layers + 1) <= layer <= n_layers:
+        return None
+    return f"out of range for a {n_layers}-layer tower (hidden states -{n_layers + 1}..{n_layers})"
+
+
+def load_frozen(model_cls: Any, cfg: Any, key: str) -> tuple[torch.nn.Module, str, torch.device, torch.dtype]:
+    """A Hugging Face encoder for a tower config (``path``, ``device``, ``dtype``, ``layer``): ``from_pretrained``
+    at the resolved path, on its device in its dtype, in eval mode, frozen. ValueError naming ``key`` (e.g.
+    ``vision_tower.layer``) when ``cfg.layer`` is no hidden state of it. -> (model, resolved path, device, dtype)"""
+    path = resolve_model_path(cfg.path)
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    model = model_cls.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
+    problem = layer_problem(cfg.layer, model.config.num_hidden_layers)
+    if problem:
+        raise ValueError(f"{key}={cfg.layer} {problem}")
+    return model, path, device, dtype
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:

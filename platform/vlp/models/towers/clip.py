@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ..presets import resolve_model_path
-from . import TOWERS, Tower, TowerCfg, VisionTower, resolve_device_dtype, tower_mean_std, weights_hash
+from . import TOWERS, Tower, TowerCfg, VisionTower, load_frozen, tower_mean_std, weights_hash
 
 
 @TOWERS.register
@@ -18,18 +18,12 @@ class Clip(Tower):
         from transformers import CLIPVisionModel
 
         cfg = self.cfg
-        path = resolve_model_path(cfg.path)
-        device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
-        model = CLIPVisionModel.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
+        model, path, device, dtype = load_frozen(CLIPVisionModel, cfg, "vision_tower.layer")
         mcfg = model.config
-        n_layers = mcfg.num_hidden_layers
-        if not -(n_layers + 1) <= cfg.layer <= n_layers:
-            raise ValueError(f"vision_tower.layer={cfg.layer} out of range for a {n_layers}-layer tower "
-                             f"(hidden states -{n_layers + 1}..{n_layers})")
         mean, std = tower_mean_std(path)
         return VisionTower(model=model, image_size=mcfg.image_size, hidden_size=mcfg.hidden_size,
-                           num_layers=n_layers, mean=mean, std=std, path=cfg.path, weights_sha256=weights_hash(path),
-                           device=device, dtype=dtype, layer=cfg.layer)
+                           num_layers=mcfg.num_hidden_layers, mean=mean, std=std, path=cfg.path,
+                           weights_sha256=weights_hash(path), device=device, dtype=dtype, layer=cfg.layer)
 
     def vision_config(self):
         """The checkpoint's CLIPVisionConfig (a full CLIP checkpoint's vision part)."""
