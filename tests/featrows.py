@@ -22,3 +22,15 @@ def feature_rows(uri: str, storage=None) -> list[dict]:
                 r["blocks"] = [np.frombuffer(b, np.float16).reshape(s) for b, s in zip(r["features"], r["shape"])]
                 rows.append(r)
     return rows
+
+
+def tokenise(cols: dict[str, list], tokenize) -> list[dict]:
+    """Feature-row columns (one list per column, equal lengths) through a ``vlp.train.data.Tokenize`` stage as Ray
+    Data's numpy batches hand them (object arrays) -> one dict per tokenised row."""
+    n = len(next(iter(cols.values())))
+    batch = {}
+    for k, v in cols.items():
+        batch[k] = np.empty(n, dtype=object)
+        batch[k][:] = v
+    out = tokenize(batch)
+    return [{k: out[k][i] for k in out} for i in range(n)]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from featrows import tokenise
 from vlp.config import validate
 from vlp.models.connectors import CONNECTORS
 from vlp.models.videollm import ModelConfig, VideoLLM, feature_widths, item_context, visual_token_count
@@ -88,12 +89,7 @@ def tokenised_rows(model: dict, n: int) -> list[dict]:
             "caption": [""] * n,
             "conversations": [json.dumps([{"from": "human", "value": question[its]},
                                           {"from": "gpt", "value": "A high tone."}]) for its in items]}
-    batch = {}
-    for k, v in cols.items():
-        batch[k] = np.empty(n, dtype=object)
-        batch[k][:] = v
-    out = Tokenize("preset:tiny-llama", "plain", 256, "skip", model)(batch)
-    return [{k: out[k][i] for k in out} for i in range(n)]
+    return tokenise(cols, Tokenize("preset:tiny-llama", "plain", 256, "skip", model))
 
 
 def test_audio_rows_train_one_step_export_and_reload(one_rank, tmp_path):
@@ -152,3 +148,16 @@ def test_zero3_partitioned_parameters_are_not_touched(llm):
         p.data = torch.empty(0)
     embeds = torch.randn(1, 3, 64, requires_grad=True)
     assert model.touch_connector(embeds) is embeds
+
+
+def test_a_tower_layer_that_is_no_hidden_state_is_refused_when_built():
+    """Both tower kinds load through towers.load_frozen, whose layer check names the config key."""
+    from vlp.models.audio_towers import build_audio_tower
+    from vlp.models.towers import build_vision_tower
+
+    with pytest.raises(ValueError, match=r"vision_tower.layer=5 out of range for a 2-layer tower \(hidden states "
+                                         r"-3..2\)"):
+        build_vision_tower({"type": "clip", "path": "preset:tiny-clip", "layer": 5})
+    with pytest.raises(ValueError, match=r"audio_tower.layer=-4 out of range for a 2-layer tower"):
+        build_audio_tower({"type": "ast", "path": "preset:tiny-ast", "layer": -4})
+    assert build_audio_tower({"type": "ast", "path": "preset:tiny-ast", "layer": -3}).layer == -3

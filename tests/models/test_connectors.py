@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from featrows import tokenise
 from vlp.config import ConfigError, validate
 from vlp.data.conversation import VISUAL_TOKEN_INDEX
 from vlp.models.connectors import CONNECTORS, ItemContext
@@ -245,12 +246,7 @@ def _tokenised(model: dict, n: int) -> list[dict]:
             "num_frames": [[T if m == "video" else 1 for m in its] for its in items], "format": ["caption"] * n,
             "caption": [f"A red circle moves {'left' if i % 2 else 'right'}." for i in range(n)],
             "conversations": [""] * n}
-    batch = {}
-    for k, v in cols.items():
-        batch[k] = np.empty(n, dtype=object)
-        batch[k][:] = v
-    out = Tokenize("preset:tiny-llama", "plain", 256, "skip", model)(batch)
-    return [{k: out[k][i] for k in out} for i in range(n)]
+    return tokenise(cols, Tokenize("preset:tiny-llama", "plain", 256, "skip", model))
 
 
 def _connector_params(engine) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import torch
 
+from featrows import tokenise
 from media_makers import audio_bytes
 from vlp.config import validate
 from vlp.data.audio import AudioConfig, AudioFeaturizer
@@ -51,13 +52,8 @@ def feature_rows(items: list[tuple[str, bytes]]) -> list[dict]:
 def tokenised(rows: list[dict], model: dict) -> list[dict]:
     from vlp.train.data import Tokenize
 
-    batch = {}
-    for k in rows[0]:
-        if k != "word":
-            batch[k] = np.empty(len(rows), dtype=object)
-            batch[k][:] = [r[k] for r in rows]
-    out = Tokenize("preset:tiny-llama", "vicuna_v1", 256, "skip", model)(batch)
-    return [{k: out[k][i] for k in out} for i in range(len(rows))]
+    cols = {k: [r[k] for r in rows] for k in rows[0] if k != "word"}
+    return tokenise(cols, Tokenize("preset:tiny-llama", "vicuna_v1", 256, "skip", model))
 
 
 def accuracy(model, tok, rows: list[dict], hear: bool) -> float:

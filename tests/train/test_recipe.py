@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import make_bucket, recipe_on_one_rank
+from featrows import tokenise
 from vlp.config import validate
 from vlp.storage import StorageConfig, read_appended
 from vlp.train.config import TrainConfig
@@ -118,12 +119,7 @@ def _tokenised(n: int, mixed: bool = False) -> list[dict]:
             "shape": [[np.asarray(shapes[m]) for m in its] for its in items], "mode": ["valley_pooled"] * n,
             "num_frames": [[8 if m == "video" else 1 for m in its] for its in items], "caption": [""] * n,
             "conversations": [json.dumps(c) for c in convs], "format": ["auto"] * n}
-    batch = {}
-    for k, v in cols.items():
-        batch[k] = np.empty(n, dtype=object)
-        batch[k][:] = v
-    out = Tokenize("preset:tiny-llama", "vicuna_v1", 1024 if mixed else 512, "truncate", "valley")(batch)
-    return [{k: out[k][i] for k in out} for i in range(n)]
+    return tokenise(cols, Tokenize("preset:tiny-llama", "vicuna_v1", 1024 if mixed else 512, "truncate", "valley"))
 
 
 def test_step_inputs_of_a_mixed_micro_batch_are_per_item_lists_and_none_for_text_only():
