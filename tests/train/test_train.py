@@ -132,17 +132,18 @@ def test_stage1_zero1_then_stage2_zero2_export_and_reload(demo_features, tmp_pat
 
 
 def test_worker_failure_resumes_with_the_same_steps_and_samples(demo_features, tmp_path):
+    """Rank 1 dies at step 5 (streaming data path); Ray Train restarts the group from the step-4 checkpoint and the
+    run ends with exactly the steps and samples of an uninterrupted one: steps 1-6, each of the epoch's 24 samples
+    once (an uninterrupted run of this config trains every sample of the epoch once in 6 steps)."""
     common = {"batch.global_size": 4, "batch.micro_size": 1, "checkpoint.every_n_steps": 2, "epochs": 1}
-    ok = run_train(_cfg(demo_features, tmp_path / "a", run_name="nofault", **common), log=print)
     bad = run_train(_cfg(demo_features, tmp_path / "b", run_name="fault", **common,  # the streaming path here
                          **{"debug.fail_at_step": 5, "debug.fail_rank": 1, "data.materialize": "never"}), log=print)
     assert (Path(bad["run_dir"]) / ".injected_failure").exists()
-    assert ok["steps"] == bad["steps"] == 6
-    a, b = _steps(Path(ok["run_dir"])), _steps(Path(bad["run_dir"]))
-    assert sorted(a) == sorted(b) == list(range(1, 7))
-    seen_a = Counter(u for uids in a.values() for u in uids)
+    assert bad["steps"] == 6
+    b = _steps(Path(bad["run_dir"]))
+    assert sorted(b) == list(range(1, 7))
     seen_b = Counter(u for uids in b.values() for u in uids)
-    assert seen_a == seen_b and set(seen_b.values()) == {1} and len(seen_b) == 24
+    assert set(seen_b.values()) == {1} and len(seen_b) == 24
     # the failed run really redid step 5 after restoring step 4 (samples.jsonl holds step 5 twice)
     lines = [json.loads(x)["step"] for x in (Path(bad["run_dir"]) / "samples.jsonl").read_text().splitlines()]
     assert lines.count(5) == 2 and lines.count(4) == 1
@@ -168,7 +169,8 @@ def test_bad_setups_fail_before_any_worker_starts(demo_features, tmp_path):
 
 
 def test_rerunning_the_same_command_resumes_an_unfinished_run(demo_features, tmp_path):
-    common = {"batch.global_size": 4, "batch.micro_size": 1, "checkpoint.every_n_steps": 2, "epochs": 1}
+    common = {"batch.global_size": 4, "batch.micro_size": 1, "checkpoint.every_n_steps": 2, "epochs": 1,
+              "scaling.num_workers": 1}  # one worker: the resume is the point here (two ranks: the test above)
     dying = _cfg(demo_features, tmp_path, run_name="again", max_failures=0, **common,
                  **{"debug.fail_at_step": 3, "debug.fail_rank": 0})
     with pytest.raises(Exception, match="injected failure at step 3"):

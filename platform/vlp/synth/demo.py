@@ -186,26 +186,42 @@ def demo_features(cfg: DemoConfig, shards_cfg: MakeShardsConfig, n_steps: int, r
     return features
 
 
+def stage1_config(cfg: DemoConfig, features: dict):
+    """Stage 1's TrainConfig: the connector on the caption set, LLM frozen."""
+    conn = cfg.connector.model_dump(mode="json", exclude={"trainable", "init_from"})
+    return _train_cfg(cfg, "stage1", cfg.stage1, data={
+        "sets": [{"uri": features["pretrain"]}], "template": "plain", "max_length": 512},
+        model={"llm": {"path": cfg.llm}, "connector": conn})
+
+
+def stage2_configs(cfg: DemoConfig, features: dict, stage1_export: str) -> dict:
+    """{run name: TrainConfig} of stage 2 (connector + LLM on the instructions, from stage 1's connector) and,
+    unless ``ablation_pooler`` is null, the ablation: the same run with that pooler."""
+    conn = cfg.connector.model_dump(mode="json", exclude={"trainable", "init_from"})
+    data = {"sets": [{"uri": features["instruct"]}], "template": "vicuna_v1", "max_length": 512}
+    model = {"llm": {"path": cfg.llm, "trainable": True}, "connector": {**conn, "init_from": stage1_export}}
+    out = {"stage2": _train_cfg(cfg, "stage2", cfg.stage2, data=data, model=model)}
+    if cfg.ablation_pooler is not None:
+        name = f"stage2_{cfg.ablation_pooler}"
+        out[name] = _train_cfg(cfg, name, cfg.stage2, stage="stage2", data=data,
+                               model={**model, "pooler": {"type": cfg.ablation_pooler}})
+    return out
+
+
 def demo_train(cfg: DemoConfig, features: dict, n_steps: int, log) -> tuple[dict, dict, Optional[dict]]:
     """Steps 3-5: stage 1, stage 2 and (unless ablation_pooler is null) stage 2 again with the ablation pooler."""
     from ..train import run_train
 
     log(f"[vlp] step 3/{n_steps} stage 1: connector on captions, LLM frozen, ZeRO-{cfg.stage1.zero_stage}")
-    conn = cfg.connector.model_dump(mode="json", exclude={"trainable", "init_from"})
-    s1 = run_train(_train_cfg(cfg, "stage1", cfg.stage1, data={
-        "sets": [{"uri": features["pretrain"]}], "template": "plain", "max_length": 512},
-        model={"llm": {"path": cfg.llm}, "connector": conn}), log=log)
+    s1 = run_train(stage1_config(cfg, features), log=log)
     log(f"[vlp] step 4/{n_steps} stage 2: connector + LLM on conversations, ZeRO-{cfg.stage2.zero_stage}")
-    s2_data = {"sets": [{"uri": features["instruct"]}], "template": "vicuna_v1", "max_length": 512}
-    s2 = run_train(_train_cfg(cfg, "stage2", cfg.stage2, data=s2_data, model={
-        "llm": {"path": cfg.llm, "trainable": True}, "connector": {**conn, "init_from": s1["export"]}}), log=log)
+    configs = stage2_configs(cfg, features, s1["export"])
+    s2 = run_train(configs["stage2"], log=log)
     if cfg.ablation_pooler is None:
         return s1, s2, None
     log(f"[vlp] step 5/{n_steps} ablation: stage 2 again with pooler {cfg.ablation_pooler} "
         "(same stage-1 connector, data and steps)")
-    sa = run_train(_train_cfg(cfg, f"stage2_{cfg.ablation_pooler}", cfg.stage2, stage="stage2", data=s2_data, model={
-        "pooler": {"type": cfg.ablation_pooler}, "llm": {"path": cfg.llm, "trainable": True},
-        "connector": {**conn, "init_from": s1["export"]}}), log=log)
+    sa = run_train(configs[f"stage2_{cfg.ablation_pooler}"], log=log)
     return s1, s2, sa
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -371,6 +372,16 @@ def config_for_workers(cfg: TrainConfig) -> dict:
     return d
 
 
+def worker_meta(cfg: TrainConfig, setup: dict, run_dir: str, held: Optional[list[dict]]) -> dict:
+    """What each worker's recipe gets besides the config (``TrainRecipe(cfg, meta)``): the run folder, the data
+    state file, the step count of the LR schedule, the export's record less the model config (as JSON), and the
+    held sets' object refs (:func:`build_held`) or None (the streaming path). ``setup``: :func:`check_setup`."""
+    audio = next((inf.fingerprint.audio for inf in setup["infos"] if inf.fingerprint.audio), None)
+    info = ExportInfo.from_fingerprint(setup["infos"][0].fingerprint, cfg.data.template, cfg.run_name, audio)
+    return {"run_dir": run_dir, "state_path": join(run_dir, "data_state.json"), "total_steps": setup["total_steps"],
+            "export_extra": info.to_json(), "held": held}
+
+
 def run_train(cfg: TrainConfig, log=print) -> dict:
     """Train (or resume, or reuse a finished run). Returns the training summary.
 
@@ -401,13 +412,8 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     else:
         with fs.open(join(rd, "config.yaml"), "w") as f:
             f.write(dump_config(cfg))
-    state_path = join(run_dir, "data_state.json")
     held = build_held(cfg) if should_materialize(cfg) else None
-    audio = next((inf.fingerprint.audio for inf in setup["infos"] if inf.fingerprint.audio), None)
-    info = ExportInfo.from_fingerprint(setup["infos"][0].fingerprint, cfg.data.template, cfg.run_name, audio)
-    meta = {"run_dir": run_dir, "state_path": state_path, "total_steps": setup["total_steps"],
-            "export_extra": info.to_json(),  # JSON: the export's vlp_model.json less the model config
-            "held": held}  # object refs of the tokenised sets (the held path), or None: stream every epoch
+    meta = worker_meta(cfg, setup, run_dir, held)
     log(f"[vlp] train {cfg.run_name}: {setup['samples_per_epoch']} samples/epoch, {setup['total_steps']} steps, "
         f"{cfg.scaling.num_workers} workers x micro {cfg.batch.micro_size} x accum {cfg.batch.grad_accum}, "
         f"ZeRO-{cfg.deepspeed.zero_stage}, trainable {setup['trainable']:,} / frozen {setup['frozen']:,} params")
@@ -418,7 +424,7 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
         run_config=RunConfig(name=cfg.run_name, storage_path=out_root,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last)),
-        datasets={} if held else {"train": build_dataset(cfg, state_path)},
+        datasets={} if held else {"train": build_dataset(cfg, meta["state_path"])},
     )
     result = trainer.fit()
     if result.error:
