@@ -15,30 +15,22 @@ May import: torch, transformers, vlp.config, vlp.models.parts, vlp.models.preset
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from ..parts import Part, PartCfg, PartRegistry
-from ..presets import check_model_path
+from ..parts import Part, PartRegistry
+from ..towers import FrozenEncoderCfg
 
 
-class AudioTowerCfg(PartCfg):
+class AudioTowerCfg(FrozenEncoderCfg):
     """A frozen audio encoder; ``path`` is a local folder, a hub id or ``preset:tiny-ast``."""
 
     type: str = Field("ast", description="registered audio tower type")
     path: str = Field("preset:tiny-ast", description="folder, hub id (e.g. MIT/ast-finetuned-audioset-10-10-0.4593) "
                       "or preset:NAME; its preprocessor_config.json is the fbank extractor")
     layer: int = Field(-1, description="hidden-state index to keep (-1 = last)")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="auto: float16 on GPU, float32 on CPU")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is visible")
-
-    @field_validator("path")
-    @classmethod
-    def _local_path_exists(cls, v):
-        return check_model_path(v)
 
 
 AUDIO_TOWERS = PartRegistry("audio tower", AudioTowerCfg)

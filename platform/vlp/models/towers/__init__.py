@@ -24,12 +24,13 @@ from ..parts import Part, PartCfg, PartRegistry
 from ..presets import check_model_path, resolve_model_path
 
 
-class TowerCfg(PartCfg):
-    """A frozen image encoder; ``path`` is a local folder, a hub id or ``preset:tiny-clip``."""
+class FrozenEncoderCfg(PartCfg):
+    """What configures any frozen Hugging Face encoder (a vision tower here, an audio tower in
+    ``vlp.models.audio_towers``): where its checkpoint is, which hidden state to keep, dtype and device. Each
+    kind's Cfg sets its own defaults for ``type``, ``path`` and ``layer``."""
 
-    type: str = Field("clip", description="registered tower type")
-    path: str = Field("preset:tiny-clip", description="folder, hub id (e.g. openai/clip-vit-large-patch14) or preset:NAME")
-    layer: int = Field(-2, description="hidden-state index to keep (-2 = penultimate, as LLaVA/Valley)")
+    path: str = Field(..., description="folder, hub id or preset:NAME")
+    layer: int = Field(..., description="hidden-state index to keep")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto: float16 on GPU, float32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is visible")
@@ -38,6 +39,14 @@ class TowerCfg(PartCfg):
     @classmethod
     def _local_path_exists(cls, v):
         return check_model_path(v)  # a typo fails with the config, not in every decode worker
+
+
+class TowerCfg(FrozenEncoderCfg):
+    """A frozen image encoder; ``path`` is a local folder, a hub id or ``preset:tiny-clip``."""
+
+    type: str = Field("clip", description="registered tower type")
+    path: str = Field("preset:tiny-clip", description="folder, hub id (e.g. openai/clip-vit-large-patch14) or preset:NAME")
+    layer: int = Field(-2, description="hidden-state index to keep (-2 = penultimate, as LLaVA/Valley)")
 
 
 TOWERS = PartRegistry("vision tower", TowerCfg)
