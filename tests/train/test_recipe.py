@@ -213,3 +213,29 @@ def test_the_report_reads_metrics_from_an_s3_run_folder(s3_server, tmp_path, mon
     finally:
         S3FileSystem.clear_instance_cache()  # later tests must not inherit this endpoint
     assert "| stage1 | 2 | 2.000 | 1.500 |" in md
+
+
+def test_each_part_trains_at_its_own_learning_rate_under_zero2(one_rank, tmp_path):
+    """optim.lr_by_part: one AdamW group per part; through DeepSpeed's ZeRO-2 optimizer the LLM, at 1e-12, stays
+    where it was while the connector, at optim.lr, moves; the logged lr is optim.lr's."""
+    from vlp.train.recipe import param_groups
+
+    cfg = validate(TrainConfig, {
+        "run_name": "r", "data": {"sets": [{"uri": "unused"}], "template": "vicuna_v1", "max_length": 512},
+        "model": {"vision_hidden_size": 64, "llm": {"path": "preset:tiny-llama", "trainable": True}},
+        "optim": {"lr": 1e-2, "lr_by_part": {"llm": 1e-12}, "warmup_ratio": 0.0, "schedule": "constant"},
+        "batch": {"global_size": 4, "micro_size": 2}, "deepspeed": {"zero_stage": 2, "precision": "fp32"},
+        "scaling": {"num_workers": 1}})
+    recipe = recipe_on_one_rank(cfg, str(tmp_path / "run"), 2)
+    net = recipe.engine.module
+    groups = param_groups(net, cfg.optim)
+    assert [g["lr"] for g in groups] == [1e-12, 1e-2]  # llm, connector (the model's module order)
+    assert sum(len(g["params"]) for g in groups) == len([p for p in net.parameters() if p.requires_grad])
+    before = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    stream = micro_batches(iter(_tokenised(8)), 2, 8, np.random.default_rng(0), True, False, recipe.counters)
+    recipe.log(recipe.train_step(take_group(stream, cfg.batch.grad_accum)), 0, 0.0)
+    recipe.logs.close()
+    moved = {k: float((net.state_dict()[k] - v).abs().max()) for k, v in before.items()}
+    assert max(v for k, v in moved.items() if k.startswith("llm.")) < 1e-9, moved
+    assert min(v for k, v in moved.items() if k.startswith("connector.")) > 1e-4, moved
+    assert json.loads(read_appended(f"{tmp_path}/run/metrics.jsonl").splitlines()[0])["lr"] == 1e-2

@@ -111,6 +111,19 @@ def test_global_batch_is_checked_at_config_load():
     assert {"deepspeed.zero_stage", "data.template", "model.connector.type"} <= paths
 
 
+def test_learning_rates_by_part_must_name_a_trained_part_and_be_positive():
+    with pytest.raises(ConfigError) as ei:
+        _cfg(**{"optim.lr_by_part": {"llm": 1e-5, "connector": 0.0}})
+    text = str(ei.value)
+    assert "optim.lr_by_part" in text and "connector: 0.0" in text
+    with pytest.raises(ConfigError, match="optim.lr_by_part names llm, which this run does not train"):
+        _cfg(**{"optim.lr_by_part": {"llm": 1e-5}})
+    with pytest.raises(ConfigError, match="optim.lr_by_part"):
+        _cfg(**{"optim.lr_by_part": {"tower": 1e-5}})
+    ok = _cfg(**{"optim.lr_by_part": {"llm": 1e-5}, "lora.enabled": True})
+    assert ok.optim.lr_by_part == {"llm": 1e-5}
+
+
 def _finished_run(tmp_path, cfg, finished=True):
     """A run folder as run_train leaves it: config.yaml, plus the markers of a finished run (or a checkpoint)."""
     from vlp.config import dump_config

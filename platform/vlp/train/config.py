@@ -51,12 +51,24 @@ class TrainDataConfig(Cfg):
 
 
 class OptimConfig(Cfg):
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(2e-3, gt=0, description="peak learning rate of every trainable part not in lr_by_part")
+    lr_by_part: dict[Literal["connector", "llm"], float] = Field(
+        {}, description="peak learning rate per part, e.g. {connector: 1e-4, llm: 2e-5} (llm: its LoRA adapters "
+        "too); every part follows the same warmup and schedule (AdamW parameter groups, as mPLUG-Owl trains its "
+        "parts at different rates)")
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float = Field(1.0, ge=0)
+
+    @field_validator("lr_by_part")
+    @classmethod
+    def _positive(cls, v):
+        bad = [k for k, x in v.items() if not x > 0]
+        if bad:
+            raise ValueError(f"learning rates must be > 0 (got {', '.join(f'{k}: {v[k]}' for k in bad)})")
+        return v
 
 
 class BatchConfig(Cfg):
@@ -163,4 +175,10 @@ class TrainConfig(Cfg):
                              f"{b.micro_size} x {b.grad_accum} x {w}")
         if self.debug.fail_rank >= w:
             raise ValueError(f"debug.fail_rank={self.debug.fail_rank} but only {w} workers")
+        frozen = {"connector": not self.model.connector.trainable,
+                  "llm": not (self.model.llm.trainable or self.lora.enabled)}
+        named = [p for p in self.optim.lr_by_part if frozen[p]]
+        if named:
+            raise ValueError(f"optim.lr_by_part names {', '.join(named)}, which this run does not train "
+                             "(model.connector.trainable; model.llm.trainable or lora.enabled)")
         return self

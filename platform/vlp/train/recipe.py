@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from ..storage import Appender, StorageConfig, get_fs, write_atomic
-from .config import TrainConfig
+from .config import OptimConfig, TrainConfig
 from .data import iter_rows, length_grouped, padding_fraction, write_state
 from .held import HeldRows
 from .memory import default_bucket_elems, resolve_precision
@@ -92,6 +92,16 @@ def build_model(cfg: TrainConfig, load_init: bool = True):
                                                          lora_dropout=cfg.lora.dropout,
                                                          target_modules=cfg.lora.target_modules))
     return model
+
+
+def param_groups(model, optim: OptimConfig) -> list[dict]:
+    """AdamW parameter groups, one per part (the model's top-level modules: llm, connector) holding its
+    trainable parameters, at the part's ``optim.lr_by_part`` rate or ``optim.lr``."""
+    groups: dict[str, list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(name.split(".", 1)[0], []).append(p)
+    return [{"params": ps, "lr": optim.lr_by_part.get(part, optim.lr)} for part, ps in groups.items()]
 
 
 def peak_flops(device) -> Optional[float]:
@@ -367,11 +377,11 @@ class TrainRecipe:
         self.precision = resolve_precision(cfg.deepspeed.precision, cuda, cuda and torch.cuda.is_bf16_supported())
         self.feat_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
         model = build_model(cfg)
-        params = [p for p in model.parameters() if p.requires_grad]
-        n_trainable = sum(p.numel() for p in params)
+        groups = param_groups(model, cfg.optim)
+        n_trainable = sum(p.numel() for g in groups for p in g["params"])
         n_total = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them (numel 0 after)
         self.size = ModelSize(n_total, n_trainable, peak_flops(self.device))
-        opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(self.meta["total_steps"], cfg.optim.warmup_ratio, cfg.optim.schedule))
         self.engine, self.opt, _, self.sched = deepspeed.initialize(
@@ -486,8 +496,9 @@ class TrainRecipe:
         wall = torch.tensor([time.perf_counter() - t_mark], dtype=torch.float64)
         dist.all_reduce(wall, op=dist.ReduceOp.MAX)  # the slowest rank sets the step time
         t_mark = time.perf_counter()
+        lr = self.cfg.optim.lr * self.sched.get_last_lr()[0] / self.sched.base_lrs[0]  # optim.lr, scheduled
         self.metrics = step_metrics(self.step, epoch, Reduced.from_vector(vec.tolist()), self.world, wall.item(),
-                                    self.sched.get_last_lr()[0], self.size, self.peak_mem(), time.time())
+                                    lr, self.size, self.peak_mem(), time.time())
         all_uids: list = [None] * self.world
         dist.all_gather_object(all_uids, stats.uids)
         if self.rank == 0:
