@@ -132,7 +132,7 @@ def test_a_feature_set_written_before_the_records_loads_through_every_reader(tmp
     assert read_feature_set(root).samples == 3 and len(list(iter_feature_rows(root))) == 3
 
 
-@pytest.mark.parametrize("fmt, why", [("vlp-features/4", "newer than this vlp reads"),
+@pytest.mark.parametrize("fmt, why", [("vlp-features/5", "newer than this vlp reads"),
                                       ("parquet-dump/7", "unknown to this vlp")])
 def test_a_feature_set_in_a_newer_or_unknown_format_is_refused_with_how_to_rebuild_it(tmp_path, fmt, why):
     root = str(_old_feature_set(tmp_path / "fs", {**OLD_MANIFEST, "format": fmt, "totals": "moved elsewhere"}))
@@ -160,13 +160,13 @@ def test_precompute_refuses_to_resume_into_a_newer_format_and_overwrite_replaces
 
     with open(tmp_path / "a-00000.tar", "wb") as f:
         write_tar(f, [("k", {"txt": b"x"})])
-    out = _old_feature_set(tmp_path / "fs", {**OLD_MANIFEST, "format": "vlp-features/4"})
+    out = _old_feature_set(tmp_path / "fs", {**OLD_MANIFEST, "format": "vlp-features/5"})
     d = {"data": {"shards": [str(tmp_path / "a-00000.tar")]}, "output": {"uri": str(out)}}
     run = PrecomputeRun(validate(PrecomputeConfig, d), log=lambda m: None)
     run.plan()
     with pytest.raises(FeatureSetMismatch, match="cannot resume .*newer than this vlp reads.*output.overwrite=true"):
         run.check_existing()
-    assert json.loads((out / "manifest.json").read_text())["format"] == "vlp-features/4"  # nothing touched
+    assert json.loads((out / "manifest.json").read_text())["format"] == "vlp-features/5"  # nothing touched
 
     run = PrecomputeRun(validate(PrecomputeConfig, dotted(d, **{"output.overwrite": True})), log=lambda m: None)
     run.plan()

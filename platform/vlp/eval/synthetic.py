@@ -35,7 +35,8 @@ class NotAFeatureSet(UserError):
 
 
 class ModelDoesNotFit(UserError):
-    """The feature set holds items the model was not trained to take (audio for a model without audio)."""
+    """The feature set holds items the model was not trained to take (audio for a model without audio, pixels
+    for a model that takes tower features)."""
 
 
 class NothingToScore(UserError):
@@ -185,6 +186,9 @@ def evaluate(export_dir: str, feature_uri: str, storage: StorageConfig | None = 
                               f"model {export_dir} was trained without audio; evaluate it with --without audio")
     if pooler:  # evaluate an ablation (e.g. patch_mean) on the same weights
         model.pool = POOLERS.part(pooler)
+    if fp.mode not in model.pool.modes:  # e.g. pixels: frames for a run that trains the tower, not features
+        raise ModelDoesNotFit(f"feature set {feature_uri} holds output.mode={fp.mode} rows; the model's pooler "
+                              f"{pooler or model.cfg.pooler.type} takes output.mode {' or '.join(model.pool.modes)}")
     template = info.prompt_template(str(export_dir))
     tally = Tally()
     for i, row in enumerate(iter_feature_rows(feature_uri, storage)):

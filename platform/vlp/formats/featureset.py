@@ -22,7 +22,9 @@ list<binary>, ``shape`` list<list<int32>>, ``timestamps`` list<list<float32>>, `
 list<int32>, ``media_type`` the one modality / ``text`` / ``mixed`` (docs/architecture.md, "The general sample").
 ``vlp-features/3`` is the /2 layout for a set made with an audio tower: its rows may hold audio items, whose blocks
 are (segments, tokens, D_a) and skip the pooler; a reader that knows no audio would take them for video frames, so
-it must refuse the set. Sets without an audio tower are still written as /2.
+it must refuse the set. Sets without an audio tower are still written as /2. ``vlp-features/4`` is the /2 layout
+written with ``output.mode: pixels``: its vision blocks are uint8 frames (T, 3, S, S), not fp16 features (audio
+items, if any, as in /3); a reader that decodes every block as fp16 must refuse it.
 """
 
 from __future__ import annotations
@@ -38,12 +40,15 @@ from .records import Record, RecordError, format_problem, parse_json
 
 FEATURES_FORMAT = "vlp-features/2"  # what precompute writes: one row per sample, per-item list columns
 FEATURES_AUDIO = "vlp-features/3"  # the /2 layout with audio items (a set made with an audio tower)
+FEATURES_PIXELS = "vlp-features/4"  # the /2 layout holding uint8 frames (output.mode pixels), audio items allowed
 FEATURES_V1 = "vlp-features/1"  # one media item per row; read by lifting its rows to the /2 shape
-READ_FORMATS = (FEATURES_V1, FEATURES_FORMAT, FEATURES_AUDIO)  # what the readers read (/1 rows are lifted)
+READ_FORMATS = (FEATURES_V1, FEATURES_FORMAT, FEATURES_AUDIO, FEATURES_PIXELS)  # what the readers read
 
 
-def features_format(has_audio: bool) -> str:
-    """The format precompute writes: /3 for a set made with an audio tower, else /2."""
+def features_format(has_audio: bool, mode: str = "valley_pooled") -> str:
+    """The format precompute writes: /4 for pixels, /3 for a set made with an audio tower, else /2."""
+    if mode == "pixels":
+        return FEATURES_PIXELS
     return FEATURES_AUDIO if has_audio else FEATURES_FORMAT
 
 
@@ -343,8 +348,15 @@ def feature_parts(uri: str, storage: StorageConfig | None = None) -> list[str]:
 
 
 def decode_features(features: bytes, shape) -> np.ndarray:
-    """One stored fp16 block -> array of ``shape``: (P + T, D) for valley_pooled, (T, 1 + P, D) for frames."""
-    return np.frombuffer(features, dtype=np.float16).reshape(tuple(int(s) for s in shape))
+    """One stored block -> array of ``shape``: fp16 (P + T, D) for valley_pooled, (T, 1 + P, D) for frames,
+    (segments, tokens, D_a) for audio; uint8 (T, 3, S, S) for pixels. The element size is the block's bytes per
+    element of ``shape`` (2: fp16, 1: uint8); anything else is a damaged row (ValueError)."""
+    dims = tuple(int(s) for s in shape)
+    n = int(np.prod(dims)) if dims else 0
+    dtype = {2: np.float16, 1: np.uint8}.get(len(features) // n if n and len(features) % n == 0 else 0)
+    if dtype is None:
+        raise ValueError(f"feature block of {len(features)} bytes does not fit shape {list(dims)} in fp16 or uint8")
+    return np.frombuffer(features, dtype=dtype).reshape(dims)
 
 
 def decode_item_features(features, shapes) -> list[np.ndarray]:

@@ -70,9 +70,11 @@ class OutputConfig(Cfg):
 
     uri: str = Field(..., description="output folder or s3:// prefix")
     storage: StorageConfig = StorageConfig()
-    mode: Literal["frames", "valley_pooled"] = Field(
+    mode: Literal["frames", "valley_pooled", "pixels"] = Field(
         "valley_pooled", description="frames: (T, 1+P, D) per sample; valley_pooled: (P + T, D) = patch tokens "
-        "averaged over time, then the T per-frame CLS tokens")
+        "averaged over time, then the T per-frame CLS tokens; pixels: the tower's input frames, uint8 (T, 3, S, S) "
+        "resized/cropped/padded but not normalised, nothing encoded (for a run that trains the vision tower; "
+        "the fingerprint still records the tower, whose size and mean/std define them)")
     overwrite: bool = Field(False, description="start over when the folder holds features of another config")
 
 

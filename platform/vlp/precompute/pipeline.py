@@ -190,7 +190,8 @@ def plan_stages(cfg: PrecomputeConfig) -> tuple[Fingerprint, DecodeFrames, dict]
 def encoder_on_gpu(cfg: PrecomputeConfig, cluster_gpus: float) -> bool:
     """Whether the encoder actors ask for GPUs: a tower (vision or audio) with device=cuda, or auto with GPUs in the
     cluster or an accelerator_type asked for (an autoscaling cluster may have no GPU node up yet)."""
-    devices = {cfg.encoder.tower.device} | ({cfg.encoder.audio_tower.device} if cfg.encoder.audio_tower else set())
+    devices = {cfg.encoder.tower.device} if cfg.output.mode != "pixels" else set()  # pixels: no vision tower runs
+    devices |= {cfg.encoder.audio_tower.device} if cfg.encoder.audio_tower else set()
     return "cuda" in devices or ("auto" in devices and (cluster_gpus > 0 or cfg.encoder.accelerator_type is not None))
 
 
@@ -247,7 +248,7 @@ class PrecomputeRun:
         else:
             if man is not None and man.format in (None, FEATURES_V1):  # readable, but its rows have another shape
                 problem = (f"{out} holds a feature set in format {man.format or FEATURES_V1}; this vlp writes "
-                           f"{features_format(self.fp.audio is not None)} and cannot add to it")
+                           f"{features_format(self.fp.audio is not None, self.fp.mode)} and cannot add to it")
         old_fp = with_added_sample_keys(old_fp)
         if problem is None and old_fp is not None and old_fp.to_json() != self.fp.to_json():
             problem = f"{out} holds features made with a different {', '.join(self.fp.differences(old_fp))}"
@@ -358,7 +359,7 @@ class PrecomputeRun:
     def manifest(self, done: dict[str, ShardCommit], summary: dict) -> Manifest:
         fp = self.fp
         return Manifest(
-            format=features_format(fp.audio is not None), vlp_version=__version__, created_at=time.time(), host=socket.gethostname(),
+            format=features_format(fp.audio is not None, fp.mode), vlp_version=__version__, created_at=time.time(), host=socket.gethostname(),
             inputs=self.shards, shard_names={u: self.names[u] for u in self.shards},
             shards={n: done[n].counts() for n in sorted(done)},
             encoder=fp.encoder, **({"audio": fp.audio} if fp.audio else {}), layer=fp.encoder.layer, mode=fp.mode, sampling=fp.sampling, preprocess=fp.preprocess,

@@ -242,28 +242,30 @@ def shape_of(s: str) -> tuple[int, ...]:
 
 
 class EncodeFeatures:
-    """Actor stage: uint8 frames -> frozen-tower features (fp16), pooled per ``mode`` and item; audio items' fbank
-    segments -> the audio tower's features (fp16, (n, tokens, D_a), never pooled). Normalises frames with
-    ``mean``/``std`` (the driver's resolved values, see pipeline.plan_stages); None = the tower's own."""
+    """Actor stage: uint8 frames -> frozen-tower features (fp16), pooled per ``mode`` and item (mode ``pixels``: the
+    uint8 frames themselves, no vision tower built); audio items' fbank segments -> the audio tower's features
+    (fp16, (n, tokens, D_a), never pooled). Normalises frames with ``mean``/``std`` (the driver's resolved values,
+    see pipeline.plan_stages); None = the tower's own."""
 
     def __init__(self, tower_cfg, mode: str, max_frames_per_forward: int = 256, mean=None, std=None,
                  audio_tower_cfg=None, max_segments_per_forward: int = 32):
         from ..models.audio_towers import build_audio_tower
         from ..models.towers import build_vision_tower
 
-        self.tower = build_vision_tower(tower_cfg)
+        self.tower = build_vision_tower(tower_cfg) if mode != "pixels" else None
         self.audio = build_audio_tower(audio_tower_cfg) if audio_tower_cfg is not None else None
-        self.mean = tuple(mean) if mean is not None else self.tower.mean
-        self.std = tuple(std) if std is not None else self.tower.std
+        self.mean = tuple(mean) if mean is not None else self.tower.mean if self.tower else None
+        self.std = tuple(std) if std is not None else self.tower.std if self.tower else None
         self.mode = mode
         self.chunk, self.audio_chunk = max_frames_per_forward, max_segments_per_forward
 
     def encode(self, stacks: list[np.ndarray]) -> list[np.ndarray]:
-        """Per item (T_j, 3, S, S) uint8 -> per item fp16 (P + T_j, D) valley_pooled or (T_j, 1 + P, D) frames."""
+        """Per item (T_j, 3, S, S) uint8 -> per item fp16 (P + T_j, D) valley_pooled or (T_j, 1 + P, D) frames, or
+        the uint8 (T_j, 3, S, S) frames unchanged (pixels)."""
         import torch
 
-        if not stacks:
-            return []
+        if not stacks or self.mode == "pixels":
+            return [np.ascontiguousarray(s) for s in stacks]
         lens = [s.shape[0] for s in stacks]
         x = torch.from_numpy(np.concatenate(stacks))  # (sum T_j, 3, S, S) uint8
         feats = []
