@@ -2,8 +2,9 @@
 library's checks, held data path, recipe steps and export, without Ray Train's worker group.
 
 For learning proofs that need hundreds of steps: two Ray Train ranks syncing through gloo every step on an
-oversubscribed 2-core machine (the suite's xdist workers beside them) spend much of each step waiting. The demo's
-1,200 stage-2 steps took ~18 min in the suite as `run_demo` (2026-12-02, clean clone), ~5 min here on one rank.
+oversubscribed 2-core machine (the suite's xdist workers beside them) spend much of each step waiting. In the suite
+(2026-12-02, clean clones) the demo test that ran `run_demo` whole took ~18 min; its three trainings and the
+evaluation take ~5 min here on one rank (the feature sets and a one-epoch `run_demo` another ~8 min).
 What Ray Train adds (worker groups, checkpoints, failure and resume, ZeRO across ranks) is tested in tests/train/
 on few steps.
 """
