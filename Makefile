@@ -30,7 +30,7 @@ demo: $(STAMP)
 # init waits on it forever (torch's FileBaton has no staleness check). A build takes ~2 min: a lock older than 15 is stale.
 test: $(STAMP)
 	-find "$${TORCH_EXTENSIONS_DIR:-$$HOME/.cache/torch_extensions}" -name lock -mmin +15 -print -delete 2>/dev/null
-	$(BIN)/python -m pytest tests -q -n 3 --dist loadfile --no-loadscope-reorder --durations=40
+	$(BIN)/python -m pytest tests -q -n 2 --dist loadfile --no-loadscope-reorder --durations=40
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -q -m "not slow"
