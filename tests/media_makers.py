@@ -132,3 +132,12 @@ def audio_bytes(signal: np.ndarray, rate: int, fmt: str = "wav", codec: str = "p
             for pkt in vs.encode():
                 c.mux(pkt)
     return buf.getvalue()
+
+
+def shard_file(path, samples):
+    """Write ``samples`` ([(key, {ext: bytes})]) as one WebDataset tar at ``path`` (a Path); returns it."""
+    from vlp.data.tario import write_tar
+
+    with open(path, "wb") as f:
+        write_tar(f, samples)
+    return path

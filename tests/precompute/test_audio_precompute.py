@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from featrows import feature_rows
-from media_makers import audio_bytes, frames_of, tone
+from media_makers import audio_bytes, frames_of, shard_file, tone
 from vlp.config import ConfigError, validate
 from vlp.data.audio import AudioConfig, AudioFeaturizer
 from vlp.data.media import DecodeConfig, SamplingConfig
-from vlp.data.tario import RawSample, write_tar
+from vlp.data.tario import RawSample
 from vlp.models.presets import resolve_model_path
 from vlp.precompute.stages import DecodeFrames, EncodeFeatures, ReadShard, batch_rows, rows_batch
 from vlp.synth.shards import encode_jpeg
@@ -90,10 +90,7 @@ def test_encode_gives_each_item_its_towers_features_in_placeholder_order():
 
 @pytest.fixture(scope="module")
 def audio_shard(tmp_path_factory):
-    p = tmp_path_factory.mktemp("audio") / "audio-00000.tar"
-    with open(p, "wb") as f:
-        write_tar(f, SAMPLES)
-    return p
+    return shard_file(tmp_path_factory.mktemp("audio") / "audio-00000.tar", SAMPLES)
 
 
 def test_audio_tower_mistakes_are_config_errors_before_any_work():

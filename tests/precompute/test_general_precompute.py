@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from featrows import feature_rows
-from media_makers import frames_of
+from media_makers import frames_of, shard_file
 from vlp.config import validate
 from vlp.data.media import DecodeConfig, SamplingConfig
 from vlp.data.sample import parse_sample
-from vlp.data.tario import RawSample, write_tar
+from vlp.data.tario import RawSample
 from vlp.precompute.stages import DecodeFrames, ReadShard, rows_batch, batch_rows
 from vlp.synth.shards import encode_jpeg, encode_mp4
 
@@ -45,10 +45,7 @@ SAMPLES = [
 
 @pytest.fixture(scope="module")
 def general_shard(tmp_path_factory):
-    p = tmp_path_factory.mktemp("general") / "general-00000.tar"
-    with open(p, "wb") as f:
-        write_tar(f, SAMPLES)
-    return p
+    return shard_file(tmp_path_factory.mktemp("general") / "general-00000.tar", SAMPLES)
 
 
 def test_read_and_decode_rows_per_item_and_the_errors_they_name(general_shard):

@@ -10,10 +10,9 @@ import json
 import numpy as np
 import pytest
 
-from media_makers import frames_of
+from media_makers import frames_of, shard_file
 from vlp.config import validate
 from vlp.data.media import DecodeConfig, SamplingConfig
-from vlp.data.tario import write_tar
 from vlp.formats.featureset import decode_features
 from vlp.precompute import PrecomputeConfig
 from vlp.precompute.stages import DecodeFrames, EncodeFeatures, ReadShard, batch_rows, rows_batch
@@ -25,10 +24,7 @@ SAMPLES = [("clip", {"mp4": encode_mp4(frames_of(12, color="blue"), 8), "txt": b
 
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory):
-    p = tmp_path_factory.mktemp("pixels") / "px-00000.tar"
-    with open(p, "wb") as f:
-        write_tar(f, SAMPLES)
-    return p
+    return shard_file(tmp_path_factory.mktemp("pixels") / "px-00000.tar", SAMPLES)
 
 
 def _cfg(shard, out, **output) -> PrecomputeConfig:

@@ -186,20 +186,23 @@ def demo_features(cfg: DemoConfig, shards_cfg: MakeShardsConfig, n_steps: int, r
     return features
 
 
+def _connector(cfg: DemoConfig) -> dict:
+    """The connector both stages train, less what each stage sets (trainable, init_from)."""
+    return cfg.connector.model_dump(mode="json", exclude={"trainable", "init_from"})
+
+
 def stage1_config(cfg: DemoConfig, features: dict):
     """Stage 1's TrainConfig: the connector on the caption set, LLM frozen."""
-    conn = cfg.connector.model_dump(mode="json", exclude={"trainable", "init_from"})
     return _train_cfg(cfg, "stage1", cfg.stage1, data={
         "sets": [{"uri": features["pretrain"]}], "template": "plain", "max_length": 512},
-        model={"llm": {"path": cfg.llm}, "connector": conn})
+        model={"llm": {"path": cfg.llm}, "connector": _connector(cfg)})
 
 
 def stage2_configs(cfg: DemoConfig, features: dict, stage1_export: str) -> dict:
     """{run name: TrainConfig} of stage 2 (connector + LLM on the instructions, from stage 1's connector) and,
     unless ``ablation_pooler`` is null, the ablation: the same run with that pooler."""
-    conn = cfg.connector.model_dump(mode="json", exclude={"trainable", "init_from"})
     data = {"sets": [{"uri": features["instruct"]}], "template": "vicuna_v1", "max_length": 512}
-    model = {"llm": {"path": cfg.llm, "trainable": True}, "connector": {**conn, "init_from": stage1_export}}
+    model = {"llm": {"path": cfg.llm, "trainable": True}, "connector": {**_connector(cfg), "init_from": stage1_export}}
     out = {"stage2": _train_cfg(cfg, "stage2", cfg.stage2, data=data, model=model)}
     if cfg.ablation_pooler is not None:
         name = f"stage2_{cfg.ablation_pooler}"
