@@ -65,7 +65,7 @@ class ChatSession:
 
         self.model, self.tok, self.info = load_model(export_dir, device)
         self.template = self.info.prompt_template(export_dir)
-        self.enc = OnlineEncoder(self.info, export_dir, device)  # the export's towers and preprocessing
+        self.enc = OnlineEncoder(self.info, export_dir, device, self.model.tower)  # the export's towers and preprocessing
         self.conv: list[dict] = []
         self.items: list[ChatItem] = []
         self.order: list[int] = []  # the item of each placeholder of the conversation, in order

@@ -54,7 +54,7 @@ class AnswerBatch:
         self.device = device
         self.model, self.tok, self.info = load_model(export_dir, device)
         self.template = self.info.prompt_template(export_dir)
-        self.enc = OnlineEncoder(self.info, export_dir, device)
+        self.enc = OnlineEncoder(self.info, export_dir, device, self.model.tower)
         self.question, self.max_new = question, max_new_tokens
 
     def features(self, data: bytes, shape: str, modality: str):

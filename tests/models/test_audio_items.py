@@ -147,7 +147,7 @@ def test_zero3_partitioned_parameters_are_not_touched(llm):
         p.ds_id = 0
         p.data = torch.empty(0)
     embeds = torch.randn(1, 3, 64, requires_grad=True)
-    assert model.touch_connector(embeds) is embeds
+    assert model.touch_trainable(embeds) is embeds
 
 
 def test_a_tower_layer_that_is_no_hidden_state_is_refused_when_built():

@@ -86,5 +86,5 @@ def test_pixels_sets_hold_the_decoded_frames_and_are_refused_where_features_are_
     exp = export_model(VideoLLM(validate(ModelConfig, {"vision_hidden_size": 64})), AutoTokenizer.from_pretrained(
         resolve_model_path("preset:tiny-tokenizer")), tmp_path / "export", extra={"template": "vicuna_v1", **{
             k: fp[k] for k in ("encoder", "sampling", "preprocess")}, "feature_mode": "valley_pooled"})
-    with pytest.raises(ModelDoesNotFit, match="holds output.mode=pixels rows; the model's pooler valley takes"):
+    with pytest.raises(ModelDoesNotFit, match="output.mode=pixels holds frames for a model that runs its vision tower: set model.tower"):
         evaluate(str(exp), str(out))

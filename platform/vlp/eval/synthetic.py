@@ -177,6 +177,7 @@ def evaluate(export_dir: str, feature_uri: str, storage: StorageConfig | None = 
     modality whose items are withheld from the model (e.g. ``audio``: the sound ablation)."""
     from ..models.poolers import POOLERS
     from ..formats.export import load_model
+    from ..models.videollm import feature_mode_problems
 
     model, tok, info = load_model(export_dir)
     check_feature_set(feature_uri, storage)
@@ -186,9 +187,9 @@ def evaluate(export_dir: str, feature_uri: str, storage: StorageConfig | None = 
                               f"model {export_dir} was trained without audio; evaluate it with --without audio")
     if pooler:  # evaluate an ablation (e.g. patch_mean) on the same weights
         model.pool = POOLERS.part(pooler)
-    if fp.mode not in model.pool.modes:  # e.g. pixels: frames for a run that trains the tower, not features
-        raise ModelDoesNotFit(f"feature set {feature_uri} holds output.mode={fp.mode} rows; the model's pooler "
-                              f"{pooler or model.cfg.pooler.type} takes output.mode {' or '.join(model.pool.modes)}")
+    problems = feature_mode_problems(model.cfg, [fp.mode], model.pool)  # e.g. pixels for a model without a tower
+    if problems:
+        raise ModelDoesNotFit("; ".join(p.replace("data.sets[0]", f"feature set {feature_uri}") for p in problems))
     template = info.prompt_template(str(export_dir))
     tally = Tally()
     for i, row in enumerate(iter_feature_rows(feature_uri, storage)):

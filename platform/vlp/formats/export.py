@@ -5,6 +5,8 @@ Layout of an export folder::
 
     llm/                    save_pretrained of the causal LM (LoRA merged)
     connector.safetensors   the connector's weights
+    tower/                  the vision tower, when the model runs one (``model.tower``: trained on pixel rows),
+                            save_pretrained with its preprocessor config (precompute can encode with it)
     tokenizer/              save_pretrained of the tokenizer
     vlp_model.json          ExportInfo: format, model config, template, and the feature set's encoder, sampling and
                             preprocess (what chat and infer reproduce)
@@ -113,8 +115,8 @@ class ExportInfo(Record):
 
 def export_model(model: VideoLLM, tokenizer, out: str | Path,
                  extra: Union[ExportInfo, dict, None] = None) -> Path:
-    """Write ``out/llm`` (save_pretrained, LoRA merged), ``out/connector.safetensors``, ``out/tokenizer``
-    and ``out/vlp_model.json``: ``extra`` (an ExportInfo or its JSON: template, feature mode, encoder...) with the
+    """Write ``out/llm`` (save_pretrained, LoRA merged), ``out/connector.safetensors``, ``out/tokenizer``,
+    ``out/tower`` (a model with ``model.tower``) and ``out/vlp_model.json``: ``extra`` (an ExportInfo or its JSON: template, feature mode, encoder...) with the
     model config and the format version filled in."""
     from safetensors.torch import save_file
 
@@ -128,6 +130,10 @@ def export_model(model: VideoLLM, tokenizer, out: str | Path,
               str(out / "connector.safetensors"))
     tokenizer.save_pretrained(out / "tokenizer")
     cfg = model.cfg.model_copy(deep=True)
+    if model.tower is not None:
+        model.tower.save(str(out / "tower"))
+        cfg.tower = cfg.tower.model_copy(update={"path": str(out / "tower"), "trainable": False,
+                                                 "mean": model.tower.mean, "std": model.tower.std})
     cfg.llm.path = str(out / "llm")
     cfg.llm.tokenizer = str(out / "tokenizer")
     cfg.llm.trainable = False
@@ -210,7 +216,10 @@ def probe_logits(model: VideoLLM, probe: dict) -> torch.Tensor:
         shapes, nfs = probe["shape"], probe["num_frames"]
         if shapes and not isinstance(shapes[0], (list, tuple)):  # an old probe: one item
             shapes, nfs = [shapes], [nfs]
-        feats = [torch.randn(tuple(s), generator=g).to(w.device, w.dtype) for s in shapes]  # (T+P, D) or (T, P+1, D)
+        if probe["mode"] == "pixels":  # (T, 3, S, S) frames, 0..255
+            feats = [torch.randint(0, 256, tuple(s), generator=g).to(w.device, w.dtype) for s in shapes]
+        else:
+            feats = [torch.randn(tuple(s), generator=g).to(w.device, w.dtype) for s in shapes]  # (T+P, D), (T, P+1, D)
         ids = torch.as_tensor(probe["input_ids"], dtype=torch.long)
         with torch.no_grad():
             out = model([ids], None, [feats or None], [probe["mode"]], [[int(t) for t in nfs]],

@@ -1,4 +1,4 @@
-"""VideoLLM: vision tower (optional) -> temporal pooler -> connector -> causal LM.
+"""VideoLLM: vision tower (optional: ``model.tower``, on pixel rows) -> temporal pooler -> connector -> causal LM.
 
 Every part is chosen by a ``type`` key in its config (the part classes live in models/poolers,
 models/connectors and models/towers; ``model.plugins`` imports modules that register more) and frozen or
@@ -20,6 +20,7 @@ from ..data.conversation import IGNORE_INDEX, VISUAL_TOKEN_INDEX
 from .audio_towers import flatten_segments
 from .connectors import CONNECTORS, ConnectorConfig, ItemContext, default_modality
 from .parts import PluginModule
+from .pixel_tower import ModelTowerCfg, PixelTower, features_shape
 from .poolers import POOLERS, Pooler, PoolerConfig
 from .presets import check_model_path, resolve_model_path
 
@@ -38,7 +39,7 @@ class LLMConfig(Cfg):
 
 
 class ModelConfig(Cfg):
-    """The VideoLLM parts. The vision tower is absent when training on precomputed features."""
+    """The VideoLLM parts. The vision tower (``tower``) is absent when training on precomputed features."""
 
     # Declared first: fields validate in order, so the plugins' part types are registered before the pooler
     # and connector configs that name them are validated (on the driver and in every worker).
@@ -50,6 +51,9 @@ class ModelConfig(Cfg):
     audio_hidden_size: Optional[int] = Field(
         None, ge=1, description="D of the audio items' features (the audio tower's); None = read from the feature "
         "sets (none: the model takes no audio)")
+    tower: Optional[ModelTowerCfg] = Field(
+        None, description="a vision tower inside the model, run on feature sets precomputed with output.mode=pixels "
+        "(trained with trainable: true, as mPLUG-Owl's stage 1); None: the sets hold the tower's features")
     pooler: PoolerConfig = POOLERS.config()
     connector: ConnectorConfig = CONNECTORS.config()
     llm: LLMConfig = LLMConfig()
@@ -81,22 +85,35 @@ def visual_token_count(cfg: ModelConfig, shape: Sequence[int], mode: str, num_fr
     count them; an audio item's segments x tokens are not pooled); what training reserves in the sequence
     before any feature is loaded."""
     pooler, connector = POOLERS.part(cfg.pooler), CONNECTORS.part(cfg.connector)
+    if mode == "pixels" and modality != "audio" and cfg.tower is not None:  # the tower's frames come out of it
+        shape, mode = features_shape(cfg.tower, shape), "frames"  # (T, 3, S, S) -> (T, 1 + P, D)
     n = shape[0] * shape[1] if modality == "audio" else pooler.num_tokens(shape, mode, num_frames)
     if not connector.takes_context:
         return connector.num_tokens(n)
     return connector.num_tokens(n, item_context(pooler, shape, mode, num_frames, modality))
 
 
-def feature_mode_problems(cfg: ModelConfig, modes: Sequence[str]) -> list[str]:
-    """Why the model's pooler cannot take features of these modes (``data.sets[i]``'s output.mode); [] if it can."""
-    pooler = POOLERS.part(cfg.pooler)
+def feature_mode_problems(cfg: ModelConfig, modes: Sequence[str], pooler: Optional[Pooler] = None) -> list[str]:
+    """Why the model cannot take feature sets of these modes (``data.sets[i]``'s output.mode); [] if it can. A model
+    with ``tower`` takes pixel sets only, and its pooler must take frames (what the tower makes); one without takes
+    what its pooler takes (``pooler``: another pooler on the same weights, eval's ablation)."""
+    pooler = pooler or POOLERS.part(cfg.pooler)
+    name = pooler.cfg.type
+    if cfg.tower is not None:
+        out = [f"data.sets[{i}]: model.tower runs the vision tower on pixel rows (feature sets precomputed with "
+               f"output.mode=pixels), this one has output.mode={m}" for i, m in enumerate(modes) if m != "pixels"]
+        if "frames" not in pooler.modes:
+            out.append(f"model.pooler.type={name} does not take frames, which is what model.tower makes")
+        return out
     want = " or ".join(f"output.mode={m}" for m in pooler.modes)
-    return [f"data.sets[{i}]: model.pooler.type={cfg.pooler.type} needs feature sets precomputed with {want}, "
+    return [f"data.sets[{i}]: output.mode=pixels holds frames for a model that runs its vision tower: set "
+            "model.tower (see docs/training.md, trainable vision tower)" if m == "pixels" else
+            f"data.sets[{i}]: model.pooler.type={name} needs feature sets precomputed with {want}, "
             f"this one has output.mode={m}" for i, m in enumerate(modes) if m not in pooler.modes]
 
 
 class VideoLLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, llm: Optional[nn.Module] = None):
+    def __init__(self, cfg: ModelConfig, llm: Optional[nn.Module] = None, tower_weights: bool = True):
         super().__init__()
         from transformers import AutoModelForCausalLM
 
@@ -109,17 +126,22 @@ class VideoLLM(nn.Module):
         self.connector_part = CONNECTORS.part(cfg.connector)  # its takes_context: how the module is called
         self.connector = self.connector_part.build_for(widths, d_model)
         self.pool = POOLERS.part(cfg.pooler)  # (feats, mode, num_frames) -> (N, D)
+        self.tower = PixelTower(cfg.tower, weights=tower_weights) if cfg.tower is not None else None
         self.llm.requires_grad_(cfg.llm.trainable)
         self.connector.requires_grad_(cfg.connector.trainable)
         if cfg.llm.gradient_checkpointing and cfg.llm.trainable:
-            self.llm.gradient_checkpointing_enable()
+            self.llm.activation_checkpointing_enable()
             self.llm.config.use_cache = False
 
     def visual_tokens(self, feats: torch.Tensor, mode: str, num_frames: int,
                       modality: Optional[str] = None) -> torch.Tensor:
         """One media item's features -> (M, d_model) embeddings. ``modality`` (image, video, audio) reaches only a
         connector that takes an ItemContext; None: an image for T=1, else a video. Audio features (n, tokens, D_a)
-        skip the pooler (its formulas are over video frames)."""
+        skip the pooler (its formulas are over video frames). Pixel rows (T, 3, S, S) go through ``tower`` first."""
+        if mode == "pixels" and modality != "audio":
+            if self.tower is None:
+                raise ValueError("pixel rows (output.mode=pixels) need a model with model.tower")
+            feats, mode = self.tower(feats), "frames"  # (T, 3, S, S) -> (T, 1 + P, D)
         if modality == "audio":
             pooled = flatten_segments(feats)  # (n, tokens, D_a) -> (n * tokens, D_a)
         else:
@@ -193,16 +215,18 @@ class VideoLLM(nn.Module):
         visuals = [self.sample_visuals(f, m, t, i, x)
                    for i, (f, m, t, x) in enumerate(zip(features, modes, num_frames, mods))]
         embeds, mask, lab = self.build_inputs(input_ids, labels, visuals)
-        return self.llm(inputs_embeds=self.touch_connector(embeds), attention_mask=mask, labels=lab)
+        return self.llm(inputs_embeds=self.touch_trainable(embeds), attention_mask=mask, labels=lab)
 
-    def touch_connector(self, embeds: torch.Tensor) -> torch.Tensor:
-        """``embeds`` + 0 x one element of every trainable connector parameter, so that each gets a gradient (zero
-        when unused) on every step. A connector with parts per modality (the perceiver's queries, the abstractor's
-        temporal queries) would otherwise leave some without one on a rank whose micro-batch lacks that modality,
-        and ZeRO's gradient reduction would run collectives of different sizes on different ranks (gloo aborts)."""
+    def touch_trainable(self, embeds: torch.Tensor) -> torch.Tensor:
+        """``embeds`` + 0 x one element of every trainable connector and tower parameter, so that each gets a
+        gradient (zero when unused) on every step. A connector with parts per modality (the perceiver's queries, the
+        abstractor's temporal queries) would otherwise leave some without one on a rank whose micro-batch lacks that
+        modality, a trained tower all of its own on a text-only micro-batch, and ZeRO's gradient reduction would
+        run collectives of different sizes on different ranks (gloo aborts)."""
         # ZeRO-3 parameters (ds_id) are partitioned and gathered only inside their own module's forward: not
         # touched here (their data is empty outside it)
-        ps = [p for p in self.connector.parameters() if p.requires_grad and not hasattr(p, "ds_id")]
+        parts = [self.connector] + ([self.tower] if self.tower is not None else [])
+        ps = [p for m in parts for p in m.parameters() if p.requires_grad and not hasattr(p, "ds_id")]
         if not ps or not torch.is_grad_enabled():
             return embeds
         return embeds + torch.stack([p.reshape(-1)[0] for p in ps]).sum().to(embeds.dtype) * 0.0  # (B, L, d)

@@ -52,9 +52,9 @@ class TrainDataConfig(Cfg):
 
 class OptimConfig(Cfg):
     lr: float = Field(2e-3, gt=0, description="peak learning rate of every trainable part not in lr_by_part")
-    lr_by_part: dict[Literal["connector", "llm"], float] = Field(
-        {}, description="peak learning rate per part, e.g. {connector: 1e-4, llm: 2e-5} (llm: its LoRA adapters "
-        "too); every part follows the same warmup and schedule (AdamW parameter groups, as mPLUG-Owl trains its "
+    lr_by_part: dict[Literal["tower", "connector", "llm"], float] = Field(
+        {}, description="peak learning rate per part, e.g. {tower: 1e-5, connector: 1e-4, llm: 2e-5} (tower: "
+        "model.tower; llm: its LoRA adapters too); every part follows the same warmup and schedule (AdamW parameter groups, as mPLUG-Owl trains its "
         "parts at different rates)")
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -175,10 +175,11 @@ class TrainConfig(Cfg):
                              f"{b.micro_size} x {b.grad_accum} x {w}")
         if self.debug.fail_rank >= w:
             raise ValueError(f"debug.fail_rank={self.debug.fail_rank} but only {w} workers")
-        frozen = {"connector": not self.model.connector.trainable,
+        frozen = {"tower": not (self.model.tower is not None and self.model.tower.trainable),
+                  "connector": not self.model.connector.trainable,
                   "llm": not (self.model.llm.trainable or self.lora.enabled)}
         named = [p for p in self.optim.lr_by_part if frozen[p]]
         if named:
             raise ValueError(f"optim.lr_by_part names {', '.join(named)}, which this run does not train "
-                             "(model.connector.trainable; model.llm.trainable or lora.enabled)")
+                             "(model.tower.trainable; model.connector.trainable; model.llm.trainable or lora.enabled)")
         return self

@@ -32,6 +32,7 @@ def param_counts(cfg: TrainConfig) -> tuple[int, int]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..models.connectors import CONNECTORS
+    from ..models.pixel_tower import tower_part
     from ..models.presets import resolve_model_path
     from ..models.videollm import feature_widths
 
@@ -40,9 +41,11 @@ def param_counts(cfg: TrainConfig) -> tuple[int, int]:
         llm = AutoModelForCausalLM.from_config(lcfg)
         d_model = llm.get_input_embeddings().weight.shape[1]
         conn = CONNECTORS.part(cfg.model.connector).build_for(feature_widths(cfg.model), d_model)
+        tower = tower_part(cfg.model.tower).load_module(weights=False) if cfg.model.tower is not None else None
     n_llm = sum(p.numel() for p in llm.parameters())
     n_conn = sum(p.numel() for p in conn.parameters())
-    trainable = (n_conn if cfg.model.connector.trainable else 0)
+    n_tower = sum(p.numel() for p in tower.parameters()) if tower is not None else 0
+    trainable = (n_conn if cfg.model.connector.trainable else 0) + (n_tower if cfg.model.tower.trainable else 0)
     if cfg.model.llm.trainable:
         trainable += n_llm
     elif cfg.lora.enabled:  # LoRA adds r x (in + out) per adapted linear layer
@@ -51,7 +54,7 @@ def param_counts(cfg: TrainConfig) -> tuple[int, int]:
             if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in cfg.lora.target_modules:
                 lora += cfg.lora.r * (mod.in_features + mod.out_features)
         trainable += lora
-    return trainable, n_llm + n_conn - trainable
+    return trainable, n_llm + n_conn + n_tower - trainable
 
 
 def mixed_encoders(infos: list[FeatureSetInfo]) -> list[str]:
@@ -93,6 +96,7 @@ def fill_widths(cfg: TrainConfig, infos: list[FeatureSetInfo]) -> list[str]:
             problems.append(f"model.{field}={have} does not match the feature set's hidden size {sizes[0]}")
     if problems:
         return problems
+    problems += fill_tower(cfg, infos[0].fingerprint) if cfg.model.tower is not None else []
     part = CONNECTORS.part(cfg.model.connector)
     problems += part.width_problems(feature_widths(cfg.model)) + part.item_problems(item_extents(infos))
     init = cfg.model.connector.init_from
@@ -105,6 +109,17 @@ def fill_widths(cfg: TrainConfig, infos: list[FeatureSetInfo]) -> list[str]:
             module = part.build_for(feature_widths(cfg.model), _llm_width(cfg))
         problems += connector_fit_problems(module, init)
     return problems
+
+
+def fill_tower(cfg: TrainConfig, fp) -> list[str]:
+    """Fill model.tower.mean/std from the first set's fingerprint (the normalisation its pixel rows were cut for)
+    and check the tower fits the sets' frames. -> the problems."""
+    from ..models.pixel_tower import tower_problems
+
+    t, pp = cfg.model.tower, fp.preprocess
+    if pp is not None and pp.mean and pp.std:
+        t.mean, t.std = t.mean or tuple(pp.mean), t.std or tuple(pp.std)
+    return tower_problems(t, (pp.size if pp else None) or fp.encoder.image_size, cfg.model.vision_hidden_size)
 
 
 def item_extents(infos: list[FeatureSetInfo]) -> dict[str, int]:
@@ -310,7 +325,7 @@ RERUN_MAY_CHANGE = (
                                    # saved before plugins existed have no such key)
 )
 # Filled in by check_setup when left None; the saved config holds the resolved value.
-_RESOLVED_AT_SETUP = ("model.vision_hidden_size", "model.audio_hidden_size")
+_RESOLVED_AT_SETUP = ("model.vision_hidden_size", "model.audio_hidden_size", "model.tower.mean", "model.tower.std")
 
 
 def _may_change(path: str) -> bool:

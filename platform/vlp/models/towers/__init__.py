@@ -91,6 +91,20 @@ class Tower(Part):
         precompute driver plans with it)."""
         raise NotImplementedError
 
+    def load_module(self, weights: bool = True) -> torch.nn.Module:
+        """The encoder as a plain trainable module (float32, train mode, gradients on), for a model that runs the
+        tower itself (``model.tower``): ``from_pretrained`` at the path, or, with ``weights=False``, built from the
+        checkpoint's config alone (under ``torch.device("meta")`` to count parameters). Its forward takes
+        ``pixel_values`` (N, 3, S, S) and ``output_hidden_states``, as Hugging Face vision models do. A tower class
+        that cannot be trained inside the model leaves this unimplemented (setup says so)."""
+        raise NotImplementedError(f"vision tower type {self.cfg.type!r} cannot run inside the model")
+
+    def save_module(self, module: torch.nn.Module, folder: str, mean, std) -> None:
+        """Write ``module`` (as :meth:`load_module` made it, trained) to ``folder`` so that this tower type loads it
+        back from there (``save_pretrained``), with a preprocessor config holding ``mean``/``std`` (precompute and
+        chat read a tower's normalisation from it)."""
+        raise NotImplementedError(f"vision tower type {self.cfg.type!r} cannot be saved from the model")
+
 
 def build_vision_tower(cfg: TowerCfg | dict) -> VisionTower:
     return TOWERS.part(cfg).build()

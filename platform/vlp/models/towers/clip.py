@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
+
 from ..presets import resolve_model_path
 from . import TOWERS, Tower, TowerCfg, VisionTower, load_frozen, tower_mean_std, weights_hash
 
@@ -38,3 +40,18 @@ class Clip(Tower):
     def geometry(self) -> tuple[int, int]:
         c = self.vision_config()
         return c.image_size, c.hidden_size
+
+    def load_module(self, weights: bool = True):
+        from transformers import CLIPVisionModel
+
+        if not weights:
+            return CLIPVisionModel(self.vision_config())
+        return CLIPVisionModel.from_pretrained(resolve_model_path(self.cfg.path), dtype=torch.float32)
+
+    def save_module(self, module, folder: str, mean, std) -> None:
+        from transformers import CLIPImageProcessorPil
+
+        module.save_pretrained(folder, safe_serialization=True)
+        s = module.config.image_size
+        CLIPImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s}, image_mean=list(mean),
+                              image_std=list(std)).save_pretrained(folder)
