@@ -199,13 +199,14 @@ def test_existing_yaml_and_saved_configs_load_unchanged():
            "llm": {"path": "preset:tiny-llama", "tokenizer": None, "trainable": False,
                    "gradient_checkpointing": False, "dtype": "float32"}}
     cfg = validate(ModelConfig, old)  # a vlp_model.json / config.yaml written before model.plugins existed
-    assert cfg.model_dump(mode="json") == {"plugins": [], **old, "audio_hidden_size": None}  # new keys: defaults
+    assert cfg.model_dump(mode="json") == {"plugins": [], **old, "audio_hidden_size": None, "tower": None}  # defaults
     from vlp.train.trainer import config_changes
 
     train = validate(TrainConfig, {**TRAIN, "model": {**old, "connector": {"type": "mlp2x_gelu", "trainable": False}}})
     saved = yaml.safe_load(dump_config(train))
     assert validate(TrainConfig, saved) == train and config_changes(saved, train) == []
     del saved["model"]["plugins"]  # a run saved before plugins existed re-runs as the same run
+    del saved["model"]["tower"]  # and one saved before model.tower existed (a new field at its None default)
     assert config_changes(saved, train) == []
     saved["model"]["connector"]["type"] = "linear"
     assert [c[0] for c in config_changes(saved, train)] == ["model.connector.type"]

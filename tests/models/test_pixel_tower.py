@@ -108,6 +108,11 @@ def test_the_export_saves_the_trained_tower_and_loads_it_back(tiny_clip_path, tm
     ids = [1, VISUAL_TOKEN_INDEX, 5]
     probe = {"input_ids": ids, "shape": [[T, 3, S, S]], "mode": "pixels", "num_frames": [T], "modalities": ["video"]}
     assert torch.allclose(probe_logits(model, probe), probe_logits(back, probe), atol=1e-5)
+    # stage 2 starts from it: model.tower.init_from (the export or its tower/ folder), frozen
+    for src in (out, out / "tower"):
+        nxt = VideoLLM(cfg(trainable=False, init_from=str(src)))
+        assert all(torch.equal(a, b) for a, b in zip(nxt.tower.parameters(), model.tower.parameters()))
+    assert "no tower at" in tower_problems(cfg(init_from=str(tmp_path)).tower, S, 64)[0]
     online = OnlineEncoder(back_info(out), str(out), "cpu", back.tower)  # chat and infer encode with it
     assert online.tower is None and online.geom.std == (0.25, 0.25, 0.25)
     px = pixels(1)

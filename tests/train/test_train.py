@@ -7,6 +7,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import dotted
@@ -250,16 +251,17 @@ def test_zero3_trains_resumes_from_a_checkpoint_and_exports_full_weights(demo_fe
 
 @pytest.fixture(scope="session")
 def pixel_features(demo_features) -> Path:
-    """The demo's caption shards precomputed with output.mode pixels (4 frames; no tower runs)."""
+    """The demo's caption and held-out shards precomputed with output.mode pixels (4 frames; no tower runs):
+    <root>/features/{pretrain,heldout}_pixels."""
     from vlp.precompute import PrecomputeConfig, run_precompute
 
-    out = demo_features / "features/pretrain_pixels"
-    run_precompute(validate(PrecomputeConfig, {
-        "data": {"shards": [str(demo_features / "shards/webvid-*.tar"), str(demo_features / "shards/cc3m-*.tar")],
-                 "sampling": {"num_frames": 4}},
-        "encoder": {"tower": {"path": "preset:tiny-clip-synth"}}, "output": {"uri": str(out), "mode": "pixels"},
-        "ray": {"progress_bars": False}}), log=lambda *_: None)
-    return out
+    for name, families in (("pretrain", ("webvid", "cc3m")), ("heldout", ("heldout",))):
+        run_precompute(validate(PrecomputeConfig, {
+            "data": {"shards": [str(demo_features / f"shards/{f}-*.tar") for f in families],
+                     "sampling": {"num_frames": 4}}, "encoder": {"tower": {"path": "preset:tiny-clip-synth"}},
+            "output": {"uri": str(demo_features / f"features/{name}_pixels"), "mode": "pixels"},
+            "ray": {"progress_bars": False}}), log=lambda *_: None)
+    return demo_features / "features/pretrain_pixels"
 
 
 def test_tower_trained_stage1_under_zero2_resumes_after_a_failure_and_exports_the_tower(pixel_features, tmp_path):
@@ -293,6 +295,18 @@ def test_tower_trained_stage1_under_zero2_resumes_after_a_failure_and_exports_th
     assert all(torch.equal(llm0[k], llm1[k]) for k in llm0)  # frozen
     model = _probe_matches_export(s)
     assert model.tower is not None and s["probe"]["mode"] == "pixels"
+    # the export's own tower encodes what eval and chat give it: held-out pixel rows, a video file
+    from vlp.chat import ChatSession
+    from vlp.eval.synthetic import evaluate
+    from vlp.synth.shards import encode_mp4
+
+    r = evaluate(str(exp), str(pixel_features.parent / "heldout_pixels"), max_samples=2, max_new_tokens=2)
+    assert sum(v["n"] for v in r["by_type"].values()) > 0
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(encode_mp4(np.random.default_rng(0).integers(0, 255, (6, 64, 64, 3), dtype=np.uint8), 6))
+    chat = ChatSession(str(exp))
+    assert chat.load_media(str(clip)) == ["video"] and chat.items[0].feats.shape == (4, 65, 64)
+    assert isinstance("".join(chat.ask("What color is the shape?", max_new_tokens=3)), str)
 
 
 def yaml_load(p: Path) -> dict:

@@ -118,10 +118,29 @@ def test_learning_rates_by_part_must_name_a_trained_part_and_be_positive():
     assert "optim.lr_by_part" in text and "connector: 0.0" in text
     with pytest.raises(ConfigError, match="optim.lr_by_part names llm, which this run does not train"):
         _cfg(**{"optim.lr_by_part": {"llm": 1e-5}})
+    with pytest.raises(ConfigError, match="optim.lr_by_part names tower, which this run does not train"):
+        _cfg(**{"optim.lr_by_part": {"tower": 1e-5}})  # no model.tower
+    with pytest.raises(ConfigError, match="optim.lr_by_part names tower"):
+        _cfg(**{"optim.lr_by_part": {"tower": 1e-5}, "model.tower": {"trainable": False}})
     with pytest.raises(ConfigError, match="optim.lr_by_part"):
-        _cfg(**{"optim.lr_by_part": {"tower": 1e-5}})
+        _cfg(**{"optim.lr_by_part": {"vision": 1e-5}})
     ok = _cfg(**{"optim.lr_by_part": {"llm": 1e-5}, "lora.enabled": True})
     assert ok.optim.lr_by_part == {"llm": 1e-5}
+    assert _cfg(**{"optim.lr_by_part": {"tower": 1e-5}, "model.tower": {}}).optim.lr_by_part == {"tower": 1e-5}
+
+
+def test_param_counts_count_the_model_tower(tiny_clip_path):
+    from transformers import CLIPVisionModel
+
+    from vlp.models.presets import resolve_model_path
+    from vlp.train.trainer import param_counts
+
+    n_tower = sum(p.numel() for p in CLIPVisionModel.from_pretrained(resolve_model_path("preset:tiny-clip")).parameters())
+    base = _cfg(**{"model.vision_hidden_size": 64})
+    trained = _cfg(**{"model.vision_hidden_size": 64, "model.tower": {"trainable": True}})
+    frozen = _cfg(**{"model.vision_hidden_size": 64, "model.tower": {"trainable": False}})
+    t0, f0 = param_counts(base)
+    assert param_counts(trained) == (t0 + n_tower, f0) and param_counts(frozen) == (t0, f0 + n_tower)
 
 
 def _finished_run(tmp_path, cfg, finished=True):

@@ -132,7 +132,7 @@ def export_model(model: VideoLLM, tokenizer, out: str | Path,
     cfg = model.cfg.model_copy(deep=True)
     if model.tower is not None:
         model.tower.save(str(out / "tower"))
-        cfg.tower = cfg.tower.model_copy(update={"path": str(out / "tower"), "trainable": False,
+        cfg.tower = cfg.tower.model_copy(update={"path": str(out / "tower"), "init_from": None, "trainable": False,
                                                  "mean": model.tower.mean, "std": model.tower.std})
     cfg.llm.path = str(out / "llm")
     cfg.llm.tokenizer = str(out / "tokenizer")

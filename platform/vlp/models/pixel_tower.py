@@ -12,6 +12,7 @@ May import: torch, vlp.config, vlp.data.preprocess, vlp.models.parts, vlp.models
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -30,8 +31,10 @@ class ModelTowerCfg(Cfg):
     """``model.tower``: the vision tower the model runs on pixel rows (feature sets made with output.mode pixels)."""
 
     type: str = Field("clip", description="registered vision tower type (one that can run inside the model: clip)")
-    path: str = Field("preset:tiny-clip", description="folder, hub id (openai/clip-vit-large-patch14) or preset:NAME; "
-                      "a stage-1 export's tower/ folder to start from its trained tower")
+    path: str = Field("preset:tiny-clip", description="folder, hub id (openai/clip-vit-large-patch14) or preset:NAME")
+    init_from: Optional[str] = Field(None, description="an earlier stage's export folder (or its tower/ folder): "
+                                     "the tower starts from the weights trained there instead of path's (checked at "
+                                     "setup, like model.connector.init_from)")
     layer: int = Field(-2, description="hidden-state index whose tokens are the item's features (-2 = penultimate)")
     trainable: bool = Field(True, description="train the tower (mPLUG-Owl stage 1); false: run it frozen")
     gradient_checkpointing: bool = Field(False, description="recompute the tower's layer activations in the backward "
@@ -60,9 +63,27 @@ class ModelTowerCfg(Cfg):
         return v
 
 
+def weights_folder(cfg: ModelTowerCfg) -> str:
+    """Where the tower's weights load from: ``init_from`` (an export's tower/ folder, or that folder itself), else
+    ``path``."""
+    if cfg.init_from is None:
+        return cfg.path
+    sub = Path(cfg.init_from) / "tower"
+    return str(sub) if sub.is_dir() else cfg.init_from
+
+
+def init_problems(cfg: ModelTowerCfg) -> list[str]:
+    """Why ``init_from`` holds no tower to start from; [] when it does (or is unset)."""
+    if cfg.init_from is None or (Path(weights_folder(cfg)) / "config.json").is_file():
+        return []
+    return [f"model.tower.init_from: no tower at {cfg.init_from} (point it at an export folder written by a run "
+            "with model.tower, or at its tower/ folder)"]
+
+
 def tower_part(cfg: ModelTowerCfg) -> Tower:
-    """The registered tower part of ``model.tower`` (its geometry, token count, module loading and saving)."""
-    return TOWERS.part({"type": cfg.type, "path": cfg.path, "layer": cfg.layer})
+    """The registered tower part of ``model.tower`` at :func:`weights_folder` (its geometry, token count, module
+    loading and saving)."""
+    return TOWERS.part({"type": cfg.type, "path": weights_folder(cfg), "layer": cfg.layer})
 
 
 @lru_cache(maxsize=16)
@@ -75,7 +96,7 @@ def _frame_geometry(type_: str, path: str) -> tuple[int, int, int]:
 def frame_geometry(cfg: ModelTowerCfg) -> tuple[int, int, int]:
     """(input size S, tokens per frame 1 + P, feature width D) of the tower, read from its checkpoint's config
     once per path (token counting calls this for every row)."""
-    return _frame_geometry(cfg.type, cfg.path)
+    return _frame_geometry(cfg.type, weights_folder(cfg))
 
 
 def features_shape(cfg: ModelTowerCfg, shape: Sequence[int]) -> tuple[int, int, int]:
@@ -83,13 +104,15 @@ def features_shape(cfg: ModelTowerCfg, shape: Sequence[int]) -> tuple[int, int, 
     size, tokens, width = frame_geometry(cfg)
     if len(shape) != 4 or tuple(shape[1:]) != (3, size, size):
         raise ValueError(f"pixel block of shape {tuple(shape)} is not (T, 3, {size}, {size}) for the tower at "
-                         f"{cfg.path}")
+                         f"{weights_folder(cfg)}")
     return int(shape[0]), tokens, width
 
 
 def tower_problems(cfg: ModelTowerCfg, image_size: int, hidden_size: int) -> list[str]:
     """Why ``model.tower`` cannot run on pixel rows of ``image_size`` whose features must be ``hidden_size`` wide
     (the feature set's fingerprint); [] when it can."""
+    if init_problems(cfg):
+        return init_problems(cfg)
     part = tower_part(cfg)
     if type(part).load_module is Tower.load_module:
         return [f"model.tower.type={cfg.type}: this tower type cannot run inside the model (its part implements no "
@@ -97,9 +120,9 @@ def tower_problems(cfg: ModelTowerCfg, image_size: int, hidden_size: int) -> lis
     size, width = part.geometry()
     out = []
     if size != image_size:
-        out.append(f"model.tower: the tower at {cfg.path} takes {size} px frames, the feature sets hold {image_size} px")
+        out.append(f"model.tower: the tower at {weights_folder(cfg)} takes {size} px frames, the feature sets hold {image_size} px")
     if width != hidden_size:
-        out.append(f"model.tower: the tower at {cfg.path} makes {width}-wide features, model.vision_hidden_size is "
+        out.append(f"model.tower: the tower at {weights_folder(cfg)} makes {width}-wide features, model.vision_hidden_size is "
                    f"{hidden_size}")
     with torch.device("meta"):
         n_layers = part.load_module(weights=False).config.num_hidden_layers
@@ -115,7 +138,7 @@ class PixelTower(nn.Module):
         super().__init__()
         self.cfg, self.part = cfg, tower_part(cfg)
         self.encoder = self.part.load_module(weights)
-        own_mean, own_std = tower_mean_std(resolve_model_path(cfg.path))
+        own_mean, own_std = tower_mean_std(resolve_model_path(weights_folder(cfg)))
         self.mean, self.std = tuple(cfg.mean or own_mean), tuple(cfg.std or own_std)
         self.encoder.requires_grad_(cfg.trainable)
         if cfg.gradient_checkpointing and cfg.trainable:

@@ -45,7 +45,7 @@ def param_counts(cfg: TrainConfig) -> tuple[int, int]:
     n_llm = sum(p.numel() for p in llm.parameters())
     n_conn = sum(p.numel() for p in conn.parameters())
     n_tower = sum(p.numel() for p in tower.parameters()) if tower is not None else 0
-    trainable = (n_conn if cfg.model.connector.trainable else 0) + (n_tower if cfg.model.tower.trainable else 0)
+    trainable = (n_conn if cfg.model.connector.trainable else 0) + (n_tower if tower_trains(cfg) else 0)
     if cfg.model.llm.trainable:
         trainable += n_llm
     elif cfg.lora.enabled:  # LoRA adds r x (in + out) per adapted linear layer
@@ -55,6 +55,10 @@ def param_counts(cfg: TrainConfig) -> tuple[int, int]:
                 lora += cfg.lora.r * (mod.in_features + mod.out_features)
         trainable += lora
     return trainable, n_llm + n_conn + n_tower - trainable
+
+
+def tower_trains(cfg: TrainConfig) -> bool:
+    return cfg.model.tower is not None and cfg.model.tower.trainable
 
 
 def mixed_encoders(infos: list[FeatureSetInfo]) -> list[str]:
@@ -350,7 +354,8 @@ def config_changes(saved: dict, cfg: TrainConfig) -> list[tuple[str, object, obj
     new = yaml.safe_load(dump_config(cfg))  # the same JSON-mode dump config.yaml holds (tuples as lists)
     out = []
     for path, a, b in _diff(saved, new):
-        if _may_change(path) or (path in _RESOLVED_AT_SETUP and b is None):
+        if _may_change(path) or (path in _RESOLVED_AT_SETUP and b is None) or (a == "<absent>" and b is None):
+            # (the last: a field added after the run was saved, at its None default)
             continue
         out.append((path, a, b))
     return out
