@@ -37,7 +37,7 @@ TEMPLATE, MAX_LEN, LR, SEED = "vicuna_v1", 512, 1e-3, 0
 GLOBAL = 8          # samples per optimizer step (all workers)
 DROP = 3            # first steps of a run left out of steady state
 TARGET_OVERHEAD, TARGET_ZERO2, TARGET_PAD = 1.15, 0.6, 0.10
-PARTS = ("padding", "online", "memory", "step")
+PARTS = ("padding", "online", "memory", "step", "tower")
 TOKENIZER = "preset:tiny-llama"
 # the tower the published numbers were measured with (224 px: 264 visual tokens per video), pinned: the demo's
 # default became preset:tiny-clip-synth (112 px, 72 tokens), which shortens every row and changes the results

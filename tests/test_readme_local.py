@@ -45,16 +45,35 @@ def readme_sequence() -> list[list[str]]:
     """The ``vlp`` lines of the README's CLI block before ``# and``: comments and ``[optional]`` parts dropped."""
     text = (ROOT / "README.md").read_text()
     block = text[text.index("## The CLI"):text.index("## On a cluster")]
-    block = block[block.index("```bash\n") + 8:]
+    return vlp_commands(block)
+
+
+def vlp_commands(text: str) -> list[list[str]]:
+    """The ``vlp`` lines of the first ```bash block in ``text``, up to a ``# and`` line: argv after ``vlp``, with
+    comments and ``[optional]`` parts dropped."""
+    block = text[text.index("```bash\n") + 8:]
     block = block[:block.index("```")]
     cmds = []
     for line in block.splitlines():
         if line.strip() == "# and":
             break
-        line = line.split("#", 1)[0]
+        line = re.sub(r"\s#.*$", "", line)  # a comment (a '#' inside a quoted glob stays)
         if line.startswith("vlp "):
-            cmds.append(shlex.split(re.sub(r"\[[^\]]*\]", "", line))[1:])
+            cmds.append(shlex.split(re.sub(r"(?<!=)\[[^\]]*\]", "", line))[1:])  # not a list value (k=[...])
     return cmds
+
+
+def run_sequence(cmds: list[list[str]], cwd, timeout: int = 1200) -> subprocess.CompletedProcess:
+    """``vlp`` commands (config paths relative to the repository) in one driver process whose working directory
+    is ``cwd``; prints each command's exit and time."""
+    cmds = [[c[0], *[str(ROOT / a) if a.startswith("configs/") else a for a in c[1:]]] for c in cmds]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "platform")}
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cmds)], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    print(f"\n[test] sequence: {time.time() - t0:.0f} s")
+    print("\n".join(ln for ln in p.stdout.splitlines() if ln.startswith("[readme]")))
+    return p
 
 
 def test_the_readme_sequence_is_the_one_this_test_runs():
@@ -69,14 +88,7 @@ def test_the_readme_sequence_is_the_one_this_test_runs():
 @pytest.mark.slow
 @pytest.mark.ray
 def test_readme_local_sequence_runs_as_written(tmp_path):
-    cmds = [[c[0], *[str(ROOT / a) if a.startswith("configs/") else a for a in c[1:]], *SHRINK[c[0]]]
-            for c in readme_sequence()]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "platform")}
-    t0 = time.time()
-    p = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cmds)], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=1200)
-    print(f"\n[test] README local sequence: {time.time() - t0:.0f} s")
-    print("\n".join(ln for ln in p.stdout.splitlines() if ln.startswith("[readme]")))
+    p = run_sequence([[*c, *SHRINK[c[0]]] for c in readme_sequence()], tmp_path)
     assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-4000:]
     runs = tmp_path / "runs" / "local"
     for name in ("pretrain", "instruct", "heldout"):
@@ -109,3 +121,13 @@ def test_workers_get_the_drivers_relative_model_paths_made_absolute(tmp_path, mo
     assert m["llm"]["path"] == str(tmp_path / "models" / "llm") and m["llm"]["tokenizer"] == "org/name"
     assert config_for_workers(validate(TrainConfig, {"run_name": "r", "data": {"sets": [{"uri": "f"}]}}))[
         "model"]["llm"]["path"] == "preset:tiny-llama"
+    # model.tower's path and init_from (stage 1's export, whose tower/ stage 2 starts from) too
+    (tmp_path / "models" / "tower").mkdir(parents=True)
+    cfg = validate(TrainConfig, {"run_name": "r", "data": {"sets": [{"uri": "f"}]}, "model": {"tower": {
+        "path": "./models/tower", "init_from": "runs/local/train/stage1/export"}}})
+    t = config_for_workers(cfg)["model"]["tower"]
+    assert t["path"] == str(tmp_path / "models" / "tower")
+    assert t["init_from"] == str(tmp_path / "runs" / "local" / "train" / "stage1" / "export")
+    hub = validate(TrainConfig, {"run_name": "r", "data": {"sets": [{"uri": "f"}]}, "model": {"tower": {
+        "path": "openai/clip-vit-large-patch14"}}})
+    assert config_for_workers(hub)["model"]["tower"]["path"] == "openai/clip-vit-large-patch14"

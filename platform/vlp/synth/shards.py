@@ -39,6 +39,12 @@ QUESTIONS = {
     "shape": ("What shape is shown?", "It is a {shape}."),
     "direction": ("Which direction does the shape move?", "It moves {direction}."),
 }
+# Text-only instructions (``text_only``: mPLUG-Owl mixes text-only data into its instruction stream): facts about the
+# world's shapes and colours that no picture is needed for.
+TEXT_FACTS = [(f"How many corners does a {s} have?", f"A {s} has {n} corners.")
+              for s, n in (("circle", "no"), ("square", "four"), ("triangle", "three"))] + [
+    ("Which colors can a shape have?", "A shape is red, green, blue or yellow."),
+    ("Which directions can a shape move?", "It moves left, right, up or down.")]
 # With ``audio``: a clip's soundtrack is a tone whose pitch names a word no frame shows, so only a model that hears
 # the <audio> item can answer (kept out of QUESTIONS: the tiny tokenizer's corpus, and so the demo, stay as they are)
 WORDS = {"apple": 330.0, "river": 660.0, "stone": 1320.0, "cloud": 2640.0}  # word -> pitch (Hz)
@@ -56,6 +62,8 @@ class MakeShardsConfig(Cfg):
     images: int = Field(24, ge=0, description="CC3M-like caption images (cc3m-*.tar)")
     instructions: int = Field(48, ge=0, description="instruction samples with conversations (instruct-*.tar)")
     heldout: int = Field(24, ge=0, description="held-out clips with Q&A, never in training (heldout-*.tar)")
+    text_only: int = Field(0, ge=0, description="text-only instruction samples, no media (text-*.tar): questions "
+                           "about the world's shapes and colours (TEXT_FACTS), for mixing text-only data in")
     samples_per_shard: int = Field(16, ge=1)
     width: int = Field(96, ge=16, le=4096)
     height: int = Field(64, ge=16, le=4096)
@@ -311,17 +319,32 @@ def make_samples(kind: str, count: int, cfg: MakeShardsConfig, rng: np.random.Ge
         yield shard_base + shard, key, members
 
 
+def text_samples(kind: str, count: int, cfg: MakeShardsConfig, rng: np.random.Generator, shard_base: int):
+    """Yield (shard, key, members) of text-only instruction samples: a json with one or two TEXT_FACTS turns."""
+    for i in range(count):
+        shard, idx = divmod(i, cfg.samples_per_shard)
+        key = f"{shard_base + shard:05d}{idx:04d}"
+        picked = rng.permutation(len(TEXT_FACTS))[: int(rng.integers(1, 3))]
+        conv = [t for j in picked for t in ({"from": "human", "value": TEXT_FACTS[j][0]},
+                                            {"from": "gpt", "value": TEXT_FACTS[j][1]})]
+        meta = {"key": key, "url": f"synthetic://{kind}/{key}", "status": "success", "split": "train",
+                "conversations": conv}
+        yield shard_base + shard, key, {"json": json.dumps(meta).encode()}
+
+
 def make_shards(cfg: MakeShardsConfig) -> dict:
     """Write all shard families; returns {family: [shard uris]}."""
     fs, root = make_output_dir(cfg.out, "out", cfg.storage)
     out: dict[str, list[str]] = {}
-    families = [("webvid", cfg.videos), ("cc3m", cfg.images), ("instruct", cfg.instructions), ("heldout", cfg.heldout)]
+    families = [("webvid", cfg.videos), ("cc3m", cfg.images), ("instruct", cfg.instructions), ("heldout", cfg.heldout),
+                ("text", cfg.text_only)]
     for fam_i, (fam, count) in enumerate(families):
         if count == 0:
             continue
         rng = np.random.default_rng([cfg.seed, fam_i])
         # keys are unique across families (as video2dataset's are across shards): family i uses shards i*1000+
-        samples = ((key, members) for _, key, members in make_samples(fam, count, cfg, rng, fam_i * 1000))
+        make = text_samples if fam == "text" else make_samples
+        samples = ((key, members) for _, key, members in make(fam, count, cfg, rng, fam_i * 1000))
         out[fam] = write_shards(fam, samples, cfg)
     return out
 

@@ -386,9 +386,11 @@ def config_for_workers(cfg: TrainConfig) -> dict:
     conn, llm = d["model"]["connector"], d["model"]["llm"]
     if conn["init_from"] and "://" not in conn["init_from"]:
         conn["init_from"] = os.path.abspath(conn["init_from"])
-    for k in ("path", "tokenizer"):
-        if llm[k] and (looks_local(llm[k]) or os.path.exists(llm[k])):
-            llm[k] = os.path.abspath(os.path.expanduser(llm[k]))
+    tower = d["model"]["tower"] or {}
+    for part, k in [(llm, "path"), (llm, "tokenizer"), (tower, "path"), (tower, "init_from")]:
+        v = part.get(k)
+        if v and "://" not in v and (looks_local(v) or os.path.exists(v)):
+            part[k] = os.path.abspath(os.path.expanduser(v))
     return d
 
 
