@@ -70,7 +70,6 @@ def test_audio_clips_carry_a_tone_naming_a_word_and_ask_for_it():
     names the mp4 as the video and as the audio item and ends with the sound's question. Without it, the clips
     are those of before (the rng is not drawn from: the demo's data do not change)."""
     from vlp.data.audio import AudioConfig, decode_audio
-    from vlp.data.sample import parse_sample
     from vlp.synth.shards import SOUND_QUESTION, WORDS
 
     cfg = MakeShardsConfig(out="unused", **{**SMALL, "num_frames": 8}, audio=True)
@@ -89,3 +88,20 @@ def test_audio_clips_carry_a_tone_naming_a_word_and_ask_for_it():
     quiet = MakeShardsConfig(out="unused", **{**SMALL, "num_frames": 8})
     (_, _, before), = list(make_samples("heldout", 1, quiet, np.random.default_rng(0), 3000))
     assert "word" not in json.loads(before["json"]) and "audios" not in json.loads(before["json"])
+
+
+def test_text_only_instructions_have_no_media_and_no_placeholder(tmp_path):
+    from vlp.synth.shards import TEXT_FACTS
+
+    cfg = MakeShardsConfig(out=str(tmp_path / "s"), videos=0, images=0, instructions=0, heldout=0, text_only=3)
+    out = make_shards(cfg)
+    assert list(out) == ["text"] and out["text"][0].endswith("text-00000.tar")
+    got = list(iter_tar_samples(open(out["text"][0], "rb")))
+    assert len(got) == 3 and all(set(s.members) == {"json"} for s in got)
+    facts = {t for pair in TEXT_FACTS for t in pair}
+    for s in got:
+        conv = json.loads(s.members["json"])["conversations"]
+        assert conv and all(t["value"] in facts and "<" not in t["value"] for t in conv)
+        assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+    again = make_shards(cfg.model_copy(update={"out": str(tmp_path / "t")}))
+    assert open(again["text"][0], "rb").read() == open(out["text"][0], "rb").read()  # deterministic
