@@ -70,6 +70,7 @@ def test_audio_clips_carry_a_tone_naming_a_word_and_ask_for_it():
     names the mp4 as the video and as the audio item and ends with the sound's question. Without it, the clips
     are those of before (the rng is not drawn from: the demo's data do not change)."""
     from vlp.data.audio import AudioConfig, decode_audio
+    from vlp.data.sample import parse_sample
     from vlp.synth.shards import SOUND_QUESTION, WORDS
 
     cfg = MakeShardsConfig(out="unused", **{**SMALL, "num_frames": 8}, audio=True)

@@ -129,7 +129,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     s1, s2, sa = demo_train(cfg, features, n_steps, log)
     runs = {"stage1": s1["run_dir"], "stage2": s2["run_dir"]}
     if sa is not None:
-        runs[f"stage2_{cfg.ablation_pooler}"] = sa["run_dir"]
+        runs[ablation_run(cfg)] = sa["run_dir"]
     models = {"stage2 (valley)": s2} | ({f"stage2 ({cfg.ablation_pooler})": sa} if sa is not None else {})
     step = 6 if sa is not None else 5
     evals = demo_evaluate(cfg, models, features["heldout"], f"{step}/{n_steps}", log)
@@ -198,6 +198,11 @@ def stage1_config(cfg: DemoConfig, features: dict):
         model={"llm": {"path": cfg.llm}, "connector": _connector(cfg)})
 
 
+def ablation_run(cfg: DemoConfig) -> str:
+    """The run name of the pooling ablation's stage 2 (``stage2_<pooler>``)."""
+    return f"stage2_{cfg.ablation_pooler}"
+
+
 def stage2_configs(cfg: DemoConfig, features: dict, stage1_export: str) -> dict:
     """{run name: TrainConfig} of stage 2 (connector + LLM on the instructions, from stage 1's connector) and,
     unless ``ablation_pooler`` is null, the ablation: the same run with that pooler."""
@@ -205,7 +210,7 @@ def stage2_configs(cfg: DemoConfig, features: dict, stage1_export: str) -> dict:
     model = {"llm": {"path": cfg.llm, "trainable": True}, "connector": {**_connector(cfg), "init_from": stage1_export}}
     out = {"stage2": _train_cfg(cfg, "stage2", cfg.stage2, data=data, model=model)}
     if cfg.ablation_pooler is not None:
-        name = f"stage2_{cfg.ablation_pooler}"
+        name = ablation_run(cfg)
         out[name] = _train_cfg(cfg, name, cfg.stage2, stage="stage2", data=data,
                                model={**model, "pooler": {"type": cfg.ablation_pooler}})
     return out
@@ -224,7 +229,7 @@ def demo_train(cfg: DemoConfig, features: dict, n_steps: int, log) -> tuple[dict
         return s1, s2, None
     log(f"[vlp] step 5/{n_steps} ablation: stage 2 again with pooler {cfg.ablation_pooler} "
         "(same stage-1 connector, data and steps)")
-    sa = run_train(configs[f"stage2_{cfg.ablation_pooler}"], log=log)
+    sa = run_train(configs[ablation_run(cfg)], log=log)
     return s1, s2, sa
 
 
