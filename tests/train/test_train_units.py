@@ -135,12 +135,19 @@ def test_param_counts_count_the_model_tower(tiny_clip_path):
     from vlp.models.presets import resolve_model_path
     from vlp.train.trainer import param_counts
 
-    n_tower = sum(p.numel() for p in CLIPVisionModel.from_pretrained(resolve_model_path("preset:tiny-clip")).parameters())
+    clip = CLIPVisionModel.from_pretrained(resolve_model_path("preset:tiny-clip"))
+    n_tower = sum(p.numel() for p in clip.parameters())
+    # layer -1: every layer feeds the features but the final norm (never in a hidden state) does not train
+    n_late = sum(p.numel() for n, p in clip.named_parameters() if n.startswith("post_layernorm."))
+    n_layer1 = sum(p.numel() for n, p in clip.named_parameters() if n.startswith("encoder.layers.1."))
     base = _cfg(**{"model.vision_hidden_size": 64})
-    trained = _cfg(**{"model.vision_hidden_size": 64, "model.tower": {"trainable": True}})
+    trained = _cfg(**{"model.vision_hidden_size": 64, "model.tower": {"trainable": True, "layer": -1}})
+    penultimate = _cfg(**{"model.vision_hidden_size": 64, "model.tower": {"trainable": True}})
     frozen = _cfg(**{"model.vision_hidden_size": 64, "model.tower": {"trainable": False}})
     t0, f0 = param_counts(base)
-    assert param_counts(trained) == (t0 + n_tower, f0) and param_counts(frozen) == (t0, f0 + n_tower)
+    assert param_counts(trained) == (t0 + n_tower - n_late, f0 + n_late)
+    assert param_counts(penultimate) == (t0 + n_tower - n_late - n_layer1, f0 + n_late + n_layer1)
+    assert param_counts(frozen) == (t0, f0 + n_tower)
 
 
 def _finished_run(tmp_path, cfg, finished=True):

@@ -141,6 +141,10 @@ class PixelTower(nn.Module):
         own_mean, own_std = tower_mean_std(resolve_model_path(weights_folder(cfg)))
         self.mean, self.std = tuple(cfg.mean or own_mean), tuple(cfg.std or own_std)
         self.encoder.requires_grad_(cfg.trainable)
+        unused = set(self.part.unused_parameters(self.encoder, cfg.layer))
+        for name, p in self.encoder.named_parameters():
+            if name in unused:
+                p.requires_grad_(False)  # nothing of hidden state `layer` depends on it
         if cfg.gradient_checkpointing and cfg.trainable:
             # non-reentrant: the pixels need no gradient, and the reentrant variant would then give the layers none
             self.encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

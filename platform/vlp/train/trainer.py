@@ -32,7 +32,7 @@ def param_counts(cfg: TrainConfig) -> tuple[int, int]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..models.connectors import CONNECTORS
-    from ..models.pixel_tower import tower_part
+    from ..models.pixel_tower import PixelTower
     from ..models.presets import resolve_model_path
     from ..models.videollm import feature_widths
 
@@ -41,11 +41,12 @@ def param_counts(cfg: TrainConfig) -> tuple[int, int]:
         llm = AutoModelForCausalLM.from_config(lcfg)
         d_model = llm.get_input_embeddings().weight.shape[1]
         conn = CONNECTORS.part(cfg.model.connector).build_for(feature_widths(cfg.model), d_model)
-        tower = tower_part(cfg.model.tower).load_module(weights=False) if cfg.model.tower is not None else None
+        tower = PixelTower(cfg.model.tower, weights=False) if cfg.model.tower is not None else None
     n_llm = sum(p.numel() for p in llm.parameters())
     n_conn = sum(p.numel() for p in conn.parameters())
     n_tower = sum(p.numel() for p in tower.parameters()) if tower is not None else 0
-    trainable = (n_conn if cfg.model.connector.trainable else 0) + (n_tower if tower_trains(cfg) else 0)
+    n_tower_trained = sum(p.numel() for p in tower.parameters() if p.requires_grad) if tower is not None else 0
+    trainable = (n_conn if cfg.model.connector.trainable else 0) + n_tower_trained
     if cfg.model.llm.trainable:
         trainable += n_llm
     elif cfg.lora.enabled:  # LoRA adds r x (in + out) per adapted linear layer
@@ -55,10 +56,6 @@ def param_counts(cfg: TrainConfig) -> tuple[int, int]:
                 lora += cfg.lora.r * (mod.in_features + mod.out_features)
         trainable += lora
     return trainable, n_llm + n_conn + n_tower - trainable
-
-
-def tower_trains(cfg: TrainConfig) -> bool:
-    return cfg.model.tower is not None and cfg.model.tower.trainable
 
 
 def mixed_encoders(infos: list[FeatureSetInfo]) -> list[str]:

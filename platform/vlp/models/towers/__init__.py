@@ -99,6 +99,12 @@ class Tower(Part):
         that cannot be trained inside the model leaves this unimplemented (setup says so)."""
         raise NotImplementedError(f"vision tower type {self.cfg.type!r} cannot run inside the model")
 
+    def unused_parameters(self, module: torch.nn.Module, layer: int) -> list[str]:
+        """Names of ``module``'s parameters that hidden state ``layer`` does not depend on (the layers after it, a
+        final norm): a model that trains the tower freezes them, so that they are neither counted as trained nor
+        decayed by the optimizer. Default: none."""
+        return []
+
     def save_module(self, module: torch.nn.Module, folder: str, mean, std) -> None:
         """Write ``module`` (as :meth:`load_module` made it, trained) to ``folder`` so that this tower type loads it
         back from there (``save_pretrained``), with a preprocessor config holding ``mean``/``std`` (precompute and

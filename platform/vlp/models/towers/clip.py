@@ -48,6 +48,12 @@ class Clip(Tower):
             return CLIPVisionModel(self.vision_config())
         return CLIPVisionModel.from_pretrained(resolve_model_path(self.cfg.path), dtype=torch.float32)
 
+    def unused_parameters(self, module, layer: int) -> list[str]:
+        n = module.config.num_hidden_layers
+        used = layer % (n + 1)  # hidden_states[k]: the embeddings (k = 0), then the output of layer k - 1
+        late = tuple(f"encoder.layers.{i}." for i in range(used, n))
+        return [k for k, _ in module.named_parameters() if k.startswith(late) or k.startswith("post_layernorm.")]
+
     def save_module(self, module, folder: str, mean, std) -> None:
         from transformers import CLIPImageProcessorPil
 
