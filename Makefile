@@ -46,6 +46,7 @@ bench-train: $(STAMP)
 	$(BIN)/python bench/train_online.py
 	$(BIN)/python bench/train_zero_memory.py
 	$(BIN)/python bench/train_overhead.py
+	$(BIN)/python bench/train_tower.py
 
 lock: $(STAMP)
 	( echo "# Exact versions the test suite ran with (make test installs with -c constraints.txt)."; \

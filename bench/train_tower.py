@@ -12,6 +12,9 @@ backward and AdamW step (vlp.train.recipe's, through bench/_train_common.PlainEn
   too (mPLUG-Owl's stage 1);
 - ``tower_checkpointed``: the same with ``model.tower.gradient_checkpointing``.
 
+Besides step times: the bytes the forward of the largest micro-batch keeps for the backward in each mode
+(autograd's saved tensors), what activation checkpointing is for.
+
 Alternating blocks of steps (8 rounds of 3; --quick: 3 rounds of 2). Writes the ``tower`` part of
 bench/results/train.json.
 """
@@ -46,7 +49,7 @@ def engine(root: Path, mode: str) -> PlainEngine:
         cfg["tower"] = {"path": "preset:tiny-clip", "trainable": True, "mean": pp.mean, "std": pp.std,
                         "gradient_checkpointing": mode == "tower_checkpointed"}
     torch.manual_seed(SEED)
-    model = VideoLLM(ModelConfig.model_validate(cfg))
+    model = VideoLLM(ModelConfig.model_validate(cfg)).train()  # as vlp.train.recipe.build_model hands it over
     return PlainEngine(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR))
 
 
@@ -67,6 +70,25 @@ def step(eng: PlainEngine, mb: list[dict], frames: dict, mode: str) -> float:
     eng.backward(out.loss)
     eng.step()
     return time.perf_counter() - t0
+
+
+def saved_bytes(eng: PlainEngine, mb: list[dict], frames: dict, mode: str) -> int:
+    """Bytes of the tensors the forward of one micro-batch keeps for the backward (autograd's saved tensors, each
+    storage once): the activation memory activation checkpointing trades for recompute. Inside a checkpointed
+    region the checkpoint's own hooks take the tensors, so only what it keeps is counted."""
+    import torch
+
+    seen: dict = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step(eng, mb, frames, mode)
+    return sum(seen.values())
 
 
 def bench_tower(root: Path, rounds: int, steps_per_block: int) -> dict:
@@ -95,14 +117,19 @@ def bench_tower(root: Path, rounds: int, steps_per_block: int) -> dict:
         for m in MODES[1:]:
             ratios[m].append(blk[m] / blk["precomputed"])
     med = {m: statistics.median(times[m]) for m in MODES}
+    longest = max(mbs, key=lambda mb: sum(frames[r["uid"]].shape[0] for r in mb))
+    saved = {m: saved_bytes(engines[m], longest, frames, m) for m in MODES}
     n_tower = sum(p.numel() for p in engines["tower"].module.tower.parameters())
     n_frames = statistics.mean(sum(frames[r["uid"]].shape[0] for r in mb) for mb in mbs)
     return {"micro_batch": GLOBAL, "micro_batches": len(mbs), "frames_per_micro_batch_mean": round(n_frames, 1),
             "rounds": rounds, "steps_per_block": steps_per_block, "torch_threads": 1, "tower_params": n_tower,
             "step_s_median": {m: round(v, 4) for m, v in med.items()},
             "ratio_over_precomputed": {m: spread(ratios[m]) for m in MODES[1:]},
+            "saved_for_backward_mb_largest_micro_batch": {m: round(v / 2**20, 2) for m, v in saved.items()},
             "summary": f"trainable tower / precomputed step time {med['tower'] / med['precomputed']:.2f}x, "
-                       f"checkpointed {med['tower_checkpointed'] / med['precomputed']:.2f}x (median steps)"}
+                       f"checkpointed {med['tower_checkpointed'] / med['precomputed']:.2f}x (median steps); "
+                       f"saved for backward {saved['tower'] / 2**20:.0f} MB, checkpointed "
+                       f"{saved['tower_checkpointed'] / 2**20:.0f} MB"}
 
 
 def main() -> None:

@@ -392,3 +392,40 @@ def test_sets_from_different_encoders_or_preprocessing_are_refused(tmp_path):
     msg = str(e.value)
     assert "data.sets[2]: made with another encoder" in msg and "weights_sha256: 'aaa' vs 'bbb'" in msg
     assert "data.sets[3]: made with another preprocess" in msg and "data.sets[1]" not in msg  # sampling may differ
+
+
+def _saved_for_backward(model, feats, mode: str, t: int) -> int:
+    """Bytes autograd keeps for the backward of one forward (each storage once)."""
+    import torch
+
+    from vlp.data.conversation import VISUAL_TOKEN_INDEX
+
+    seen: dict = {}
+
+    def pack(x):
+        seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    ids = torch.tensor([1, VISUAL_TOKEN_INDEX, 5, 6])
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        model([ids], [ids.clamp(min=0)], [[feats]], [mode], [[t]], [None]).loss.backward()
+    return sum(seen.values())
+
+
+def test_the_run_model_is_in_training_mode_so_activation_checkpointing_is_live(tiny_clip_path):
+    """from_pretrained hands the LLM and the tower over in eval mode, where transformers skips activation
+    checkpointing: build_model puts the whole model in training mode, and checkpointing then keeps less."""
+    import torch
+
+    from vlp.train.recipe import build_model
+
+    def model(ckpt: bool):
+        torch.manual_seed(0)
+        return build_model(_cfg(**{"model.vision_hidden_size": 64, "model.llm.trainable": True,
+                                   "model.llm.gradient_checkpointing": ckpt,
+                                   "model.tower": {"trainable": True, "gradient_checkpointing": ckpt}}))
+
+    plain, ckpt = model(False), model(True)
+    assert all(m.training for m in ckpt.modules())
+    px = torch.randint(0, 256, (2, 3, 224, 224), generator=torch.Generator().manual_seed(0)).float()
+    assert _saved_for_backward(ckpt, px, "pixels", 2) < 0.7 * _saved_for_backward(plain, px, "pixels", 2)

@@ -78,7 +78,9 @@ def lr_lambda(total: int, warmup_ratio: float, schedule: str):
 
 
 def build_model(cfg: TrainConfig, load_init: bool = True):
-    """VideoLLM of the run (connector from ``init_from``, LoRA adapters when enabled), before DeepSpeed."""
+    """VideoLLM of the run (connector from ``init_from``, LoRA adapters when enabled), before DeepSpeed, in
+    training mode: ``from_pretrained`` hands the LLM and the tower over in eval mode, where transformers skips
+    activation checkpointing (and dropout)."""
     from ..formats.export import load_connector
     from ..models.videollm import VideoLLM
 
@@ -91,7 +93,7 @@ def build_model(cfg: TrainConfig, load_init: bool = True):
         model.llm = get_peft_model(model.llm, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
                                                          lora_dropout=cfg.lora.dropout,
                                                          target_modules=cfg.lora.target_modules))
-    return model
+    return model.train()
 
 
 def param_groups(model, optim: OptimConfig) -> list[dict]:
