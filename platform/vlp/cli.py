@@ -91,7 +91,8 @@ def _cmd_train(args) -> int:
 EVAL_FLAGS = {"features": ("synthetic",), "pooler": ("synthetic",), "without": ("synthetic",),
               "no_generate": ("synthetic",), "endpoint_url": ("synthetic",), "questions": ("videoqa", "mcq"),
               "media_root": ("videoqa", "mcq"),
-              "out": ("videoqa", "mcq"), "answers": ("videoqa",), "max_new_tokens": ("synthetic", "videoqa")}
+              "out": ("videoqa", "mcq"), "answers": ("videoqa",), "video_map": ("videoqa",),
+              "max_new_tokens": ("synthetic", "videoqa")}
 
 
 def _cmd_eval(args) -> int:
@@ -140,7 +141,7 @@ def _cmd_eval_benchmark(args) -> int:
         from .eval.videoqa import evaluate_videoqa
 
         rep = evaluate_videoqa(args.model, args.questions, args.answers, args.media_root, out, args.qa_format,
-                               args.max_samples, args.max_new_tokens or 32)
+                               args.max_samples, args.max_new_tokens or 32, args.video_map)
     else:
         from .eval.mcq import evaluate_mcq
 
@@ -210,6 +211,8 @@ def _add_eval_parser(sub) -> None:
     sp.add_argument("--answers", help="answers JSON file of the activitynet format (test_a.json); --task videoqa")
     sp.add_argument("--media-root", help="folder holding the benchmark's videos; --task videoqa/mcq")
     sp.add_argument("--qa-format", default="auto", help="auto | activitynet | msrvtt (--task videoqa)")
+    sp.add_argument("--video-map", help="MSVD-QA's youtube_mapping.txt (lines '<clip name> vid<N>'): video_id N is "
+                    "the clip of that name under --media-root (--task videoqa)")
     sp.add_argument("--out", help="folder for predictions.json, results.json, results.md (--task videoqa/mcq; "
                     "default runs/eval/TASK-QUESTIONS_STEM)")
     sp.add_argument("--max-new-tokens", type=int, default=None,

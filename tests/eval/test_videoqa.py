@@ -107,3 +107,27 @@ def test_msrvtt_format_auto_detected_with_max_samples(export, bench, tmp_path, c
     assert rep["rows"][0]["n"] == 2 and rep["rows"][0]["scored"] == 2 and not rep["unanswerable"]
     preds = json.loads((out / "predictions.json").read_text())
     assert [(p["id"], p["video_name"], p["A"]) for p in preds] == [("0", "7", "blue"), ("1", "video7", "a circle")]
+
+
+def test_msvd_clips_are_found_through_its_youtube_mapping(export, bench, tmp_path, capsys):
+    """MSVD-QA as released: test_qa.json rows {video_id: int, id, question, answer, category_id...} and clips named
+    by YouTube id, joined by youtube_mapping.txt (lines '<clip name> vid<N>')."""
+    media = tmp_path / "YouTubeClips"
+    media.mkdir()
+    (media / "-4wsuPCjDBc_5_15.avi").write_bytes(encode(frames_of(6, color="green"), fmt="avi", codec="mpeg4"))
+    (tmp_path / "youtube_mapping.txt").write_text("-4wsuPCjDBc_5_15 vid1\nzzzz_1_2 vid2\n")
+    (tmp_path / "test_qa.json").write_text(json.dumps([
+        {"video_id": 1, "question": "what is green?", "answer": "shape", "id": 0, "category_id": 3},
+        {"video_id": 2, "question": "what is gone?", "answer": "clip", "id": 1, "category_id": 3}]))
+    args = ["eval", "--task", "videoqa", "--model", export, "--questions", tmp_path / "test_qa.json",
+            "--media-root", media, "--out", tmp_path / "out", "--max-new-tokens", 2, "--json"]
+    rc, stdout, text = run(capsys, *args, "--video-map", tmp_path / "youtube_mapping.txt")
+    assert rc == 0, text
+    rep = json.loads(stdout)
+    assert rep["rows"][0]["scored"] == 1 and len(rep["unanswerable"]) == 1
+    assert "zzzz_1_2.*" in rep["unanswerable"][0]["reason"]
+    rc, stdout, text = run(capsys, *args)  # without the mapping: vid1 is not a file name there
+    assert rc == 0 and json.loads(stdout)["rows"][0]["scored"] == 0
+    (tmp_path / "bad_map.txt").write_text("just-one-column\n")
+    rc, _, text = run(capsys, *args, "--video-map", tmp_path / "bad_map.txt")
+    assert rc != 0 and "line 1: expected '<clip name> vid<N>'" in text and "Traceback" not in text

@@ -13,7 +13,11 @@ File formats (``qa_format``; ``auto`` picks by the first row's fields):
 - ``msrvtt``: one file with the answers inline, as MSRVTT-QA and MSVD-QA are released (``test_qa.json`` =
   ``[{video_id, question, answer, id}]``; ``video`` is accepted for ``video_id``). Video file: ``{video_id}.{ext}``,
   ``video{video_id}.{ext}`` (MSRVTT's ``video7010.mp4``) or ``vid{video_id}.{ext}``. A ``type`` field, if present,
-  gives the per-type rows.
+  gives the per-type rows. MSVD-QA names its clips by YouTube id: ``--video-map youtube_mapping.txt`` (its lines
+  ``<clip name> vid<N>``) makes video_id N the clip ``<clip name>.{ext}`` (:func:`read_video_map`).
+  (Fields as released: MSRVTT-QA's ``test_qa.json`` rows are ``{video_id: int, id, question, answer, category_id}``
+  with clips ``video<id>.mp4``, as public harnesses load them, e.g. video_vlm_eval's MSRVTTQADataset; MSVD-QA's the
+  same with the mapping file.)
 
 ``ext`` is tried in the order of :data:`vlp.eval.common.VIDEO_EXTS`; a name that already ends in its extension is
 used as is.
@@ -141,16 +145,38 @@ def read_questions(questions: str, answers: Optional[str], qa_format: str) -> tu
     return fmt, msrvtt_rows(qs)
 
 
-def ask_one(session, cache: VideoCache, root: Path, qa: QA, fmt: str, max_new_tokens: int) -> tuple[Outcome, dict]:
+def read_video_map(path: Optional[str]) -> dict[str, str]:
+    """MSVD-QA's ``youtube_mapping.txt`` -> {video_id: clip name}: each line ``<clip name> vid<N>`` maps ``N`` (and
+    ``vid<N>``) to the clip. {} without a file; BadQuestions for a missing file or a line of another shape."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise BadQuestions(f"--video-map {path} does not exist")
+    out = {}
+    for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or not re.fullmatch(r"vid\d+", parts[1]):
+            raise BadQuestions(f"--video-map {path} line {n}: expected '<clip name> vid<N>' (MSVD-QA's "
+                               f"youtube_mapping.txt), got {line.strip()[:80]!r}")
+        out[parts[1][3:]] = out[parts[1]] = parts[0]
+    return out
+
+
+def ask_one(session, cache: VideoCache, root: Path, qa: QA, fmt: str, max_new_tokens: int,
+            video_map: Optional[dict] = None) -> tuple[Outcome, dict]:
     """Ask one question about its video: (its outcome, its prediction record or {} when not asked)."""
     from ..chat import BadMedia
 
     groups = ["all"] + ([f"type={qa.qtype}"] if qa.qtype is not None else [])
     if qa.problem:
         return Outcome(qa.qid, groups, "unparseable", reason=qa.problem), {}
-    path = find_video(root, qa.video, PREFIXES[fmt])
+    name = (video_map or {}).get(qa.video, qa.video)
+    path = find_video(root, name, PREFIXES[fmt])
     if path is None:
-        tried = ", ".join(f"{p}{qa.video}.*" for p in PREFIXES[fmt])
+        tried = ", ".join(f"{p}{name}.*" for p in PREFIXES[fmt])
         return Outcome(qa.qid, groups, "unanswerable", reason=f"video {qa.video}: no file under {root} ({tried})"), {}
     try:
         item = cache.item(path)
@@ -164,17 +190,20 @@ def ask_one(session, cache: VideoCache, root: Path, qa: QA, fmt: str, max_new_to
 
 
 def evaluate_videoqa(export_dir: str, questions: str, answers: Optional[str], root: str, out: str,
-                     qa_format: str = "auto", max_samples: Optional[int] = None, max_new_tokens: int = 32) -> dict:
-    """Answer every question, write OUT/predictions.json, results.json and results.md; -> the report."""
+                     qa_format: str = "auto", max_samples: Optional[int] = None, max_new_tokens: int = 32,
+                     video_map: Optional[str] = None) -> dict:
+    """Answer every question, write OUT/predictions.json, results.json and results.md; -> the report.
+    ``video_map``: MSVD-QA's youtube_mapping.txt (:func:`read_video_map`)."""
     from ..chat import ChatSession
 
     fmt, rows = read_questions(questions, answers, qa_format)
+    names = read_video_map(video_map)
     media, dest = media_root(root), out_dir(out)
     rows = rows[:max_samples] if max_samples is not None else rows
     session = ChatSession(export_dir)
     cache, tally, preds = VideoCache(session), Tally(), []
     for qa in rows:
-        outcome, pred = ask_one(session, cache, media, qa, fmt, max_new_tokens)
+        outcome, pred = ask_one(session, cache, media, qa, fmt, max_new_tokens, names)
         tally.add(outcome)
         if pred:
             preds.append(pred)
