@@ -218,7 +218,8 @@ def test_format_configs_are_typed_and_registered():
         with pytest.raises(ConfigError) as e:
             validate(PackCfg, {"format": data})
         assert [p for p, _ in e.value.problems] == [where]
-    assert ANNOTATION_FORMATS.names() == ["captions", "llava", "sharegpt", "valley", "videochatgpt"]
+    assert ANNOTATION_FORMATS.names() == ["captions", "charades_sta", "llava", "refcoco", "sharegpt", "valley",
+                                         "videochatgpt"]
 
 
 # -------------------------------------------------------------------------------------------------- sharegpt
@@ -347,8 +348,11 @@ def test_expand_annotations_and_file_kinds(tmp_path):
         with pytest.raises(AnnotationsNotFound) as e:
             expand_annotations(str(pattern))
         assert isinstance(e.value, UserError) and str(e.value) == f"--annotations {pattern}: {why}"
-    with pytest.raises(AnnotationFileError, match="notes.txt: unknown extension"):
-        read_annotations({"type": "llava"}, [str(tmp_path / "ann" / "notes.txt")])  # raised before reading
+    (tmp_path / "ann" / "notes.md").write_text("x")
+    with pytest.raises(AnnotationFileError, match="notes.md: unknown extension"):
+        read_annotations({"type": "llava"}, [str(tmp_path / "ann" / "notes.md")])  # raised before reading
+    with pytest.raises(AnnotationFileError, match="format 'llava' reads json/jsonl files, not lines"):
+        read_annotations({"type": "llava"}, [str(tmp_path / "ann" / "notes.txt")])  # .txt named: lines
     (tmp_path / "t.csv").write_text("a,b\n1,2\n")
     with pytest.raises(AnnotationFileError, match="format 'llava' reads json/jsonl files, not csv"):
         read_annotations({"type": "llava"}, [str(tmp_path / "t.csv")])

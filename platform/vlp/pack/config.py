@@ -17,7 +17,7 @@ class PackConfig(Cfg):
 
     format: ANNOTATION_FORMATS.field = Field(
         ANNOTATION_FORMATS.config(), description="the annotation format and its parameters ({type: llava|valley|"
-        "videochatgpt|sharegpt|captions, ...}; docs/pack_formats.md)")
+        "videochatgpt|sharegpt|captions|charades_sta|refcoco, ...}; docs/pack_formats.md)")
     annotations: list[str] = Field(..., min_length=1, description="annotation files, globs or folders (local or "
                                    "s3://), read in sorted order")
     media_root: str = Field("", description="folder (or s3:// prefix) the annotations' media paths are relative to")

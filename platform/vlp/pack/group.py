@@ -108,7 +108,8 @@ def build_sample(rec: PackRecord, cfg: PackConfig) -> dict:
         pos[item.modality] = k + 1
         sample[ext if single else f"{k}.{ext}"] = data
     meta = {"conversations": rec.conversations, "caption": rec.caption, "id": rec.id, "system": rec.system,
-            "format": cfg.format.type, "file": rec.file, "media": [it.path for it in rec.items], "source": rec.source}
+            "format": cfg.format.type, "file": rec.file, "media": [it.path for it in rec.items], "source": rec.source,
+            **rec.extra}
     sample["json"] = json.dumps({k: v for k, v in meta.items() if v is not None}, ensure_ascii=False).encode()
     if rec.caption:
         sample["txt"] = rec.caption.encode()

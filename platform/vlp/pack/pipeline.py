@@ -100,6 +100,7 @@ class PackRun:
         self.todo: list[dict] = []
         self.done: dict[int, dict] = {}
         self.groups_total = 0
+        self.filtered: Counter = Counter()  # records the format left out (another split...), by reason
 
     def run(self) -> dict:
         self.plan()
@@ -160,7 +161,7 @@ class PackRun:
 
     def write_plans(self) -> None:
         """Stream the annotations once; a plan file for every group not committed yet."""
-        entries = read_annotations(self.cfg.format, self.files, self.cfg.storage)
+        entries = read_annotations(self.cfg.format, self.files, self.cfg.storage, self.filtered)
         for g, lines in group_plans(entries, self.cfg):
             self.groups_total = g + 1
             if g in self.done:
@@ -195,11 +196,12 @@ class PackRun:
 
     def finish(self) -> dict:
         """Sum the group markers into pack_manifest.json and print the summary."""
-        return write_manifest(self.cfg, self.done, self.groups_total, self.files, time.time() - self.t0, self.log)
+        return write_manifest(self.cfg, self.done, self.groups_total, self.files, time.time() - self.t0, self.log,
+                              dict(self.filtered))
 
 
 def write_manifest(cfg: PackConfig, done: dict[int, dict], groups_total: int, files: list[str], seconds: float,
-                   log) -> dict:
+                   log, filtered: Optional[dict] = None) -> dict:
     totals: Counter = Counter()
     shards = []
     for g in sorted(done):
@@ -208,12 +210,15 @@ def write_manifest(cfg: PackConfig, done: dict[int, dict], groups_total: int, fi
         shards += m["shards"]
     man = {"format": "vlp-pack/1", "annotation_format": cfg.format.type, "annotations": files,
            "media_root": cfg.media_root, "groups": groups_total, "groups_packed": len(done), "shards": shards,
-           "totals": dict(sorted(totals.items())), "seconds": round(seconds, 1)}
+           "totals": dict(sorted(totals.items())), "filtered": dict(sorted((filtered or {}).items())),
+           "seconds": round(seconds, 1)}
     write_atomic(join(cfg.out, "pack_manifest.json"), json.dumps(man, indent=2), cfg.storage)
     items = ", ".join(f"{v} {k[6:]}" for k, v in sorted(totals.items()) if k.startswith("items_")) or "no media"
     log(f"[vlp] packed {totals['packed']} of {totals['records']} record(s) into {len(shards)} shard(s) in "
         f"{seconds:.1f} s ({items}; {totals['text_only']} text-only); {totals['errors']} error(s)"
-        + (f", listed in {join(cfg.out, '_pack', 'errors')}/" if totals["errors"] else ""))
+        + (f", listed in {join(cfg.out, '_pack', 'errors')}/" if totals["errors"] else "")
+        + (f"; left out by the format: {', '.join(f'{v} ({k})' for k, v in sorted(filtered.items()))}"
+           if filtered else ""))
     return man
 
 

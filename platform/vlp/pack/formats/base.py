@@ -20,7 +20,7 @@ from ...data.sample import match_placeholders, modality_of
 from ...models.parts import Part, PartCfg, PartRegistry
 
 Modality = Literal["image", "video", "audio"]
-FileKind = Literal["json", "jsonl", "csv", "parquet"]
+FileKind = Literal["json", "jsonl", "csv", "parquet", "lines"]
 MAX_PATH_CHARS = 4096
 
 
@@ -47,6 +47,7 @@ class PackRecord:
     id: Optional[str] = None  # the record's own id, kept as written (may repeat, may be unsafe for tar keys)
     system: Optional[str] = None  # a system prompt of the record (also the conversation's first turn)
     file: str = ""  # the annotation file it came from
+    extra: dict = field(default_factory=dict)  # more keys for the shard's json (e.g. ``grounding``: the truth)
 
 
 @dataclass
@@ -64,9 +65,9 @@ class FormatCfg(PartCfg):
     has a default, e.g. for docs); ``vlp pack --format`` always names one."""
 
     type: str = "llava"
-    file_kind: Literal["auto", "json", "jsonl", "csv", "parquet"] = Field(
+    file_kind: Literal["auto", "json", "jsonl", "csv", "parquet", "lines"] = Field(
         "auto", description="how to read the files; auto = from the extension (.json, .jsonl/.ndjson, .csv, "
-                            ".parquet)")
+                            ".parquet, .txt = lines)")
     max_record_bytes: int = Field(16 << 20, ge=1024, description="a record larger than this is an error")
     max_items: int = Field(64, ge=1, le=1024, description="a record naming more media items is an error")
 
@@ -82,6 +83,11 @@ class AnnotationFormat(Part):
         """The record's own id (for error rows too), or None."""
         v = raw.get("id")
         return str(v) if isinstance(v, (str, int)) and not isinstance(v, bool) else None
+
+    def select(self, raw: dict) -> Optional[str]:
+        """None to pack the record; else why it is left out (e.g. ``split testA``): such records get no index and
+        are counted by reason in the pack manifest's ``filtered``. Default: every record."""
+        return None
 
     def convert(self, index: int, raw: dict) -> PackRecord:  # pragma: no cover - every format overrides it
         raise NotImplementedError

@@ -10,6 +10,8 @@
 * **CSV** (``.csv``, ``.tsv`` tab-separated): the csv module over the same bounded lines; the first row is the
   header; a row whose field count differs from the header's is an error.
 * **Parquet** (``.parquet``): ``ParquetFile.iter_batches`` (a batch of rows at a time).
+* **Text lines** (``.txt``): each non-blank line is a record ``{"line": text, "line_no": n}`` (Charades-STA's
+  ``VIDEOID start end##sentence`` lines), bounded like JSON Lines.
 
 :func:`read_annotations` reads files in sorted order and numbers every record and every error with one running
 ``index`` (deterministic across runs: it names the shard key). Bad input is a :class:`PackError`; user mistakes
@@ -21,6 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
 
@@ -31,7 +34,8 @@ from ...storage import StorageConfig, StorageError, describe_storage_error, get_
 from .base import ANNOTATION_FORMATS, AnnotationFormat, FormatCfg, PackError, PackRecord, kind_of
 
 KIND_OF_EXT = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv",
-               ".parquet": "parquet"}
+               ".parquet": "parquet", ".txt": "lines"}
+FOLDER_EXTS = {e for e in KIND_OF_EXT if e != ".txt"}  # a folder's notes and READMEs are no annotations
 READ_CHUNK = 1 << 20
 EVENT_BYTES = 16  # what one JSON event counts toward max_record_bytes besides its text (bounds deep nesting)
 TOKEN_FACTOR = 4  # a JSON token over TOKEN_FACTOR * max_record_bytes stops its file (TokenGuard)
@@ -64,8 +68,8 @@ def expand_annotations(patterns: str | list[str], storage: StorageConfig | None 
                 found = [p for p, d in fs.glob(path, detail=True).items() if d.get("type") == "file"]
                 why = "the glob matched no file"
             elif fs.isdir(path):
-                found = [p for p in fs.find(path) if os.path.splitext(p)[1].lower() in KIND_OF_EXT]
-                why = f"the folder holds no {'/'.join(sorted(set(KIND_OF_EXT)))} file"
+                found = [p for p in fs.find(path) if os.path.splitext(p)[1].lower() in FOLDER_EXTS]
+                why = f"the folder holds no {'/'.join(sorted(FOLDER_EXTS))} file (.txt files: name them)"
             else:
                 found, why = ([path] if fs.exists(path) else []), "no such file"
         except Exception as e:  # OSError, botocore errors
@@ -84,29 +88,34 @@ def file_kind(path: str, cfg: FormatCfg, fmt: AnnotationFormat) -> str:
     if kind == "auto":
         kind = KIND_OF_EXT.get(os.path.splitext(path)[1].lower(), "")
         if not kind:
-            raise AnnotationFileError(f"annotation file {path}: unknown extension; name it .json, .jsonl, .csv or "
-                                      ".parquet, or set the format's file_kind")
+            raise AnnotationFileError(f"annotation file {path}: unknown extension; name it .json, .jsonl, .csv, "
+                                      ".parquet or .txt, or set the format's file_kind")
     if kind not in fmt.kinds:
         raise AnnotationFileError(f"annotation file {path}: format {cfg.type!r} reads {'/'.join(fmt.kinds)} files, "
                                   f"not {kind}")
     return kind
 
 
-def read_annotations(fmt_cfg: FormatCfg | dict, paths: Iterable[str], storage: StorageConfig | None = None
-                     ) -> Iterator[PackRecord | PackError]:
+def read_annotations(fmt_cfg: FormatCfg | dict, paths: Iterable[str], storage: StorageConfig | None = None,
+                     filtered: Optional[Counter] = None) -> Iterator[PackRecord | PackError]:
     """Every record of every file (sorted order) as a PackRecord, or a PackError for a bad one; ``index`` runs over
-    all files. File problems a user must fix raise here, before the first record."""
+    all files. Records the format's ``select`` leaves out (e.g. another split) get no index and are counted in
+    ``filtered`` by reason. File problems a user must fix raise here, before the first record."""
     fmt = ANNOTATION_FORMATS.part(fmt_cfg)
     files = sorted(set(paths))
     kinds = [file_kind(p, fmt.cfg, fmt) for p in files]
-    return _records(fmt, list(zip(files, kinds)), storage)
+    return _records(fmt, list(zip(files, kinds)), storage, Counter() if filtered is None else filtered)
 
 
-def _records(fmt: AnnotationFormat, files: list[tuple[str, str]], storage: StorageConfig | None
-             ) -> Iterator[PackRecord | PackError]:
+def _records(fmt: AnnotationFormat, files: list[tuple[str, str]], storage: StorageConfig | None,
+             filtered: Counter) -> Iterator[PackRecord | PackError]:
     index = 0
     for path, kind in files:
         for raw in raw_records(path, kind, fmt.cfg.max_record_bytes, storage):
+            left_out = fmt.select(raw) if isinstance(raw, dict) else None
+            if left_out:
+                filtered[left_out] += 1
+                continue
             yield _convert(fmt, index, raw, path)
             index += 1
 
@@ -302,6 +311,21 @@ def csv_rows(f, limit: int, delimiter: str = ",") -> Iterator[Any]:
             yield dict(zip(header, row))
 
 
+def text_lines(f, limit: int) -> Iterator[Any]:
+    """Non-blank lines as ``{"line", "line_no"}`` records (1-based line numbers, blank lines counted)."""
+    for n, line in enumerate(bounded_lines(f, limit), 1):
+        if isinstance(line, BadRecord):
+            yield line
+            continue
+        try:
+            text = line.decode("utf-8-sig" if n == 1 else "utf-8").strip()
+        except UnicodeDecodeError as e:
+            yield BadRecord(f"line {n} is not valid UTF-8 ({e})")
+            continue
+        if text:
+            yield {"line": text, "line_no": n}
+
+
 def tsv_rows(f, limit: int) -> Iterator[Any]:
     return csv_rows(f, limit, "\t")
 
@@ -321,4 +345,4 @@ def parquet_rows(f, limit: int) -> Iterator[Any]:
         yield BadRecord(f"the file is not readable Parquet ({e}); the rest of the file is skipped")
 
 
-_READERS = {"json": json_array, "jsonl": json_lines, "csv": csv_rows, "parquet": parquet_rows}
+_READERS = {"json": json_array, "jsonl": json_lines, "csv": csv_rows, "parquet": parquet_rows, "lines": text_lines}
