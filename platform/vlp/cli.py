@@ -88,11 +88,12 @@ def _cmd_train(args) -> int:
     return 0
 
 
-EVAL_FLAGS = {"features": ("synthetic",), "pooler": ("synthetic",), "without": ("synthetic",),
+GROUNDING = ("temporal_grounding", "referring")
+EVAL_FLAGS = {"features": ("synthetic", *GROUNDING), "pooler": ("synthetic",), "without": ("synthetic",),
               "no_generate": ("synthetic",), "endpoint_url": ("synthetic",), "questions": ("videoqa", "mcq"),
               "media_root": ("videoqa", "mcq"),
               "out": ("videoqa", "mcq"), "answers": ("videoqa",), "video_map": ("videoqa",),
-              "max_new_tokens": ("synthetic", "videoqa")}
+              "max_new_tokens": ("synthetic", "videoqa", *GROUNDING)}
 
 
 def _cmd_eval(args) -> int:
@@ -103,6 +104,8 @@ def _cmd_eval(args) -> int:
     stray += ["--qa-format"] if args.qa_format != "auto" and args.task != "videoqa" else []
     if stray:
         raise MissingFlag(f"{', '.join(stray)} {'does' if len(stray) == 1 else 'do'} not apply to --task {args.task}")
+    if args.task in GROUNDING:
+        return _cmd_eval_grounding(args)
     if args.task != "synthetic":
         return _cmd_eval_benchmark(args)
     from .config import validate
@@ -124,6 +127,32 @@ def _cmd_eval(args) -> int:
     for k, v in rep["by_type"].items():
         gen = f"{v['gen_acc']:.2f}" if v["gen_acc"] is not None else "-"
         print(f"  {k:<21} {v['n']:>4} {v['choice_acc']:>10.2f} {gen:>8} {v['chance']:>7.2f}")
+    return 0
+
+
+def _cmd_eval_grounding(args) -> int:
+    """``vlp eval --task temporal_grounding|referring --features SET``: the set's grounding questions, scored."""
+    from .config import validate
+    from .eval.common import MissingFlag
+    from .eval.grounded import evaluate_grounding
+    from .storage import StorageConfig
+
+    if not args.features:
+        raise MissingFlag(f"--task {args.task} needs --features (a feature set packed with grounding truth)")
+    storage = validate(StorageConfig, {k: v for k, v in {"endpoint_url": args.endpoint_url}.items() if v})
+    rep = evaluate_grounding(args.model, args.features, args.task, storage, args.max_samples,
+                             args.max_new_tokens or 24)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    base = rep["constant_baseline"]
+    print(f"eval {args.model}: {args.task} on {args.features} ({rep['metrics']['n']} questions)")
+    for k, v in rep["metrics"].items():
+        if k != "n":
+            print(f"  {k:<9} {v:.3f}")
+    print(f"  best constant answer {base['answer']}: {base['metric']} {base['value']:.3f}")
+    print(f"  unreadable answers (scored 0): {rep['unparseable_n']}"
+          + "".join(f"\n    {u['id']}: {u['answer'][:60]!r}" for u in rep["unparseable"][:5]))
     return 0
 
 
@@ -203,10 +232,13 @@ def _add_eval_parser(sub) -> None:
     sp = sub.add_parser("eval", help="accuracy on the synthetic held-out features, or a video QA / multiple-choice "
                         "benchmark (--task)")
     sp.add_argument("--model", required=True, help="export folder of a trained run")
-    sp.add_argument("--task", choices=("synthetic", "videoqa", "mcq"), default="synthetic",
+    sp.add_argument("--task", choices=("synthetic", "videoqa", "mcq", *GROUNDING), default="synthetic",
                     help="synthetic: held-out feature set (--features); videoqa: open-ended QA (MSRVTT-QA, MSVD-QA, "
-                    "ActivityNet-QA files); mcq: multiple choice by log-likelihood (Video-MME, MVBench files)")
-    sp.add_argument("--features", help="held-out feature set (vlp precompute output); --task synthetic")
+                    "ActivityNet-QA files); mcq: multiple choice by log-likelihood (Video-MME, MVBench files); "
+                    "temporal_grounding / referring: a feature set with grounding truth (--features; R@1@IoU, mIoU / "
+                    "Acc@0.5)")
+    sp.add_argument("--features", help="held-out feature set (vlp precompute output); --task synthetic, "
+                    "temporal_grounding, referring")
     sp.add_argument("--questions", help="benchmark questions JSON file; --task videoqa/mcq")
     sp.add_argument("--answers", help="answers JSON file of the activitynet format (test_a.json); --task videoqa")
     sp.add_argument("--media-root", help="folder holding the benchmark's videos; --task videoqa/mcq")

@@ -52,3 +52,24 @@ def test_the_best_constant_answer_finds_what_the_truths_share():
     assert acc == 0.5
     b = constant_baseline("referring", [(0.2, 0.2, 0.4, 0.4)])
     assert b["metric"] == "Acc@0.5" and b["value"] == 1.0
+
+
+def test_answers_are_read_with_the_rows_own_format_and_boxes_mapped_to_pixels():
+    from vlp.eval.grounded import baseline_of, score_answer, truth_of
+
+    t = GroundingTally("temporal_grounding")
+    g = {"task": "temporal_grounding", "span": [2.0, 6.0], "duration": 10.0,
+         "format": SpanFormat(unit="seconds").model_dump()}
+    assert score_answer("temporal_grounding", g, "[2.0, 6.0]", "a", t) == 1.0  # seconds, as the row was written
+    g_rel = {**g, "format": SpanFormat().model_dump()}
+    assert score_answer("temporal_grounding", g_rel, "[0.2, 0.6]", "b", t) == pytest.approx(1.0)
+    r = GroundingTally("referring")
+    box = {"task": "referring", "box": [0.0, 50.0, 100.0, 100.0], "width": 200, "height": 100}
+    # the bottom-left quarter of a 200 x 100 image: on its padded 200 x 200 square y runs 100..150
+    assert score_answer("referring", box, "[0.0, 0.5, 0.5, 0.75]", "c", r) == pytest.approx(1.0)
+    assert score_answer("referring", box, "somewhere", "d", r) == 0.0 and r.unparseable == [("d", "somewhere")]
+    row = {"meta": '{"grounding": {"task": "referring", "box": [0, 0, 1, 1]}}'}
+    assert truth_of(row, "referring")["box"] == [0, 0, 1, 1] and truth_of(row, "temporal_grounding") is None
+    assert truth_of({"meta": ""}, "referring") is None
+    b = baseline_of("referring", [box, box])
+    assert b["value"] == 1.0 and b["answer"] == pytest.approx([0.0, 0.5, 0.5, 1.0])

@@ -51,7 +51,8 @@ def test_charades_sta_lines_become_grounding_questions(sta):
         {"from": "human", "value": '<video>\nWhen does "a person is putting a book on a shelf." happen in the video?'},
         {"from": "gpt", "value": "[0.00, 0.23]"}]
     assert first.extra["grounding"] == {"task": "temporal_grounding", "span": [0.0, 6.9], "duration": 30.0,
-                                        "query": "a person is putting a book on a shelf."}
+                                        "query": "a person is putting a book on a shelf.",
+                                        "format": SpanFormat().model_dump()}
     assert parse_span(first.conversations[1]["value"], 30.0, SpanFormat()) == pytest.approx((0.0, 6.9))
     reasons = {e.id: e.reason for e in errs}
     assert "empty, reversed or negative" in reasons["X1"] and "not numbers" in reasons["X2"]

@@ -20,7 +20,7 @@ def _rows(uri: str) -> dict:
     return {json.loads(r["meta"])["id"]: r for r in iter_feature_rows(uri)}
 
 
-def test_grounding_truth_travels_from_annotations_to_feature_rows(ray_local, tmp_path):
+def test_grounding_truth_travels_from_annotations_to_feature_rows_and_is_scored(ray_local, export, tmp_path, capsys):
     from vlp.pack import PackConfig, run_pack
     from vlp.precompute import PrecomputeConfig, run_precompute
 
@@ -52,6 +52,7 @@ def test_grounding_truth_travels_from_annotations_to_feature_rows(ray_local, tmp
         assert man["totals"]["packed"] == 1, (name, man)
     sta = _rows(str(tmp_path / "sta_features"))["AO8RW"]
     g = json.loads(sta["meta"])["grounding"]
+    assert g["format"]["unit"] == "relative" and g.pop("format")
     assert g == {"task": "temporal_grounding", "span": [0.5, 1.5], "duration": 2.0, "query": "the shape moves."}
     assert json.loads(sta["conversations"])[1]["value"] == "[0.25, 0.75]"
     ref = _rows(str(tmp_path / "ref_features"))["5"]
@@ -61,3 +62,18 @@ def test_grounding_truth_travels_from_annotations_to_feature_rows(ray_local, tmp
     assert man["filtered"] == {"split train": 1}
     assert any("left out by the format: 1 (split train)" in ln for ln in lines)
     assert json.loads((tmp_path / "sta" / "pack_manifest.json").read_text())["totals"]["errors"] == 1  # no clip
+    # vlp eval --task temporal_grounding / referring on those rows: an untrained model's answers are unreadable,
+    # scored 0 and listed; the best constant answer is reported beside them
+    from vlp.cli import main
+
+    for task, name, metric in (("temporal_grounding", "sta", "R@1@0.5"), ("referring", "ref", "Acc@0.5")):
+        capsys.readouterr()
+        assert main(["eval", "--task", task, "--model", str(export), "--features", str(tmp_path / f"{name}_features"),
+                     "--max-new-tokens", "3", "--json"]) == 0
+        rep = json.loads(capsys.readouterr().out)
+        assert rep["metrics"]["n"] == 1 and rep["metrics"][metric] == 0.0 and rep["unparseable_n"] == 1
+        assert rep["constant_baseline"]["value"] == 1.0  # one truth: a constant can match it
+    capsys.readouterr()
+    assert main(["eval", "--task", "referring", "--model", str(export), "--features",
+                 str(tmp_path / "sta_features")]) != 0
+    assert "holds no referring rows" in capsys.readouterr().err

@@ -6,8 +6,8 @@
 
 Each line becomes one sample: the clip, a one-turn conversation (``question`` with the sentence, then the span as
 text in ``span``'s format, :mod:`vlp.data.grounding`) and, in the shard's json, the truth for scoring:
-``grounding = {task: temporal_grounding, span: [start, end] (seconds), duration, query}``; precompute carries it
-into the feature rows' ``meta``.
+``grounding = {task: temporal_grounding, span: [start, end] (seconds), duration, query, format}`` (``format``: the
+span format, which evaluation reads answers with); precompute carries it into the feature rows' ``meta``.
 
 Errors (one per line): not ``ID START END##SENTENCE``; START/END not numbers; END <= START; a START past the clip's
 length (an END past it is clipped to it, as Charades-STA has ends a little past some clips); a video without a
@@ -106,7 +106,8 @@ class CharadesSTAFormat(AnnotationFormat):
         exts = [e.lstrip(".") for e in self.cfg.extensions] if "{ext}" in self.cfg.video_pattern else [""]
         paths = list(dict.fromkeys(check_path(fill(self.cfg.video_pattern, {"video_id": vid, "ext": e}), "video path")
                                    for e in exts))
-        truth = {"task": "temporal_grounding", "span": [start, end], "duration": duration, "query": sentence}
+        truth = {"task": "temporal_grounding", "span": [start, end], "duration": duration, "query": sentence,
+                 "format": self.cfg.span.model_dump()}  # how answers are written: evaluation reads them the same way
         return PackRecord(index=index, items=[PackItem("video", paths[0], paths[1:])], conversations=conv,
                           caption=None, source=raw, id=vid, extra={"grounding": truth})
 

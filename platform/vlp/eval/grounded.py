@@ -1,0 +1,101 @@
+"""``vlp eval --task temporal_grounding | referring --features SET``: grounding questions of a feature set whose rows
+carry their truth (``meta.grounding``, written by ``vlp pack --format charades_sta | refcoco`` or the synthetic
+grounding shards), answered greedily by an export and scored with :mod:`vlp.eval.grounding` (Charades-STA: R@1 at
+IoU 0.3/0.5/0.7 and mIoU; RefCOCO: Acc@0.5), beside the best constant answer on the same truths.
+
+Each row is asked its conversation's first question (the placeholders of its items first, as in training); the
+answer is read with the span format the row was written with (``grounding.format``) or as a box on the padded
+square, mapped back to the original pixels. Unreadable answers count as wrong and are listed.
+
+May import: torch, vlp.data, vlp.formats, vlp.eval, vlp.storage.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+from ..data.conversation import PLACEHOLDER_RE, prompt_ids
+from ..data.grounding import SpanFormat, parse_box, parse_span, square_to_pixels
+from ..errors import UserError
+from ..formats.featureset import iter_feature_rows
+from ..storage import StorageConfig
+from .grounding import GroundingTally, constant_baseline, iou_1d, iou_2d, unparseable_report
+
+TASKS = ("temporal_grounding", "referring")
+
+
+class NoGroundingRows(UserError):
+    """The feature set holds no row with the task's truth."""
+
+
+def truth_of(row: dict, task: str) -> Optional[dict]:
+    """The row's ``meta.grounding`` when it is of ``task``, else None."""
+    meta = json.loads(row["meta"]) if row.get("meta") else {}
+    g = meta.get("grounding")
+    return g if isinstance(g, dict) and g.get("task") == task else None
+
+
+def question_of(row: dict) -> Optional[list[dict]]:
+    """The row's first human turn (placeholders kept), as a one-turn conversation; None without one."""
+    conv = json.loads(row["conversations"]) if row.get("conversations") else []
+    first = next((t for t in conv if t.get("from") == "human"), None)
+    return [{"from": "human", "value": first["value"]}] if first else None
+
+
+def score_answer(task: str, g: dict, answer: str, uid: str, tally: GroundingTally) -> float:
+    """Read ``answer`` as ``g``'s task asks and add its IoU with the truth to ``tally``."""
+    if task == "temporal_grounding":
+        fmt = SpanFormat.model_validate(g.get("format") or {})
+        duration = float(g.get("duration") or g["span"][1])
+        return tally.add(uid, answer, parse_span(answer, duration, fmt), tuple(g["span"]), iou_1d)
+    box = parse_box(answer)
+    pred = square_to_pixels(box, int(g["width"]), int(g["height"])) if box is not None else None
+    return tally.add(uid, answer, pred, tuple(g["box"]), iou_2d)
+
+
+def evaluate_grounding(export_dir: str, feature_uri: str, task: str, storage: StorageConfig | None = None,
+                       max_samples: Optional[int] = None, max_new_tokens: int = 24) -> dict:
+    """Metrics of the export on the set's ``task`` rows, the best constant answer's, and the unreadable answers."""
+    import torch
+
+    from ..formats.export import load_model
+    from .synthetic import RowVisuals, check_feature_set
+
+    model, tok, info = load_model(export_dir)
+    check_feature_set(feature_uri, storage)
+    template = info.prompt_template(str(export_dir))
+    tally, truths, examples = GroundingTally(task), [], []
+    for row in iter_feature_rows(feature_uri, storage):
+        g, q = truth_of(row, task), question_of(row)
+        if g is None or q is None:
+            continue
+        if max_samples is not None and len(truths) >= max_samples:
+            break
+        vis = RowVisuals.of(row)
+        ids = prompt_ids(q, tok, template)
+        out = model.generate(torch.tensor(ids), vis.feats, vis.mode, vis.num_frames, max_new_tokens=max_new_tokens,
+                             eos_token_id=tok.eos_token_id, modalities=vis.modalities)
+        answer = tok.decode(list(out), skip_special_tokens=True)
+        uid = str(row.get("uid") or row.get("key"))
+        iou = score_answer(task, g, answer, uid, tally)
+        truths.append(g)
+        examples.append({"uid": uid, "question": PLACEHOLDER_RE.sub("", q[0]["value"]).strip(), "answer": answer,
+                         "truth": g.get("span") or g.get("box"), "iou": round(iou, 3)})
+    if not truths:
+        raise NoGroundingRows(f"feature set {feature_uri} holds no {task} rows (meta.grounding with task {task}: "
+                              "pack them with vlp pack --format charades_sta / refcoco)")
+    return {"task": task, "export": str(export_dir), "features": feature_uri, "metrics": tally.metrics(),
+            "constant_baseline": baseline_of(task, truths), "unparseable_n": len(tally.unparseable),
+            "unparseable": unparseable_report(tally),
+            "examples": examples[:20]}
+
+
+def baseline_of(task: str, truths: list[dict]) -> dict:
+    """The best constant answer on these truths (spans relative to each clip; boxes normalised to each image)."""
+    if task == "temporal_grounding":
+        durs = [float(g.get("duration") or g["span"][1]) for g in truths]
+        return constant_baseline(task, [tuple(g["span"]) for g in truths], durs)
+    boxes = [(b[0] / g["width"], b[1] / g["height"], b[2] / g["width"], b[3] / g["height"])
+             for g in truths for b in [g["box"]]]
+    return constant_baseline(task, boxes)
