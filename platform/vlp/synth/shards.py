@@ -64,6 +64,12 @@ class MakeShardsConfig(Cfg):
     heldout: int = Field(24, ge=0, description="held-out clips with Q&A, never in training (heldout-*.tar)")
     text_only: int = Field(0, ge=0, description="text-only instruction samples, no media (text-*.tar): questions "
                            "about the world's shapes and colours (TEXT_FACTS), for mixing text-only data in")
+    when: int = Field(0, ge=0, description="temporal grounding clips (when-*.tar): a shape visible for a known "
+                      "interval, 'When is the red circle visible?' -> its span (vlp.synth.grounding)")
+    where: int = Field(0, ge=0, description="referring images (where-*.tar): two shapes, 'Where is the red "
+                       "circle?' -> its box")
+    when_heldout: int = Field(0, ge=0, description="held-out temporal grounding clips (when_heldout-*.tar)")
+    where_heldout: int = Field(0, ge=0, description="held-out referring images (where_heldout-*.tar)")
     samples_per_shard: int = Field(16, ge=1)
     width: int = Field(96, ge=16, le=4096)
     height: int = Field(64, ge=16, le=4096)
@@ -94,7 +100,7 @@ class Attributes:
         return f"A {self.color} {self.shape} moves {self.direction} over a textured background."
 
 
-def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+def texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Static low-frequency grey texture, (h, w, 3) uint8."""
     coarse = rng.uniform(70, 170, size=(h // 8 + 2, w // 8 + 2))
     yy = np.linspace(0, coarse.shape[0] - 1.001, h)
@@ -122,7 +128,7 @@ def _mask(shape: str, h: int, w: int, cx: float, cy: float, r: float) -> np.ndar
 
 def render_clip(attrs: Attributes, rng: np.random.Generator, h: int, w: int, n: int) -> np.ndarray:
     """(n, h, w, 3) uint8 frames of the shape moving in ``attrs.direction``."""
-    bg = _texture(rng, h, w)
+    bg = texture(rng, h, w)
     r = shape_radius(h, w)
     margin = r + 1
     # travel across most of the frame along the motion axis; random position on the other axis
@@ -160,7 +166,7 @@ def render_stills(rng: np.random.Generator, n: int, h: int, w: int) -> tuple[np.
     xy = np.stack([rng.uniform(margin, w - margin, n), rng.uniform(margin, h - margin, n)], 1)
     names = list(COLORS)
     for i in range(n):
-        frames[i] = draw_shape(_texture(rng, h, w), names[col[i]], SHAPES[shp[i]], xy[i, 0], xy[i, 1], r)
+        frames[i] = draw_shape(texture(rng, h, w), names[col[i]], SHAPES[shp[i]], xy[i, 0], xy[i, 1], r)
     return frames, {"color": col, "shape": shp, "xy": xy / np.array([w, h]) * 2 - 1}
 
 
@@ -336,14 +342,19 @@ def make_shards(cfg: MakeShardsConfig) -> dict:
     """Write all shard families; returns {family: [shard uris]}."""
     fs, root = make_output_dir(cfg.out, "out", cfg.storage)
     out: dict[str, list[str]] = {}
+    from .grounding import grounding_samples
+
     families = [("webvid", cfg.videos), ("cc3m", cfg.images), ("instruct", cfg.instructions), ("heldout", cfg.heldout),
-                ("text", cfg.text_only)]
+                ("text", cfg.text_only), ("when", cfg.when), ("where", cfg.where),
+                ("when_heldout", cfg.when_heldout), ("where_heldout", cfg.where_heldout)]
+    makers = {"text": text_samples, "when": grounding_samples, "where": grounding_samples,
+              "when_heldout": grounding_samples, "where_heldout": grounding_samples}
     for fam_i, (fam, count) in enumerate(families):
         if count == 0:
             continue
         rng = np.random.default_rng([cfg.seed, fam_i])
         # keys are unique across families (as video2dataset's are across shards): family i uses shards i*1000+
-        make = text_samples if fam == "text" else make_samples
+        make = makers.get(fam, make_samples)
         samples = ((key, members) for _, key, members in make(fam, count, cfg, rng, fam_i * 1000))
         out[fam] = write_shards(fam, samples, cfg)
     return out
