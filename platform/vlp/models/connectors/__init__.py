@@ -1,7 +1,8 @@
 """Connectors (projectors): pooled visual tokens (N, D) -> LLM embeddings (M, d_model), chosen by
 ``model.connector.type``.
 
-A connector class (one module each: linear, mlp, abstractor, perceiver) owns its ``Cfg`` (``trainable`` and
+A connector class (one module each: linear, mlp, abstractor, perceiver, per_modality) owns its ``Cfg``
+(``trainable`` and
 ``init_from`` are common to every connector; a class adds its own parameters), ``build`` (the nn.Module whose state
 dict is connector.safetensors) and ``num_tokens``: M for N input tokens (N for a per-token projector; a
 learnable-query connector returns its number of queries). docs/extending.md says how to add one.
@@ -108,4 +109,4 @@ class Connector(Part):
         return self.build(next(iter(widths.values())), d_model)
 
 
-from . import abstractor, linear, mlp, perceiver  # noqa: E402,F401  (register the built-in connectors)
+from . import abstractor, linear, mlp, per_modality, perceiver  # noqa: E402,F401  (register the built-ins)
