@@ -429,3 +429,28 @@ def test_the_run_model_is_in_training_mode_so_activation_checkpointing_is_live(t
     assert all(m.training for m in ckpt.modules())
     px = torch.randint(0, 256, (2, 3, 224, 224), generator=torch.Generator().manual_seed(0)).float()
     assert _saved_for_backward(ckpt, px, "pixels", 2) < 0.7 * _saved_for_backward(plain, px, "pixels", 2)
+
+
+def test_llm_init_from_loads_an_earlier_stages_lm_and_tokenizer(export, tmp_path, monkeypatch):
+    """model.llm.init_from: the LM and tokenizer of an earlier stage's export (LEGO's stage 3 after stage 2), paths
+    made absolute for Ray's workers and tasks; a folder without an export is one setup problem."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from vlp.models.videollm import VideoLLM
+    from vlp.train.trainer import TrainSetupError, check_inputs
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(export, tmp_path / "runs" / "s2" / "export")
+    cfg = _cfg(**{"model.vision_hidden_size": 64, "model.llm.init_from": "runs/s2/export"})
+    assert cfg.model.llm.source() == str(tmp_path / "runs" / "s2" / "export" / "llm")
+    assert cfg.model.llm.tokenizer_source() == str(tmp_path / "runs" / "s2" / "export" / "tokenizer")
+    model = VideoLLM(cfg.model)
+    want = load_file(str(tmp_path / "runs" / "s2" / "export" / "llm" / "model.safetensors"))
+    got = model.llm.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in want.items() if k in got)
+    bad = _cfg(**{"model.vision_hidden_size": 64, "model.llm.init_from": "runs/nothing"})
+    with pytest.raises(TrainSetupError, match="model.llm.init_from: no export with an llm/ at runs/nothing"):
+        check_inputs(bad)

@@ -136,6 +136,7 @@ def export_model(model: VideoLLM, tokenizer, out: str | Path,
                                                  "mean": model.tower.mean, "std": model.tower.std})
     cfg.llm.path = str(out / "llm")
     cfg.llm.tokenizer = str(out / "tokenizer")
+    cfg.llm.init_from = None
     cfg.llm.trainable = False
     cfg.connector.init_from = str(out / "connector.safetensors")
     info = extra if isinstance(extra, ExportInfo) else ExportInfo.from_json(extra or {}, "export_model(extra=...)")
@@ -196,7 +197,7 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[VideoLLM, Any, Ex
     cfg = info.model_cfg(str(path / MODEL_CONFIG))
     model = VideoLLM(cfg)
     load_connector(model.connector, cfg.connector.init_from)
-    tok = AutoTokenizer.from_pretrained(cfg.llm.tokenizer)
+    tok = AutoTokenizer.from_pretrained(cfg.llm.tokenizer_source())
     return model.to(device).eval(), tok, info
 
 

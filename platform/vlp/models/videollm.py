@@ -9,6 +9,7 @@ text-only samples of different lengths.
 
 from __future__ import annotations
 
+import os
 from typing import Literal, Optional, Sequence, TypeVar, Union
 
 import torch
@@ -25,9 +26,18 @@ from .poolers import POOLERS, Pooler, PoolerConfig
 from .presets import check_model_path, resolve_model_path
 
 
+def export_part(export: str, name: str) -> str:
+    """``export``/``name`` (an export's llm/ or tokenizer/), absolute when local: Ray tasks and workers run in folders
+    of their own."""
+    return f"{export.rstrip('/')}/{name}" if "://" in export else os.path.abspath(os.path.join(export, name))
+
+
 class LLMConfig(Cfg):
     path: str = Field("preset:tiny-llama", description="folder, hub id or preset:NAME of a causal LM")
     tokenizer: Optional[str] = Field(None, description="defaults to the LM path")
+    init_from: Optional[str] = Field(None, description="an earlier stage's export folder: the LM and its tokenizer "
+                                     "load from its llm/ and tokenizer/ instead of path (checked at setup; stage N "
+                                     "after stage N-1, e.g. LEGO's three stages)")
     trainable: bool = False
     gradient_checkpointing: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -36,6 +46,14 @@ class LLMConfig(Cfg):
     @classmethod
     def _local_paths_exist(cls, v):
         return check_model_path(v)
+
+    def source(self) -> str:
+        """Where the LM's weights load from: ``init_from``'s llm/, else ``path`` (presets resolved)."""
+        return export_part(self.init_from, "llm") if self.init_from else resolve_model_path(self.path)
+
+    def tokenizer_source(self) -> str:
+        """Where the tokenizer loads from: ``init_from``'s tokenizer/, else ``tokenizer`` or ``path``."""
+        return export_part(self.init_from, "tokenizer") if self.init_from else resolve_model_path(self.tokenizer or self.path)
 
 
 class ModelConfig(Cfg):
@@ -120,8 +138,7 @@ class VideoLLM(nn.Module):
         widths = feature_widths(cfg)  # ValueError when vision_hidden_size is unset
         self.cfg = cfg
         dtype = getattr(torch, cfg.llm.dtype)
-        self.llm = llm if llm is not None else AutoModelForCausalLM.from_pretrained(
-            resolve_model_path(cfg.llm.path), dtype=dtype)
+        self.llm = llm if llm is not None else AutoModelForCausalLM.from_pretrained(cfg.llm.source(), dtype=dtype)
         d_model = self.llm.get_input_embeddings().weight.shape[1]
         self.connector_part = CONNECTORS.part(cfg.connector)  # its takes_context: how the module is called
         self.connector = self.connector_part.build_for(widths, d_model)

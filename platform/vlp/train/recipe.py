@@ -590,10 +590,9 @@ class TrainRecipe:
         from transformers import AutoTokenizer
 
         from ..formats.export import export_model
-        from ..models.presets import resolve_model_path
 
         cfg = self.cfg
-        tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.llm.tokenizer or cfg.model.llm.path))
+        tok = AutoTokenizer.from_pretrained(cfg.model.llm.tokenizer_source())
         if "://" in self.run_dir:
             fs, p = get_fs(f"{self.run_dir}/train_summary.json")
             with tempfile.TemporaryDirectory() as tmp:

@@ -33,10 +33,9 @@ def param_counts(cfg: TrainConfig) -> tuple[int, int]:
 
     from ..models.connectors import CONNECTORS
     from ..models.pixel_tower import PixelTower
-    from ..models.presets import resolve_model_path
     from ..models.videollm import feature_widths
 
-    lcfg = AutoConfig.from_pretrained(resolve_model_path(cfg.model.llm.path))
+    lcfg = AutoConfig.from_pretrained(cfg.model.llm.source())
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(lcfg)
         d_model = llm.get_input_embeddings().weight.shape[1]
@@ -144,9 +143,7 @@ def item_extents(infos: list[FeatureSetInfo]) -> dict[str, int]:
 def _llm_width(cfg: TrainConfig) -> int:
     from transformers import AutoConfig
 
-    from ..models.presets import resolve_model_path
-
-    return int(AutoConfig.from_pretrained(resolve_model_path(cfg.model.llm.path)).hidden_size)
+    return int(AutoConfig.from_pretrained(cfg.model.llm.source()).hidden_size)
 
 
 def check_inputs(cfg: TrainConfig) -> list[dict]:
@@ -166,6 +163,10 @@ def check_inputs(cfg: TrainConfig) -> list[dict]:
         problems += feature_mode_problems(cfg.model, [inf.mode for inf in infos])
     if cfg.model.connector.init_from and not Path(cfg.model.connector.init_from).exists():
         problems.append(f"model.connector.init_from: {cfg.model.connector.init_from} does not exist")
+    init = cfg.model.llm.init_from
+    if init and not (Path(init) / "llm" / "config.json").is_file():
+        problems.append(f"model.llm.init_from: no export with an llm/ at {init} (point it at an earlier stage's "
+                        "export folder)")
     if problems:
         raise TrainSetupError("cannot start training:\n  - " + "\n  - ".join(problems))
     return infos
@@ -263,7 +264,7 @@ def should_materialize(cfg: TrainConfig) -> bool:
 
 
 def tokenize_stage(cfg: TrainConfig) -> Tokenize:
-    return Tokenize(cfg.model.llm.tokenizer or cfg.model.llm.path, cfg.data.template, cfg.data.max_length,
+    return Tokenize(cfg.model.llm.tokenizer_source(), cfg.data.template, cfg.data.max_length,
                     cfg.data.overlong, cfg.model.model_dump(mode="json"))
 
 
@@ -384,7 +385,7 @@ def config_for_workers(cfg: TrainConfig) -> dict:
     if conn["init_from"] and "://" not in conn["init_from"]:
         conn["init_from"] = os.path.abspath(conn["init_from"])
     tower = d["model"]["tower"] or {}
-    for part, k in [(llm, "path"), (llm, "tokenizer"), (tower, "path"), (tower, "init_from")]:
+    for part, k in [(llm, "path"), (llm, "tokenizer"), (llm, "init_from"), (tower, "path"), (tower, "init_from")]:
         v = part.get(k)
         if v and "://" not in v and (looks_local(v) or os.path.exists(v)):
             part[k] = os.path.abspath(os.path.expanduser(v))
