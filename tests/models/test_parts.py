@@ -45,9 +45,12 @@ def test_pooler_num_tokens_is_what_its_forward_makes(name, mode):
     assert out.shape == (pooler.num_tokens(list(f.shape), mode, T), D)
 
 
+NEEDS = {"per_modality": {"image": {"type": "mlp2x_gelu"}}}  # types without a config of defaults alone
+
+
 @pytest.mark.parametrize("name", CONNECTORS.builtin_names())
 def test_connector_num_tokens_is_what_its_module_makes(name):
-    part = CONNECTORS.part(name)
+    part = CONNECTORS.part({"type": name, **NEEDS.get(name, {})})
     with torch.device("meta"):  # each type's default sizes (mPLUG-Owl's abstractor is 100 M parameters): shapes only
         out = part.build(D, 12)(torch.randn(7, D))  # (7, D) -> (num_tokens(7), 12)
     assert out.shape == (part.num_tokens(7), 12)
@@ -122,7 +125,7 @@ def test_unknown_type_or_parameter_fails_by_dotted_path_with_the_known_types():
         "plugins": ["no_such_plugin_module"]}})
     assert set(probs) == {"model.connector.type", "model.pooler.window", "model.plugins[0]"}
     assert probs["model.connector.type"].startswith(
-        "unknown connector type 'qformer'; known: abstractor, linear, mlp2x_gelu, perceiver")
+        "unknown connector type 'qformer'; known: abstractor, linear, mlp2x_gelu, per_modality, perceiver")
     assert probs["model.pooler.window"] == "unknown key"
     assert "cannot import plugin module 'no_such_plugin_module'" in probs["model.plugins[0]"]
     assert "PYTHONPATH" in probs["model.plugins[0]"]
@@ -199,7 +202,9 @@ def test_existing_yaml_and_saved_configs_load_unchanged():
            "llm": {"path": "preset:tiny-llama", "tokenizer": None, "trainable": False,
                    "gradient_checkpointing": False, "dtype": "float32"}}
     cfg = validate(ModelConfig, old)  # a vlp_model.json / config.yaml written before model.plugins existed
-    assert cfg.model_dump(mode="json") == {"plugins": [], **old, "audio_hidden_size": None, "tower": None}  # defaults
+    want = {"plugins": [], **old, "audio_hidden_size": None, "tower": None}  # new keys at their defaults
+    want["llm"] = {**old["llm"], "init_from": None}
+    assert cfg.model_dump(mode="json") == want
     from vlp.train.trainer import config_changes
 
     train = validate(TrainConfig, {**TRAIN, "model": {**old, "connector": {"type": "mlp2x_gelu", "trainable": False}}})

@@ -86,7 +86,7 @@ class PerModalityModule(nn.Module):
         self.adapters = nn.ModuleDict({m: p.build_for({m: d}, d_model) for m, (p, d) in parts.items()})
         self.takes = {m: p.takes_context for m, (p, _) in parts.items()}
 
-    def forward(self, x: torch.Tensor, ctx: ItemContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ItemContext = ItemContext()) -> torch.Tensor:
         """(N, D_m) pooled tokens of one item -> (M, d_model) through its modality's adapter."""
         if ctx.modality not in self.adapters:
             raise ValueError(f"per_modality has no adapter for {ctx.modality} items (it has "
