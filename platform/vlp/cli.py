@@ -141,7 +141,7 @@ def _cmd_eval_grounding(args) -> int:
         raise MissingFlag(f"--task {args.task} needs --features (a feature set packed with grounding truth)")
     storage = validate(StorageConfig, {k: v for k, v in {"endpoint_url": args.endpoint_url}.items() if v})
     rep = evaluate_grounding(args.model, args.features, args.task, storage, args.max_samples,
-                             args.max_new_tokens or 24)
+                             args.max_new_tokens or 64)
     if args.json:
         print(json.dumps(rep, indent=2))
         return 0
@@ -248,7 +248,7 @@ def _add_eval_parser(sub) -> None:
     sp.add_argument("--out", help="folder for predictions.json, results.json, results.md (--task videoqa/mcq; "
                     "default runs/eval/TASK-QUESTIONS_STEM)")
     sp.add_argument("--max-new-tokens", type=int, default=None,
-                    help="answer length cap of greedy generation (synthetic 12, videoqa 32)")
+                    help="answer length cap of greedy generation (synthetic 12, videoqa 32, grounding 64)")
     sp.add_argument("--pooler", default=None,
                     help="evaluate the export with another pooler than it was trained with (e.g. patch_mean on "
                     "valley-trained weights): a probe, not the pooling ablation, which is a stage 2 trained with "

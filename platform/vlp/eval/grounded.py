@@ -55,7 +55,7 @@ def score_answer(task: str, g: dict, answer: str, uid: str, tally: GroundingTall
 
 
 def evaluate_grounding(export_dir: str, feature_uri: str, task: str, storage: StorageConfig | None = None,
-                       max_samples: Optional[int] = None, max_new_tokens: int = 24) -> dict:
+                       max_samples: Optional[int] = None, max_new_tokens: int = 64) -> dict:
     """Metrics of the export on the set's ``task`` rows, the best constant answer's, and the unreadable answers."""
     import torch
 
