@@ -99,16 +99,22 @@ class Stepper:
         return time.perf_counter() - t0, t_vis
 
 
-def bench_online(root: Path, rounds: int, steps_per_block: int) -> dict:
-    import torch
-
+def frames_and_batches(root: Path) -> tuple[dict, list[list[dict]]]:
+    """(uid -> decoded uint8 frames, the length-grouped micro-batches of GLOBAL rows holding them): the first
+    ONLINE_ROWS tokenised rows of the instruct set whose media decode, what the online and tower benchmarks step on."""
     from vlp.train.data import length_grouped
 
-    torch.set_num_threads(1)
     rows = tokenise(read_feature_rows(str(root / "features" / "instruct")))[:ONLINE_ROWS]
     frames = decode_frames(root, {r["uid"] for r in rows})
     rows = [r for r in rows if r["uid"] in frames]
-    mbs = length_grouped(rows, GLOBAL, np.random.default_rng(SEED), True)
+    return frames, length_grouped(rows, GLOBAL, np.random.default_rng(SEED), True)
+
+
+def bench_online(root: Path, rounds: int, steps_per_block: int) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    frames, mbs = frames_and_batches(root)
     step = Stepper(root, frames)
     for mb in mbs[:2]:  # warm-up both paths
         step(mb, False)

@@ -29,10 +29,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _benchutil import spread  # noqa: E402
-from _train_common import GLOBAL, LR, SEED, PlainEngine, bench_main, model_config, read_feature_rows, tokenise  # noqa: E402
-from train_online import ONLINE_ROWS, decode_frames, fingerprint  # noqa: E402
+from _train_common import GLOBAL, LR, SEED, PlainEngine, bench_main, model_config  # noqa: E402
+from train_online import fingerprint, frames_and_batches  # noqa: E402
 
-import numpy as np  # noqa: E402
 
 MODES = ("precomputed", "tower", "tower_checkpointed")
 
@@ -94,13 +93,8 @@ def saved_bytes(eng: PlainEngine, mb: list[dict], frames: dict, mode: str) -> in
 def bench_tower(root: Path, rounds: int, steps_per_block: int) -> dict:
     import torch
 
-    from vlp.train.data import length_grouped
-
     torch.set_num_threads(1)
-    rows = tokenise(read_feature_rows(str(root / "features" / "instruct")))[:ONLINE_ROWS]
-    frames = decode_frames(root, {r["uid"] for r in rows})
-    rows = [r for r in rows if r["uid"] in frames]
-    mbs = length_grouped(rows, GLOBAL, np.random.default_rng(SEED), True)
+    frames, mbs = frames_and_batches(root)
     engines = {m: engine(root, m) for m in MODES}
     for m in MODES:  # warm-up
         step(engines[m], mbs[0], frames, m)

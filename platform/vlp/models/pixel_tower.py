@@ -111,8 +111,9 @@ def features_shape(cfg: ModelTowerCfg, shape: Sequence[int]) -> tuple[int, int, 
 def tower_problems(cfg: ModelTowerCfg, image_size: int, hidden_size: int) -> list[str]:
     """Why ``model.tower`` cannot run on pixel rows of ``image_size`` whose features must be ``hidden_size`` wide
     (the feature set's fingerprint); [] when it can."""
-    if init_problems(cfg):
-        return init_problems(cfg)
+    missing = init_problems(cfg)
+    if missing:
+        return missing
     part = tower_part(cfg)
     if type(part).load_module is Tower.load_module:
         return [f"model.tower.type={cfg.type}: this tower type cannot run inside the model (its part implements no "

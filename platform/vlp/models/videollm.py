@@ -131,7 +131,7 @@ def feature_mode_problems(cfg: ModelConfig, modes: Sequence[str], pooler: Option
 
 
 class VideoLLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, llm: Optional[nn.Module] = None, tower_weights: bool = True):
+    def __init__(self, cfg: ModelConfig, llm: Optional[nn.Module] = None):
         super().__init__()
         from transformers import AutoModelForCausalLM
 
@@ -143,7 +143,7 @@ class VideoLLM(nn.Module):
         self.connector_part = CONNECTORS.part(cfg.connector)  # its takes_context: how the module is called
         self.connector = self.connector_part.build_for(widths, d_model)
         self.pool = POOLERS.part(cfg.pooler)  # (feats, mode, num_frames) -> (N, D)
-        self.tower = PixelTower(cfg.tower, weights=tower_weights) if cfg.tower is not None else None
+        self.tower = PixelTower(cfg.tower) if cfg.tower is not None else None
         self.llm.requires_grad_(cfg.llm.trainable)
         self.connector.requires_grad_(cfg.connector.trainable)
         if cfg.llm.gradient_checkpointing and cfg.llm.trainable:
