@@ -14,13 +14,16 @@ members ``<key>.jpg`` / ``<key>.mp4`` and ``<key>.json``:
   baseline   one process, no Ray: ``json.load`` of the annotation file, then for each record read its media file
              (local: ``open().read()``; S3: one boto3 ``get_object`` after another), ``webdataset.TarWriter``
              one tar per N records (S3: into memory, then one ``put_object``).
-  vlp@V      ``vlp.pack.run_pack`` (valley format) with variant V (``VARIANTS``), in a Ray started once with
-             ``ray.init(num_cpus=2)`` before the timed runs. What the vlp run does beyond the loop: a streaming
-             annotation read, plan files, a stat + sniff per item, per-group error files and commit markers, the
-             manifest.
+  vlp@V      ``vlp.pack.run_pack`` (valley format) with variant V (``VARIANTS``): ``local`` = the executor vlp
+             picks on one machine (threads in this process, no Ray), ``ray`` = Ray Data tasks in a Ray started
+             once with ``ray.init(num_cpus=2)`` before the timed runs. What the vlp run does beyond the loop: a
+             streaming, validating annotation read, a sniff per item, per-group error files and commit markers
+             (plus plan files on Ray), the manifest.
 
-Scenarios: ``local`` (media, annotations and output on local disk) and ``s3`` (all three on a loopback moto
-S3 server started by this script, as the tests do; both sides talk to the same server).
+Scenarios: ``local`` (media, annotations and output on local disk), ``s3`` (all three on a loopback moto
+S3 server started by this script, as the tests do; both sides talk to the same server) and ``s3_latency`` (the
+same server behind ``_latency_proxy.py``, which delays every request by ``--latency-ms``, default 20 ms: an
+object store across a network, where each GET waits; the loopback server answers in ~2-4 ms of its own CPU).
 
 Timing. Ray start-up is counted apart: ``ray.init`` is timed once, then one warm-up pack (the first job in a
 fresh Ray session: its task workers start and import vlp) is timed too and recorded as the cold first run, not
@@ -73,10 +76,13 @@ VIDEO_EVERY = 4  # one record in four is a clip
 NUM_CPUS = 2
 TARGET = 1.3
 BUCKET = "bench-pack"
-# vlp variants: "defaults" = vlp pack's defaults except samples_per_shard (its default 1000 would make these few
-# hundred records one group, i.e. one task: no parallelism at all); "half" = cpus_per_task 0.5, so that 4 group
-# tasks run at once on 2 CPUs (the work is I/O-bound: reading small files and writing tars).
-VARIANTS = {"defaults": {}, "half": {"cpus_per_task": 0.5}}
+# vlp variants, all with vlp pack's defaults except samples_per_shard (its default 1000 would make these few
+# hundred records one group: no parallelism between groups) and the executor: "local" = what `vlp pack` picks on
+# one machine with no cluster named (threads in the driver, no Ray); "ray" = Ray Data tasks (what it picks on a
+# cluster), "ray_half" = the same with cpus_per_task 0.5, so that 4 group tasks run at once on 2 CPUs.
+VARIANTS = {"local": {"executor": "local"}, "ray": {"executor": "ray"},
+            "ray_half": {"executor": "ray", "cpus_per_task": 0.5}}
+DEFAULT_VARIANTS = "local,ray"
 NOISY = 0.05
 
 
@@ -122,6 +128,27 @@ def media_path(rec: dict) -> tuple[str, str]:
         v = rec["video"]
         return f"{rec.get('source', 'webvid')}/{v if v.endswith('.mp4') else v + '.mp4'}", "mp4"
     return rec["image"], rec["image"].rsplit(".", 1)[1].lower()
+
+
+def start_proxy(upstream: str, latency_ms: float):
+    """``_latency_proxy.py`` in front of ``upstream`` (http://host:port) -> (process, its endpoint URL)."""
+    import socket
+    import subprocess
+
+    from conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "_latency_proxy.py"),
+                             "--port", str(port), "--upstream", upstream.split("//", 1)[1],
+                             "--delay-ms", str(latency_ms)])
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the latency proxy did not start")
 
 
 def upload_dataset(root: Path, s3, prefix: str) -> None:
@@ -232,8 +259,9 @@ def main(argv=None) -> int:
     ap.add_argument("--records", type=int, default=None, help="records (default 192, quick 96)")
     ap.add_argument("--samples-per-shard", type=int, default=None, help="default 16")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per scenario (default 3, quick 1)")
-    ap.add_argument("--scenarios", default="local,s3")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--scenarios", default="local,s3,s3_latency")
+    ap.add_argument("--latency-ms", type=float, default=20.0, help="s3_latency: delay added to every request")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS)
     ap.add_argument("--name", default="pack")
     args = ap.parse_args(argv)
 
@@ -251,10 +279,10 @@ def main(argv=None) -> int:
     print(f"[bench_pack] {n} records ({n // VIDEO_EVERY} clips), {per_shard} per shard, {rounds} round(s), "
           f"scenarios {scenarios}, vlp variants {variants}; load {load_before}", flush=True)
 
-    moto = endpoint = s3 = None
+    moto = endpoint = s3 = proxy = proxy_endpoint = s3_lat = None
     results: dict = {}
     try:
-        if "s3" in scenarios:
+        if "s3" in scenarios or "s3_latency" in scenarios:
             import boto3
 
             from conftest import start_moto
@@ -263,6 +291,9 @@ def main(argv=None) -> int:
             s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
             s3.create_bucket(Bucket=BUCKET)
             upload_dataset(root, s3, "src")
+        if "s3_latency" in scenarios:
+            proxy, proxy_endpoint = start_proxy(endpoint, args.latency_ms)
+            s3_lat = boto3.client("s3", endpoint_url=proxy_endpoint, region_name="us-east-1")
 
         import ray
 
@@ -281,17 +312,21 @@ def main(argv=None) -> int:
         ray_init_s = time.perf_counter() - t0
         os.nice(NICENESS - os.nice(0))
         niceness = ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote())
-        t0 = time.perf_counter()
-        vlp_pack(str(root / "ann.json"), str(root), str(work / "warmup"), per_shard, variants[0], None)
-        cold_s = time.perf_counter() - t0
-        shutil.rmtree(work / "warmup", ignore_errors=True)
+        cold = {}
+        for v in variants:  # the first ray run starts the task workers; the first local one pays imports
+            t0 = time.perf_counter()
+            vlp_pack(str(root / "ann.json"), str(root), str(work / f"warmup-{v}"), per_shard, v, None)
+            cold[v] = time.perf_counter() - t0
+            shutil.rmtree(work / f"warmup-{v}", ignore_errors=True)
+        ray_v = next((v for v in variants if VARIANTS[v]["executor"] == "ray"), variants[0])
+        cold_s = cold[ray_v]
         # the baseline's warm-up too: its first run in this process would otherwise pay the webdataset import
         t0 = time.perf_counter()
         baseline_local(root, work / "warmup-baseline", per_shard)
         base_cold_s = time.perf_counter() - t0
         shutil.rmtree(work / "warmup-baseline", ignore_errors=True)
-        print(f"  ray.init(num_cpus={NUM_CPUS}) {ray_init_s:.2f}s; cold first vlp pack (local, {variants[0]}) "
-              f"{cold_s:.2f}s; Ray worker niceness {niceness}", flush=True)
+        print(f"  ray.init(num_cpus={NUM_CPUS}) {ray_init_s:.2f}s; cold first vlp pack (local disk) "
+              + ", ".join(f"{v} {c:.2f}s" for v, c in cold.items()) + f"; Ray worker niceness {niceness}", flush=True)
 
         for sc in scenarios:
             rows = []
@@ -306,27 +341,29 @@ def main(argv=None) -> int:
                         out = str(work / out_id)
                         fn, fargs = ((baseline_local, (root, Path(out), per_shard)) if conf == "baseline" else
                                      (vlp_pack, (str(root / "ann.json"), str(root), out, per_shard, conf, None)))
-                    else:
+                    else:  # both sides talk to the server directly (s3) or through the latency proxy
+                        client, ep = (s3, endpoint) if sc == "s3" else (s3_lat, proxy_endpoint)
                         out = f"out/{out_id}"
-                        fn, fargs = ((baseline_s3, (s3, "src", out, per_shard)) if conf == "baseline" else
+                        fn, fargs = ((baseline_s3, (client, "src", out, per_shard)) if conf == "baseline" else
                                      (vlp_pack, (f"s3://{BUCKET}/src/ann.json", f"s3://{BUCKET}/src",
-                                                 f"s3://{BUCKET}/{out}", per_shard, conf, endpoint)))
+                                                 f"s3://{BUCKET}/{out}", per_shard, conf, ep)))
                     res = timed(fn, *fargs)
                     res["out"] = out
                     row["runs"][conf] = res
                     print(f"  {sc} round {r} {conf:9s} {res['samples']} samples in {res['wall_s']:6.2f}s = "
-                          f"{res['samples_per_s']:7.1f}/s (other processes {res['noise']:.0%} of the machine)",
+                          f"{res['samples_per_s']:7.1f}/s (other processes {res['noise'] or 0:.0%} of the machine)",
                           flush=True)
                 base = row["runs"]["baseline"]
-                base_tars = read_tars(base["out"], s3 if sc == "s3" else None)
+                base_tars = read_tars(base["out"], None if sc == "local" else s3)
                 for v in variants:
                     vr = row["runs"][v]
-                    vr["vs_baseline"] = compare(base_tars, read_tars(vr["out"], s3 if sc == "s3" else None))
+                    vr["vs_baseline"] = compare(base_tars, read_tars(vr["out"], None if sc == "local" else s3))
                     if not vr["vs_baseline"]["ok"]:
                         print(f"  WARNING: {sc} round {r} {v}: output differs from the baseline's: "
                               f"{vr['vs_baseline']}", flush=True)
                     vr["ratio"] = round(vr["samples_per_s"] / base["samples_per_s"], 3)
-                    vr["ratio_with_ray_init"] = round(base["wall_s"] / (vr["wall_s"] + ray_init_s), 3)
+                    init = ray_init_s if VARIANTS[v]["executor"] == "ray" else 0.0  # local never starts Ray
+                    vr["ratio_with_ray_init"] = round(base["wall_s"] / (vr["wall_s"] + init), 3)
                 if sc == "local":
                     for conf in order:
                         shutil.rmtree(row["runs"][conf]["out"], ignore_errors=True)
@@ -341,7 +378,7 @@ def main(argv=None) -> int:
                            "target_met": statistics_median(ratios) >= TARGET}
             if sc == "local":  # one `vlp pack` in a fresh process: ray.init + the cold first job, vs the loop
                 bw = statistics_median([rw["runs"]["baseline"]["wall_s"] for rw in rows])
-                summ["cold_fresh_session"] = {"variant": variants[0], "wall_s": round(ray_init_s + cold_s, 3),
+                summ["cold_fresh_session"] = {"variant": ray_v, "wall_s": round(ray_init_s + cold_s, 3),
                                               "baseline_wall_s_median": bw,
                                               "ratio": round(bw / (ray_init_s + cold_s), 3)}
             summ["noise_max"] = max(x["noise"] or 0 for rw in rows for x in rw["runs"].values())
@@ -349,14 +386,16 @@ def main(argv=None) -> int:
     finally:
         if "ray" in sys.modules:
             sys.modules["ray"].shutdown()
-        if moto is not None:
-            moto.terminate()
-            moto.wait(10)
+        for p in (proxy, moto):
+            if p is not None:
+                p.terminate()
+                p.wait(10)
     shutil.rmtree(work, ignore_errors=True)
 
     payload = {
         "what": "samples/s packing the same annotations + media into WebDataset shards: vlp pack (Ray Data, "
                 f"ray.init(num_cpus={NUM_CPUS}) done before the timed runs) vs a plain single-process loop",
+        "s3_latency_ms": args.latency_ms if "s3_latency" in scenarios else None,
         "inputs": {"records": n, "clips": n // VIDEO_EVERY, "images": n - n // VIDEO_EVERY,
                    "image": f"{W}x{H} JPEG (Pillow, q92)", "clip": f"{CLIP_FRAMES} frames {W}x{H} libx264 mp4 at {FPS} fps",
                    "annotation_format": "valley (one JSON array; image rows LLaVA-style, video rows webvid/<id>.mp4)",
@@ -367,8 +406,9 @@ def main(argv=None) -> int:
                   "ray_worker_niceness": niceness, "ray.progress_bars": False,
                   "ray_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_")}},
         "ray_init_s": round(ray_init_s, 3), "ray_init_failed_tries": init_failures,
-        "cold_first_run_s": {"what": f"the first vlp pack (local, {variants[0]}) in the fresh Ray session: task "
-                             "workers start and import vlp; not part of the rounds", "wall_s": round(cold_s, 3),
+        "cold_first_run_s": {"what": "the first vlp pack of each variant (local disk) in the fresh Ray session (ray: "
+                             "task workers start and import vlp); not part of the rounds",
+                             "wall_s": {v: round(c, 3) for v, c in cold.items()},
                              "baseline_first_run_s": round(base_cold_s, 3)},
         "target": {"what": f"vlp samples/s >= {TARGET} x baseline samples/s on {NUM_CPUS} CPUs (median ratio per "
                    "round, Ray already initialised)",

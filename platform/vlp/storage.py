@@ -98,14 +98,14 @@ def _put_atomic(uri: str, storage: StorageConfig | None, write, src: Optional[st
     """``write(file)`` fills a temp file in ``uri``'s folder, renamed over it; on object stores it writes the
     object directly (``fs.put_file`` for a local ``src``), which is atomic there."""
     fs, path = get_fs(uri, storage)
-    fs.makedirs(path.rsplit("/", 1)[0] or "/", exist_ok=True)
-    if is_remote(uri):
+    if is_remote(uri):  # object stores have no folders to make (s3fs would check the bucket on every call)
         if src is not None:
             fs.put_file(src, path)
             return
         with fs.open(path, "wb") as f:
             write(f)
         return
+    fs.makedirs(path.rsplit("/", 1)[0] or "/", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         write(f)

@@ -173,6 +173,71 @@ def test_packing_again_gives_the_same_bytes_and_resumes_per_group(packed):
         run_pack(cfg.model_copy(update={"samples_per_shard": 2}), lines.append)
 
 
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.glob("*.tar")}
+
+
+def test_the_local_executor_packs_the_same_bytes_and_resumes(packed, tmp_path):
+    """executor=local (threads in this process, no Ray) gives the ray executor's shards, errors and totals, byte
+    for byte; a resume packs only the uncommitted group and removes the plan files a killed ray run left."""
+    from vlp.pack import run_pack
+    from vlp.pack.pipeline import errors_of
+
+    d, cfg, man, _ = packed
+    local = cfg.model_copy(update={"out": str(tmp_path / "out"), "executor": "local", "workers": 2})
+    lines = []
+    got = run_pack(local, lines.append)
+    assert "in this process (2 group(s) at once" in lines[0]
+    assert digests(tmp_path / "out") == digests(d / "out")
+    assert got["totals"] == man["totals"] and got["shards"] == man["shards"]
+    assert errors_of(str(tmp_path / "out")) == errors_of(str(d / "out"))
+    (tmp_path / "out" / "_pack" / "groups" / "000001.json").unlink()  # as if killed before group 1 committed
+    (tmp_path / "out" / "data-000001.tar").unlink()
+    (tmp_path / "out" / "_pack" / "plan").mkdir()
+    (tmp_path / "out" / "_pack" / "plan" / "000001.jsonl").write_text("{}\n")  # left by a killed ray run
+    lines = []
+    assert run_pack(local, lines.append)["totals"] == man["totals"]
+    assert "2 group(s) already packed" in lines[0]
+    assert digests(tmp_path / "out") == digests(d / "out")
+    assert not (tmp_path / "out" / "_pack" / "plan").exists()
+
+
+def test_an_error_free_group_writes_no_error_file_and_a_stale_one_is_not_read(media, tmp_path):
+    """Error files are read where the group's marker counts errors: one left by an attempt killed before its
+    commit (the media fixed since) is not reported."""
+    from vlp.pack import run_pack
+    from vlp.pack.pipeline import errors_of
+
+    (tmp_path / "ann.json").write_text(json.dumps(ANNOTATIONS[:2]))
+    cfg = cfg_for(media, str(tmp_path / "out"), annotations=[str(tmp_path / "ann.json")], executor="local")
+    assert run_pack(cfg, lambda *a: None)["totals"]["errors"] == 0
+    errors_dir = tmp_path / "out" / "_pack" / "errors"
+    assert not errors_dir.exists()
+    (tmp_path / "out" / "_pack" / "groups" / "000000.json").unlink()
+    errors_dir.mkdir()
+    (errors_dir / "000000.jsonl").write_text(json.dumps({"key": "000000000", "reason": "stale"}) + "\n")
+    assert run_pack(cfg, lambda *a: None)["totals"]["errors"] == 0
+    assert errors_of(str(tmp_path / "out")) == []
+
+
+def test_the_executor_is_ray_on_a_cluster_or_a_running_ray_else_local(ray_local, monkeypatch, media):
+    import sys
+
+    from vlp.pack.group import fetch_threads
+    from vlp.pack.pipeline import choose_executor
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert choose_executor(cfg_for(media)) == "ray"  # this process runs Ray (the session's)
+    assert choose_executor(cfg_for(media, executor="local")) == "local"
+    monkeypatch.delitem(sys.modules, "ray")  # a process that never imported Ray
+    assert choose_executor(cfg_for(media)) == "local"
+    assert choose_executor(cfg_for(media, ray={"address": "auto"})) == "ray"
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")  # every `ray job submit` driver has it
+    assert choose_executor(cfg_for(media)) == "ray"
+    assert fetch_threads(cfg_for(media)) == 0 and fetch_threads(cfg_for(media, fetch_threads=3)) == 3
+    assert fetch_threads(cfg_for(media, media_root="s3://b/media")) == 8
+
+
 def test_packed_shards_go_through_precompute_and_train(packed, tmp_path):
     """Precompute reads the packed folder unchanged: the two-image row encodes both, the text-only row is kept;
     one training step (one worker, all four rows in its batch) trains on them."""
@@ -197,24 +262,26 @@ def test_packed_shards_go_through_precompute_and_train(packed, tmp_path):
     assert len(seen) == 4 and any(u.endswith("/000000001") for u in seen)  # the text-only row trained
 
 
-def test_pack_on_s3(ray_local, media, s3_server, tmp_path):
-    """Annotations, media and shards on the loopback S3 server."""
+@pytest.mark.parametrize("executor", ["ray", "local"])
+def test_pack_on_s3(ray_local, media, s3_server, tmp_path, executor):
+    """Annotations, media and shards on the loopback S3 server, with either executor."""
     import boto3
 
     from vlp.pack import run_pack
 
-    make_bucket(s3_server, "pack-test")
+    bucket = f"pack-{executor}"
+    make_bucket(s3_server, bucket)
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
-    s3.put_object(Bucket="pack-test", Key="ann/a.json", Body=json.dumps(ANNOTATIONS[:4]).encode())
+    s3.put_object(Bucket=bucket, Key="ann/a.json", Body=json.dumps(ANNOTATIONS[:4]).encode())
     for name in ("0.jpg", "1.jpg", "2.jpg"):
-        s3.put_object(Bucket="pack-test", Key=f"media/coco/{name}", Body=(media / "coco" / name).read_bytes())
+        s3.put_object(Bucket=bucket, Key=f"media/coco/{name}", Body=(media / "coco" / name).read_bytes())
     storage = {"endpoint_url": s3_server}
-    cfg = validate(PackConfig, {"format": {"type": "llava"}, "annotations": ["s3://pack-test/ann/*.json"],
-                                "media_root": "s3://pack-test/media", "out": "s3://pack-test/shards", "storage": storage,
-                                "samples_per_shard": 10, "ray": {"progress_bars": False}})
+    cfg = validate(PackConfig, {"format": {"type": "llava"}, "annotations": [f"s3://{bucket}/ann/*.json"],
+                                "media_root": f"s3://{bucket}/media", "out": f"s3://{bucket}/shards", "storage": storage,
+                                "samples_per_shard": 10, "ray": {"progress_bars": False}, "executor": executor})
     man = run_pack(cfg, lambda *a: None)
     assert man["totals"]["packed"] == 3 and man["shards"] == ["data-000000.tar"]
-    body = s3.get_object(Bucket="pack-test", Key="shards/data-000000.tar")["Body"].read()
+    body = s3.get_object(Bucket=bucket, Key="shards/data-000000.tar")["Body"].read()
     names = tarfile.open(fileobj=io.BytesIO(body)).getnames()
     assert "000000003.0.jpg" in names and "000000003.1.jpg" in names and "000000001.json" in names
 

@@ -34,8 +34,15 @@ class PackConfig(Cfg):
     media_check: Literal["sniff", "none"] = Field(
         "sniff", description="sniff: an image/video item whose magic bytes are no known image/video container is "
         "an error; none: pack whatever the file holds (precompute reports what it cannot decode)")
-    cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved per group task")
-    fetch_threads: int = Field(8, ge=1, le=256, description="threads per group task fetching media (object-store "
-                               "latency overlaps; at most twice as many records in flight)")
+    executor: Literal["auto", "ray", "local"] = Field(
+        "auto", description="where the groups run: ray = Ray Data tasks (a cluster: groups spread over its nodes); "
+        "local = threads in this process (no Ray start-up; one machine); auto = ray when a cluster is named "
+        "(ray.address, RAY_ADDRESS) or Ray is already running in this process, else local")
+    workers: int = Field(0, ge=0, le=256, description="local executor: groups packed at once (0 = this machine's "
+                         "CPUs)")
+    cpus_per_task: float = Field(1.0, gt=0, description="ray executor: CPUs reserved per group task")
+    fetch_threads: int = Field(0, ge=0, le=256, description="threads per group fetching media, at most twice as "
+                               "many records in flight (object-store latency overlaps); 0 = auto: 8 when the media "
+                               "root is an object store, none on local disk (reads in the group's own thread)")
     overwrite: bool = Field(False, description="delete an output packed with other settings instead of refusing")
     ray: RayConfig = RayConfig()

@@ -1,12 +1,18 @@
-"""The ``vlp pack`` run, step by step (:class:`PackRun`): plan -> check_existing -> write_plans -> pack -> finish.
+"""The ``vlp pack`` run, step by step (:class:`PackRun`): plan -> check_existing -> pack -> finish.
 
 Records are split into groups of ``samples_per_shard`` by their running index (group g = records
 [g*N, (g+1)*N)), so a group's shard is the same on every run. The driver streams the annotations once (bounded
-memory: one group's records at a time) and writes, for each group not yet committed, a plan file of its records
-(and its malformed ones, as errors) under ``{out}/_pack/plan/``. Ray Data then maps :class:`PackGroup` over those
-groups in parallel: each fetches its media, writes its shard(s), its error lines and, last, its commit marker
-``{out}/_pack/groups/{g}.json``. A killed run resumes from the committed groups; ``pack_manifest.json`` sums
-every group's marker.
+memory: a few groups' records at a time). :class:`PackGroup` packs one group: fetches its media, writes its
+shard(s), its error lines and, last, its commit marker ``{out}/_pack/groups/{g}.json``. A killed run resumes from
+the committed groups; ``pack_manifest.json`` sums every group's marker. Where the groups run
+(``executor``, :func:`choose_executor`):
+
+- ``ray`` (a cluster): the driver writes a plan file per group not yet committed (its records, and its malformed
+  ones as errors) under ``{out}/_pack/plan/`` (``write_plans``), then Ray Data maps PackGroup over those groups on
+  the cluster's nodes (``pack``).
+- ``local`` (one machine, no cluster named): ``workers`` groups at once on threads of the driver, records handed
+  over in memory (``pack_local``). Same shards, markers and manifest, without Ray's start-up and per-task costs,
+  which dominate packing on one machine (docs/benchmarks.md).
 
 Output layout (``out``)::
 
@@ -21,16 +27,20 @@ Output layout (``out``)::
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
-from collections import Counter
-from typing import Iterator, Optional
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from typing import Iterable, Iterator, Optional
 
 from ..config import dump_config
 from ..errors import UserError
 from ..storage import get_fs, join, make_output_dir, read_bytes, write_atomic
 from .config import PackConfig
 from .formats import PackError, PackRecord, expand_annotations, read_annotations
-from .group import GroupWriter, built_in_order, error_line, parse_plan_line, plan_line
+from .group import GroupWriter, built_in_order, error_line, fetch_threads, parse_plan_line, plan_line
 
 SETTINGS_KEYS = ("format", "samples_per_shard", "prefix", "max_shard_bytes", "media_check")
 
@@ -46,18 +56,22 @@ def group_of(index: int, cfg: PackConfig) -> int:
 
 
 class PackGroup:
-    """Ray Data map function: ``{"group": g, "plan": uri}`` -> the group's counts (shards written, errors kept)."""
+    """One group of records -> its shard(s), error lines and commit marker. As a Ray Data map function (the ray
+    executor): ``{"group": g, "plan": uri}`` -> ``{"group", "marker"}``; :meth:`pack` is the same on records in
+    memory (the local executor), fetching media on ``pool`` when given (threads shared by the groups)."""
 
-    def __init__(self, cfg: PackConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: PackConfig, pool: Optional[ThreadPoolExecutor] = None):
+        self.cfg, self.pool = cfg, pool
 
     def __call__(self, row: dict) -> dict:
-        cfg, g = self.cfg, int(row["group"])
-        text = (read_bytes(row["plan"], cfg.storage) or b"").decode()
-        entries = (parse_plan_line(line) for line in text.split("\n") if line)
+        text = (read_bytes(row["plan"], self.cfg.storage) or b"").decode()
+        return self.pack(int(row["group"]), (parse_plan_line(line) for line in text.split("\n") if line))
+
+    def pack(self, g: int, entries: Iterable[PackRecord | PackError]) -> dict:
+        cfg = self.cfg
         errors, counts, out = [], Counter(), GroupWriter(g, cfg)
         try:
-            for entry, sample, stage, reason in built_in_order(entries, cfg):
+            for entry, sample, stage, reason in built_in_order(entries, cfg, self.pool):
                 counts["records"] += 1
                 if sample is None:
                     errors.append(error_line(entry, reason, stage))
@@ -69,26 +83,39 @@ class PackGroup:
             shards = out.publish()
         finally:
             out.close()
-        write_atomic(join(cfg.out, "_pack", "errors", f"{g:06d}.jsonl"), "".join(e + "\n" for e in errors),
-                     cfg.storage)
+        if errors:  # read back only where the marker counts errors (errors_of): a stale file is never read
+            write_atomic(join(cfg.out, "_pack", "errors", f"{g:06d}.jsonl"), "".join(e + "\n" for e in errors),
+                         cfg.storage)
         marker = {"group": g, **counts, "packed": counts["packed"], "errors": len(errors),
                   "shards": [u.rsplit("/", 1)[-1] for u in shards]}
         write_atomic(join(cfg.out, "_pack", "groups", f"{g:06d}.json"), json.dumps(marker), cfg.storage)
         return {"group": g, "marker": json.dumps(marker)}
 
 
-def group_plans(entries: Iterator[PackRecord | PackError], cfg: PackConfig) -> Iterator[tuple[int, list[str]]]:
-    """(group, its plan lines) in order, one group held at a time."""
-    cur, lines = None, []
+def choose_executor(cfg: PackConfig) -> str:
+    """``cfg.executor``, with ``auto`` resolved: ray when a cluster is named (``ray.address``, ``RAY_ADDRESS``:
+    also every ``ray job submit`` driver) or this process already runs Ray, else local."""
+    if cfg.executor != "auto":
+        return cfg.executor
+    ray = sys.modules.get("ray")  # not imported here just to ask: importing Ray costs about a second
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
+        return "ray"
+    return "local"
+
+
+def group_entries(entries: Iterator[PackRecord | PackError], cfg: PackConfig
+                  ) -> Iterator[tuple[int, list[PackRecord | PackError]]]:
+    """(group, its entries) in order, one group held at a time."""
+    cur, held = None, []
     for e in entries:
         g = group_of(e.index, cfg)
         if cur is not None and g != cur:
-            yield cur, lines
-            lines = []
+            yield cur, held
+            held = []
         cur = g
-        lines.append(plan_line(e))
+        held.append(e)
     if cur is not None:
-        yield cur, lines
+        yield cur, held
 
 
 class PackRun:
@@ -105,9 +132,12 @@ class PackRun:
     def run(self) -> dict:
         self.plan()
         self.check_existing()
-        self.write_plans()
-        if self.todo:
-            self.pack()
+        if choose_executor(self.cfg) == "ray":
+            self.write_plans()
+            if self.todo:
+                self.pack()
+        else:
+            self.pack_local()
         return self.finish()
 
     def uri(self, *parts: str) -> str:
@@ -148,34 +178,56 @@ class PackRun:
                 fs.rm(join(root, rel), recursive=True)
 
     def read_markers(self) -> dict[int, dict]:
-        fs, root = get_fs(self.uri("groups"), self.cfg.storage)
-        if not fs.exists(root):
-            return {}
-        out = {}
-        for p in fs.ls(root, detail=False):
-            if p.endswith(".json"):
-                with fs.open(p, "rb") as f:
-                    m = json.loads(f.read())
-                out[int(m["group"])] = m
-        return out
+        return read_markers(self.cfg.out, self.cfg.storage)
 
     def write_plans(self) -> None:
         """Stream the annotations once; a plan file for every group not committed yet."""
-        entries = read_annotations(self.cfg.format, self.files, self.cfg.storage, self.filtered)
-        for g, lines in group_plans(entries, self.cfg):
-            self.groups_total = g + 1
-            if g in self.done:
-                self.drop_plan(g)  # left by a run killed between a group's commit and its plan's removal
-                continue
+        self.drop_plans()
+        for g, held in self.groups_to_do():
             uri = self.uri("plan", f"{g:06d}.jsonl")
-            write_atomic(uri, "".join(ln + "\n" for ln in lines), self.cfg.storage)
+            write_atomic(uri, "".join(plan_line(e) + "\n" for e in held), self.cfg.storage)
             self.todo.append({"group": g, "plan": uri})
         self.log(f"[vlp] pack {len(self.files)} annotation file(s), {self.groups_total} group(s) of "
                  f"{self.cfg.samples_per_shard}: {len(self.done)} already packed, {len(self.todo)} to do -> "
                  f"{self.cfg.out}")
 
+    def groups_to_do(self) -> Iterator[tuple[int, list[PackRecord | PackError]]]:
+        """Stream the annotations once: (group, its entries) for every group not committed yet."""
+        entries = read_annotations(self.cfg.format, self.files, self.cfg.storage, self.filtered)
+        for g, held in group_entries(entries, self.cfg):
+            self.groups_total = g + 1
+            if g not in self.done:
+                yield g, held
+
+    def pack_local(self) -> None:
+        """The local executor: ``workers`` groups at once on threads of this process, media fetched on
+        ``workers * fetch_threads`` shared threads (none for local media); at most ``2 * workers`` groups' records
+        held. No plan files: the records go to the group in memory; each group commits itself, as on Ray."""
+        cfg = self.cfg
+        workers, threads = cfg.workers or os.cpu_count() or 1, fetch_threads(cfg)
+        self.drop_plans()
+        self.log(f"[vlp] pack {len(self.files)} annotation file(s) in this process ({workers} group(s) at once, "
+                 f"{cfg.samples_per_shard} records per group; {len(self.done)} group(s) already packed) -> {cfg.out}")
+        window: deque = deque()
+        with ExitStack() as stack:
+            fetch = stack.enter_context(ThreadPoolExecutor(workers * threads)) if threads else None
+            groups = stack.enter_context(ThreadPoolExecutor(workers))
+            job = PackGroup(cfg, fetch)
+            for g, held in self.groups_to_do():
+                window.append(groups.submit(job.pack, g, held))
+                if len(window) >= 2 * workers:
+                    self.commit(window.popleft().result(), has_plan=False)
+            while window:
+                self.commit(window.popleft().result(), has_plan=False)
+
+    def commit(self, row: dict, has_plan: bool = True) -> None:
+        m = json.loads(row["marker"])
+        self.done[m["group"]] = m
+        if has_plan:
+            self.drop_plan(m["group"])
+
     def pack(self) -> None:
-        """The groups to do, in parallel on Ray Data; each commits itself."""
+        """The ray executor: the groups to do, in parallel on Ray Data; each commits itself."""
         import ray
 
         from ..runtime import init_ray
@@ -185,19 +237,39 @@ class PackRun:
         ds = ray.data.from_items(self.todo, override_num_blocks=len(self.todo))
         ds = ds.map(PackGroup(self.cfg), num_cpus=self.cfg.cpus_per_task)
         for row in ds.iter_rows():
-            m = json.loads(row["marker"])
-            self.done[m["group"]] = m
-            self.drop_plan(m["group"])
+            self.commit(row)
 
     def drop_plan(self, g: int) -> None:
         fs, path = get_fs(self.uri("plan", f"{g:06d}.jsonl"), self.cfg.storage)
-        if fs.exists(path):
+        try:
             fs.rm(path)
+        except FileNotFoundError:
+            pass
+
+    def drop_plans(self) -> None:
+        """Remove the plan files a killed ray run left (its groups are planned again or committed)."""
+        fs, path = get_fs(self.uri("plan"), self.cfg.storage)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
 
     def finish(self) -> dict:
         """Sum the group markers into pack_manifest.json and print the summary."""
         return write_manifest(self.cfg, self.done, self.groups_total, self.files, time.time() - self.t0, self.log,
                               dict(self.filtered))
+
+
+def read_markers(out: str, storage=None) -> dict[int, dict]:
+    """The commit markers of an output's packed groups: {group: marker}."""
+    fs, root = get_fs(join(out, "_pack", "groups"), storage)
+    if not fs.exists(root):
+        return {}
+    markers = {}
+    for p in fs.ls(root, detail=False):
+        if p.endswith(".json"):
+            with fs.open(p, "rb") as f:
+                m = json.loads(f.read())
+            markers[int(m["group"])] = m
+    return markers
 
 
 def write_manifest(cfg: PackConfig, done: dict[int, dict], groups_total: int, files: list[str], seconds: float,
@@ -227,14 +299,13 @@ def run_pack(cfg: PackConfig, log=print) -> dict:
 
 
 def errors_of(out: str, storage=None) -> list[dict]:
-    """Every error line of a packed output (tests, reports)."""
-    fs, root = get_fs(join(out, "_pack", "errors"), storage)
-    if not fs.exists(root):
-        return []
+    """Every error line of a packed output, in group order (tests, reports): the error files of the committed
+    groups whose marker counts errors."""
     rows = []
-    for p in sorted(fs.ls(root, detail=False)):
-        with fs.open(p, "rb") as f:
-            rows += [json.loads(ln) for ln in f.read().decode().splitlines() if ln]
+    for g, m in sorted(read_markers(out, storage).items()):
+        if m.get("errors"):
+            data = read_bytes(join(out, "_pack", "errors", f"{g:06d}.jsonl"), storage) or b""
+            rows += [json.loads(ln) for ln in data.decode().splitlines() if ln]
     return rows
 
 
