@@ -9,6 +9,7 @@ text-only samples of different lengths.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Literal, Optional, Sequence, TypeVar, Union
 
@@ -75,6 +76,65 @@ class ModelConfig(Cfg):
     pooler: PoolerConfig = POOLERS.config()
     connector: ConnectorConfig = CONNECTORS.config()
     llm: LLMConfig = LLMConfig()
+    frame_times: Literal["none", "text"] = Field(
+        "none", description="text: each video frame's time as text before its tokens (the start of its segment as a "
+        "fraction of the clip, 2 decimals: 0.00 0.12 0.25 ..., the notation of relative spans), so that the LLM can "
+        "read frame times (LEGO's grounding); needs a pooler with per-frame tokens (valley, none) and a video "
+        "adapter that keeps one token per pooled token (linear, mlp2x_gelu)")
+
+
+def frame_time_marks(num_frames: int) -> list[str]:
+    """The time text of each of T uniformly sampled frames: the start of its segment (uniform sampling takes the
+    segments' centres) as a fraction of the clip, 2 decimals."""
+    return [f"{i / num_frames:.2f}" for i in range(num_frames)]
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source)
+
+
+@functools.lru_cache(maxsize=256)
+def frame_mark_ids(tokenizer_source: str, num_frames: int) -> tuple[tuple[int, ...], ...]:
+    """Token ids of :func:`frame_time_marks` (no special tokens), one tuple per frame."""
+    tok = _tokenizer(tokenizer_source)
+    return tuple(tuple(tok(m, add_special_tokens=False)["input_ids"]) for m in frame_time_marks(num_frames))
+
+
+def has_time_marks(cfg: ModelConfig, modality: Optional[str], num_frames: int) -> bool:
+    """Whether an item gets frame-time text: frame_times=text and a video (modality None: a video when T > 1)."""
+    return cfg.frame_times == "text" and num_frames > 1 and (modality or default_modality(num_frames)) == "video"
+
+
+def time_mark_tokens(cfg: ModelConfig, modality: Optional[str], num_frames: int) -> int:
+    """Tokens the frame-time text adds to one item (0 without)."""
+    if not has_time_marks(cfg, modality, num_frames):
+        return 0
+    return sum(len(m) for m in frame_mark_ids(cfg.llm.tokenizer_source(), int(num_frames)))
+
+
+def frame_times_problems(cfg: ModelConfig) -> list[str]:
+    """Why ``frame_times=text`` cannot work with this pooler and video adapter; [] if it can (or is off)."""
+    if cfg.frame_times == "none":
+        return []
+    pooler, connector = POOLERS.part(cfg.pooler), CONNECTORS.part(cfg.connector)
+    T, P, D = 8, 16, 4  # any video: the checks are about the layout, not the sizes
+    shape, mode = ((P + T, D), "valley_pooled") if "valley_pooled" in pooler.modes else ((T, 1 + P, D), "frames")
+    per = pooler.tokens_per_frame(shape, mode, T)
+    n = pooler.num_tokens(shape, mode, T)
+    m = (connector.num_tokens(n, ItemContext(modality="video", num_frames=T, tokens_per_frame=per))
+         if connector.takes_context else connector.num_tokens(n))
+    out = []
+    if per == 0:
+        out.append(f"model.frame_times=text: model.pooler.type={pooler.cfg.type} keeps no per-frame tokens to put the "
+                   "times before (use valley or none)")
+    if m != n:
+        out.append(f"model.frame_times=text: the video adapter of model.connector.type={connector.cfg.type} makes {m} "
+                   f"tokens of {n}, mixing frames; frame times need one that keeps a token per pooled token "
+                   "(linear, mlp2x_gelu)")
+    return out
 
 
 def item_context(pooler: Pooler, shape: Sequence[int], mode: str, num_frames: int,
@@ -106,9 +166,10 @@ def visual_token_count(cfg: ModelConfig, shape: Sequence[int], mode: str, num_fr
     if mode == "pixels" and modality != "audio" and cfg.tower is not None:  # the tower's frames come out of it
         shape, mode = features_shape(cfg.tower, shape), "frames"  # (T, 3, S, S) -> (T, 1 + P, D)
     n = shape[0] * shape[1] if modality == "audio" else pooler.num_tokens(shape, mode, num_frames)
+    marks = time_mark_tokens(cfg, modality, num_frames)
     if not connector.takes_context:
-        return connector.num_tokens(n)
-    return connector.num_tokens(n, item_context(pooler, shape, mode, num_frames, modality))
+        return connector.num_tokens(n) + marks
+    return connector.num_tokens(n, item_context(pooler, shape, mode, num_frames, modality)) + marks
 
 
 def feature_mode_problems(cfg: ModelConfig, modes: Sequence[str], pooler: Optional[Pooler] = None) -> list[str]:
@@ -165,9 +226,30 @@ class VideoLLM(nn.Module):
             pooled = self.pool(feats, mode, num_frames)  # -> (N, D)
         w = next(self.connector.parameters())
         if not self.connector_part.takes_context:
-            return self.connector(pooled.to(w.dtype))  # (N, D) -> (M, d_model)
-        ctx = item_context(self.pool, feats.shape, mode, num_frames, modality)
-        return self.connector(pooled.to(w.dtype), ctx)  # (N, D) -> (M, d_model)
+            out = self.connector(pooled.to(w.dtype))  # (N, D) -> (M, d_model)
+        else:
+            out = self.connector(pooled.to(w.dtype), item_context(self.pool, feats.shape, mode, num_frames, modality))
+        if not has_time_marks(self.cfg, modality, num_frames):
+            return out
+        if out.shape[0] != pooled.shape[0]:
+            raise ValueError(f"model.frame_times=text needs a video adapter that keeps a token per pooled token; "
+                             f"this one made {out.shape[0]} of {pooled.shape[0]}")
+        return self.with_time_marks(out, self.pool.tokens_per_frame(feats.shape, mode, num_frames), num_frames)
+
+    def with_time_marks(self, tokens: torch.Tensor, per_frame: int, num_frames: int) -> torch.Tensor:
+        """(M, d) tokens whose last T * per_frame are per-frame groups in frame order -> the same with each frame's
+        time text (:func:`frame_time_marks`, embedded by the LLM) before its group: (M + sum len(mark_t), d)."""
+        T = int(num_frames)
+        if per_frame <= 0 or tokens.shape[0] < T * per_frame:
+            raise ValueError(f"model.frame_times=text: {tokens.shape[0]} visual tokens hold no {T} per-frame groups "
+                             f"of {per_frame}")
+        ids = frame_mark_ids(self.cfg.llm.tokenizer_source(), T)
+        emb = self.llm.get_input_embeddings()
+        flat = torch.tensor([i for m in ids for i in m], dtype=torch.long, device=emb.weight.device)
+        marks = emb(flat).to(tokens.dtype).split([len(m) for m in ids])  # T x (len_t, d)
+        head = tokens.shape[0] - T * per_frame
+        frames = tokens[head:].split(per_frame)  # T x (per_frame, d)
+        return torch.cat([tokens[:head], *[x for pair in zip(marks, frames) for x in pair]])  # (M + marks, d)
 
     def build_inputs(self, input_ids: list[torch.Tensor], labels: Optional[list[torch.Tensor]],
                      visuals: list[Visuals]):

@@ -12,7 +12,7 @@ import yaml
 
 from ..config import ConfigError, dump_config
 from ..errors import UserError
-from ..models.videollm import feature_mode_problems
+from ..models.videollm import feature_mode_problems, frame_times_problems
 from ..formats.export import MODEL_CONFIG, ExportInfo
 from ..formats.featureset import FeatureSetInfo
 from ..formats.records import RecordError
@@ -161,6 +161,7 @@ def check_inputs(cfg: TrainConfig) -> list[dict]:
         problems += fill_widths(cfg, infos)
         problems += mixed_encoders(infos)
         problems += feature_mode_problems(cfg.model, [inf.mode for inf in infos])
+    problems += frame_times_problems(cfg.model)
     if cfg.model.connector.init_from and not Path(cfg.model.connector.init_from).exists():
         problems.append(f"model.connector.init_from: {cfg.model.connector.init_from} does not exist")
     init = cfg.model.llm.init_from
