@@ -9,7 +9,7 @@ import json
 import pytest
 
 from conftest import ROOT
-from test_readme_local import run_sequence, vlp_commands
+from sequences import run_sequence, vlp_commands
 
 SHRINK = {
     "make-shards": ["videos=2", "images=2", "instructions=4", "when=4", "where=4", "when_heldout=2",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from test_readme_local import run_sequence, vlp_commands
+from sequences import run_sequence, vlp_commands
 
 SHRINK = {
     "make-shards": ["videos=4", "images=2", "instructions=4", "heldout=2", "text_only=4", "samples_per_shard=4",

@@ -92,7 +92,7 @@ GROUNDING = ("temporal_grounding", "referring")
 EVAL_FLAGS = {"features": ("synthetic", *GROUNDING), "pooler": ("synthetic",), "without": ("synthetic",),
               "no_generate": ("synthetic",), "endpoint_url": ("synthetic",), "questions": ("videoqa", "mcq"),
               "media_root": ("videoqa", "mcq"),
-              "out": ("videoqa", "mcq"), "answers": ("videoqa",), "video_map": ("videoqa",),
+              "out": ("videoqa", "mcq", *GROUNDING), "answers": ("videoqa",), "video_map": ("videoqa",),
               "max_new_tokens": ("synthetic", "videoqa", *GROUNDING)}
 
 
@@ -140,13 +140,15 @@ def _cmd_eval_grounding(args) -> int:
     if not args.features:
         raise MissingFlag(f"--task {args.task} needs --features (a feature set packed with grounding truth)")
     storage = validate(StorageConfig, {k: v for k, v in {"endpoint_url": args.endpoint_url}.items() if v})
+    out = args.out or f"runs/eval/{args.task}-{args.features.rstrip('/').rsplit('/', 1)[-1]}"
     rep = evaluate_grounding(args.model, args.features, args.task, storage, args.max_samples,
-                             args.max_new_tokens or 64)
+                             args.max_new_tokens or 64, out)
     if args.json:
         print(json.dumps(rep, indent=2))
         return 0
     base = rep["constant_baseline"]
-    print(f"eval {args.model}: {args.task} on {args.features} ({rep['metrics']['n']} questions)")
+    print(f"eval {args.model}: {args.task} on {args.features} ({rep['metrics']['n']} questions) -> "
+          f"{out}/results.json")
     for k, v in rep["metrics"].items():
         if k != "n":
             print(f"  {k:<9} {v:.3f}")
@@ -245,8 +247,8 @@ def _add_eval_parser(sub) -> None:
     sp.add_argument("--qa-format", default="auto", help="auto | activitynet | msrvtt (--task videoqa)")
     sp.add_argument("--video-map", help="MSVD-QA's youtube_mapping.txt (lines '<clip name> vid<N>'): video_id N is "
                     "the clip of that name under --media-root (--task videoqa)")
-    sp.add_argument("--out", help="folder for predictions.json, results.json, results.md (--task videoqa/mcq; "
-                    "default runs/eval/TASK-QUESTIONS_STEM)")
+    sp.add_argument("--out", help="folder for predictions.json, results.json, results.md (--task videoqa/mcq: "
+                    "default runs/eval/TASK-QUESTIONS_STEM; temporal_grounding/referring: runs/eval/TASK-SET_NAME)")
     sp.add_argument("--max-new-tokens", type=int, default=None,
                     help="answer length cap of greedy generation (synthetic 12, videoqa 32, grounding 64)")
     sp.add_argument("--pooler", default=None,

@@ -1,6 +1,6 @@
-"""model.frame_times=text: each video frame's time as text before its tokens (LEGO's grounding). The marks are the
-LLM's own embeddings of the time text, put before each frame's group of tokens (Valley's CLS tokens, or a frame's
-patches); images, audio and frame_times=none are unchanged; the count made before any feature loads is the
+"""model.frame_times=text / text_before: each video frame's time as text after (before) its tokens (LEGO's
+grounding). The marks are the LLM's own embeddings of the time text, put beside each frame's group of tokens
+(Valley's CLS tokens, or a frame's patches); images, audio and frame_times=none are unchanged; the count made before any feature loads is the
 forward's; a layout that mixes frames is refused at setup, one line per problem. No Ray."""
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ def test_the_marks_are_each_frames_start_as_a_fraction_of_the_clip():
     assert frame_time_marks(8)[1] == "0.12" and len(frame_time_marks(16)) == 16
 
 
-def test_each_frames_time_text_comes_before_its_cls_token(llm):
+@pytest.mark.parametrize("where", ["text", "text_before"])
+def test_each_frames_time_text_comes_after_or_before_its_cls_token(llm, where):
     torch.manual_seed(0)
-    with_marks = VideoLLM(model_cfg(), llm=llm)
+    with_marks = VideoLLM(model_cfg(where), llm=llm)
     plain = VideoLLM(model_cfg("none"), llm=llm)
     plain.connector.load_state_dict(with_marks.connector.state_dict())
     feats = torch.randn(P + T, D)  # valley_pooled: P time-averaged patches, then T CLS tokens
@@ -44,18 +45,19 @@ def test_each_frames_time_text_comes_before_its_cls_token(llm):
     got = with_marks.visual_tokens(feats, "valley_pooled", T)
     ids = frame_mark_ids(model_cfg().llm.tokenizer_source(), T)
     assert got.shape[0] == P + T + sum(len(m) for m in ids)
-    assert got.shape[0] == visual_token_count(model_cfg(), (P + T, D), "valley_pooled", T, "video")
+    assert got.shape[0] == visual_token_count(model_cfg(where), (P + T, D), "valley_pooled", T, "video")
     emb = llm.get_input_embeddings()
     assert torch.equal(got[:P], base[:P])
     pos = P
     for t, m in enumerate(ids):
-        assert torch.allclose(got[pos:pos + len(m)], emb(torch.tensor(m))), t
-        assert torch.equal(got[pos + len(m)], base[P + t])  # the frame's CLS token right after its time
+        cls_at, mark_at = (pos, pos + 1) if where == "text" else (pos + len(m), pos)
+        assert torch.equal(got[cls_at], base[P + t])  # the frame's CLS token, then its time (or the reverse)
+        assert torch.allclose(got[mark_at:mark_at + len(m)], emb(torch.tensor(m))), t
         pos += len(m) + 1
     assert pos == got.shape[0]
 
 
-def test_frames_mode_puts_the_time_before_each_frames_patches(llm):
+def test_frames_mode_puts_the_time_beside_each_frames_patches(llm):
     torch.manual_seed(0)
     cfg = model_cfg(pooler={"type": "none"})
     model = VideoLLM(cfg, llm=llm)

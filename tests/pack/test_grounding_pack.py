@@ -68,11 +68,16 @@ def test_grounding_truth_travels_from_annotations_to_feature_rows_and_is_scored(
 
     for task, name, metric in (("temporal_grounding", "sta", "R@1@0.5"), ("referring", "ref", "Acc@0.5")):
         capsys.readouterr()
+        out = tmp_path / f"eval_{name}"
         assert main(["eval", "--task", task, "--model", str(export), "--features", str(tmp_path / f"{name}_features"),
-                     "--max-new-tokens", "3", "--json"]) == 0
+                     "--max-new-tokens", "3", "--json", "--out", str(out)]) == 0
         rep = json.loads(capsys.readouterr().out)
         assert rep["metrics"]["n"] == 1 and rep["metrics"][metric] == 0.0 and rep["unparseable_n"] == 1
         assert rep["constant_baseline"]["value"] == 1.0  # one truth: a constant can match it
+        assert json.loads((out / "results.json").read_text()) == rep
+        (pred,) = json.loads((out / "predictions.json").read_text())
+        assert pred["iou"] == 0.0 and pred["truth"] == (g["box"] if task == "referring" else [0.5, 1.5])
+        assert f"| {metric} | 0.000 | 1.000 |" in (out / "results.md").read_text()
     capsys.readouterr()
     assert main(["eval", "--task", "referring", "--model", str(export), "--features",
                  str(tmp_path / "sta_features")]) != 0

@@ -20,6 +20,7 @@ from ..data.grounding import SpanFormat, parse_box, parse_span, square_to_pixels
 from ..errors import UserError
 from ..formats.featureset import iter_feature_rows
 from ..storage import StorageConfig
+from .common import out_dir
 from .grounding import GroundingTally, constant_baseline, iou_1d, iou_2d, unparseable_report
 
 TASKS = ("temporal_grounding", "referring")
@@ -55,8 +56,11 @@ def score_answer(task: str, g: dict, answer: str, uid: str, tally: GroundingTall
 
 
 def evaluate_grounding(export_dir: str, feature_uri: str, task: str, storage: StorageConfig | None = None,
-                       max_samples: Optional[int] = None, max_new_tokens: int = 64) -> dict:
-    """Metrics of the export on the set's ``task`` rows, the best constant answer's, and the unreadable answers."""
+                       max_samples: Optional[int] = None, max_new_tokens: int = 64, out: Optional[str] = None) -> dict:
+    """Metrics of the export on the set's ``task`` rows, the best constant answer's, and the unreadable answers;
+    with ``out``, also ``predictions.json`` (every question's answer, truth and IoU), ``results.json`` and
+    ``results.md`` there."""
+    dest = out_dir(out) if out is not None else None  # OutputNotWritable before any model loads
     import torch
 
     from ..formats.export import load_model
@@ -85,10 +89,26 @@ def evaluate_grounding(export_dir: str, feature_uri: str, task: str, storage: St
     if not truths:
         raise NoGroundingRows(f"feature set {feature_uri} holds no {task} rows (meta.grounding with task {task}: "
                               "pack them with vlp pack --format charades_sta / refcoco)")
-    return {"task": task, "export": str(export_dir), "features": feature_uri, "metrics": tally.metrics(),
-            "constant_baseline": baseline_of(task, truths), "unparseable_n": len(tally.unparseable),
-            "unparseable": unparseable_report(tally),
-            "examples": examples[:20]}
+    report = {"task": task, "export": str(export_dir), "features": feature_uri, "metrics": tally.metrics(),
+              "constant_baseline": baseline_of(task, truths), "unparseable_n": len(tally.unparseable),
+              "unparseable": unparseable_report(tally), "examples": examples[:20]}
+    if dest is not None:
+        (dest / "predictions.json").write_text(json.dumps(examples, indent=1) + "\n")
+        (dest / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+        (dest / "results.md").write_text(results_table(report))
+    return report
+
+
+def results_table(report: dict) -> str:
+    """The Markdown table of a grounding report: each metric of the model beside the best constant answer's."""
+    base, m = report["constant_baseline"], report["metrics"]
+    lines = [f"### {report['task']} ({m['n']} questions, {report['unparseable_n']} unreadable answers)", "",
+             "| metric | model | best constant answer |", "|---|---:|---:|"]
+    for k, v in m.items():
+        if k != "n":
+            b = f"{base['value']:.3f}" if k == base["metric"] else "-"
+            lines.append(f"| {k} | {v:.3f} | {b} |")
+    return "\n".join(lines) + f"\n\nbest constant answer: {base['answer']}\n"
 
 
 def baseline_of(task: str, truths: list[dict]) -> dict:

@@ -76,10 +76,11 @@ class ModelConfig(Cfg):
     pooler: PoolerConfig = POOLERS.config()
     connector: ConnectorConfig = CONNECTORS.config()
     llm: LLMConfig = LLMConfig()
-    frame_times: Literal["none", "text"] = Field(
-        "none", description="text: each video frame's time as text before its tokens (the start of its segment as a "
+    frame_times: Literal["none", "text", "text_before"] = Field(
+        "none", description="text: each video frame's time as text after its tokens (the start of its segment as a "
         "fraction of the clip, 2 decimals: 0.00 0.12 0.25 ..., the notation of relative spans), so that the LLM can "
-        "read frame times (LEGO's grounding); needs a pooler with per-frame tokens (valley, none) and a video "
+        "read frame times (LEGO's grounding; after, so that the time's tokens see their frame under causal "
+        "attention); text_before: before them; needs a pooler with per-frame tokens (valley, none) and a video "
         "adapter that keeps one token per pooled token (linear, mlp2x_gelu)")
 
 
@@ -105,7 +106,7 @@ def frame_mark_ids(tokenizer_source: str, num_frames: int) -> tuple[tuple[int, .
 
 def has_time_marks(cfg: ModelConfig, modality: Optional[str], num_frames: int) -> bool:
     """Whether an item gets frame-time text: frame_times=text and a video (modality None: a video when T > 1)."""
-    return cfg.frame_times == "text" and num_frames > 1 and (modality or default_modality(num_frames)) == "video"
+    return cfg.frame_times != "none" and num_frames > 1 and (modality or default_modality(num_frames)) == "video"
 
 
 def time_mark_tokens(cfg: ModelConfig, modality: Optional[str], num_frames: int) -> int:
@@ -116,7 +117,7 @@ def time_mark_tokens(cfg: ModelConfig, modality: Optional[str], num_frames: int)
 
 
 def frame_times_problems(cfg: ModelConfig) -> list[str]:
-    """Why ``frame_times=text`` cannot work with this pooler and video adapter; [] if it can (or is off)."""
+    """Why frame times as text cannot work with this pooler and video adapter; [] if they can (or are off)."""
     if cfg.frame_times == "none":
         return []
     pooler, connector = POOLERS.part(cfg.pooler), CONNECTORS.part(cfg.connector)
@@ -128,10 +129,10 @@ def frame_times_problems(cfg: ModelConfig) -> list[str]:
          if connector.takes_context else connector.num_tokens(n))
     out = []
     if per == 0:
-        out.append(f"model.frame_times=text: model.pooler.type={pooler.cfg.type} keeps no per-frame tokens to put the "
+        out.append(f"model.frame_times={cfg.frame_times}: model.pooler.type={pooler.cfg.type} keeps no per-frame tokens to put the "
                    "times before (use valley or none)")
     if m != n:
-        out.append(f"model.frame_times=text: the video adapter of model.connector.type={connector.cfg.type} makes {m} "
+        out.append(f"model.frame_times={cfg.frame_times}: the video adapter of model.connector.type={connector.cfg.type} makes {m} "
                    f"tokens of {n}, mixing frames; frame times need one that keeps a token per pooled token "
                    "(linear, mlp2x_gelu)")
     return out
@@ -238,7 +239,8 @@ class VideoLLM(nn.Module):
 
     def with_time_marks(self, tokens: torch.Tensor, per_frame: int, num_frames: int) -> torch.Tensor:
         """(M, d) tokens whose last T * per_frame are per-frame groups in frame order -> the same with each frame's
-        time text (:func:`frame_time_marks`, embedded by the LLM) before its group: (M + sum len(mark_t), d)."""
+        time text (:func:`frame_time_marks`, embedded by the LLM) after its group (``text``) or before it
+        (``text_before``): (M + sum len(mark_t), d)."""
         T = int(num_frames)
         if per_frame <= 0 or tokens.shape[0] < T * per_frame:
             raise ValueError(f"model.frame_times=text: {tokens.shape[0]} visual tokens hold no {T} per-frame groups "
@@ -249,7 +251,8 @@ class VideoLLM(nn.Module):
         marks = emb(flat).to(tokens.dtype).split([len(m) for m in ids])  # T x (len_t, d)
         head = tokens.shape[0] - T * per_frame
         frames = tokens[head:].split(per_frame)  # T x (per_frame, d)
-        return torch.cat([tokens[:head], *[x for pair in zip(marks, frames) for x in pair]])  # (M + marks, d)
+        pairs = zip(frames, marks) if self.cfg.frame_times == "text" else zip(marks, frames)
+        return torch.cat([tokens[:head], *[x for pair in pairs for x in pair]])  # (M + marks, d)
 
     def build_inputs(self, input_ids: list[torch.Tensor], labels: Optional[list[torch.Tensor]],
                      visuals: list[Visuals]):
