@@ -202,7 +202,7 @@ def test_existing_yaml_and_saved_configs_load_unchanged():
            "llm": {"path": "preset:tiny-llama", "tokenizer": None, "trainable": False,
                    "gradient_checkpointing": False, "dtype": "float32"}}
     cfg = validate(ModelConfig, old)  # a vlp_model.json / config.yaml written before model.plugins existed
-    want = {"plugins": [], **old, "audio_hidden_size": None, "tower": None}  # new keys at their defaults
+    want = {"plugins": [], **old, "audio_hidden_size": None, "tower": None, "frame_times": "none"}  # new keys: defaults
     want["llm"] = {**old["llm"], "init_from": None}
     assert cfg.model_dump(mode="json") == want
     from vlp.train.trainer import config_changes

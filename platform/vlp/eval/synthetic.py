@@ -187,9 +187,9 @@ def evaluate(export_dir: str, feature_uri: str, storage: StorageConfig | None = 
                               f"model {export_dir} was trained without audio; evaluate it with --without audio")
     if pooler:  # evaluate an ablation (e.g. patch_mean) on the same weights
         model.pool = POOLERS.part(pooler)
-    problems = feature_mode_problems(model.cfg, [fp.mode], model.pool)  # e.g. pixels for a model without a tower
-    if problems:
-        raise ModelDoesNotFit("; ".join(p.replace("data.sets[0]", f"feature set {feature_uri}") for p in problems))
+    problems = feature_mode_problems(model.cfg, [fp.mode], model.pool, [f"feature set {feature_uri}"])
+    if problems:  # e.g. pixels for a model without a tower
+        raise ModelDoesNotFit("; ".join(problems))
     template = info.prompt_template(str(export_dir))
     tally = Tally()
     for i, row in enumerate(iter_feature_rows(feature_uri, storage)):

@@ -173,23 +173,26 @@ def visual_token_count(cfg: ModelConfig, shape: Sequence[int], mode: str, num_fr
     return connector.num_tokens(n, item_context(pooler, shape, mode, num_frames, modality)) + marks
 
 
-def feature_mode_problems(cfg: ModelConfig, modes: Sequence[str], pooler: Optional[Pooler] = None) -> list[str]:
-    """Why the model cannot take feature sets of these modes (``data.sets[i]``'s output.mode); [] if it can. A model
-    with ``tower`` takes pixel sets only, and its pooler must take frames (what the tower makes); one without takes
-    what its pooler takes (``pooler``: another pooler on the same weights, eval's ablation)."""
+def feature_mode_problems(cfg: ModelConfig, modes: Sequence[str], pooler: Optional[Pooler] = None,
+                          names: Optional[Sequence[str]] = None) -> list[str]:
+    """Why the model cannot take feature sets of these modes (output.mode of each); [] if it can. A model with
+    ``tower`` takes pixel sets only, and its pooler must take frames (what the tower makes); one without takes what
+    its pooler takes (``pooler``: another pooler on the same weights, eval's ablation). ``names``: how each set is
+    named in the lines (default ``data.sets[i]``)."""
     pooler = pooler or POOLERS.part(cfg.pooler)
     name = pooler.cfg.type
+    where = list(names) if names is not None else [f"data.sets[{i}]" for i in range(len(modes))]
     if cfg.tower is not None:
-        out = [f"data.sets[{i}]: model.tower runs the vision tower on pixel rows (feature sets precomputed with "
-               f"output.mode=pixels), this one has output.mode={m}" for i, m in enumerate(modes) if m != "pixels"]
+        out = [f"{w}: model.tower runs the vision tower on pixel rows (feature sets precomputed with "
+               f"output.mode=pixels), this one has output.mode={m}" for w, m in zip(where, modes) if m != "pixels"]
         if "frames" not in pooler.modes:
             out.append(f"model.pooler.type={name} does not take frames, which is what model.tower makes")
         return out
     want = " or ".join(f"output.mode={m}" for m in pooler.modes)
-    return [f"data.sets[{i}]: output.mode=pixels holds frames for a model that runs its vision tower: set "
+    return [f"{w}: output.mode=pixels holds frames for a model that runs its vision tower: set "
             "model.tower (see docs/training.md, trainable vision tower)" if m == "pixels" else
-            f"data.sets[{i}]: model.pooler.type={name} needs feature sets precomputed with {want}, "
-            f"this one has output.mode={m}" for i, m in enumerate(modes) if m not in pooler.modes]
+            f"{w}: model.pooler.type={name} needs feature sets precomputed with {want}, "
+            f"this one has output.mode={m}" for w, m in zip(where, modes) if m not in pooler.modes]
 
 
 class VideoLLM(nn.Module):

@@ -50,7 +50,10 @@ class PerModality(Connector):
     cfg: Cfg
 
     def parts(self) -> dict[str, Connector]:
-        return {m: CONNECTORS.part(c) for m, c in self.cfg.adapters().items()}
+        """modality -> its adapter's part, made once (token counts ask for it per item)."""
+        if getattr(self, "_parts", None) is None:
+            self._parts = {m: CONNECTORS.part(c) for m, c in self.cfg.adapters().items()}
+        return self._parts
 
     def build(self, d_vision: int, d_model: int) -> nn.Module:
         return self.build_for({m: d_vision for m in MODALITIES}, d_model)
