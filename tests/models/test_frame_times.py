@@ -1,7 +1,8 @@
 """model.frame_times=text / text_before: each video frame's time as text after (before) its tokens (LEGO's
 grounding). The marks are the LLM's own embeddings of the time text, put beside each frame's group of tokens
-(Valley's CLS tokens, or a frame's patches); images, audio and frame_times=none are unchanged; the count made before any feature loads is the
-forward's; a layout that mixes frames is refused at setup, one line per problem. No Ray."""
+(Valley's CLS tokens, or a frame's patches); images, audio and frame_times=none are unchanged; the count made
+before any feature loads is the forward's; a layout that mixes frames is refused at setup, one line per problem.
+No Ray."""
 
 from __future__ import annotations
 

@@ -277,8 +277,8 @@ def test_pack_on_s3(ray_local, media, s3_server, tmp_path, executor):
         s3.put_object(Bucket=bucket, Key=f"media/coco/{name}", Body=(media / "coco" / name).read_bytes())
     storage = {"endpoint_url": s3_server}
     cfg = validate(PackConfig, {"format": {"type": "llava"}, "annotations": [f"s3://{bucket}/ann/*.json"],
-                                "media_root": f"s3://{bucket}/media", "out": f"s3://{bucket}/shards", "storage": storage,
-                                "samples_per_shard": 10, "ray": {"progress_bars": False}, "executor": executor})
+                                "media_root": f"s3://{bucket}/media", "out": f"s3://{bucket}/shards",
+                                "storage": storage, "samples_per_shard": 10, "ray": {"progress_bars": False}, "executor": executor})
     man = run_pack(cfg, lambda *a: None)
     assert man["totals"]["packed"] == 3 and man["shards"] == ["data-000000.tar"]
     body = s3.get_object(Bucket=bucket, Key="shards/data-000000.tar")["Body"].read()

@@ -105,7 +105,7 @@ def frame_mark_ids(tokenizer_source: str, num_frames: int) -> tuple[tuple[int, .
 
 
 def has_time_marks(cfg: ModelConfig, modality: Optional[str], num_frames: int) -> bool:
-    """Whether an item gets frame-time text: frame_times=text and a video (modality None: a video when T > 1)."""
+    """Whether an item gets frame-time text: frame_times not none and a video (modality None: a video when T > 1)."""
     return cfg.frame_times != "none" and num_frames > 1 and (modality or default_modality(num_frames)) == "video"
 
 
@@ -129,12 +129,12 @@ def frame_times_problems(cfg: ModelConfig) -> list[str]:
          if connector.takes_context else connector.num_tokens(n))
     out = []
     if per == 0:
-        out.append(f"model.frame_times={cfg.frame_times}: model.pooler.type={pooler.cfg.type} keeps no per-frame tokens to put the "
-                   "times before (use valley or none)")
+        out.append(f"model.frame_times={cfg.frame_times}: model.pooler.type={pooler.cfg.type} keeps no per-frame "
+                   "tokens to put the times beside (use valley or none)")
     if m != n:
-        out.append(f"model.frame_times={cfg.frame_times}: the video adapter of model.connector.type={connector.cfg.type} makes {m} "
-                   f"tokens of {n}, mixing frames; frame times need one that keeps a token per pooled token "
-                   "(linear, mlp2x_gelu)")
+        out.append(f"model.frame_times={cfg.frame_times}: the video adapter of model.connector.type="
+                   f"{connector.cfg.type} makes {m} tokens of {n}, mixing frames; frame times need one that keeps a "
+                   "token per pooled token (linear, mlp2x_gelu)")
     return out
 
 
@@ -236,8 +236,8 @@ class VideoLLM(nn.Module):
         if not has_time_marks(self.cfg, modality, num_frames):
             return out
         if out.shape[0] != pooled.shape[0]:
-            raise ValueError(f"model.frame_times=text needs a video adapter that keeps a token per pooled token; "
-                             f"this one made {out.shape[0]} of {pooled.shape[0]}")
+            raise ValueError(f"model.frame_times={self.cfg.frame_times} needs a video adapter that keeps a token per "
+                             f"pooled token; this one made {out.shape[0]} of {pooled.shape[0]}")
         return self.with_time_marks(out, self.pool.tokens_per_frame(feats.shape, mode, num_frames), num_frames)
 
     def with_time_marks(self, tokens: torch.Tensor, per_frame: int, num_frames: int) -> torch.Tensor:
@@ -246,8 +246,8 @@ class VideoLLM(nn.Module):
         (``text_before``): (M + sum len(mark_t), d)."""
         T = int(num_frames)
         if per_frame <= 0 or tokens.shape[0] < T * per_frame:
-            raise ValueError(f"model.frame_times=text: {tokens.shape[0]} visual tokens hold no {T} per-frame groups "
-                             f"of {per_frame}")
+            raise ValueError(f"model.frame_times={self.cfg.frame_times}: {tokens.shape[0]} visual tokens hold no {T} "
+                             f"per-frame groups of {per_frame}")
         ids = frame_mark_ids(self.cfg.llm.tokenizer_source(), T)
         emb = self.llm.get_input_embeddings()
         flat = torch.tensor([i for m in ids for i in m], dtype=torch.long, device=emb.weight.device)

@@ -26,7 +26,7 @@ import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 from ..data.media import sniff
 from ..data.sample import modality_of
@@ -38,6 +38,8 @@ from .formats import PackError, PackItem, PackRecord
 CONTAINER_EXT = {"jpeg": "jpg", "png": "png", "webp": "webp", "bmp": "bmp", "gif": "gif", "mp4": "mp4",
                  "matroska": "mkv", "avi": "avi"}  # sniffed container -> member extension, for paths without one
 KEY_DIGITS = 9
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def record_key(index: int) -> str:
@@ -177,16 +179,19 @@ def built_in_order(entries: Iterable[PackRecord | PackError], cfg: PackConfig,
         except ValueError as err:
             return e, None, "media", str(err)
 
-    if pool is None:
-        yield from map(one, entries)
-        return
-    window: deque = deque()
-    for e in entries:
-        window.append(pool.submit(one, e))
-        if len(window) >= 2 * threads:
-            yield window.popleft().result()
-    while window:
-        yield window.popleft().result()
+    yield from map(one, entries) if pool is None else in_order(pool, one, entries, 2 * threads)
+
+
+def in_order(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[R]:
+    """``fn(item)`` of each item, run on ``pool`` and yielded in input order, with at most ``window`` submitted and
+    not yet yielded (memory stays bounded however many items there are)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 class GroupWriter:

@@ -30,7 +30,7 @@ import json
 import os
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Iterable, Iterator, Optional
@@ -40,7 +40,7 @@ from ..errors import UserError
 from ..storage import get_fs, join, make_output_dir, read_bytes, write_atomic
 from .config import PackConfig
 from .formats import PackError, PackRecord, expand_annotations, read_annotations
-from .group import GroupWriter, built_in_order, error_line, fetch_threads, parse_plan_line, plan_line
+from .group import GroupWriter, built_in_order, error_line, fetch_threads, in_order, parse_plan_line, plan_line
 
 SETTINGS_KEYS = ("format", "samples_per_shard", "prefix", "max_shard_bytes", "media_check")
 
@@ -164,21 +164,18 @@ class PackRun:
             self.remove_output()
         write_atomic(self.uri("settings.json"), json.dumps(now, indent=2), cfg.storage)
         write_atomic(self.uri("config.yaml"), dump_config(cfg), cfg.storage)
-        self.done = self.read_markers()
+        self.done = read_markers(self.cfg.out, self.cfg.storage)
 
     def remove_output(self) -> None:
         """Delete what an earlier pack wrote into ``out`` (its shards, manifest and _pack/), nothing else."""
         fs, root = get_fs(self.cfg.out, self.cfg.storage)
-        for m in self.read_markers().values():
+        for m in read_markers(self.cfg.out, self.cfg.storage).values():
             for name in m["shards"]:
                 if fs.exists(join(root, name)):
                     fs.rm(join(root, name))
         for rel in ("pack_manifest.json", "_pack"):
             if fs.exists(join(root, rel)):
                 fs.rm(join(root, rel), recursive=True)
-
-    def read_markers(self) -> dict[int, dict]:
-        return read_markers(self.cfg.out, self.cfg.storage)
 
     def write_plans(self) -> None:
         """Stream the annotations once; a plan file for every group not committed yet."""
@@ -208,17 +205,12 @@ class PackRun:
         self.drop_plans()
         self.log(f"[vlp] pack {len(self.files)} annotation file(s) in this process ({workers} group(s) at once, "
                  f"{cfg.samples_per_shard} records per group; {len(self.done)} group(s) already packed) -> {cfg.out}")
-        window: deque = deque()
         with ExitStack() as stack:
             fetch = stack.enter_context(ThreadPoolExecutor(workers * threads)) if threads else None
             groups = stack.enter_context(ThreadPoolExecutor(workers))
             job = PackGroup(cfg, fetch)
-            for g, held in self.groups_to_do():
-                window.append(groups.submit(job.pack, g, held))
-                if len(window) >= 2 * workers:
-                    self.commit(window.popleft().result(), has_plan=False)
-            while window:
-                self.commit(window.popleft().result(), has_plan=False)
+            for row in in_order(groups, lambda gh: job.pack(*gh), self.groups_to_do(), 2 * workers):
+                self.commit(row, has_plan=False)
 
     def commit(self, row: dict, has_plan: bool = True) -> None:
         m = json.loads(row["marker"])
