@@ -35,10 +35,14 @@ class Segment:
 
 @dataclass
 class Template:
-    """How turns become text segments."""
+    """How turns become text segments, and the same as a Hugging Face chat template (Jinja, for exports):
+    rendered by ``apply_chat_template`` and tokenised, it gives the ids :func:`encode_conversation` gives (and with
+    ``add_generation_prompt``, :func:`prompt_ids`'s), checked per tokenizer by :func:`chat_template_problems`.
+    None: the template has no Jinja form (exports then carry none)."""
 
     name: str
     render: Callable[[list[dict], str], list[Segment]]
+    chat_template: str | None = None
 
 
 TEMPLATES: Registry[Template] = Registry("conversation template")
@@ -116,8 +120,48 @@ def _chatml(conv: list[dict], eos: str) -> list[Segment]:
     return segs
 
 
+# ------------------------------------------------------------------------ the templates as Jinja chat templates
+# A message's content is a string (placeholders written in it, as vlp's conversations have them) or a list of parts
+# ({"type": "image"|"video"|"audio"} and {"type": "text", "text": ...}): a media part becomes its placeholder, and a
+# text part right after a media part starts on a new line ("<image>\nWhat is ...", as `vlp infer` asks).
+_JINJA_TEXT = (
+    "{%- macro text(c) -%}{%- if c is string -%}{{ c }}{%- else -%}{%- set ns = namespace(media=false) -%}"
+    "{%- for p in c -%}{%- if p['type'] in ['image', 'video', 'audio'] -%}{{ '<' ~ p['type'] ~ '>' }}"
+    "{%- set ns.media = true -%}{%- elif p['type'] == 'text' -%}{{ ('\\n' if ns.media else '') ~ p['text'] }}"
+    "{%- set ns.media = false -%}{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}")
+_JINJA_MARKS = (  # only the placeholders of a content, in order (the plain template keeps nothing else)
+    "{%- macro marks(c) -%}{%- if c is string -%}{%- for piece in c.split('<')[1:] -%}"
+    "{%- for k in ['image', 'video', 'audio'] if piece.startswith(k ~ '>') -%}{{ '<' ~ k ~ '>' }}{%- endfor -%}"
+    "{%- endfor -%}{%- else -%}{%- for p in c if p['type'] in ['image', 'video', 'audio'] -%}"
+    "{{ '<' ~ p['type'] ~ '>' }}{%- endfor -%}{%- endif -%}{%- endmacro -%}")
+_JINJA_BOS = "{%- if bos_token -%}{{ bos_token }}{%- endif -%}"
+
+
+def _jinja_system(default: str) -> str:
+    return ("{%- set sys = namespace(v='') -%}{%- for m in messages if m['role'] == 'system' -%}"
+            "{%- set sys.v = text(m['content']) -%}{%- endfor -%}"
+            "{%- set system = sys.v or '" + default.replace("'", "\\'") + "' -%}")
+
+
+_JINJA = {
+    "plain": _JINJA_TEXT + _JINJA_MARKS + _JINJA_BOS + (
+        "{%- for m in messages if m['role'] == 'user' -%}{{ marks(m['content']) }}{%- endfor -%}"
+        "{%- set answers = messages | selectattr('role', 'equalto', 'assistant') | list -%}"
+        "{%- if answers and not add_generation_prompt -%}"
+        "{{ text(answers[0]['content']) | trim ~ '\\n' ~ eos_token }}{%- endif -%}"),
+    "vicuna_v1": _JINJA_TEXT + _jinja_system(VICUNA_SYSTEM) + _JINJA_BOS + "{{ system ~ ' ' }}" + (
+        "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{{ 'USER: ' ~ text(m['content']) ~ ' ASSISTANT:' }}"
+        "{%- elif m['role'] == 'assistant' -%}{{ ' ' ~ text(m['content']) ~ eos_token }}{%- endif -%}"
+        "{%- endfor -%}"),
+    "chatml": _JINJA_TEXT + _jinja_system("You are a helpful assistant.") + _JINJA_BOS + (
+        "{{ '<|im_start|>system\\n' ~ system ~ '<|im_end|>\\n' }}{%- for m in messages -%}"
+        "{%- if m['role'] == 'user' -%}{{ '<|im_start|>user\\n' ~ text(m['content']) ~ '<|im_end|>\\n"
+        "<|im_start|>assistant\\n' }}{%- elif m['role'] == 'assistant' -%}{{ text(m['content']) ~ '<|im_end|>\\n' }}"
+        "{%- endif -%}{%- endfor -%}"),
+}
+
 for _name, _fn in (("plain", _plain), ("vicuna_v1", _vicuna_v1), ("chatml", _chatml)):
-    TEMPLATES.register(_name)(Template(_name, _fn))
+    TEMPLATES.register(_name)(Template(_name, _fn, _JINJA[_name]))
 
 
 def caption_conversation(caption: str, media_type: str | Sequence[str] | None) -> list[dict]:
@@ -199,3 +243,49 @@ def prompt_ids(conv: list[dict], tokenizer, template: str) -> list[int]:
     for s in segs:
         ids += _encode_text(tokenizer, s.text)
     return ids
+
+
+PARITY_CONVERSATIONS: list[list[dict]] = [  # what chat_template_problems renders both ways
+    [{"role": "user", "content": "<image>\nWhat is in the picture?"}, {"role": "assistant", "content": "A red circle."},
+     {"role": "user", "content": "Where is it?"}, {"role": "assistant", "content": "On the left, near the top."}],
+    [{"role": "system", "content": "Answer briefly; it's a test."},
+     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},
+     {"role": "assistant", "content": "Two shapes: a blue square and a green triangle."}],
+    [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}],
+]
+
+
+def _as_text(content) -> str:
+    """A message's content as vlp's conversations write it: list parts joined as the Jinja templates join them."""
+    if isinstance(content, str):
+        return content
+    out, media = "", False
+    for p in content:
+        if p["type"] in ("image", "video", "audio"):
+            out, media = out + f"<{p['type']}>", True
+        elif p["type"] == "text":
+            out, media = out + ("\n" if media else "") + p["text"], False
+    return out
+
+
+def chat_template_problems(tokenizer, template: str, placeholder_ids: set[int]) -> list[str]:
+    """Why the Jinja form of ``template`` does not give this tokenizer's vlp ids (:func:`encode_conversation`, and
+    :func:`prompt_ids` with ``add_generation_prompt``) on :data:`PARITY_CONVERSATIONS`; [] when it does.
+    ``placeholder_ids``: the tokenizer's ids of the placeholder tokens (compared as VISUAL_TOKEN_INDEX)."""
+    tpl = TEMPLATES.get(template)
+    if tpl.chat_template is None:
+        return [f"template {template} has no chat template"]
+    out = []
+    for n, msgs in enumerate(PARITY_CONVERSATIONS):
+        conv = [{"from": m["role"], "value": _as_text(m["content"])} for m in msgs]
+        for prompt in (False, True):
+            got = tokenizer.apply_chat_template(msgs[:-1] if prompt else msgs, chat_template=tpl.chat_template,
+                                                tokenize=True, add_generation_prompt=prompt, return_dict=False)
+            got = [VISUAL_TOKEN_INDEX if i in placeholder_ids else i for i in got]
+            want = prompt_ids(conv[:-1], tokenizer, template) if prompt else \
+                encode_conversation(conv, tokenizer, template).input_ids
+            if got != want:
+                k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+                out.append(f"template {template}, conversation {n}{' (prompt)' if prompt else ''}: the chat template's "
+                           f"ids differ from vlp's at token {k} ({got[k:k + 3]} vs {want[k:k + 3]})")
+    return out
