@@ -221,6 +221,17 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _add_export_parser(sub) -> None:
+    sp = sub.add_parser("export", help="write a trained model as a Hugging Face checkpoint transformers loads")
+    sp.add_argument("--model", required=True, help="export folder or run folder (its export/) of a trained run")
+    sp.add_argument("--format", default="hf", choices=["hf", "llava-hf", "vlp-hf"],
+                    help="llava-hf: LlavaForConditionalGeneration (models that map onto it exactly); vlp-hf: "
+                    "AutoModelForCausalLM with trust_remote_code (vlp's parts; needs vlp installed); hf: llava-hf "
+                    "where the model maps, else vlp-hf")
+    sp.add_argument("--out", required=True, help="folder to write")
+    sp.set_defaults(fn=_cmd_export)
+
+
 def _cmd_export(a) -> int:
     from .formats.hf import export_hf
 
@@ -320,13 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     sp.add_argument("--top-p", type=float, default=1.0)
     sp.set_defaults(fn=_cmd_chat, audio=[])
-    sp = sub.add_parser("export", help="write a trained model as a Hugging Face checkpoint transformers loads")
-    sp.add_argument("--model", required=True, help="export folder or run folder (its export/) of a trained run")
-    sp.add_argument("--format", default="hf", choices=["hf", "llava-hf"],
-                    help="llava-hf: LlavaForConditionalGeneration (models that map onto it exactly); hf: llava-hf "
-                    "where the model maps")
-    sp.add_argument("--out", required=True, help="folder to write")
-    sp.set_defaults(fn=_cmd_export)
+    _add_export_parser(sub)
     sp = sub.add_parser("config-docs", help="print the configuration reference (Markdown)")
     sp.set_defaults(fn=lambda a: (print(__import__("vlp.configdoc", fromlist=["x"]).config_reference()), 0)[1])
     sp = sub.add_parser("presets", help="build (if needed) and list the tiny model presets")

@@ -98,17 +98,16 @@ def test_llava_hf_export_gives_vlp_logits_and_answers(tmp_path, tok, connector):
     assert theirs[:len(answer)] == answer and len(answer) > 0
 
 
-def test_image_token_added_never_wins_greedy(tok, monkeypatch):
+def test_an_added_placeholder_token_never_wins_greedy(tok):
     from transformers import AutoModelForCausalLM
 
     from vlp.formats import hf
     from vlp.models.presets import resolve_model_path
 
-    monkeypatch.setattr(hf, "IMAGE_TOKEN", "<img>")  # a token the tokenizer lacks
     llm = AutoModelForCausalLM.from_pretrained(resolve_model_path("preset:tiny-llama"))
     t = type(tok).from_pretrained(tok.name_or_path)
     old = len(t)
-    new = hf.with_image_token(llm, t)
+    new = hf.with_token(llm, t, "<img>")  # a token the tokenizer lacks
     assert new == old and len(t) == old + 1
     out = llm.get_output_embeddings().weight
     torch.testing.assert_close(out[new], out[:old].mean(0))
@@ -117,12 +116,55 @@ def test_image_token_added_never_wins_greedy(tok, monkeypatch):
     assert (logits.argmax(-1) != new).all()
 
 
-def test_a_model_that_does_not_map_gets_one_line(tmp_path, tok, capsys):
+def test_llava_hf_refuses_a_model_it_cannot_hold_in_one_line(tmp_path, tok, capsys):
     make_export(tmp_path / "export", tok, "mlp2x_gelu", pooler="valley")
     capsys.readouterr()
-    assert main(["export", "--model", str(tmp_path / "export"), "--out", str(tmp_path / "hf")]) != 0
+    assert main(["export", "--model", str(tmp_path / "export"), "--format", "llava-hf", "--out",
+                 str(tmp_path / "hf")]) != 0
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("vlp export")]  # (transformers' loading bars aside)
     assert "Traceback" not in err and len(lines) == 1
     assert "model.pooler.type=valley" in lines[0] and "LlavaForConditionalGeneration" in lines[0]
     assert not (tmp_path / "hf").exists()
+
+
+def test_vlp_hf_export_loads_with_auto_classes_and_gives_vlp_logits(tmp_path, tok):
+    """A model LLaVA's class cannot hold (the Valley pooler: patch means, then per-frame CLS tokens): `--format hf`
+    writes the remote-code export; AutoModelForCausalLM loads it and gives vlp's logits and greedy answers, alone
+    and batched with a text-only prompt (left padding)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from media_makers import encode, frames_of
+    from vlp.chat import ChatSession
+
+    src = make_export(tmp_path / "export", tok, "mlp2x_gelu", pooler="valley")
+    assert main(["export", "--model", str(src), "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "hf_modeling.py").is_file()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True, local_files_only=True).eval()
+    htok = AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True, local_files_only=True)
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(encode(frames_of(16)))
+    session = ChatSession(str(src))
+    kind, pixels = hf.pixels(str(clip))  # (T, 3, S, S), sampled and normalised as vlp's chat does
+    _, u8 = session.frames(str(clip))
+    assert kind == "video" and pixels.shape[0] == 8
+    torch.testing.assert_close(pixels, normalize(u8, session.enc.geom.mean, session.enc.geom.std))
+
+    item = session.encode(str(clip))  # vlp's own: (8, 1 + 256, 64) features
+    ids = torch.tensor(prompt_ids([{"from": "human", "value": "<video>\n" + QUESTION}], session.tok, "vicuna_v1"))
+    msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
+    text_only = [{"role": "user", "content": "Say hello."}]
+    batch = htok.apply_chat_template([msgs, text_only], add_generation_prompt=True, tokenize=True, padding=True,
+                                     return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = session.model([ids], None, [[item.feats]], ["frames"], [[8]], [["video"]]).logits[0]  # (L, V)
+        theirs = hf(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1],
+                    pixel_values=[[pixels]]).logits[0]
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    answer = list(session.model.generate(ids, [item.feats], "frames", [8], max_new_tokens=10,
+                                         eos_token_id=session.tok.eos_token_id, modalities=["video"]))
+    alone = hf.generate(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1],
+                        pixel_values=[[pixels]], max_new_tokens=10, do_sample=False)[0].tolist()
+    both = hf.generate(**batch, pixel_values=[[pixels], None], max_new_tokens=10, do_sample=False).tolist()
+    assert alone[:len(answer)] == answer and both[0][:len(answer)] == answer
+

@@ -29,7 +29,7 @@ from ..models.videollm import ModelConfig, VideoLLM
 from .export import MODEL_CONFIG, ExportInfo, load_model
 
 IMAGE_TOKEN = "<image>"
-FORMATS = ("llava-hf", "hf")
+FORMATS = ("llava-hf", "vlp-hf", "hf")
 LLAVA_POOLERS = ("none", "patch_mean")  # patch tokens of an image (T = 1), CLS dropped, in patch order
 LLAVA_PROJECTORS = {"linear": "linear", "mlp2x_gelu": "gelu"}  # connector type -> LLaVA's projector_hidden_act
 
@@ -88,17 +88,17 @@ def vision_tower(model: VideoLLM, info: ExportInfo):
     return clip, layer, g
 
 
-def with_image_token(llm, tok) -> int:
-    """The tokenizer's ``<image>`` id, adding the token (and mean-initialised embedding and output rows) if needed."""
-    if IMAGE_TOKEN in tok.get_vocab():
-        return tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
+def with_token(llm, tok, token: str) -> int:
+    """The tokenizer's id of ``token``, adding it (and mean-initialised embedding and output rows) if needed."""
+    if token in tok.get_vocab():
+        return tok.convert_tokens_to_ids(token)
+    tok.add_tokens([token], special_tokens=True)
     old = llm.get_input_embeddings().weight.shape[0]
     llm.resize_token_embeddings(len(tok), mean_resizing=False)
     with torch.no_grad():
         for w in {id(m.weight): m.weight for m in (llm.get_input_embeddings(), llm.get_output_embeddings())}.values():
             w[old:] = w[:old].mean(0)  # (V_new - V, d) rows = the mean row
-    return tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    return tok.convert_tokens_to_ids(token)
 
 
 def projector_state(model: VideoLLM) -> dict[str, torch.Tensor]:
@@ -153,9 +153,9 @@ def export_llava_hf(source: str, out: str, log=print) -> dict[str, Any]:
     problems = llava_hf_problems(model.cfg, info)
     if problems:
         raise HfExportError(f"{src} does not map exactly onto LlavaForConditionalGeneration: " + "; ".join(problems) +
-                            " (--format hf writes models that do not)")
+                            " (--format vlp-hf or hf writes it with vlp's own modeling code)")
     clip, layer, geom = vision_tower(model, info)
-    image_token = with_image_token(model.llm, tok)
+    image_token = with_token(model.llm, tok, IMAGE_TOKEN)
     bad = chat_template_problems(tok, info.prompt_template(src), {image_token})
     if bad:
         raise HfExportError("the chat template would not reproduce vlp's prompts with this tokenizer: " +
@@ -174,10 +174,71 @@ def export_llava_hf(source: str, out: str, log=print) -> dict[str, Any]:
     return summary
 
 
+def vlp_hf_problems(cfg: ModelConfig, info: ExportInfo) -> list[str]:
+    """Why the model cannot be written as a ``vlp-hf`` export (yet); [] when it can."""
+    out = []
+    if cfg.audio_hidden_size or info.audio is not None:
+        out.append("the model takes audio (the vlp-hf export carries a vision tower only, for now)")
+    if cfg.tower is not None and cfg.tower.type != "clip":
+        out.append(f"model.tower.type={cfg.tower.type} (the vlp-hf export carries a CLIP tower)")
+    if cfg.tower is None and (info.encoder is None or info.encoder.type != "clip"):
+        out.append("the features' encoder is " + (info.encoder.type if info.encoder else "not recorded"))
+    if info.template is None or TEMPLATES.get(info.template).chat_template is None:
+        out.append(f"conversation template {info.template} has no chat template")
+    return out
+
+
+def remote_config(model: VideoLLM, info: ExportInfo, clip, layer: int, geom, ids: dict[str, int]):
+    """The export's VlpConfig: the model config without paths, the media info with the resolved preprocessing."""
+    from .. import __version__
+    from .hf_modeling import VlpConfig
+
+    m = model.cfg.model_dump(mode="json")
+    m["llm"] = {**m["llm"], "path": "vlp/exported-llm", "tokenizer": None, "init_from": None}  # weights are inline
+    m["connector"] = {**m["connector"], "init_from": None}
+    media = {"template": info.template, "sampling": info.sampling, "vlp_version": __version__,
+             "preprocess": {"size": geom.size, "pad_to_square": geom.pad_to_square, "mean": list(geom.mean),
+                            "std": list(geom.std)}}
+    return VlpConfig(vlp_model=m, vlp_info=media, llm_config=model.llm.config.to_dict(),
+                     tower_config=clip.config.to_dict(), placeholder_ids=ids, vision_layer=layer,
+                     architectures=["VlpForCausalLM"])
+
+
+def export_vlp_hf(source: str, out: str, log=print) -> dict[str, Any]:
+    """Write the ``vlp-hf`` export (remote code, vlp's parts) of ``source`` to ``out``."""
+    from .hf_modeling import VlpConfig, VlpForCausalLM
+
+    src = export_source(source)
+    model, tok, info = load_model(src)
+    problems = vlp_hf_problems(model.cfg, info)
+    if problems:
+        raise HfExportError(f"{src} cannot be written as a vlp-hf export: " + "; ".join(problems))
+    clip, layer, geom = vision_tower(model, info)
+    ids = {m: with_token(model.llm, tok, f"<{m}>") for m in ("image", "video")}
+    bad = chat_template_problems(tok, info.prompt_template(src), set(ids.values()))
+    if bad:
+        raise HfExportError("the chat template would not reproduce vlp's prompts with this tokenizer: " +
+                            "; ".join(bad))
+    hf = VlpForCausalLM(remote_config(model, info, clip, layer, geom, ids))
+    for part, state in ((hf.vlp.llm, model.llm.state_dict()), (hf.vlp.connector, model.connector.state_dict()),
+                        (hf.vision_tower, clip.state_dict())):
+        part.load_state_dict(state, strict=True)
+    VlpConfig.register_for_auto_class()
+    VlpForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(out, safe_serialization=True)  # + the modeling file, named in auto_map
+    tok.chat_template = TEMPLATES.get(info.prompt_template(src)).chat_template
+    tok.save_pretrained(out)
+    log(f"[vlp] export: vlp-hf -> {out} (AutoModelForCausalLM with trust_remote_code; pooler {model.cfg.pooler.type}, "
+        f"connector {model.cfg.connector.type}, template {info.template})")
+    return {"format": "vlp-hf", "source": src, "out": str(out), "placeholder_ids": ids, "template": info.template}
+
+
 def export_hf(source: str, out: str, fmt: str = "hf", log=print) -> dict[str, Any]:
-    """``--format llava-hf`` or ``hf`` (llava-hf where the model maps exactly; the models that do not need the
-    trust_remote_code export, which is not written yet: HfExportError naming why the model does not map)."""
+    """``--format llava-hf``, ``vlp-hf`` or ``hf``: llava-hf where the model maps exactly onto LLaVA, else vlp-hf."""
     if fmt not in FORMATS:
         raise HfExportError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-    return export_llava_hf(source, out, log)
-
+    if fmt == "hf":
+        info = ExportInfo.read(export_source(source))
+        fmt = "vlp-hf" if llava_hf_problems(info.model_cfg(source), info) else "llava-hf"
+    return export_llava_hf(source, out, log) if fmt == "llava-hf" else export_vlp_hf(source, out, log)
