@@ -237,3 +237,20 @@ def test_a_real_process_train_with_a_missing_llm_fails_without_starting_ray(bad)
     assert p.returncode == 2 and "Traceback" not in p.stderr + p.stdout
     assert "model.llm.path" in p.stderr and "../models/my-llm" in p.stderr
     assert "Ray" not in p.stderr + p.stdout  # no "Started a local Ray instance"
+
+
+def test_a_second_training_into_a_run_folder_is_refused_naming_the_first(bad, capsys, no_ray, tmp_path):
+    from vlp.writer_lock import WriterLock
+
+    run_dir = tmp_path / "train" / "r"
+    with WriterLock(str(run_dir), "the run folder", command="vlp train") as first:
+        rc, text = run(capsys, "train", "run_name=r", f"output_dir={tmp_path}/train", f"data.sets=[{{uri: {bad}/empty}}]")
+        check(rc, text, "train", "the run folder", str(run_dir), "vlp train", f"pid {first.record['pid']}", code=1)
+        assert sorted(p.name for p in run_dir.iterdir()) == [".vlp-writer.json"]  # nothing written by the second
+    assert not run_dir.exists()  # the lock made the folder and took it away again
+
+
+def test_a_training_that_fails_its_checks_leaves_no_run_folder(bad, capsys, no_ray, tmp_path):
+    rc, text = run(capsys, "train", "run_name=r", f"output_dir={tmp_path}/train", f"data.sets=[{{uri: {bad}/empty}}]")
+    check(rc, text, "train", "data.sets[0].uri", code=rc)
+    assert rc != 0 and not (tmp_path / "train" / "r").exists()

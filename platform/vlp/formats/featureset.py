@@ -121,6 +121,14 @@ class FeatureSetLayout:
         if fs.exists(path):
             fs.rm(path, recursive=True)
 
+    def files(self, rel: str) -> list[str]:
+        """Every file under the folder ``rel``, relative to the set (one listing, paginated on object stores)."""
+        fs, root = self.fs()
+        base = join(root, rel)
+        if not fs.exists(base):
+            return []
+        return sorted(f"{rel}/{p[len(base):].lstrip('/')}" for p in fs.find(base))
+
     def marker_uris(self) -> list[str]:
         fs, root = self.fs()
         d = join(root, self.SHARDS)

@@ -1,13 +1,14 @@
 """The precompute driver: build the Ray Data graph, commit shards as they complete, write the manifest.
-May import: config, storage, errors, data, models, formats, runtime, precompute.
+May import: config, storage, writer_lock, errors, data, models, formats, runtime, precompute.
 
     shards --read (CPU tasks)--> rows --decode+sample+resize (CPU tasks)--> uint8 frames
            --encode (actor pool, GPU or CPU)--> fp16 features --write (tasks)--> parts + small metadata
     driver: counts metadata per shard; a shard is committed (marker written) once every row its reader
     produced has been written. Decode, encode and write all stream: none waits for another to finish.
 
-The driver is :class:`PrecomputeRun`, one named step each: plan -> check_existing (fingerprint / format /
-overwrite) -> select (skip committed shards, clear uncommitted parts) -> build_graph -> consume (commit shards as
+The driver is :class:`PrecomputeRun`, one named step each: plan -> (the set's writer lock, vlp.writer_lock) ->
+check_existing (fingerprint / format / overwrite) -> select (skip committed shards, clear uncommitted parts and
+orphans) -> build_graph -> consume (commit shards as
 they complete) -> finish (errors.jsonl, manifest.json, summary.json). Every path comes from the feature-set
 layout (formats.featureset.FeatureSetLayout), every JSON record from its typed record.
 """
@@ -31,6 +32,7 @@ from ..formats.featureset import (FEATURES_V1, AudioEncoderInfo, EncoderInfo, Fe
                                   Manifest, PreprocessInfo, ShardCommit, Totals, committed_shards, features_format)
 from ..formats.records import RecordError
 from ..storage import expand_shards, make_output_dir
+from ..writer_lock import WriterBusy, WriterLock
 from .config import PrecomputeConfig
 from .stages import DecodeFrames, EncodeFeatures, ReadShard, WriteParts
 
@@ -219,14 +221,18 @@ class PrecomputeRun:
         self.skipped: list[str] = []
         self.stage_time: Counter = Counter()
         self.ds_stats = ""
+        self.lock: Optional[WriterLock] = None  # held from check_existing to finish (run)
 
     def run(self) -> dict:
         self.plan()
-        self.check_existing()
-        todo = self.select()
-        if todo:
-            self.consume(self.build_graph(todo))
-        return self.finish()
+        make_output_dir(self.cfg.output.uri, "output.uri", self.cfg.output.storage)
+        with WriterLock(self.cfg.output.uri, "output.uri", self.cfg.output.storage, command="vlp precompute") as lock:
+            self.lock = lock  # a second writer is refused until this run ends
+            self.check_existing()
+            todo = self.select()
+            if todo:
+                self.consume(self.build_graph(todo))
+            return self.finish()
 
     def plan(self) -> None:
         """Expand the shard specs, name the shards, resolve the fingerprint and the stages."""
@@ -257,6 +263,7 @@ class PrecomputeRun:
                 raise FeatureSetMismatch(f"{problem}; use a new output.uri or output.overwrite=true to delete them")
             layout.remove()
             fs.makedirs(root, exist_ok=True)
+            self.lock.restore()  # removed with the rest
         self.fp.write(layout)
         layout.write(layout.CONFIG, dump_config(self.cfg))
 
@@ -270,8 +277,21 @@ class PrecomputeRun:
         for u in todo:
             for rel in self.layout.shard_folders(self.names[u]):
                 self.layout.remove(rel)
+        self.remove_orphans(done)
         self.states = {self.names[u]: ShardState() for u in todo}
         return todo
+
+    def remove_orphans(self, done: dict[str, ShardCommit]) -> None:
+        """Delete the files in committed shards' folders that their markers do not name (parts a concurrent writer
+        left before sets had a writer lock, or a write retried after its first attempt landed)."""
+        named = {p for rec in done.values() for p in [*rec.parts, *rec.errors]}
+        layout = self.layout
+        orphans = [f for top in (layout.PARTS, layout.ERROR_PARTS) for f in layout.files(top)
+                   if f.split("/")[1] in done and f not in named]
+        for f in orphans:
+            layout.remove(f)
+        if orphans:
+            self.log(f"[vlp] removed {len(orphans)} part file(s) no commit names (orphans)")
 
     def build_graph(self, todo: list[str]):
         """read -> decode -> encode -> write over the shards to do; a Ray Dataset of WriteParts metadata rows."""
@@ -303,8 +323,14 @@ class PrecomputeRun:
             st = self.states[meta["shard"]]
             st.add(meta, self.stage_time)
             if st.complete:
+                self.check_lock()
                 st.commit(meta["shard"]).write(self.layout)
         self.ds_stats = ds.stats()
+
+    def check_lock(self) -> None:
+        """Stop before committing when another writer took the set over (this run stalled past the stale time)."""
+        if self.lock.lost:
+            raise WriterBusy(f"output.uri: stopped before committing more shards: {self.lock.lost}")
 
     def finish(self) -> dict:
         """errors.jsonl, manifest.json and summary.json over every committed shard; returns the summary."""

@@ -17,6 +17,7 @@ from ..formats.export import MODEL_CONFIG, ExportInfo
 from ..formats.featureset import FeatureSetInfo
 from ..formats.records import RecordError
 from ..storage import get_fs, join, make_output_dir
+from ..writer_lock import WriterBusy, WriterLock
 from .config import TrainConfig
 from .data import DropSeen, Mixture, TagSet, Tokenize, feature_set_info, mixture_passes
 from .memory import BF16_GPUS, GPU_MEMORY_GB, preflight, resolve_precision
@@ -407,22 +408,37 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     """Train (or resume, or reuse a finished run). Returns the training summary.
 
     A run folder that already exists must have been started with the same config (up to RERUN_MAY_CHANGE),
-    else ConfigError; its config.yaml keeps the first attempt's config."""
+    else ConfigError; its config.yaml keeps the first attempt's config. One training at a time writes a run folder
+    (vlp.writer_lock): a second one is refused with a line naming the first."""
+    out_root = os.path.abspath(cfg.output_dir) if "://" not in cfg.output_dir else cfg.output_dir
+    run_dir = join(out_root, cfg.run_name)
+    fs, rd = get_fs(run_dir)
+    check_same_config(fs, rd, run_dir, cfg)
+    if fs.exists(join(rd, "export", MODEL_CONFIG)) and fs.exists(join(rd, "train_summary.json")):
+        log(f"[vlp] train {cfg.run_name}: finished earlier, reusing {run_dir}/export")
+        return {**json.loads(fs.cat(join(rd, "train_summary.json"))), "run_dir": run_dir,
+                "export": join(run_dir, "export"), "reused": True}
+    make_output_dir(out_root, "output_dir")  # an output_dir that cannot be created fails before Ray starts,
+    with WriterLock(run_dir, "the run folder", command="vlp train") as lock:
+        summary = train_run(cfg, out_root, run_dir, log)
+        if lock.lost:
+            raise WriterBusy(f"the run folder: {lock.lost} while this training ran; check its checkpoints")
+    log(f"[vlp] train {cfg.run_name}: done, {summary['steps']} steps, final loss "
+        f"{summary['final_metrics'].get('loss', float('nan')):.4f}; export: {run_dir}/export")
+    return {**summary, "run_dir": run_dir, "export": join(run_dir, "export"), "reused": False}
+
+
+def train_run(cfg: TrainConfig, out_root: str, run_dir: str, log=print) -> dict:
+    """The training of :func:`run_train` under its run folder's lock: checks, config.yaml, Ray Train's fit;
+    -> train_summary.json."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ..runtime import init_ray
     from .loop import train_loop_per_worker
 
-    out_root = os.path.abspath(cfg.output_dir) if "://" not in cfg.output_dir else cfg.output_dir
-    run_dir = join(out_root, cfg.run_name)
     fs, rd = get_fs(run_dir)
-    saved = check_same_config(fs, rd, run_dir, cfg)
-    if fs.exists(join(rd, "export", MODEL_CONFIG)) and fs.exists(join(rd, "train_summary.json")):
-        log(f"[vlp] train {cfg.run_name}: finished earlier, reusing {run_dir}/export")
-        return {**json.loads(fs.cat(join(rd, "train_summary.json"))), "run_dir": run_dir,
-                "export": join(run_dir, "export"), "reused": True}
-    make_output_dir(out_root, "output_dir")  # an output_dir that cannot be created fails before Ray starts,
+    saved = check_same_config(fs, rd, run_dir, cfg)  # again: under the lock
     check_inputs(cfg)  # and so do missing or unfinished feature sets
     init_ray(cfg.ray)
     setup = check_setup(cfg, log)
@@ -450,7 +466,4 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     result = trainer.fit()
     if result.error:
         raise result.error
-    summary = json.loads(fs.cat(join(rd, "train_summary.json")))
-    log(f"[vlp] train {cfg.run_name}: done, {summary['steps']} steps, final loss "
-        f"{summary['final_metrics'].get('loss', float('nan')):.4f}; export: {run_dir}/export")
-    return {**summary, "run_dir": run_dir, "export": join(run_dir, "export"), "reused": False}
+    return json.loads(fs.cat(join(rd, "train_summary.json")))
