@@ -58,8 +58,11 @@ class OptimConfig(Cfg):
         "parts at different rates)")
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="linear warmup from 0 over ceil(steps x ratio) steps "
+                                "(as the Hugging Face Trainer LLaVA trains with counts them)")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="after warmup, transformers' get_scheduler: cosine or linear decay to 0, or constant "
+        "(constant_with_warmup)")
     grad_clip: float = Field(1.0, ge=0)
 
     @field_validator("lr_by_part")

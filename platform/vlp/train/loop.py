@@ -1,14 +1,14 @@
 """The Ray Train entry point of a training worker: builds the :class:`vlp.train.recipe.TrainRecipe` and runs it.
 
 The recipe's helpers are re-exported here for code that imported them from this module before the recipe
-existed (``deepspeed_config``, ``lr_lambda``, ``build_model``, ``PEAK_FLOPS``).
+existed (``deepspeed_config``, ``lr_scheduler``, ``build_model``, ``PEAK_FLOPS``).
 """
 
 from __future__ import annotations
 
-from .recipe import PEAK_FLOPS, TrainRecipe, build_model, deepspeed_config, lr_lambda
+from .recipe import PEAK_FLOPS, TrainRecipe, build_model, deepspeed_config, lr_scheduler
 
-__all__ = ["PEAK_FLOPS", "TrainRecipe", "build_model", "deepspeed_config", "lr_lambda", "train_loop_per_worker"]
+__all__ = ["PEAK_FLOPS", "TrainRecipe", "build_model", "deepspeed_config", "lr_scheduler", "train_loop_per_worker"]
 
 
 def train_loop_per_worker(config: dict) -> None:

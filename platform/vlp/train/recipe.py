@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from ..storage import Appender, StorageConfig, get_fs, write_atomic
+from ..storage import Appender, StorageConfig, get_fs, put_file_atomic, write_atomic
 from .config import OptimConfig, TrainConfig
 from .data import iter_rows, length_grouped, padding_fraction, write_state
 from .held import HeldRows
@@ -62,19 +63,21 @@ def deepspeed_config(cfg: TrainConfig, precision: str, n_trainable: int) -> dict
     }
 
 
-def lr_lambda(total: int, warmup_ratio: float, schedule: str):
-    """LR multiplier per optimizer step: linear warmup over ``warmup_ratio`` of ``total``, then cosine or constant."""
-    warm = max(1, int(round(total * warmup_ratio))) if warmup_ratio > 0 else 0
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}  # optim.schedule -> HF's
 
-    def f(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        if schedule == "constant":
-            return 1.0
-        prog = min(1.0, (step - warm) / max(1, total - warm))
-        return 0.5 * (1 + math.cos(math.pi * prog))
 
-    return f
+def warmup_steps(total: int, warmup_ratio: float) -> int:
+    """Warmup steps as the Hugging Face Trainer counts them (LLaVA's ``--warmup_ratio``): ceil(total x ratio)."""
+    return math.ceil(total * warmup_ratio)
+
+
+def lr_scheduler(opt, total: int, warmup_ratio: float, schedule: str):
+    """transformers' ``get_scheduler`` for ``optim.schedule``: a LambdaLR over ``total`` optimizer steps, linear warmup
+    from 0 over :func:`warmup_steps`, then cosine or linear decay to 0, or constant."""
+    from transformers import get_scheduler
+
+    return get_scheduler(SCHEDULES[schedule], opt, num_warmup_steps=warmup_steps(total, warmup_ratio),
+                         num_training_steps=total)
 
 
 def build_model(cfg: TrainConfig, load_init: bool = True):
@@ -287,16 +290,28 @@ def probe_of(row: dict) -> dict:
 
 class RunLogs:
     """Rank 0's per-step logs: metrics.jsonl and samples.jsonl through :class:`vlp.storage.Appender` (object
-    stores get buffered parts, see :func:`vlp.storage.read_appended`), plus TensorBoard on local run folders."""
+    stores get buffered parts, see :func:`vlp.storage.read_appended`), plus TensorBoard: written in the run folder,
+    or for a run folder on an object store, in a local folder whose event files are uploaded to the run folder's
+    tensorboard/ at each flush (checkpoint) and at the end."""
 
     def __init__(self, run_dir: str, tensorboard: bool, storage: Optional[StorageConfig] = None):
         self.metrics = Appender(f"{run_dir}/metrics.jsonl", storage)
         self.samples = Appender(f"{run_dir}/samples.jsonl", storage)
-        self.tb = None
-        if tensorboard and "://" not in run_dir:
+        self.tb, self.tb_local, self.tb_remote = None, None, None
+        if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(f"{run_dir}/tensorboard")
+            if "://" in run_dir:
+                self.tb_local, self.tb_remote = tempfile.mkdtemp(prefix="vlp-tb-"), (f"{run_dir}/tensorboard", storage)
+            self.tb = SummaryWriter(self.tb_local or f"{run_dir}/tensorboard")
+
+    def sync_tensorboard(self) -> None:
+        """Upload the local event files of a run folder on an object store (whole files: they are small)."""
+        if self.tb is None or self.tb_remote is None:
+            return
+        self.tb.flush()
+        for name in os.listdir(self.tb_local):
+            put_file_atomic(os.path.join(self.tb_local, name), f"{self.tb_remote[0]}/{name}", self.tb_remote[1])
 
     def write(self, metrics: dict, uids: list[str]) -> None:
         self.metrics.write(json.dumps(metrics) + "\n")
@@ -309,11 +324,15 @@ class RunLogs:
     def flush(self) -> None:
         self.metrics.flush()
         self.samples.flush()
+        self.sync_tensorboard()
 
     def close(self) -> None:
         if self.tb is not None:
+            self.sync_tensorboard()
             self.tb.close()
             self.tb = None
+        if self.tb_local is not None:
+            shutil.rmtree(self.tb_local, ignore_errors=True)
         self.metrics.close()
         self.samples.close()
 
@@ -384,8 +403,7 @@ class TrainRecipe:
         n_total = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them (numel 0 after)
         self.size = ModelSize(n_total, n_trainable, peak_flops(self.device))
         opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(self.meta["total_steps"], cfg.optim.warmup_ratio, cfg.optim.schedule))
+        sched = lr_scheduler(opt, self.meta["total_steps"], cfg.optim.warmup_ratio, cfg.optim.schedule)
         self.engine, self.opt, _, self.sched = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, self.precision, n_trainable))
 
@@ -526,9 +544,9 @@ class TrainRecipe:
         """``debug.fail_at_step``: raise once (a marker file in the run folder) on ``debug.fail_rank``."""
         dbg = self.cfg.debug
         if dbg.fail_at_step == self.step and self.rank == dbg.fail_rank:
-            marker = f"{self.run_dir}/.injected_failure"
-            if not os.path.exists(marker):
-                open(marker, "w").write(str(self.step))
+            fs, marker = get_fs(f"{self.run_dir}/.injected_failure")  # the run folder may be on S3
+            if not fs.exists(marker):
+                fs.pipe_file(marker, str(self.step).encode())
                 raise RuntimeError(f"injected failure at step {self.step} on rank {self.rank}")
 
     # ------------------------------------------------------------------------------------------ save, export
