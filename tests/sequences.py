@@ -41,11 +41,12 @@ def vlp_commands(text: str) -> list[list[str]]:
     return cmds
 
 
-def run_sequence(cmds: list[list[str]], cwd, timeout: int = 1200) -> subprocess.CompletedProcess:
+def run_sequence(cmds: list[list[str]], cwd, timeout: int = 1200, env: dict | None = None
+                 ) -> subprocess.CompletedProcess:
     """``vlp`` commands (config paths relative to the repository) in one driver process whose working directory
-    is ``cwd``; prints each command's exit and time."""
+    is ``cwd`` (``env``: more environment variables); prints each command's exit and time."""
     cmds = [[c[0], *[str(ROOT / a) if a.startswith("configs/") else a for a in c[1:]]] for c in cmds]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "platform")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "platform"), **(env or {})}
     t0 = time.time()
     p = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cmds)], cwd=cwd, env=env,
                        capture_output=True, text=True, timeout=timeout)

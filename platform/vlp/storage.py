@@ -7,6 +7,7 @@ Credentials never live in configs: s3fs takes them from the environment / instan
 from __future__ import annotations
 
 import glob as _glob
+import json
 import os
 import shutil
 import time
@@ -112,6 +113,52 @@ def _put_atomic(uri: str, storage: StorageConfig | None, write, src: Optional[st
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def cache_dir() -> str:
+    """vlp's cache folder on this node (``$VLP_CACHE``, default ``~/.cache/vlp``): presets, localized exports."""
+    return os.environ.get("VLP_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vlp"))
+
+
+def localize(uri: str, storage: StorageConfig | None = None) -> str:
+    """A remote file or folder (an earlier stage's export on S3) -> a local copy in the node's cache; a local path
+    unchanged. The copy is named after the URI and what it holds (each file's name, size and ETag: one listing), so a
+    changed folder is fetched again; concurrent callers on a node (training workers) wait for one download (a file
+    lock), streamed file by file; a process asks the store once per URI."""
+    import fcntl
+    import hashlib
+    import tempfile
+
+    if not is_remote(uri):
+        return uri
+    memo = _LOCAL_COPIES.get((uri, storage.endpoint_url if storage else None))
+    if memo and os.path.exists(memo):  # fetched by this process already (an export does not change under a run)
+        return memo
+    fs, root = get_fs(uri, storage)
+    files = {p: i for p, i in fs.find(root, detail=True).items() if i.get("type", "file") == "file"}
+    if not files:
+        raise StorageError(f"{uri}: nothing there to read (no such file or folder)")
+    single = list(files) == [root]
+    sig = json.dumps([uri, sorted((p, i.get("size"), i.get("ETag")) for p, i in files.items())], default=str)
+    target = os.path.join(cache_dir(), "remote", hashlib.sha256(sig.encode()).hexdigest()[:24])
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(target, ".complete")):
+            tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".fetch-")
+            for p in files:
+                rel = os.path.basename(p) if single else p[len(root):].lstrip("/")
+                os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+                fs.get_file(p, os.path.join(tmp, rel))
+            open(os.path.join(tmp, ".complete"), "w").close()
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(tmp, target)
+    local = os.path.join(target, os.path.basename(root)) if single else target
+    _LOCAL_COPIES[(uri, storage.endpoint_url if storage else None)] = local
+    return local
+
+
+_LOCAL_COPIES: dict[tuple[str, Optional[str]], str] = {}
 
 
 def read_bytes(uri: str, storage: StorageConfig | None = None) -> Optional[bytes]:

@@ -327,3 +327,20 @@ def test_a_v2_feature_set_is_read_as_it_is(tmp_path):
     rows = list(iter_feature_rows(str(root)))
     assert len(rows) == 3 and all(r["modalities"] == ["video"] and r["shape"] == [[258, 64]] for r in rows)
     assert all(len(r["features"]) == 1 and r["features"][0].dtype == np.float16 for r in rows)  # not lifted twice
+
+
+def test_an_export_loads_from_its_own_folder_wherever_it_was_written(export, tmp_path):
+    """vlp_model.json records where the parts were written (a temporary folder when a run uploaded its export to
+    S3); loading reads the parts of the folder being loaded."""
+    import shutil
+
+    from vlp.formats.export import MODEL_CONFIG, load_model
+
+    moved = tmp_path / "moved"
+    shutil.copytree(export, moved)
+    info = json.loads((moved / MODEL_CONFIG).read_text())
+    info["model"]["llm"].update(path="/gone/llm", tokenizer="/gone/tokenizer")
+    info["model"]["connector"]["init_from"] = "/gone/connector.safetensors"
+    (moved / MODEL_CONFIG).write_text(json.dumps(info))
+    model, tok, _ = load_model(moved)
+    assert model.cfg.llm.path == str(moved / "llm") and len(tok) > 0

@@ -226,3 +226,26 @@ def test_generation_with_several_items_and_text_only(model, tok):
     assert t[0] == int(model.llm(input_ids=text[None]).logits[0, -1].argmax())
     with pytest.raises(ValueError, match="but no visual features"):
         list(model.generate(ids, None, max_new_tokens=1))
+
+
+def test_the_attention_kernel_is_the_configured_one_and_gives_the_same_logits(tok):
+    ids = [torch.tensor(tokenize_conversation([{"from": "human", "value": "<video>\nWhat?"},
+                                               {"from": "gpt", "value": "A circle."}], tok, "vicuna_v1")[0])]
+    feats = [torch.randn(8 + 16, 32, generator=torch.Generator().manual_seed(0))]  # (P + T, D) valley_pooled
+    logits = {}
+    for kernel in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        m = VideoLLM(validate(ModelConfig, {"vision_hidden_size": 32, "llm": {"attn_implementation": kernel}})).eval()
+        assert m.llm.config._attn_implementation == kernel
+        with torch.no_grad():
+            logits[kernel] = m(ids, None, [feats[0]], ["valley_pooled"], [8]).logits
+    torch.testing.assert_close(logits["sdpa"], logits["eager"], atol=1e-4, rtol=1e-4)
+
+
+def test_flash_attention_without_the_package_is_a_config_error():
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(ConfigError, match="llm.attn_implementation.*flash-attn"):
+        validate(ModelConfig, {"llm": {"attn_implementation": "flash_attention_2"}})

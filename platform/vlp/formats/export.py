@@ -17,6 +17,7 @@ before formats were versioned) loads as that layout, a newer or unknown one is r
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -24,7 +25,7 @@ import torch
 
 from ..errors import NotAnExport, not_an_export  # noqa: F401  (NotAnExport: part of this API)
 from ..models.videollm import ModelConfig, VideoLLM
-from ..storage import get_fs, join, read_bytes, write_atomic
+from ..storage import get_fs, join, localize, read_bytes, write_atomic
 from .featureset import AudioEncoderInfo, EncoderInfo, Fingerprint, PreprocessInfo
 from .records import Record, RecordError, format_problem, parse_json
 
@@ -82,12 +83,21 @@ class ExportInfo(Record):
         """Write ``out/vlp_model.json`` atomically, stamped with the current format."""
         write_atomic(join(str(out), MODEL_CONFIG), self.model_copy(update={"format": EXPORT_FORMAT}).to_bytes())
 
-    def model_cfg(self, source: str) -> ModelConfig:
+    def model_cfg(self, source: str, folder: Optional[Path] = None) -> ModelConfig:
+        """The model config; with ``folder`` (the export's own folder), its weights read from there and not from the
+        paths it was written at: an export moved, copied or uploaded from a temporary folder loads as well."""
         from ..config import validate
 
         if self.model is None:
             raise ExportFormatError(f"{source} records no model config")
-        return validate(ModelConfig, self.model, source)
+        m = json.loads(json.dumps(self.model))
+        if folder is not None:
+            m["llm"] = {**m.get("llm", {}), "path": str(folder / "llm"), "tokenizer": str(folder / "tokenizer"),
+                        "init_from": None}
+            m["connector"] = {**m.get("connector", {}), "init_from": str(folder / "connector.safetensors")}
+            if m.get("tower") and (folder / "tower").is_dir():
+                m["tower"] = {**m["tower"], "path": str(folder / "tower"), "init_from": None}
+        return validate(ModelConfig, m, source)
 
     def prompt_template(self, source: str = "the export") -> str:
         if self.template is None:
@@ -145,7 +155,10 @@ def export_model(model: VideoLLM, tokenizer, out: str | Path,
 
 
 def connector_weights_path(path: str) -> Path:
-    """``model.connector.init_from`` -> its connector.safetensors (an export folder holds one)."""
+    """``model.connector.init_from`` -> its connector.safetensors (an export folder holds one); on S3 that file alone
+    is fetched into the node's cache (StorageError when it is not there)."""
+    if "://" in path:
+        return Path(localize(path if path.endswith(".safetensors") else join(path, "connector.safetensors")))
     p = Path(path)
     return p / "connector.safetensors" if p.is_dir() else p
 
@@ -192,9 +205,11 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[VideoLLM, Any, Ex
     ExportFormatError (UserErrors) for a missing folder, a folder that is no export, or a newer format."""
     from transformers import AutoTokenizer
 
-    path = Path(path)
+    if "://" in str(path) and read_bytes(join(str(path), MODEL_CONFIG)) is None:
+        ExportInfo.read(path)  # NotAnExport, before anything is fetched
+    path = Path(localize(str(path)))  # an export on S3: fetched once into the node's cache
     info = ExportInfo.read(path)
-    cfg = info.model_cfg(str(path / MODEL_CONFIG))
+    cfg = info.model_cfg(str(path / MODEL_CONFIG), folder=path)
     model = VideoLLM(cfg)
     load_connector(model.connector, cfg.connector.init_from)
     tok = AutoTokenizer.from_pretrained(cfg.llm.tokenizer_source())

@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 
 from ..config import Cfg
 from ..data.preprocess import normalize
+from ..storage import get_fs, localize
 from .presets import check_model_path, resolve_model_path
 from .towers import TOWERS, Tower, layer_problem, tower_mean_std
 
@@ -68,6 +69,10 @@ def weights_folder(cfg: ModelTowerCfg) -> str:
     ``path``."""
     if cfg.init_from is None:
         return cfg.path
+    if "://" in cfg.init_from:  # an export on S3: its tower/ alone fetched into the node's cache
+        sub = f"{cfg.init_from.rstrip('/')}/tower"
+        fs, conf = get_fs(f"{sub}/config.json")
+        return localize(sub if fs.exists(conf) else cfg.init_from)
     sub = Path(cfg.init_from) / "tower"
     return str(sub) if sub.is_dir() else cfg.init_from
 

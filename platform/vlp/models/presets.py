@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..registry import Registry
+from ..storage import cache_dir as storage_cache_dir
 
 PRESETS: Registry[Callable[[Path], None]] = Registry("model preset")
 
@@ -26,7 +27,7 @@ PRESET_VERSIONS = {"tiny-clip-synth": 1, "tiny-ast-synth": 1}
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("VLP_CACHE", Path.home() / ".cache" / "vlp"))
+    return Path(storage_cache_dir())
 
 
 def looks_local(path: str) -> bool:

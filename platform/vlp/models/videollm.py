@@ -24,13 +24,16 @@ from .connectors import CONNECTORS, ConnectorConfig, ItemContext, default_modali
 from .parts import PluginModule
 from .pixel_tower import ModelTowerCfg, PixelTower, features_shape
 from .poolers import POOLERS, Pooler, PoolerConfig
+from ..storage import localize
 from .presets import check_model_path, resolve_model_path
 
 
 def export_part(export: str, name: str) -> str:
-    """``export``/``name`` (an export's llm/ or tokenizer/), absolute when local: Ray tasks and workers run in folders
-    of their own."""
-    return f"{export.rstrip('/')}/{name}" if "://" in export else os.path.abspath(os.path.join(export, name))
+    """``export``/``name`` (an export's llm/ or tokenizer/) as a local folder: absolute (Ray tasks and workers run in
+    folders of their own), or, for an export on S3, that part alone fetched into the node's cache."""
+    if "://" in export:
+        return localize(f"{export.rstrip('/')}/{name}")
+    return os.path.abspath(os.path.join(export, name))
 
 
 class LLMConfig(Cfg):
@@ -42,6 +45,19 @@ class LLMConfig(Cfg):
     trainable: bool = False
     gradient_checkpointing: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa", description="the LM's attention kernel (transformers' attn_implementation): sdpa (PyTorch's fused "
+        "attention), flash_attention_2 (needs the flash-attn package and a bf16/fp16 LM on a GPU), eager")
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _kernel_installed(cls, v):
+        import importlib.util
+
+        if v == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("flash_attention_2 needs the flash-attn package (pip install flash-attn on a CUDA "
+                             "machine); use sdpa otherwise")
+        return v
 
     @field_validator("path", "tokenizer")
     @classmethod
@@ -51,6 +67,12 @@ class LLMConfig(Cfg):
     def source(self) -> str:
         """Where the LM's weights load from: ``init_from``'s llm/, else ``path`` (presets resolved)."""
         return export_part(self.init_from, "llm") if self.init_from else resolve_model_path(self.path)
+
+    def config_source(self) -> str:
+        """A folder holding the LM's config.json (for sizes: on S3 only that file is fetched)."""
+        if self.init_from and "://" in self.init_from:
+            return os.path.dirname(localize(f"{self.init_from.rstrip('/')}/llm/config.json"))
+        return self.source()
 
     def tokenizer_source(self) -> str:
         """Where the tokenizer loads from: ``init_from``'s tokenizer/, else ``tokenizer`` or ``path``."""
@@ -203,7 +225,8 @@ class VideoLLM(nn.Module):
         widths = feature_widths(cfg)  # ValueError when vision_hidden_size is unset
         self.cfg = cfg
         dtype = getattr(torch, cfg.llm.dtype)
-        self.llm = llm if llm is not None else AutoModelForCausalLM.from_pretrained(cfg.llm.source(), dtype=dtype)
+        self.llm = llm if llm is not None else AutoModelForCausalLM.from_pretrained(
+            cfg.llm.source(), dtype=dtype, attn_implementation=cfg.llm.attn_implementation)
         d_model = self.llm.get_input_embeddings().weight.shape[1]
         self.connector_part = CONNECTORS.part(cfg.connector)  # its takes_context: how the module is called
         self.connector = self.connector_part.build_for(widths, d_model)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
 from typing import Optional
 
 import yaml
@@ -36,7 +35,7 @@ def param_counts(cfg: TrainConfig) -> tuple[int, int]:
     from ..models.pixel_tower import PixelTower
     from ..models.videollm import feature_widths
 
-    lcfg = AutoConfig.from_pretrained(cfg.model.llm.source())
+    lcfg = AutoConfig.from_pretrained(cfg.model.llm.config_source())
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(lcfg)
         d_model = llm.get_input_embeddings().weight.shape[1]
@@ -101,7 +100,7 @@ def fill_widths(cfg: TrainConfig, infos: list[FeatureSetInfo]) -> list[str]:
     part = CONNECTORS.part(cfg.model.connector)
     problems += part.width_problems(feature_widths(cfg.model)) + part.item_problems(item_extents(infos))
     init = cfg.model.connector.init_from
-    if not problems and init and "://" not in init and Path(init).exists():
+    if not problems and init and exists(init):
         import torch
 
         from ..formats.export import connector_fit_problems
@@ -144,7 +143,13 @@ def item_extents(infos: list[FeatureSetInfo]) -> dict[str, int]:
 def _llm_width(cfg: TrainConfig) -> int:
     from transformers import AutoConfig
 
-    return int(AutoConfig.from_pretrained(cfg.model.llm.source()).hidden_size)
+    return int(AutoConfig.from_pretrained(cfg.model.llm.config_source()).hidden_size)
+
+
+def exists(uri: str) -> bool:
+    """Whether a local path or an object-store URI (an earlier stage's export on S3) exists."""
+    fs, path = get_fs(uri)
+    return fs.exists(path)
 
 
 def check_inputs(cfg: TrainConfig) -> list[dict]:
@@ -163,10 +168,10 @@ def check_inputs(cfg: TrainConfig) -> list[dict]:
         problems += mixed_encoders(infos)
         problems += feature_mode_problems(cfg.model, [inf.mode for inf in infos])
     problems += frame_times_problems(cfg.model)
-    if cfg.model.connector.init_from and not Path(cfg.model.connector.init_from).exists():
+    if cfg.model.connector.init_from and not exists(cfg.model.connector.init_from):
         problems.append(f"model.connector.init_from: {cfg.model.connector.init_from} does not exist")
     init = cfg.model.llm.init_from
-    if init and not (Path(init) / "llm" / "config.json").is_file():
+    if init and not exists(join(init, "llm", "config.json")):
         problems.append(f"model.llm.init_from: no export with an llm/ at {init} (point it at an earlier stage's "
                         "export folder)")
     if problems:
