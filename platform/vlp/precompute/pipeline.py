@@ -263,7 +263,8 @@ class PrecomputeRun:
                 raise FeatureSetMismatch(f"{problem}; use a new output.uri or output.overwrite=true to delete them")
             layout.remove()
             fs.makedirs(root, exist_ok=True)
-            self.lock.restore()  # removed with the rest
+            if self.lock is not None:
+                self.lock.restore()  # removed with the rest
         self.fp.write(layout)
         layout.write(layout.CONFIG, dump_config(self.cfg))
 
@@ -329,7 +330,7 @@ class PrecomputeRun:
 
     def check_lock(self) -> None:
         """Stop before committing when another writer took the set over (this run stalled past the stale time)."""
-        if self.lock.lost:
+        if self.lock is not None and self.lock.lost:
             raise WriterBusy(f"output.uri: stopped before committing more shards: {self.lock.lost}")
 
     def finish(self) -> dict:
