@@ -4,6 +4,7 @@ stage 2 (ZeRO-2) -> export -> reload; fault injection and exact resume; re-run r
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -136,8 +137,10 @@ def test_worker_failure_resumes_with_the_same_steps_and_samples(demo_features, t
     run ends with exactly the steps and samples of an uninterrupted one: steps 1-6, each of the epoch's 24 samples
     once (an uninterrupted run of this config trains every sample of the epoch once in 6 steps)."""
     common = {"batch.global_size": 4, "batch.micro_size": 1, "checkpoint.every_n_steps": 2, "epochs": 1}
+    store = f"file://{tmp_path}/mlruns"  # a real MLflow local store: metrics every 2 steps, one run across attempts
     bad = run_train(_cfg(demo_features, tmp_path / "b", run_name="fault", **common,  # the streaming path here
-                         **{"debug.fail_at_step": 5, "debug.fail_rank": 1, "data.materialize": "never"}), log=print)
+                         **{"debug.fail_at_step": 5, "debug.fail_rank": 1, "data.materialize": "never",
+                            "tracking": {"report_every": 2, "mlflow": {"tracking_uri": store}}}), log=print)
     assert (Path(bad["run_dir"]) / ".injected_failure").exists()
     assert bad["steps"] == 6
     b = _steps(Path(bad["run_dir"]))
@@ -147,6 +150,13 @@ def test_worker_failure_resumes_with_the_same_steps_and_samples(demo_features, t
     # the failed run really redid step 5 after restoring step 4 (samples.jsonl holds step 5 twice)
     lines = [json.loads(x)["step"] for x in (Path(bad["run_dir"]) / "samples.jsonl").read_text().splitlines()]
     assert lines.count(5) == 2 and lines.count(4) == 1
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # reading the file store needs MLflow 3's switch too
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("vlp").experiment_id])
+    assert run.info.run_name == "fault" and run.data.params["checkpoint.every_n_steps"] == "2"
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6]
 
 
 def test_bad_setups_fail_before_any_worker_starts(demo_features, tmp_path):

@@ -130,6 +130,20 @@ class CheckpointCfg(Cfg):
     keep_last: int = Field(2, ge=1)
 
 
+class MlflowCfg(Cfg):
+    """Metrics to MLflow: rank 0 logs every reported step into one MLflow run per vlp run (restarts continue it)."""
+
+    tracking_uri: str = Field(..., description="an MLflow server (http://...), a database (sqlite:///mlflow.db, "
+                              "needs the full mlflow package) or a local file store (file:///path/mlruns)")
+    experiment_name: str = Field("vlp", description="created when missing")
+
+
+class TrackingCfg(Cfg):
+    report_every: int = Field(1, ge=1, description="metrics through ray.train.report every N optimizer steps (the "
+                              "Ray dashboard and Result.metrics see them between checkpoints too)")
+    mlflow: Optional[MlflowCfg] = Field(None, description="log the reported metrics and the config to MLflow")
+
+
 class LoraCfg(Cfg):
     enabled: bool = False
     r: int = Field(8, ge=1)
@@ -162,6 +176,7 @@ class TrainConfig(Cfg):
     max_failures: int = Field(2, ge=0, description="automatic restarts from the last checkpoint")
     log_every: int = Field(1, ge=1)
     tensorboard: bool = True
+    tracking: TrackingCfg = TrackingCfg()
     debug: DebugCfg = DebugCfg()
     ray: RayConfig = RayConfig()
 

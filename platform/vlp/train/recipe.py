@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from ..storage import Appender, StorageConfig, get_fs, put_file_atomic, write_atomic
+from ..storage import Appender, StorageConfig, get_fs, put_file_atomic, read_bytes, write_atomic
 from .config import OptimConfig, TrainConfig
 from .data import iter_rows, length_grouped, padding_fraction, write_state
 from .held import HeldRows
@@ -337,6 +337,17 @@ class RunLogs:
         self.samples.close()
 
 
+def flat_config(d: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 2e-5}} -> {"optim.lr": 2e-5} (lists as their JSON text): MLflow params."""
+    out: dict = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
+    return out
+
+
 # --------------------------------------------------------------------------------------------------- the recipe
 
 class TrainRecipe:
@@ -351,6 +362,7 @@ class TrainRecipe:
         self.probe_row: Optional[dict] = None
         self.counters = Counters()
         self.logs: Optional[RunLogs] = None
+        self.mlflow = None  # rank 0's MLflow module when tracking.mlflow is set (start_tracking)
         self.held: Optional[HeldRows] = None  # the held sets' blocks, fetched at the first epoch
 
     @classmethod
@@ -367,12 +379,15 @@ class TrainRecipe:
         self.restore()
         if self.rank == 0:
             self.logs = RunLogs(self.run_dir, self.cfg.tensorboard)
+        self.start_tracking()
         for epoch in range(self.start_epoch, self.cfg.epochs):
             if self.done:
                 break
             self.train_epoch(epoch)
         if self.logs is not None:
             self.logs.close()
+        if self.mlflow is not None:
+            self.mlflow.end_run()
         counts = self.gather_counters()
         self.save(self.cfg.epochs, [], final=True)
         self.export(counts)
@@ -521,6 +536,7 @@ class TrainRecipe:
                                     lr, self.size, self.peak_mem(), time.time())
         all_uids: list = [None] * self.world
         dist.all_gather_object(all_uids, stats.uids)
+        self.report()
         if self.rank == 0:
             self.logs.write(self.metrics, sum(all_uids, []))
             if self.step % self.cfg.log_every == 0:
@@ -529,6 +545,41 @@ class TrainRecipe:
                       f"{m['samples_per_s']:.1f} samples/s pad {m['padding_frac']:.1%} "
                       f"data-wait {m['data_wait_frac']:.0%}", flush=True)
         return t_mark
+
+    def report(self) -> None:
+        """Every ``tracking.report_every`` steps, every rank: the step's metrics through ``ray.train.report`` (no
+        checkpoint), and on rank 0 to MLflow when configured."""
+        import ray.train
+
+        if self.step % self.cfg.tracking.report_every:
+            return
+        ray.train.report(dict(self.metrics))
+        if self.mlflow is not None:
+            self.mlflow.log_metrics({k: float(v) for k, v in self.metrics.items()
+                                     if isinstance(v, (int, float)) and k not in ("step", "time")}, step=self.step)
+
+    def start_tracking(self) -> None:
+        """Rank 0's MLflow run (``tracking.mlflow``): created with the config as params and its id kept in the run
+        folder (``mlflow_run.json``), so a restarted or re-run attempt logs on into the same run."""
+        m = self.cfg.tracking.mlflow
+        if m is None or self.rank != 0:
+            return
+        import mlflow
+
+        if m.tracking_uri.startswith("file:"):  # asked for by name; MLflow 3 keeps file stores behind this switch
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        mlflow.set_tracking_uri(m.tracking_uri)
+        mlflow.set_experiment(m.experiment_name)
+        record = f"{self.run_dir}/mlflow_run.json"
+        earlier = read_bytes(record)
+        if earlier is not None:
+            mlflow.start_run(run_id=json.loads(earlier)["run_id"])
+        else:
+            run = mlflow.start_run(run_name=self.cfg.run_name)
+            mlflow.log_params({k: v for k, v in flat_config(self.cfg.model_dump(mode="json")).items()
+                               if v is not None})
+            write_atomic(record, json.dumps({"run_id": run.info.run_id, "tracking_uri": m.tracking_uri}))
+        self.mlflow = mlflow
 
     def peak_mem(self) -> int:
         """Peak bytes: the CUDA allocator's peak on a GPU, the process's max RSS on CPU."""

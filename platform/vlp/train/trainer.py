@@ -327,7 +327,7 @@ RERUN_MAY_CHANGE = (
     "scaling.device_memory_gb",    # only the preflight reads it
     "checkpoint",                  # cadence / retention: resume is exact from any checkpoint
     "max_failures",                # restarts allowed
-    "log_every", "tensorboard",    # logging
+    "log_every", "tensorboard", "tracking",  # logging and experiment tracking
     "debug",                       # fault injection (tests fail an attempt, then re-run without it)
     "ray",                         # how Ray is reached
     "model.plugins",               # which modules register part types; the types used are compared (and runs
