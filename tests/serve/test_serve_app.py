@@ -226,3 +226,48 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(client, server, media
     # still serving, with the same answers
     r = ask(client, [image(data_url(media / "photo.png", "image/png")), text("What shape is shown?")])
     assert r.choices[0].message.content == chat_answer(chat, [media / "photo.png"], "What shape is shown?")
+
+
+def browser():
+    """Headless Chromium through Selenium (Debian's chromium + chromium-driver); skips when either is absent."""
+    import shutil
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver; "
+                    "make setup does where apt-get is available)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the test extra)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1000,900"):
+        opts.add_argument(a)
+    return webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver))
+
+
+def test_chat_page_in_a_headless_browser(server, chat, media):
+    """The page at /: pick an image, ask, the answer streams in; a second question continues the conversation.
+    Both answers are vlp chat's for the same session (its multi-turn ask)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chat.load_media([str(media / "photo.png")])
+    wants = ["".join(chat.ask(q, max_new_tokens=MAX_TOKENS)) for q in ("What shape is shown?", "And its color?")]
+    drv = browser()
+    try:
+        drv.get(server.removesuffix("/v1") + "/")
+        drv.find_element(By.ID, "key").send_keys(KEY)
+        drv.find_element(By.ID, "media").send_keys(str(media / "photo.png"))
+        for i, q in enumerate(("What shape is shown?", "And its color?")):
+            drv.find_element(By.ID, "question").send_keys(q)
+            drv.find_element(By.ID, "send").click()
+            WebDriverWait(drv, 180).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".answer[data-done]")) > i
+                                          or d.find_elements(By.CSS_SELECTOR, ".error"))
+            assert not drv.find_elements(By.CSS_SELECTOR, ".error"), drv.find_element(By.ID, "log").text
+        answers = drv.find_elements(By.CSS_SELECTOR, ".answer")
+        assert [a.get_attribute("textContent") for a in answers] == wants
+        assert all(int(a.get_attribute("data-pieces")) >= 2 for a in answers)  # streamed in pieces
+        assert drv.find_element(By.ID, "model").text == "tiny"
+        assert [u.text for u in drv.find_elements(By.CSS_SELECTOR, ".user")] == ["What shape is shown?",
+                                                                                 "And its color?"]
+    finally:
+        drv.quit()

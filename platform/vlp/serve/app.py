@@ -6,6 +6,7 @@ Routes (under the config's ``route_prefix``):
 - ``POST /v1/chat/completions``: OpenAI chat completions, streaming (SSE) or not
 - ``GET /v1/models``, ``GET /v1/models/{id}``: the served model
 - ``GET /health``: ``{"status": "ok", ...}`` once the replica has loaded the model (no key needed)
+- ``GET /``: the chat page (vlp.serve.page; the config's ``page: false`` turns it off)
 
 Entry points: ``vlp serve --config FILE`` (:func:`run_serve`), ``serve run vlp.serve.app:build config=FILE`` and
 a Serve config's ``import_path: vlp.serve.app:build`` (:func:`build`).
@@ -22,7 +23,7 @@ from typing import AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -30,6 +31,7 @@ from ..config import load_config, validate
 from ..storage import is_remote
 from .config import ServeConfig
 from .engine import Engine, Job
+from .page import PAGE
 from .protocol import (APIError, BadRequest, ModelNotFound, TooLarge, check_auth, chunk_body, completion_body,
                        completion_id, model_card, models_body, parse_body, parse_request, sse, usage)
 
@@ -89,6 +91,12 @@ class ChatServer:
         steps = self.engine.stream_batch(jobs)
         while (step := await asyncio.to_thread(next, steps, None)) is not None:
             yield [d if d is not None else StopAsyncIteration for d in step]
+
+    @api.get("/")
+    async def page(self, request: Request):
+        if not self.cfg.page:
+            return await http_error(request, StarletteHTTPException(404, "Not Found"))
+        return HTMLResponse(PAGE)
 
     @api.get("/health")
     async def health(self) -> dict:

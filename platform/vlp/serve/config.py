@@ -101,6 +101,7 @@ class ServeConfig(Cfg):
                                    "otherwise); prefer api_key_env, so the key is not written into configs")
     api_key_env: Optional[str] = Field(None, description="name of an environment variable holding the key, read "
                                        "on the replicas (a replica whose variable is unset refuses to start)")
+    page: bool = Field(True, description="serve the chat page at / (upload an image or video, ask, multi-turn)")
     max_tokens: int = Field(64, ge=1, description="answer length when a request sets no max_tokens")
     temperature: float = Field(0.0, ge=0, le=2, description="when a request sets none (0 = greedy, as vlp chat; "
                                "OpenAI's own default is 1)")
