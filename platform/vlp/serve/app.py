@@ -56,6 +56,14 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     return error_response(BadRequest(f"invalid request: {exc.errors()}"))
 
 
+@api.exception_handler(Exception)
+async def server_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug or a failure of the replica (not of the request): 500 with an OpenAI body; the replica keeps serving."""
+    e = APIError(f"internal error: {type(exc).__name__}: {exc}")
+    e.status, e.type = 500, "server_error"
+    return error_response(e)
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused (TooLarge) as soon as it is over ``limit`` bytes."""
     declared = request.headers.get("content-length", "")
@@ -138,10 +146,13 @@ class ChatServer:
     async def complete(self, job: Job) -> dict:
         """A non-streaming answer: the whole text, its finish reason and usage."""
         text, finish, n = "", "stop", 0
-        async for d in self.generate_batch(job):  # to its end: the batch ends each stream after its final Delta
-            text += d.text
-            if d.finish:
-                finish, n = d.finish, d.completion_tokens
+        try:
+            async for d in self.generate_batch(job):  # to its end: the batch ends each stream after its final Delta
+                text += d.text
+                if d.finish:
+                    finish, n = d.finish, d.completion_tokens
+        finally:  # also when the request is cancelled (the client went away): decode no further for it
+            job.cancelled = True
         return completion_body(completion_id(), self.engine.name, text, finish, job.prompt_tokens, n)
 
     async def events(self, job: Job, include_usage: bool) -> AsyncIterator[bytes]:
