@@ -6,7 +6,7 @@ STAMP := $(VENV)/.vlp-installed
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast bench bench-train lock clean
+.PHONY: setup chromium demo test test-fast bench bench-train lock clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt --no-build-isolation deepspeed
 	$(PIP) install -c constraints.txt -e ".[test]"
 	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	$(MAKE) --no-print-directory chromium
 	touch $(STAMP)
+
+# Headless Chromium for the chat page's browser test (tests/serve/test_serve_app.py; it skips without it), from
+# Debian's packages when apt-get is there (as root, or through sudo); elsewhere install chromium + chromedriver.
+chromium:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+	      chromium-driver; } || echo "warning: chromium not installed; the chat page's browser test will skip"; \
+	  else echo "no apt-get: install chromium and chromedriver for the chat page's browser test"; fi; }
 
 demo: $(STAMP)
 	$(BIN)/vlp demo

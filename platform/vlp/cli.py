@@ -1,6 +1,6 @@
 """The ``vlp`` command line.
 
-Config-driven subcommands (make-shards, pack, precompute, train, infer, demo): ``vlp <cmd> [--config FILE]
+Config-driven subcommands (make-shards, pack, precompute, train, infer, demo, serve): ``vlp <cmd> [--config FILE]
 [dotted.key=value ...]``. The others take plain flags: ``eval --model --features`` (or ``--task videoqa|mcq
 --questions --media-root``), ``chat --model [--video|--image FILE]...
 [question]``, ``inspect URI...``; ``presets`` and ``config-docs`` take none.
@@ -212,6 +212,17 @@ def _cmd_infer(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from .serve import ServeConfig
+
+    cfg = _load(ServeConfig, args)
+    if cfg is not None:
+        from .serve.app import run_serve
+
+        run_serve(cfg)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .synth.demo import DemoConfig, run_demo
 
@@ -306,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("train", _cmd_train, "train a VideoLLM on feature sets (DeepSpeed on Ray Train)")
     with_config("infer", _cmd_infer, "batch inference over a shard set (answers next to keys)")
     with_config("demo", _cmd_demo, "run the built-in tiny end-to-end demo")
+    with_config("serve", _cmd_serve, "serve an export: OpenAI-compatible chat API on Ray Serve (Ctrl-C stops)")
     sp = sub.add_parser("inspect", help="summarise a shard set or a feature set")
     sp.add_argument("uri", nargs="+", help="feature-set folder, or shard specs (folders, globs, brace ranges, s3://)")
     sp.add_argument("--endpoint-url", help="S3-compatible endpoint")

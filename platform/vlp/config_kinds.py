@@ -15,10 +15,12 @@ def register_kinds() -> None:
     from .infer import InferConfig
     from .pack import PackConfig
     from .precompute import PrecomputeConfig
+    from .serve import ServeConfig
     from .train import TrainConfig
 
     for name, cls in (("precompute", PrecomputeConfig), ("make_shards", MakeShardsConfig), ("demo", DemoConfig),
-                      ("train", TrainConfig), ("infer", InferConfig), ("pack", PackConfig)):
+                      ("train", TrainConfig), ("infer", InferConfig), ("pack", PackConfig),
+                      ("serve", ServeConfig)):
         if name not in CONFIG_KINDS:
             CONFIG_KINDS.register(name)(cls)
 

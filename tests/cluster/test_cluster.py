@@ -206,7 +206,7 @@ def test_every_accelerator_type_the_shipped_configs_ask_for_has_a_node_type(aws,
     wanted = {}
     for path in sorted((ROOT / "configs").rglob("*.yaml")):
         cfg = load_config(kind_of(path.name), str(path))
-        for section in ("encoder", "scaling"):
+        for section in ("encoder", "scaling", "deployment"):  # deployment: vlp serve's replicas
             acc = getattr(getattr(cfg, section, None), "accelerator_type", None)
             if acc:
                 wanted[f"{path.relative_to(ROOT)}:{section}"] = acc
