@@ -106,8 +106,7 @@ def test_export_on_s3_is_copied_once(export, s3_server, tmp_path, monkeypatch):
     import boto3
 
     from conftest import make_bucket
-    from vlp.serve.engine import local_export
-    from vlp.storage import StorageConfig
+    from vlp.storage import StorageConfig, localize
 
     monkeypatch.setenv("VLP_CACHE", str(tmp_path / "cache"))
     make_bucket(s3_server, "serve-models")
@@ -116,11 +115,11 @@ def test_export_on_s3_is_copied_once(export, s3_server, tmp_path, monkeypatch):
         if f.is_file():
             s3.upload_file(str(f), "serve-models", f"runs/tiny/export/{f.relative_to(export).as_posix()}")
     st = StorageConfig(endpoint_url=s3_server)
-    local = local_export("s3://serve-models/runs/tiny/export", st)
-    got = sorted(p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file())
+    local = localize("s3://serve-models/runs/tiny/export", st)
+    got = sorted(p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file() and p.name != ".complete")
     assert got == sorted(f.relative_to(export).as_posix() for f in export.rglob("*") if f.is_file())
-    assert local_export("s3://serve-models/runs/tiny/export", st) == local  # cached
+    assert localize("s3://serve-models/runs/tiny/export", st) == local  # cached
     from vlp.formats.export import load_model
 
     load_model(local)
-    assert local_export(str(export)) == str(export)
+    assert localize(str(export)) == str(export)

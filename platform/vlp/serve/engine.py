@@ -5,12 +5,7 @@ and checked), and decode a batch of jobs step by step (:meth:`Engine.answer_batc
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -19,7 +14,7 @@ from ..chat import BadMedia as UnreadableMedia
 from ..chat import ChatItem
 from ..data.conversation import prompt_ids
 from ..models.videollm import visual_token_count
-from ..storage import StorageConfig, get_fs, is_remote, join
+from ..storage import localize
 from .config import ServeConfig
 from .media import fetch
 from .protocol import BadMedia, BadRequest, ChatRequest, MediaRef
@@ -49,7 +44,7 @@ class Engine:
         from ..chat import ChatSession
 
         self.cfg, self.device, self.name = cfg, cfg.device(), cfg.served_model()
-        self.session = ChatSession(export_dir or local_export(cfg.model, cfg.storage), self.device)
+        self.session = ChatSession(export_dir or localize(cfg.model, cfg.storage), self.device)
         self.model, self.tok = self.session.model, self.session.tok
         self.positions: Optional[int] = getattr(self.model.llm.config, "max_position_embeddings", None)
         limits = [n for n in (cfg.limits.max_prompt_tokens, self.positions) if n]
@@ -146,30 +141,3 @@ class Engine:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
-
-
-
-def local_export(uri: str, storage: Optional[StorageConfig] = None) -> str:
-    """``uri`` itself when local; an ``s3://`` export copied once into the vlp cache
-    (``$VLP_CACHE/exports/<hash>``, keyed by the URI and its ``vlp_model.json``, so a new export at the same URI is
-    fetched again). Replicas on one machine racing to copy it: each copies into a folder of its own and the first
-    rename wins."""
-    from ..formats.export import MODEL_CONFIG
-    from ..models.presets import cache_dir
-
-    if not is_remote(uri):
-        return uri
-    fs, root = get_fs(uri, storage)
-    with fs.open(join(root, MODEL_CONFIG), "rb") as f:
-        key = hashlib.sha256(uri.encode() + b"\0" + f.read()).hexdigest()[:16]
-    dest = cache_dir() / "exports" / key
-    if (dest / MODEL_CONFIG).is_file():
-        return str(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{key}-"))
-    fs.get(root.rstrip("/") + "/", str(tmp), recursive=True)
-    try:
-        os.rename(tmp, dest)
-    except OSError:  # another replica's copy got there first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(dest)
