@@ -26,15 +26,14 @@ def test_stage1_stage2_export_eval_all_on_s3_with_a_failure_and_resume(s3_server
     pre = ["precompute", "--config", "configs/local/precompute.yaml", "ray.progress_bars=false"]
     cmds = [
         ["make-shards", "--config", "configs/local/make_shards.yaml", "out=shards", "videos=4", "images=2",
-         "instructions=4", "heldout=2", "samples_per_shard=4", "num_frames=8"],
+         "instructions=0", "heldout=4", "samples_per_shard=4", "num_frames=8"],
         [*pre, "data.shards=[shards/webvid-*.tar,shards/cc3m-*.tar]", f"output.uri={s3}/features/pretrain"],
-        [*pre, "data.shards=[shards/instruct-*.tar]", f"output.uri={s3}/features/instruct"],
         [*pre, "data.shards=[shards/heldout-*.tar]", f"output.uri={s3}/features/heldout"],
         ["train", "--config", "configs/local/train_stage1.yaml", f"output_dir={s3}/runs", *SHRINK,
          f"data.sets=[{{uri: {s3}/features/pretrain}}]", "checkpoint.every_n_steps=1", "debug.fail_at_step=2",
          "max_steps=3"],
         ["train", "--config", "configs/local/train_stage2.yaml", f"output_dir={s3}/runs", *SHRINK,
-         f"data.sets=[{{uri: {s3}/features/instruct}}]", f"model.connector.init_from={s3}/runs/stage1/export",
+         f"data.sets=[{{uri: {s3}/features/heldout}}]", f"model.connector.init_from={s3}/runs/stage1/export",
          "max_steps=2"],
         ["eval", "--model", f"{s3}/runs/stage2/export", "--features", f"{s3}/features/heldout", "--max-samples", "2"],
     ]
@@ -43,12 +42,14 @@ def test_stage1_stage2_export_eval_all_on_s3_with_a_failure_and_resume(s3_server
     assert "injected failure at step 2" in p.stdout + p.stderr
     fs, _ = get_fs(s3, StorageConfig(endpoint_url=s3_server))
     st = StorageConfig(endpoint_url=s3_server)
+    summaries = {}
     for run in ("stage1", "stage2"):
-        summary = json.loads(fs.cat(f"{bucket}/runs/{run}/train_summary.json"))
+        summaries[run] = json.loads(fs.cat(f"{bucket}/runs/{run}/train_summary.json"))
         assert fs.exists(f"{bucket}/runs/{run}/export/vlp_model.json")
         assert not fs.exists(f"{bucket}/runs/{run}/.vlp-writer.json")  # released
         assert fs.glob(f"{bucket}/runs/{run}/tensorboard/events.out.tfevents.*")  # synced from the worker
     steps = [json.loads(x)["step"] for x in read_appended(f"{s3}/runs/stage1/metrics.jsonl", st).splitlines()]
-    assert summary["steps"] == 2 and max(steps) == 3 and 2 in steps  # stage 1 went on after the failure
+    assert summaries["stage1"]["steps"] == 3 and steps.count(2) >= 1 and max(steps) == 3  # on after the failure
+    assert summaries["stage2"]["steps"] == 2
     evals = [x for x in p.stdout.splitlines() if x.startswith("[readme] vlp eval --model s3://")]
     assert len(evals) == 1 and ": exit 0 " in evals[0]  # the stage-2 export read back from S3
