@@ -38,7 +38,7 @@ class InferConfig(Cfg):
     max_new_tokens: int = Field(32, ge=1)
     decode: DecodeConfig = DecodeConfig()
     sample: SampleConfig = Field(SampleConfig(), description="how raw samples become samples of 0..N media items")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="rows per answer actor call, answered in one batched generation")
     concurrency: int = Field(1, ge=1, description="answer actors (one GPU each where GPUs exist)")
     use_gpu: bool = Field(False, description="each answer actor asks Ray for one GPU and runs the tower and the "
                           "VideoLLM on cuda; false: both on CPU")
