@@ -74,7 +74,7 @@ def test_answers_two_item_and_text_only_samples(export):  # noqa: F811
     from vlp.data.media import DecodeConfig
     from vlp.data.tario import RawSample
     from vlp.infer import AnswerBatch, decode_stage
-    from vlp.precompute.stages import ReadShard, rows_batch
+    from vlp.precompute.stages import ReadShard, batch_rows, rows_batch
     from vlp.synth.shards import Attributes, encode_jpeg, encode_mp4, render_clip
 
     import numpy as np
@@ -87,9 +87,15 @@ def test_answers_two_item_and_text_only_samples(export):  # noqa: F811
             RawSample("text", {"json": json.dumps({"conversations": [{"from": "human", "value": "Say hi."}]}).encode()})]
     rows = [ReadShard().row("s", r, 0.0) for r in raws]
     batch = decode_stage(ExportInfo.read(export), DecodeConfig())(rows_batch(rows))
-    out = AnswerBatch(str(export), None, 3)(batch)
+    actor = AnswerBatch(str(export), None, 8)
+    out = actor(batch)
     assert out["kind"] == ["answer", "answer"], out["error"]
     assert out["question"] == ["and \nWhat moves?", "Say hi."]  # placeholders not shown, but asked with them
+    # the actor answers its batch in one batched generation: the answers one-at-a-time generation gives
+    one = [actor.model_prompt(r, actor.prompt(r)) for r in batch_rows(batch)]
+    assert out["answer"] == [actor.tok.decode(list(actor.model.generate(
+        p.input_ids, p.features, p.mode, p.num_frames, max_new_tokens=8, eos_token_id=actor.tok.eos_token_id,
+        modalities=p.modalities)), skip_special_tokens=True).strip() for p in one]
     asked = AnswerBatch(str(export), "Describe.", 3)
     assert asked.prompt({"modalities": ["image", "video"]}) == "<image><video>\nDescribe."
     assert asked.prompt({"modalities": []}) == "Describe."

@@ -93,7 +93,8 @@ EVAL_FLAGS = {"features": ("synthetic", *GROUNDING), "pooler": ("synthetic",), "
               "no_generate": ("synthetic",), "endpoint_url": ("synthetic",), "questions": ("videoqa", "mcq"),
               "media_root": ("videoqa", "mcq"),
               "out": ("videoqa", "mcq", *GROUNDING), "answers": ("videoqa",), "video_map": ("videoqa",),
-              "max_new_tokens": ("synthetic", "videoqa", *GROUNDING)}
+              "max_new_tokens": ("synthetic", "videoqa", *GROUNDING), "batch_size": ("synthetic", *GROUNDING)}
+EVAL_BATCH_SIZE = 16  # questions per batched generation (--batch-size)
 
 
 def _cmd_eval(args) -> int:
@@ -117,7 +118,7 @@ def _cmd_eval(args) -> int:
     storage = validate(StorageConfig, {k: v for k, v in {"endpoint_url": args.endpoint_url}.items() if v})
     gen = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
     rep = evaluate(args.model, args.features, storage, max_samples=args.max_samples, generate=not args.no_generate,
-                   pooler=args.pooler, without=args.without, **gen)
+                   pooler=args.pooler, without=args.without, batch_size=args.batch_size or EVAL_BATCH_SIZE, **gen)
     if args.json:
         print(json.dumps(rep, indent=2))
         return 0
@@ -142,7 +143,7 @@ def _cmd_eval_grounding(args) -> int:
     storage = validate(StorageConfig, {k: v for k, v in {"endpoint_url": args.endpoint_url}.items() if v})
     out = args.out or f"runs/eval/{args.task}-{args.features.rstrip('/').rsplit('/', 1)[-1]}"
     rep = evaluate_grounding(args.model, args.features, args.task, storage, args.max_samples,
-                             args.max_new_tokens or 64, out)
+                             args.max_new_tokens or 64, out, args.batch_size or EVAL_BATCH_SIZE)
     if args.json:
         print(json.dumps(rep, indent=2))
         return 0
@@ -258,6 +259,17 @@ def _cmd_presets(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return n
+
+
 def _add_eval_parser(sub) -> None:
     """``vlp eval``'s flags (synthetic held-out features, or a benchmark's files with --task)."""
     sp = sub.add_parser("eval", help="accuracy on the synthetic held-out features, or a video QA / multiple-choice "
@@ -288,6 +300,9 @@ def _add_eval_parser(sub) -> None:
                     help="withhold the samples' items of this modality from the model (the sound ablation: --without "
                     "audio); --task synthetic")
     sp.add_argument("--max-samples", type=int, default=None, help="only the first N feature rows / questions")
+    sp.add_argument("--batch-size", type=positive_int, default=None,
+                    help=f"questions answered per batched generation (default {EVAL_BATCH_SIZE}; the answers do not "
+                    "depend on it); --task synthetic, temporal_grounding, referring")
     sp.add_argument("--no-generate", action="store_true", help="choice accuracy only (--task synthetic)")
     sp.add_argument("--endpoint-url", help="S3-compatible endpoint")
     sp.add_argument("--json", action="store_true")

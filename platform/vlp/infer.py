@@ -1,7 +1,8 @@
 """``vlp infer``: batch inference over a shard set with Ray Data, answers written next to keys.
 
 shards --read--> --decode (same sampling/preprocessing as the model's features)--> --answer (actor pool:
-frozen tower + VideoLLM, greedy)--> driver writes ``answers.jsonl`` (shard, key, question, answer) and
+frozen tower + VideoLLM, greedy; each actor batch of ``batch_size`` rows answered in one batched, left-padded
+generation)--> driver writes ``answers.jsonl`` (shard, key, question, answer) and
 ``errors.jsonl``. Bad samples become error records exactly as in precompute.
 """
 
@@ -37,7 +38,7 @@ class InferConfig(Cfg):
     max_new_tokens: int = Field(32, ge=1)
     decode: DecodeConfig = DecodeConfig()
     sample: SampleConfig = Field(SampleConfig(), description="how raw samples become samples of 0..N media items")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="rows per answer actor call, answered in one batched generation")
     concurrency: int = Field(1, ge=1, description="answer actors (one GPU each where GPUs exist)")
     use_gpu: bool = Field(False, description="each answer actor asks Ray for one GPU and runs the tower and the "
                           "VideoLLM on cuda; false: both on CPU")
@@ -80,36 +81,39 @@ class AnswerBatch:
         conv = json.loads(r["conversations"]) if r["conversations"] else []
         return next((t["value"] for t in conv if turn_role(t) == "user"), None)
 
-    def answer(self, r: dict, prompt: str) -> str:
-        """Greedy answer to ``prompt`` over the row's decoded items (none: a text-only prompt)."""
+    def model_prompt(self, r: dict, prompt: str):
+        """A row's decoded items (none: a text-only prompt) and ``prompt`` -> the model's :class:`Prompt`."""
         import torch
 
         from .data.conversation import prompt_ids
+        from .models.videollm import Prompt
 
         feats = [self.features(b, s, str(m)) for b, s, m in zip(r["frames"], r["frames_shape"], r["modalities"])]
         nfs = [int(f.shape[0]) for f in feats]  # frames, or audio segments
         ids = torch.tensor(prompt_ids([{"from": "human", "value": prompt}], self.tok, self.template),
                            device=self.device)
-        toks = list(self.model.generate(ids, feats or None, "frames", nfs or 1, max_new_tokens=self.max_new,
-                                        eos_token_id=self.tok.eos_token_id,
-                                        modalities=[str(m) for m in r["modalities"]]))
-        return self.tok.decode(toks, skip_special_tokens=True).strip()
+        return Prompt(ids, feats or None, "frames", nfs or 1, [str(m) for m in r["modalities"]])
+
+    def answers(self, asked: list[tuple[dict, str]]) -> list[str]:
+        """Greedy answers to (row, prompt) pairs, all in one batched generation (the actor's batch)."""
+        toks = self.model.generate_batch([self.model_prompt(r, p) for r, p in asked], max_new_tokens=self.max_new,
+                                         eos_token_id=self.tok.eos_token_id)
+        return [self.tok.decode(t, skip_special_tokens=True).strip() for t in toks]
 
     def __call__(self, batch) -> dict:
         from .data.conversation import PLACEHOLDER_RE
         from .precompute.stages import batch_rows
 
+        rows = [r for r in batch_rows(batch) if r["kind"] != "end"]
+        prompts = [self.prompt(r) if r["kind"] == "sample" else None for r in rows]
+        asked = [i for i, (r, p) in enumerate(zip(rows, prompts)) if r["kind"] == "sample" and p is not None]
+        answered = dict(zip(asked, self.answers([(rows[i], prompts[i]) for i in asked])))
         out = {"shard": [], "key": [], "question": [], "answer": [], "error": [], "stage": [], "kind": []}
-        for r in batch_rows(batch):
-            if r["kind"] == "end":
-                continue
-            p = self.prompt(r) if r["kind"] == "sample" else None
+        for i, (r, p) in enumerate(zip(rows, prompts)):
             q = PLACEHOLDER_RE.sub("", p).strip() if p is not None else None  # what answers.jsonl shows
-            ans, err, stage = "", r["error"], r["stage"]
+            ans, err, stage = answered.get(i, ""), r["error"], r["stage"]
             if r["kind"] == "sample" and p is None:
                 err, stage = "no question: set question or give the sample conversations", "answer"
-            elif r["kind"] == "sample":
-                ans = self.answer(r, p)
             for k, v in (("shard", r["shard"]), ("key", r["key"]), ("question", q or ""), ("answer", ans),
                          ("error", err), ("stage", stage), ("kind", "answer" if not err else "error")):
                 out[k].append(v)

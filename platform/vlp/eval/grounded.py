@@ -5,15 +5,17 @@ IoU 0.3/0.5/0.7 and mIoU; RefCOCO: Acc@0.5), beside the best constant answer on 
 
 Each row is asked its conversation's first question (the placeholders of its items first, as in training); the
 answer is read with the span format the row was written with (``grounding.format``) or as a box on the padded
-square, mapped back to the original pixels. Unreadable answers count as wrong and are listed.
+square, mapped back to the original pixels. Unreadable answers count as wrong and are listed. The questions are
+answered ``batch_size`` at a time by ``VideoLLM.generate_batch`` (the same answers as one at a time).
 
-May import: torch, vlp.data, vlp.formats, vlp.eval, vlp.storage.
+May import: torch, vlp.data, vlp.formats, vlp.models, vlp.eval, vlp.storage.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 from ..data.conversation import PLACEHOLDER_RE, prompt_ids
 from ..data.grounding import SpanFormat, parse_box, parse_span, square_to_pixels
@@ -55,37 +57,66 @@ def score_answer(task: str, g: dict, answer: str, uid: str, tally: GroundingTall
     return tally.add(uid, answer, pred, tuple(g["box"]), iou_2d)
 
 
-def evaluate_grounding(export_dir: str, feature_uri: str, task: str, storage: StorageConfig | None = None,
-                       max_samples: Optional[int] = None, max_new_tokens: int = 64, out: Optional[str] = None) -> dict:
-    """Metrics of the export on the set's ``task`` rows, the best constant answer's, and the unreadable answers;
-    with ``out``, also ``predictions.json`` (every question's answer, truth and IoU), ``results.json`` and
-    ``results.md`` there."""
-    dest = out_dir(out) if out is not None else None  # OutputNotWritable before any model loads
+def grounding_rows(rows: Iterable[dict], task: str, max_samples: Optional[int] = None) -> Iterator[tuple]:
+    """(row, truth, one-turn question) of each row of ``task`` that has a question, the first ``max_samples``."""
+    n = 0
+    for row in rows:
+        g, q = truth_of(row, task), question_of(row)
+        if g is None or q is None:
+            continue
+        if max_samples is not None and n >= max_samples:
+            return
+        n += 1
+        yield row, g, q
+
+
+def answers_of(model, tok, template: str, asked: list[tuple], max_new_tokens: int) -> list[str]:
+    """Greedy answers to (row, truth, question) triples, in one batched generation."""
     import torch
 
+    from ..models.videollm import Prompt
+    from .synthetic import RowVisuals
+
+    prompts = []
+    for row, _, q in asked:
+        vis = RowVisuals.of(row)
+        prompts.append(Prompt(torch.tensor(prompt_ids(q, tok, template)), vis.feats, vis.mode, vis.num_frames,
+                              vis.modalities))
+    out = model.generate_batch(prompts, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id)
+    return [tok.decode(t, skip_special_tokens=True) for t in out]
+
+
+def score_rows(model, tok, template: str, rows: Iterable[dict], task: str, max_new_tokens: int = 64,
+               max_samples: Optional[int] = None, batch_size: int = 16) -> tuple[GroundingTally, list, list]:
+    """The ``task`` rows' questions answered ``batch_size`` at a time and scored, in row order -> (tally, truths,
+    examples: every question's answer, truth and IoU)."""
+    tally, truths, examples = GroundingTally(task), [], []
+    asked = grounding_rows(rows, task, max_samples)
+    while batch := list(itertools.islice(asked, batch_size)):
+        for (row, g, q), answer in zip(batch, answers_of(model, tok, template, batch, max_new_tokens)):
+            uid = str(row.get("uid") or row.get("key"))
+            iou = score_answer(task, g, answer, uid, tally)
+            truths.append(g)
+            examples.append({"uid": uid, "question": PLACEHOLDER_RE.sub("", q[0]["value"]).strip(), "answer": answer,
+                             "truth": g.get("span") or g.get("box"), "iou": round(iou, 3)})
+    return tally, truths, examples
+
+
+def evaluate_grounding(export_dir: str, feature_uri: str, task: str, storage: StorageConfig | None = None,
+                       max_samples: Optional[int] = None, max_new_tokens: int = 64, out: Optional[str] = None,
+                       batch_size: int = 16) -> dict:
+    """Metrics of the export on the set's ``task`` rows, the best constant answer's, and the unreadable answers;
+    with ``out``, also ``predictions.json`` (every question's answer, truth and IoU), ``results.json`` and
+    ``results.md`` there. ``batch_size``: questions per batched generation (the answers do not depend on it)."""
+    dest = out_dir(out) if out is not None else None  # OutputNotWritable before any model loads
     from ..formats.export import load_model
-    from .synthetic import RowVisuals, check_feature_set
+    from .synthetic import check_feature_set
 
     model, tok, info = load_model(export_dir)
     check_feature_set(feature_uri, storage)
     template = info.prompt_template(str(export_dir))
-    tally, truths, examples = GroundingTally(task), [], []
-    for row in iter_feature_rows(feature_uri, storage):
-        g, q = truth_of(row, task), question_of(row)
-        if g is None or q is None:
-            continue
-        if max_samples is not None and len(truths) >= max_samples:
-            break
-        vis = RowVisuals.of(row)
-        ids = prompt_ids(q, tok, template)
-        out = model.generate(torch.tensor(ids), vis.feats, vis.mode, vis.num_frames, max_new_tokens=max_new_tokens,
-                             eos_token_id=tok.eos_token_id, modalities=vis.modalities)
-        answer = tok.decode(list(out), skip_special_tokens=True)
-        uid = str(row.get("uid") or row.get("key"))
-        iou = score_answer(task, g, answer, uid, tally)
-        truths.append(g)
-        examples.append({"uid": uid, "question": PLACEHOLDER_RE.sub("", q[0]["value"]).strip(), "answer": answer,
-                         "truth": g.get("span") or g.get("box"), "iou": round(iou, 3)})
+    tally, truths, examples = score_rows(model, tok, template, iter_feature_rows(feature_uri, storage), task,
+                                         max_new_tokens, max_samples, batch_size)
     if not truths:
         raise NoGroundingRows(f"feature set {feature_uri} holds no {task} rows (meta.grounding with task {task}: "
                               "pack them with vlp pack --format charades_sta / refcoco)")

@@ -2,7 +2,8 @@
 
 Two measures per question: *choice* accuracy (the answer template filled with each candidate value
 is scored by the model's log-likelihood; the best one must be right; chance = 1 / #candidates) and
-*generation* accuracy (greedy answer names the right value and no other candidate).
+*generation* accuracy (greedy answer names the right value and no other candidate; the questions are answered in
+batches, ``batch_size`` at a time, by ``VideoLLM.generate_batch``: the same answers as one at a time).
 
 One derived row, ``direction_vs_opposite``: the same direction scores, but the choice is only between the true
 direction and its opposite (left/right, up/down; chance 0.5). It isolates temporal *order*: features averaged
@@ -15,10 +16,11 @@ A feature set with none of these questions (caption pretraining features, anothe
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ from ..data.conversation import IGNORE_INDEX, PLACEHOLDER_RE, prompt_ids, tokeni
 from ..synth.shards import COLORS, DIRECTIONS, OPPOSITE, QUESTIONS, SHAPES, SOUND_QUESTION, WORDS
 from ..errors import UserError
 from ..formats.featureset import FeatureSetLayout, Fingerprint, iter_feature_rows
+from ..models.videollm import Prompt
 from ..storage import StorageConfig
 
 
@@ -126,9 +129,49 @@ class RowVisuals:
                    [int(row["num_frames"][i]) for i in keep], row["mode"], [str(row["modalities"][i]) for i in keep])
 
 
+@dataclass
+class Asked:
+    """A question whose greedy answer waits for its batch (:meth:`Pending.flush`)."""
+    prompt: Prompt
+    qtype: str
+    truth: str
+    example: Optional[dict]  # the tally's example to show the answer in, if it is one
+
+
+@dataclass
+class Pending:
+    """Generation questions gathered until ``batch_size`` of them are answered in one batched generation; the
+    answers are scored into ``tally`` exactly as one at a time (the same greedy tokens)."""
+    model: Any
+    tok: Any
+    tally: Tally
+    max_new_tokens: int
+    batch_size: int = 16
+    asked: list = field(default_factory=list)
+
+    def add(self, a: Asked) -> None:
+        self.asked.append(a)
+        if len(self.asked) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Answer every waiting question and score whether it names the right value and no other candidate."""
+        out = self.model.generate_batch([a.prompt for a in self.asked], max_new_tokens=self.max_new_tokens,
+                                        eos_token_id=self.tok.eos_token_id)
+        for a, toks in zip(self.asked, out):
+            text = self.tok.decode(toks, skip_special_tokens=True)
+            words = text.lower().split()
+            named = [c for c in CANDIDATES[a.qtype] if c in words or c + "." in words]
+            self.tally.per[a.qtype]["gen_correct"] += int(named == [a.truth])
+            if a.example is not None:
+                a.example["generated"] = text
+        self.asked = []
+
+
 def score_question(model, tok, template: str, row: dict, vis: RowVisuals, qtype: str, tally: Tally,
-                   generate: bool, max_new_tokens: int) -> None:
-    """Choice (and generation) scores of one known question about one row, added to ``tally``."""
+                   pending: Optional[Pending]) -> None:
+    """Choice scores of one known question about one row, added to ``tally``; with ``pending``, its generation
+    question is queued there (scored when its batch is answered)."""
     meta = json.loads(row["meta"]) if row["meta"] else {}
     feats, nf = vis.feats, vis.num_frames
     placeholder = "".join(f"<{m}>" for m in vis.modalities) + "\n" if vis.modalities else ""
@@ -146,17 +189,39 @@ def score_question(model, tok, template: str, row: dict, vis: RowVisuals, qtype:
     if qtype == "direction" and truth in OPPOSITE:
         tally.order["n"] += 1
         tally.order["choice_correct"] += int(scores[cands.index(truth)] > scores[cands.index(OPPOSITE[truth])])
-    gen_text = ""
-    if generate:
-        ids = torch.tensor(prompt_ids([{"from": "human", "value": q}], tok, template))
-        out = list(model.generate(ids, feats, vis.mode, nf, max_new_tokens=max_new_tokens,
-                                  eos_token_id=tok.eos_token_id, modalities=vis.modalities))
-        gen_text = tok.decode(out, skip_special_tokens=True)
-        named = [c for c in cands if c in gen_text.lower().split() or c + "." in gen_text.lower().split()]
-        st["gen_correct"] += int(named == [truth])
+    example = None
     if len(tally.examples) < 12:
-        tally.examples.append({"uid": row["uid"], "question": ASKED[qtype][0], "truth": truth, "choice": choice,
-                               "generated": gen_text})
+        example = {"uid": row["uid"], "question": ASKED[qtype][0], "truth": truth, "choice": choice, "generated": ""}
+        tally.examples.append(example)
+    if pending is not None:
+        ids = torch.tensor(prompt_ids([{"from": "human", "value": q}], tok, template))
+        pending.add(Asked(Prompt(ids, feats, vis.mode, nf, vis.modalities), qtype, truth, example))
+
+
+def tally_rows(model, tok, template: str, rows: Iterable[dict], generate: bool = True, max_new_tokens: int = 12,
+               without: Optional[str] = None, batch_size: int = 16) -> Tally:
+    """Every known question of ``rows`` (feature rows) scored: choice scores row by row, greedy answers
+    ``batch_size`` questions at a time (``generate``)."""
+    tally = Tally()
+    pending = Pending(model, tok, tally, max_new_tokens, batch_size) if generate else None
+    for row in rows:
+        tally.rows += 1
+        tally.media[row["media_type"]] += 1
+        meta = json.loads(row["meta"]) if row["meta"] else {}
+        conv = json.loads(row["conversations"]) if row["conversations"] else []
+        vis = None
+        for turn in conv:
+            if turn["from"] != "human":
+                continue
+            qtype = question_type(turn["value"])
+            if qtype is None or TRUTH_KEY.get(qtype, qtype) not in meta:
+                tally.other_questions[PLACEHOLDER_RE.sub("", turn["value"]).strip()] += 1
+                continue
+            vis = vis or RowVisuals.of(row, without)
+            score_question(model, tok, template, row, vis, qtype, tally, pending)
+    if pending is not None:
+        pending.flush()
+    return tally
 
 
 def check_feature_set(uri: str, storage: StorageConfig | None) -> None:
@@ -171,10 +236,11 @@ def check_feature_set(uri: str, storage: StorageConfig | None) -> None:
 
 def evaluate(export_dir: str, feature_uri: str, storage: StorageConfig | None = None,
              max_samples: Optional[int] = None, generate: bool = True, max_new_tokens: int = 12,
-             pooler: Optional[str] = None, without: Optional[str] = None) -> dict:
+             pooler: Optional[str] = None, without: Optional[str] = None, batch_size: int = 16) -> dict:
     """Accuracy per question type of the export on the feature set's known questions; NothingToScore when it
     has none (a caption-only set, another data set), NotAFeatureSet / NotAnExport for wrong paths. ``without``: a
-    modality whose items are withheld from the model (e.g. ``audio``: the sound ablation)."""
+    modality whose items are withheld from the model (e.g. ``audio``: the sound ablation). ``batch_size``:
+    questions answered per batched generation (the answers do not depend on it)."""
     from ..models.poolers import POOLERS
     from ..formats.export import load_model
     from ..models.videollm import feature_mode_problems
@@ -191,24 +257,8 @@ def evaluate(export_dir: str, feature_uri: str, storage: StorageConfig | None = 
     if problems:  # e.g. pixels for a model without a tower
         raise ModelDoesNotFit("; ".join(problems))
     template = info.prompt_template(str(export_dir))
-    tally = Tally()
-    for i, row in enumerate(iter_feature_rows(feature_uri, storage)):
-        if max_samples is not None and i >= max_samples:
-            break
-        tally.rows += 1
-        tally.media[row["media_type"]] += 1
-        meta = json.loads(row["meta"]) if row["meta"] else {}
-        conv = json.loads(row["conversations"]) if row["conversations"] else []
-        vis = None
-        for turn in conv:
-            if turn["from"] != "human":
-                continue
-            qtype = question_type(turn["value"])
-            if qtype is None or TRUTH_KEY.get(qtype, qtype) not in meta:
-                tally.other_questions[PLACEHOLDER_RE.sub("", turn["value"]).strip()] += 1
-                continue
-            vis = vis or RowVisuals.of(row, without)
-            score_question(model, tok, template, row, vis, qtype, tally, generate, max_new_tokens)
+    rows = itertools.islice(iter_feature_rows(feature_uri, storage), max_samples)
+    tally = tally_rows(model, tok, template, rows, generate, max_new_tokens, without, batch_size)
     if not any(st["n"] for st in tally.per.values()):
         raise NothingToScore(tally.nothing_scored(feature_uri))
     return {"export": str(export_dir), "features": feature_uri, "pooler": pooler or model.cfg.pooler.type,

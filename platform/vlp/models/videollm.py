@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from typing import Literal, Optional, Sequence, TypeVar, Union
 
 import torch
@@ -21,6 +22,7 @@ from ..config import Cfg
 from ..data.conversation import IGNORE_INDEX, VISUAL_TOKEN_INDEX
 from .audio_towers import flatten_segments
 from .connectors import CONNECTORS, ConnectorConfig, ItemContext, default_modality
+from .generation import TokenHook, left_positions, next_tokens, row_tokens
 from .parts import PluginModule
 from .pixel_tower import ModelTowerCfg, PixelTower, features_shape
 from .poolers import POOLERS, Pooler, PoolerConfig
@@ -281,8 +283,9 @@ class VideoLLM(nn.Module):
         return torch.cat([tokens[:head], *[x for pair in pairs for x in pair]])  # (M + marks, d)
 
     def build_inputs(self, input_ids: list[torch.Tensor], labels: Optional[list[torch.Tensor]],
-                     visuals: list[Visuals]):
-        """Splice visual tokens into each sample's text embeddings and right-pad the batch.
+                     visuals: list[Visuals], left: bool = False):
+        """Splice visual tokens into each sample's text embeddings and right-pad the batch (``left``: left-pad it,
+        for generation: every row's last token is then at L - 1).
 
         input_ids[i]: (L_i,) with k_i >= 0 VISUAL_TOKEN_INDEX placeholders. visuals[i]: None (text-only), one
         (N, d_model) tensor, or a list of k_i such tensors, the j-th replacing the j-th placeholder. A placeholder
@@ -305,10 +308,11 @@ class VideoLLM(nn.Module):
         mask = torch.zeros(B, L, dtype=torch.long, device=device)
         out_labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long, device=device) if labels is not None else None
         for i, s in enumerate(seqs):
-            embeds[i, : s.shape[0]] = s
-            mask[i, : s.shape[0]] = 1
+            at = slice(L - s.shape[0], L) if left else slice(0, s.shape[0])  # the row's real tokens
+            embeds[i, at] = s
+            mask[i, at] = 1
             if out_labels is not None:
-                out_labels[i, : s.shape[0]] = labs[i]
+                out_labels[i, at] = labs[i]
         return embeds, mask, out_labels
 
     def sample_visuals(self, features: Features, mode: PerItem[str], num_frames: PerItem[int],
@@ -375,21 +379,37 @@ class VideoLLM(nn.Module):
         for _ in range(max_new_tokens):
             out = self.llm(inputs_embeds=cur, attention_mask=mask, past_key_values=past, use_cache=True)
             past = out.past_key_values
-            logits = out.logits[0, -1].float()  # (V,)
-            if do_sample:
-                probs = torch.softmax(logits / max(temperature, 1e-5), -1)
-                if top_p < 1.0:
-                    sp, si = probs.sort(descending=True)
-                    keep = sp.cumsum(0) - sp < top_p
-                    probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-                tok = int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
-            else:
-                tok = int(logits.argmax())
+            logits = out.logits[:, -1].float()  # (1, V)
+            tok = int(next_tokens(logits, do_sample, temperature, top_p, generator)[0])
             if eos_token_id is not None and tok == eos_token_id:
                 return
             yield tok
             cur = self.llm.get_input_embeddings()(torch.tensor([[tok]], device=embeds.device))
             mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: Sequence[Prompt], max_new_tokens: int = 32, do_sample: bool = False,
+                       temperature: float = 1.0, top_p: float = 1.0, eos_token_id: Optional[int] = None,
+                       generator: Optional[torch.Generator] = None,
+                       on_token: Optional[TokenHook] = None) -> list[list[int]]:
+        """Answer several prompts at once: each one's visuals spliced in (videos, images, several items or none,
+        mixed freely), the batch left-padded, decoded with a KV cache (:func:`vlp.models.generation.row_tokens`,
+        position ids from the mask). Returns each prompt's new token ids, in order, stopped at ``eos_token_id``
+        (not included) or after ``max_new_tokens``: greedy, the same tokens as :meth:`generate` one prompt at a
+        time (up to float rounding of batched matmuls, tested on the tiny models). Sampling (``do_sample``,
+        ``temperature``, ``top_p``) draws every row from ``generator``. ``on_token(row, token)`` hears each
+        row's tokens as they come and ``(row, None)`` when it ends (streaming per request)."""
+        if not prompts:
+            return []
+        visuals = [self.sample_visuals(p.features, p.mode, p.num_frames, i, p.modalities)
+                   for i, p in enumerate(prompts)]
+        embeds, mask, _ = self.build_inputs([p.input_ids for p in prompts], None, visuals, left=True)  # (B, L, d)
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,)
+            return next_tokens(logits, do_sample, temperature, top_p, generator)
+
+        return row_tokens(self.llm, embeds, mask, left_positions(mask), max_new_tokens, pick, eos_token_id,
+                          on_token)
 
 
 # ------------------------------------------------------------------------------------------- splicing
@@ -399,6 +419,18 @@ Features = Optional[Union[torch.Tensor, Sequence[torch.Tensor]]]
 Visuals = Optional[Union[torch.Tensor, Sequence[torch.Tensor]]]
 T = TypeVar("T")
 PerItem = Union[T, Sequence[T]]  # one value for the sample, or one per item
+
+
+@dataclass
+class Prompt:
+    """One prompt of :meth:`VideoLLM.generate_batch`: what :meth:`VideoLLM.generate` takes for one (see
+    :meth:`VideoLLM.sample_visuals` for ``features``, ``mode``, ``num_frames`` and ``modalities``)."""
+
+    input_ids: torch.Tensor  # (L,) with one VISUAL_TOKEN_INDEX per item
+    features: Features = None  # None: a text-only prompt
+    mode: PerItem[str] = "valley_pooled"
+    num_frames: PerItem[int] = 1
+    modalities: Optional[PerItem[str]] = None
 
 
 def visual_blocks(v: Visuals) -> list[torch.Tensor]:

@@ -1,0 +1,85 @@
+"""Decoding: the next-token rule (greedy, or sampled with temperature / top-p) and the batched, left-padded loop
+with a KV cache that :meth:`vlp.models.videollm.VideoLLM.generate_batch` runs.
+
+Why a loop of our own rather than transformers' ``generate(inputs_embeds=..., attention_mask=...)``. That one does
+handle left padding (its position ids are the mask's cumsum - 1, as here; eos-finished rows get the pad token),
+and greedy answers of the two agree on the tiny models. But:
+
+- it samples from torch's global RNG; it takes no ``torch.Generator``, which ``VideoLLM.generate`` (``vlp chat``)
+  takes and a server wants per request;
+- every option a call leaves unset is filled from the checkpoint's ``generation_config.json`` (its eos, a
+  ``repetition_penalty``, ...) and then from transformers' defaults (``top_k=50`` when sampling), so a Hub LM's
+  file would make batched answers differ from ``VideoLLM.generate``'s; pinning every option needs transformers'
+  private list of them, and ``eos_token_id=None`` (never stop) cannot be said at all;
+- a per-request streaming hook would need its streamer protocol plus the same per-row eos bookkeeping as here.
+
+So both :meth:`VideoLLM.generate` (one prompt, streamed) and the batched loop pick tokens with
+:func:`next_tokens`, and the loop is ``generate``'s with (B, L) masks and explicit position ids.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+# (row, token): a row's next new token, as soon as it is picked; token None: that row has ended (eos or
+# max_new_tokens), it gets no more calls.
+TokenHook = Callable[[int, Optional[int]], None]
+
+
+def next_tokens(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(B, V) float logits -> (B,) token ids: argmax, or a draw from softmax(logits / temperature) cut to the
+    smallest set of most likely tokens whose mass reaches ``top_p`` (``generator``: the RNG of the draws)."""
+    if not do_sample:
+        return logits.argmax(-1)  # (B,)
+    probs = torch.softmax(logits / max(temperature, 1e-5), -1)  # (B, V)
+    if top_p < 1.0:
+        sp, si = probs.sort(-1, descending=True)  # (B, V) each
+        keep = sp.cumsum(-1) - sp < top_p  # mass before each token under top_p: the first always stays
+        probs = torch.zeros_like(probs).scatter(-1, si, sp * keep)
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)  # (B,)
+
+
+def left_positions(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) left-padded attention mask -> (B, L) position ids: 0.. from each row's first real token, 0 on the
+    padding (as transformers' generate computes them). Without them a model with absolute positions would see
+    each row's prompt shifted by its padding."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def row_tokens(llm: torch.nn.Module, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+               max_new_tokens: int, pick: Callable[[torch.Tensor], torch.Tensor],
+               eos_token_id: Optional[int] = None, on_token: Optional[TokenHook] = None) -> list[list[int]]:
+    """Decode a left-padded batch with a KV cache: embeds (B, L, d), mask (B, L), positions (B, L) (see
+    :func:`left_positions`); ``pick``: (B, V) float logits -> (B,) ids. Returns each row's new tokens, stopped
+    at ``eos_token_id`` (not included) or after ``max_new_tokens``. A finished row keeps being fed its last token
+    until every row has finished (its outputs are dropped). ``on_token``: see :data:`TokenHook`."""
+    B = embeds.shape[0]
+    out: list[list[int]] = [[] for _ in range(B)]
+    live = [True] * B
+    emb = llm.get_input_embeddings()
+    cur, past = embeds, None
+    for step in range(max_new_tokens):
+        o = llm(inputs_embeds=cur, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
+        past = o.past_key_values
+        tok = pick(o.logits[:, -1].float())  # (B, V) -> (B,)
+        for i, t in enumerate(tok.tolist()):
+            if not live[i]:
+                continue
+            ended = eos_token_id is not None and t == eos_token_id
+            if not ended:
+                out[i].append(t)
+            if on_token is not None:
+                on_token(i, None if ended else t)
+            live[i] = not ended
+        if not any(live) or step == max_new_tokens - 1:
+            break
+        cur = emb(tok[:, None]).to(embeds.dtype)  # (B, 1, d)
+        mask = torch.cat([mask, mask.new_ones(B, 1)], 1)  # (B, L + step + 1)
+        positions = positions[:, -1:] + 1  # (B, 1)
+    if on_token is not None:
+        for i in (i for i in range(B) if live[i]):  # rows stopped by max_new_tokens
+            on_token(i, None)
+    return out
