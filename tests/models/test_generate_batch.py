@@ -150,3 +150,19 @@ def test_without_left_padding_or_mask_positions_the_answers_differ(model, gpt2, 
     assert gpt2.generate_batch(prompts, max_new_tokens=NEW) == want
     shifted = decode(gpt2, prompts, left=True, positions=lambda m: torch.arange(m.shape[1]).expand(m.shape))
     assert shifted[longest] == want[longest] and sum(r != s for r, s in zip(shifted, want)) == len(prompts) - 1
+
+
+def test_decode_batch_steps_keep_each_rows_budget_and_stop_rows_early(model, prompts):
+    """The server's step-wise form: per-row budgets, a row stopped from outside after its 2nd token, and every
+    row heard to end (None) after its last token; the tokens before are generate_batch's."""
+    ps = prompts[:4]
+    full = model.generate_batch(ps, max_new_tokens=NEW)  # no eos: every row runs its budget
+    budgets, tokens, steps = [3, NEW, 1, 5], [[] for _ in ps], 0
+    for step in model.decode_batch(ps, budgets, next_tokens, None, stopped=lambda i: i == 1 and len(tokens[1]) >= 2):
+        steps += 1
+        for i, t in enumerate(step):
+            if t is not None:
+                assert len(tokens[i]) < budgets[i]
+                tokens[i].append(t)
+    assert tokens == [full[0][:3], full[1][:2], full[2][:1], full[3][:5]]
+    assert steps == 6  # the longest row's five steps, then the closing step where every row has ended

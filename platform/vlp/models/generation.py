@@ -19,7 +19,7 @@ So both :meth:`VideoLLM.generate` (one prompt, streamed) and the batched loop pi
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -49,37 +49,53 @@ def left_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
-def row_tokens(llm: torch.nn.Module, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-               max_new_tokens: int, pick: Callable[[torch.Tensor], torch.Tensor],
-               eos_token_id: Optional[int] = None, on_token: Optional[TokenHook] = None) -> list[list[int]]:
-    """Decode a left-padded batch with a KV cache: embeds (B, L, d), mask (B, L), positions (B, L) (see
-    :func:`left_positions`); ``pick``: (B, V) float logits -> (B,) ids. Returns each row's new tokens, stopped
-    at ``eos_token_id`` (not included) or after ``max_new_tokens``. A finished row keeps being fed its last token
-    until every row has finished (its outputs are dropped). ``on_token``: see :data:`TokenHook`."""
+def decode_steps(llm: torch.nn.Module, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 max_new_tokens: Sequence[int], pick: Callable[[torch.Tensor], torch.Tensor],
+                 eos_token_id: Optional[int] = None, stopped: Optional[Callable[[int], bool]] = None
+                 ) -> Iterator[list[Optional[int]]]:
+    """Decode a left-padded batch with a KV cache, a step at a time: embeds (B, L, d), mask (B, L), positions
+    (B, L) (see :func:`left_positions`); ``pick``: (B, V) float logits -> (B,) ids. Yields, per step, one entry per
+    row: its new token, or None once the row has ended (``eos_token_id``, not yielded; its own ``max_new_tokens``;
+    or ``stopped(row)`` true, e.g. a client gone); every row yields None at least once after its last token, and
+    the steps end when every row has. A finished row keeps being fed its last token (its outputs are dropped)."""
     B = embeds.shape[0]
-    out: list[list[int]] = [[] for _ in range(B)]
-    live = [True] * B
-    emb = llm.get_input_embeddings()
-    cur, past = embeds, None
-    for step in range(max_new_tokens):
+    left = [int(n) for n in max_new_tokens]  # tokens each row may still produce
+    live = [n > 0 for n in left]
+    emb, cur, past = llm.get_input_embeddings(), embeds, None
+    while any(live):
         o = llm(inputs_embeds=cur, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
         past = o.past_key_values
         tok = pick(o.logits[:, -1].float())  # (B, V) -> (B,)
+        step: list[Optional[int]] = []
         for i, t in enumerate(tok.tolist()):
-            if not live[i]:
-                continue
-            ended = eos_token_id is not None and t == eos_token_id
-            if not ended:
-                out[i].append(t)
-            if on_token is not None:
-                on_token(i, None if ended else t)
-            live[i] = not ended
-        if not any(live) or step == max_new_tokens - 1:
-            break
+            if live[i] and (t == eos_token_id or (stopped is not None and stopped(i))):
+                live[i] = False
+            step.append(t if live[i] else None)
+            if live[i]:
+                left[i] -= 1
+                live[i] = left[i] > 0
+        yield step
         cur = emb(tok[:, None]).to(embeds.dtype)  # (B, 1, d)
         mask = torch.cat([mask, mask.new_ones(B, 1)], 1)  # (B, L + step + 1)
         positions = positions[:, -1:] + 1  # (B, 1)
-    if on_token is not None:
-        for i in (i for i in range(B) if live[i]):  # rows stopped by max_new_tokens
-            on_token(i, None)
+    yield [None] * B  # rows that ended on their budget in the last step hear it
+
+
+def row_tokens(llm: torch.nn.Module, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+               max_new_tokens: int, pick: Callable[[torch.Tensor], torch.Tensor],
+               eos_token_id: Optional[int] = None, on_token: Optional[TokenHook] = None) -> list[list[int]]:
+    """Each row's new tokens of :func:`decode_steps` (one budget for all rows), stopped at ``eos_token_id`` (not
+    included) or after ``max_new_tokens``. ``on_token``: see :data:`TokenHook`."""
+    B = embeds.shape[0]
+    out: list[list[int]] = [[] for _ in range(B)]
+    ended = [False] * B
+    for step in decode_steps(llm, embeds, mask, positions, [max_new_tokens] * B, pick, eos_token_id):
+        for i, t in enumerate(step):
+            if ended[i]:
+                continue
+            ended[i] = t is None
+            if t is not None:
+                out[i].append(t)
+            if on_token is not None:
+                on_token(i, t)
     return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence, TypeVar, Union
+from typing import Callable, Iterator, Literal, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.nn as nn
@@ -22,7 +22,7 @@ from ..config import Cfg
 from ..data.conversation import IGNORE_INDEX, VISUAL_TOKEN_INDEX
 from .audio_towers import flatten_segments
 from .connectors import CONNECTORS, ConnectorConfig, ItemContext, default_modality
-from .generation import TokenHook, left_positions, next_tokens, row_tokens
+from .generation import TokenHook, decode_steps, left_positions, next_tokens, row_tokens
 from .parts import PluginModule
 from .pixel_tower import ModelTowerCfg, PixelTower, features_shape
 from .poolers import POOLERS, Pooler, PoolerConfig
@@ -401,15 +401,31 @@ class VideoLLM(nn.Module):
         row's tokens as they come and ``(row, None)`` when it ends (streaming per request)."""
         if not prompts:
             return []
-        visuals = [self.sample_visuals(p.features, p.mode, p.num_frames, i, p.modalities)
-                   for i, p in enumerate(prompts)]
-        embeds, mask, _ = self.build_inputs([p.input_ids for p in prompts], None, visuals, left=True)  # (B, L, d)
+        embeds, mask = self.left_padded(prompts)  # (B, L, d), (B, L)
 
         def pick(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,)
             return next_tokens(logits, do_sample, temperature, top_p, generator)
 
         return row_tokens(self.llm, embeds, mask, left_positions(mask), max_new_tokens, pick, eos_token_id,
                           on_token)
+
+    def left_padded(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each prompt's visuals spliced in, left-padded: (B, L, d) embeddings and (B, L) mask."""
+        visuals = [self.sample_visuals(p.features, p.mode, p.num_frames, i, p.modalities)
+                   for i, p in enumerate(prompts)]
+        embeds, mask, _ = self.build_inputs([p.input_ids for p in prompts], None, visuals, left=True)
+        return embeds, mask
+
+    @torch.no_grad()
+    def decode_batch(self, prompts: Sequence[Prompt], max_new_tokens: Sequence[int],
+                     pick: Callable[[torch.Tensor], torch.Tensor], eos_token_id: Optional[int] = None,
+                     stopped: Optional[Callable[[int], bool]] = None) -> Iterator[list[Optional[int]]]:
+        """:meth:`generate_batch` a step at a time, for a server: a budget per prompt, ``pick`` (B, V) logits ->
+        (B,) ids (each row may sample its own way), ``stopped(row)`` ends a row early; yields per step each row's
+        new token or None once it has ended (:func:`vlp.models.generation.decode_steps`)."""
+        embeds, mask = self.left_padded(prompts)  # (B, L, d), (B, L)
+        yield from decode_steps(self.llm, embeds, mask, left_positions(mask), max_new_tokens, pick, eos_token_id,
+                                stopped)
 
 
 # ------------------------------------------------------------------------------------------- splicing

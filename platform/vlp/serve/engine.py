@@ -13,7 +13,8 @@ import torch
 from ..chat import BadMedia as UnreadableMedia
 from ..chat import ChatItem
 from ..data.conversation import prompt_ids
-from ..models.videollm import visual_token_count
+from ..models.generation import next_tokens
+from ..models.videollm import Prompt, visual_token_count
 from ..storage import localize
 from .config import ServeConfig
 from .media import fetch
@@ -94,36 +95,29 @@ class Engine:
                              f"{self.positions}-token context", param="messages", code="context_length_exceeded")
         return budget
 
-    def generate(self, job: Job) -> Iterator[int]:
-        """``VideoLLM.generate`` for one job, with the arguments ``vlp chat`` passes (ChatSession.stream)."""
-        sample = job.temperature > 0
-        gen = torch.Generator(device=self.device).manual_seed(job.seed) if sample and job.seed is not None else None
-        return self.model.generate(job.ids, [it.feats.to(self.device) for it in job.items] or None, "frames",
-                                   [it.num_frames for it in job.items], max_new_tokens=job.max_tokens,
-                                   do_sample=sample, temperature=job.temperature if sample else 1.0,
-                                   top_p=job.top_p, eos_token_id=self.tok.eos_token_id, generator=gen,
-                                   modalities=[it.modality for it in job.items])
+    def pick(self, jobs: Sequence[Job]):
+        """The batch's next-token rule: (B, V) logits -> (B,) ids; greedy rows at once, each sampling row with its
+        own temperature, top_p and seeded generator (as ``vlp chat`` samples)."""
+        gens = [torch.Generator(device=self.device).manual_seed(j.seed) if j.temperature > 0 and j.seed is not None
+                else None for j in jobs]
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,)
+            out = logits.argmax(-1)
+            for i, j in enumerate(jobs):
+                if j.temperature > 0:
+                    out[i] = next_tokens(logits[i:i + 1], True, j.temperature, j.top_p, gens[i])[0]
+            return out
+
+        return pick
 
     def answer_batch(self, jobs: Sequence[Job]) -> Iterator[list[Optional[int]]]:
-        """THE batch step: decode ``jobs`` together, one token each per step. Yields, per step, one entry per job:
-        its next token id, or None once it has finished (EOS, its max_tokens, or ``job.cancelled``); ends when
-        every job has finished.
-
-        For now each job runs its own ``VideoLLM.generate`` (one prompt at a time) and the jobs advance in
-        lockstep, so every client of a batch streams at once. This is the one function to swap for VideoLLM's
-        batched generation (a list of prompts, each with input_ids / features / modes / num_frames / modalities
-        -> per-row new token ids, branch ``batch-gen``); nothing around it changes."""
-        gens = [self.generate(j) for j in jobs]
-        live = [True] * len(jobs)
-        while any(live):
-            step: list[Optional[int]] = []
-            for i, (job, g) in enumerate(zip(jobs, gens)):
-                tok = next(g, None) if live[i] and not job.cancelled else None
-                if tok is None and live[i]:
-                    live[i] = False
-                    g.close()
-                step.append(tok)
-            yield step
+        """THE batch step: decode ``jobs`` together in one left-padded batch with a KV cache
+        (``VideoLLM.decode_batch``), one token each per step. Yields, per step, one entry per job: its next token
+        id, or None once it has finished (EOS, its max_tokens, or ``job.cancelled``); ends when every job has."""
+        prompts = [Prompt(j.ids, [it.feats.to(self.device) for it in j.items] or None, "frames",
+                          [it.num_frames for it in j.items], [it.modality for it in j.items] or None) for j in jobs]
+        yield from self.model.decode_batch(prompts, [j.max_tokens for j in jobs], self.pick(jobs),
+                                           self.tok.eos_token_id, lambda i: jobs[i].cancelled)
 
     def stream_batch(self, jobs: Sequence[Job]) -> Iterator[list[Optional[Delta]]]:
         """:meth:`answer_batch` as text: per step, per job a Delta (new text; its last one with the finish reason
