@@ -235,3 +235,16 @@ def test_building_an_encoder_leaves_autograd_on_in_the_process():
 
     EncodeFeatures(TOWERS.config(), "valley_pooled")
     assert torch.is_grad_enabled()
+
+
+def test_a_character_split_over_two_tokens_streams_whole(export, monkeypatch):
+    """Byte-level tokens: 'é' is two tokens, and the first alone decodes as U+FFFD. The stream holds it back and
+    shows 'é' once its second token is there (it used to show U+FFFD and never correct it)."""
+    from vlp.chat import ChatSession
+
+    session = ChatSession(str(export))
+    ids = session.tok("é ok", add_special_tokens=False).input_ids
+    assert "\ufffd" in session.tok.decode(ids[:1])  # the premise: a split character
+    monkeypatch.setattr(session.model, "generate", lambda *a, **k: iter(ids))  # these tokens, as if generated
+    pieces = list(session.stream([{"from": "human", "value": "Say it."}], []))
+    assert "".join(pieces) == "é ok" and not any("\ufffd" in p for p in pieces)

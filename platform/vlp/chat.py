@@ -173,10 +173,14 @@ class ChatSession:
                                        eos_token_id=self.tok.eos_token_id,
                                        modalities=[it.modality for it in items]):
             out.append(tok)
-            full = self.tok.decode(out, skip_special_tokens=True)
-            if len(full) > len(shown):
+            # a character split over tokens decodes as U+FFFD until its last token: held back, not shown broken
+            full = self.tok.decode(out, skip_special_tokens=True).rstrip("\ufffd")
+            if len(full) > len(shown) and full.startswith(shown):
                 yield full[len(shown):]
                 shown = full
+        rest = self.tok.decode(out, skip_special_tokens=True)[len(shown):]
+        if rest:
+            yield rest  # what is still held back when the answer ends (a character it never finished)
 
 
 def run_chat(export_dir: str, media: Union[None, str, Sequence[str]], question: Optional[str],
