@@ -203,7 +203,7 @@ def test_existing_yaml_and_saved_configs_load_unchanged():
                    "gradient_checkpointing": False, "dtype": "float32"}}
     cfg = validate(ModelConfig, old)  # a vlp_model.json / config.yaml written before model.plugins existed
     want = {"plugins": [], **old, "audio_hidden_size": None, "tower": None, "frame_times": "none"}  # new keys: defaults
-    want["llm"] = {**old["llm"], "init_from": None}
+    want["llm"] = {**old["llm"], "init_from": None, "attn_implementation": "sdpa"}
     assert cfg.model_dump(mode="json") == want
     from vlp.train.trainer import config_changes
 
@@ -212,7 +212,12 @@ def test_existing_yaml_and_saved_configs_load_unchanged():
     assert validate(TrainConfig, saved) == train and config_changes(saved, train) == []
     del saved["model"]["plugins"]  # a run saved before plugins existed re-runs as the same run
     del saved["model"]["tower"]  # and one saved before model.tower existed (a new field at its None default)
+    del saved["model"]["llm"]["attn_implementation"]  # or before the attention kernel was a setting (its default)
+    del saved["model"]["frame_times"]
     assert config_changes(saved, train) == []
+    saved["model"]["llm"]["attn_implementation"] = "eager"  # a kernel other than the default is a change
+    assert [c[0] for c in config_changes(saved, train)] == ["model.llm.attn_implementation"]
+    saved["model"]["llm"]["attn_implementation"] = "sdpa"
     saved["model"]["connector"]["type"] = "linear"
     assert [c[0] for c in config_changes(saved, train)] == ["model.connector.type"]
 

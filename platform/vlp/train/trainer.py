@@ -354,13 +354,32 @@ def _diff(old, new, path: str = "") -> list[tuple[str, object, object]]:
     return [] if old == new else [(path, old, new)]
 
 
+def field_default(cls, path: str):
+    """The declared default of the config field at dotted ``path`` (through nested configs; a union's first member
+    that has the field); a sentinel that equals nothing when there is none."""
+    import typing
+
+    from pydantic import BaseModel
+
+    for part in path.split("."):
+        models = [c for c in (typing.get_args(cls) or (cls,)) if isinstance(c, type) and issubclass(c, BaseModel)]
+        field = next((m.model_fields[part] for m in models if part in m.model_fields), None)
+        if field is None:
+            return object()
+        cls = field.annotation
+    if field.default_factory is not None:
+        return field.default_factory()
+    return field.default.value if hasattr(field.default, "value") else field.default
+
+
 def config_changes(saved: dict, cfg: TrainConfig) -> list[tuple[str, object, object]]:
     """What differs between a run folder's saved config and ``cfg``, outside RERUN_MAY_CHANGE."""
     new = yaml.safe_load(dump_config(cfg))  # the same JSON-mode dump config.yaml holds (tuples as lists)
     out = []
     for path, a, b in _diff(saved, new):
-        if _may_change(path) or (path in _RESOLVED_AT_SETUP and b is None) or (a == "<absent>" and b is None):
-            # (the last: a field added after the run was saved, at its None default)
+        if _may_change(path) or (path in _RESOLVED_AT_SETUP and b is None) or (a == "<absent>" and (
+                b is None or b == field_default(TrainConfig, path))):
+            # (the last: a field added after the run was saved, at its default)
             continue
         out.append((path, a, b))
     return out
