@@ -109,14 +109,26 @@ class WriterLock:
         os.replace(tmp, self.path)
         return True
 
-    def take_over(self, etag: Optional[str]) -> bool:
-        """Replace a stale lock; of several writers doing so at once one succeeds."""
+    def take_over(self, etag: Optional[str], stale: dict) -> bool:
+        """Replace the stale lock ``stale``; of several writers doing so at once one succeeds."""
         if self.remote:
             return self.replace(etag)
         aside = f"{self.path}.stale-{self.record['owner']}"
         try:
             os.rename(self.path, aside)  # only one renamer finds the file
         except FileNotFoundError:
+            return False
+        try:
+            with open(aside, "rb") as f:
+                moved = json.loads(f.read())
+        except ValueError:
+            moved = {}
+        if moved != stale:
+            try:  # another writer's fresh lock, moved by mistake: put back unless a third one is there
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+            os.remove(aside)
             return False
         os.remove(aside)
         return self.create()
@@ -136,7 +148,7 @@ class WriterLock:
                 raise WriterBusy(f"{self.what} {folder} is being written by {describe(holder, now)}; wait for it to "
                                  f"finish, or if that run is gone remove {self.uri} (it is taken over by itself "
                                  f"{self.stale_s:.0f} s after the last heartbeat)")
-            if self.take_over(etag):
+            if self.take_over(etag, holder):
                 break
         else:
             raise WriterBusy(f"{self.what}: could not take {self.uri} (other writers keep taking it)")

@@ -15,7 +15,7 @@ import torch
 from conftest import make_bucket, recipe_on_one_rank
 from featrows import tokenise
 from vlp.config import validate
-from vlp.storage import StorageConfig, read_appended
+from vlp.storage import StorageConfig, get_fs, read_appended
 from vlp.train.config import TrainConfig
 from vlp.train.recipe import (Counters, ModelSize, Reduced, RunLogs, StepStats, merge_counters,
                               micro_batches, step_metrics, take_group)
@@ -90,7 +90,7 @@ def test_run_logs_on_s3_are_buffered_until_a_checkpoint_flushes_them(s3_server):
     st = StorageConfig(endpoint_url=s3_server)
     run = "s3://runs/r1"
     logs = RunLogs(run, tensorboard=True, storage=st)
-    assert logs.tb is None  # TensorBoard writes local files only
+    assert logs.tb is not None and logs.tb_local is not None  # written locally, uploaded at each flush
     for step in (1, 2, 3):
         logs.write({"step": step, "loss": 0.5}, [f"u{step}"])
     assert read_appended(f"{run}/metrics.jsonl", st) == ""  # buffered: no PUT per step
@@ -98,6 +98,8 @@ def test_run_logs_on_s3_are_buffered_until_a_checkpoint_flushes_them(s3_server):
     assert [json.loads(x)["step"] for x in read_appended(f"{run}/metrics.jsonl", st).splitlines()] == [1, 2, 3]
     logs.write({"step": 4, "loss": 0.4}, ["u4"])
     logs.close()
+    fs, _ = get_fs(run, st)
+    assert fs.glob("runs/r1/tensorboard/events.out.tfevents.*")  # the event file, uploaded
     assert [json.loads(x)["uids"] for x in read_appended(f"{run}/samples.jsonl", st).splitlines()] == \
         [["u1"], ["u2"], ["u3"], ["u4"]]
 

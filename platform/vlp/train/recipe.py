@@ -362,6 +362,7 @@ class TrainRecipe:
         self.probe_row: Optional[dict] = None
         self.counters = Counters()
         self.logs: Optional[RunLogs] = None
+        self.in_ray_train = False  # set by from_ray: a Ray Train worker, where ray.train.report works
         self.mlflow = None  # rank 0's MLflow module when tracking.mlflow is set (start_tracking)
         self.held: Optional[HeldRows] = None  # the held sets' blocks, fetched at the first epoch
 
@@ -371,8 +372,10 @@ class TrainRecipe:
         import ray.train
 
         ctx = ray.train.get_context()
-        return cls(TrainConfig.model_validate(config["cfg"]), config["meta"], ctx.get_world_rank(),
-                   ctx.get_world_size())
+        recipe = cls(TrainConfig.model_validate(config["cfg"]), config["meta"], ctx.get_world_rank(),
+                     ctx.get_world_size())
+        recipe.in_ray_train = True  # ray.train.report works (a recipe run in a test's process has no session)
+        return recipe
 
     def run(self) -> None:
         self.setup()
@@ -553,7 +556,8 @@ class TrainRecipe:
 
         if self.step % self.cfg.tracking.report_every:
             return
-        ray.train.report(dict(self.metrics))
+        if self.in_ray_train:
+            ray.train.report(dict(self.metrics))
         if self.mlflow is not None:
             self.mlflow.log_metrics({k: float(v) for k, v in self.metrics.items()
                                      if isinstance(v, (int, float)) and k not in ("step", "time")}, step=self.step)
