@@ -84,7 +84,7 @@ def test_override_errors(tmp_path):
 
 def test_semantic_validation(tmp_path):
     p = _write(tmp_path, "data: {shards: [a.tar], decode: {device: cuda, backend: pyav}}\noutput: {uri: o}\n")
-    with pytest.raises(ConfigError, match="data.decode: .*device=cuda needs backend decord"):
+    with pytest.raises(ConfigError, match="data.decode: .*device=cuda needs a backend that decodes there"):
         load_config(PrecomputeConfig, p)
 
 

@@ -1,19 +1,25 @@
-"""Media sniffing, video/image decoding (decord first, PyAV fallback) and frame sampling.
+"""Media sniffing, video/image decoding and frame sampling.
 
 All functions are plain and Ray-free. Decoders return ``(frames, timestamps, n_source_frames)`` where
-``frames`` is uint8 ``(T, H, W, 3)`` RGB and timestamps are seconds from the clip start.
+``frames`` is uint8 ``(T, H, W, 3)`` RGB and timestamps are seconds from the clip start. Video decoders are
+registered by name in :data:`VIDEO_DECODERS` (``data.decode.backend``): PyAV and decord here, torchcodec (CPU or
+NVDEC) in :mod:`vlp.data.nvdec`; :func:`decoder_chain` says which run, in which order, on which device.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import io
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..config import Cfg
+from ..errors import UserError
+from ..registry import Registry
 
 VIDEO_EXTS = ("mp4", "webm", "avi", "mkv", "mov", "m4v", "mpeg", "mpg", "gif")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -33,25 +39,43 @@ class SamplingConfig(Cfg):
 class DecodeConfig(Cfg):
     """Which decoder runs, where."""
 
-    backend: Literal["auto", "decord", "pyav"] = Field(
-        "auto", description="auto: on cpu PyAV first (selective decode), decord for what it refuses; "
-        "on cuda decord first")
-    device: Literal["cpu", "cuda"] = Field("cpu", description="decord context; cuda needs a GPU build of decord")
+    backend: str = Field(
+        "auto", description="video decoder, a name in vlp.data.media.VIDEO_DECODERS (pyav, decord, torchcodec) or "
+        "auto: on cpu PyAV first (selective decode), decord for what it refuses; on cuda torchcodec (NVDEC)")
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="where video is decoded; cuda: the GPU's NVDEC through torchcodec (pip install "
+        "'vlp[gpu]') or a CUDA build of decord, and the precompute decode stage asks Ray for GPUs "
+        "(data.decode_gpus, data.decode_placement)")
+    cpu_fallback: bool = Field(True, description="device=cuda: a clip the GPU decoder refuses (a codec NVDEC "
+                               "lacks, ...) is decoded on CPU (PyAV, then decord) and counted in summary.json "
+                               "(this_run.decode_fallbacks); false: it becomes an error record")
     threads: int = Field(1, ge=0, le=64, description="decoder threads per task (0 = library default)")
     selective: bool = Field(True, description="PyAV: skip decoding frames that are neither sampled nor "
                             "referenced (same pixels; ~30% less decode CPU on libx264 clips with B-frames); needs threads=1")
     max_pixels: int = Field(4096 * 4096, ge=1, description="refuse frames larger than this (decompression bombs)")
     max_aspect_ratio: float = Field(20.0, ge=1, description="refuse frames longer than this many times their width")
 
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        return v if v == "auto" else VIDEO_DECODERS.validate(v)
+
     @model_validator(mode="after")
-    def _cuda_needs_decord(self):
-        if self.device == "cuda" and self.backend == "pyav":
-            raise ValueError("device=cuda needs backend decord or auto (PyAV decodes on CPU)")
+    def _backend_decodes_on_device(self):
+        if self.backend != "auto" and self.device not in VIDEO_DECODERS.get(self.backend).devices:
+            able = [n for n in VIDEO_DECODERS.names() if self.device in VIDEO_DECODERS.get(n).devices]
+            raise ValueError(f"device={self.device} needs a backend that decodes there (auto, {', '.join(able)}); "
+                             f"{self.backend} decodes on {', '.join(VIDEO_DECODERS.get(self.backend).devices)} only")
         return self
 
 
 class MediaError(Exception):
     """A sample's media cannot be used; ``str(e)`` is the recorded reason."""
+
+
+class DecoderUnavailable(UserError, RuntimeError):
+    """The configured decoder cannot run in this process at all (its package is not installed, no GPU is visible):
+    a config problem, not bad data, so the job stops instead of turning every sample into an error record."""
 
 
 MediaKind = Literal["video", "image", "unknown"]
@@ -121,14 +145,15 @@ def sample_indices(n_frames: int, cfg: SamplingConfig, timestamps: Optional[np.n
 
 @dataclass
 class Decoded:
-    frames: np.ndarray  # (T, H, W, 3) uint8
+    frames: Any  # (T, H, W, 3) uint8: numpy from a CPU decoder, a torch tensor on the GPU that decoded it
     timestamps: np.ndarray  # (T,) float64 seconds
     n_source_frames: int
     decoder: str
     n_decoded: Optional[int] = None  # frames the decoder produced, when it skipped some (selective PyAV)
+    fallback: str = ""  # why the GPU decoder did not decode this clip ("" when it did, or on CPU)
 
 
-def _check_pixels(h: int, w: int, cfg: DecodeConfig) -> None:
+def check_pixels(h: int, w: int, cfg: DecodeConfig) -> None:
     if h <= 0 or w <= 0:
         raise MediaError(f"frame has no pixels ({w}x{h})")
     if h * w > cfg.max_pixels:
@@ -143,7 +168,7 @@ def decode_image(data: bytes, cfg: DecodeConfig) -> Decoded:
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            _check_pixels(im.height, im.width, cfg)
+            check_pixels(im.height, im.width, cfg)
             arr = np.asarray(im.convert("RGB"))
     except MediaError:
         raise
@@ -165,18 +190,20 @@ def _decord_ctx(device: str):
             ctx = decord.gpu(0)
             decord.nd.array(np.zeros(1, dtype=np.uint8), ctx=ctx)
         except Exception as e:  # CPU-only wheel or no GPU
-            raise RuntimeError(
+            raise DecoderUnavailable(
                 "decode.device=cuda but decord cannot use a GPU here "
                 f"({type(e).__name__}: {e}); build decord with CUDA (NVDEC) or set decode.device=cpu") from None
         _decord_ctx_checked["cuda"] = ctx
     return _decord_ctx_checked["cuda"]
 
 
-def decode_video_decord(data: bytes, sampling: SamplingConfig, cfg: DecodeConfig) -> Decoded:
+def decode_video_decord(data: bytes, sampling: SamplingConfig, cfg: DecodeConfig,
+                        device: Optional[str] = None) -> Decoded:
+    """decord on ``device`` (default ``cfg.device``; the CPU fallback of a GPU decode passes ``cpu``)."""
     import decord
 
     try:
-        vr = decord.VideoReader(io.BytesIO(data), ctx=_decord_ctx(cfg.device), num_threads=cfg.threads)
+        vr = decord.VideoReader(io.BytesIO(data), ctx=_decord_ctx(device or cfg.device), num_threads=cfg.threads)
         n = len(vr)
         if n <= 0:
             raise MediaError("decord: clip has no frames")
@@ -190,17 +217,15 @@ def decode_video_decord(data: bytes, sampling: SamplingConfig, cfg: DecodeConfig
         idx = sample_indices(n, sampling, ts if sampling.mode == "fps" else None, avg_fps)
         frames = vr.get_batch(idx).asnumpy()
         stamps = ts[idx]
-    except MediaError:
+    except (MediaError, DecoderUnavailable):
         raise
     except RuntimeError as e:
-        if "decode.device=cuda" in str(e):
-            raise
         raise MediaError(f"decord: {str(e).splitlines()[0][:300]}") from None
     except Exception as e:
         raise MediaError(f"decord: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}") from None
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise MediaError(f"decord returned frames of shape {frames.shape}")
-    _check_pixels(frames.shape[1], frames.shape[2], cfg)
+    check_pixels(frames.shape[1], frames.shape[2], cfg)
     return Decoded(frames, np.asarray(stamps, dtype=np.float64), n, "decord")
 
 
@@ -258,7 +283,7 @@ def _pyav_selective(data: bytes, pts: list[int], want_ranks: set[int], cfg: Deco
                     return None  # frames leave the decoder in display order: anything else means bad pts
                 last = r
                 if r in want_ranks and r not in kept:
-                    _check_pixels(fr.height, fr.width, cfg)
+                    check_pixels(fr.height, fr.width, cfg)
                     kept[r] = _to_rgb(fr, size0)
             if len(kept) == len(want_ranks):
                 return kept, n_out
@@ -301,7 +326,7 @@ def _pyav_full(data: bytes, tb: float, want: Optional[set[int]], cfg: DecodeConf
                 size0 = (fr.width, fr.height)
             if want is None or i in want:
                 if want is not None:
-                    _check_pixels(fr.height, fr.width, cfg)
+                    check_pixels(fr.height, fr.width, cfg)
                 kept[i] = _to_rgb(fr, size0)
     return decoded_pts, kept
 
@@ -346,7 +371,7 @@ def decode_video_pyav(data: bytes, sampling: SamplingConfig, cfg: DecodeConfig) 
             got = _pyav_selective(data, pts, want, cfg)
             if got is not None:
                 frames = np.stack([got[0][i] for i in idx.tolist()])
-                _check_pixels(frames.shape[1], frames.shape[2], cfg)
+                check_pixels(frames.shape[1], frames.shape[2], cfg)
                 return Decoded(frames, times[idx], n_hint, "pyav", n_decoded=got[1])
         decoded_pts, kept = _pyav_full(data, tb, want, cfg)
     except MediaError:
@@ -354,40 +379,134 @@ def decode_video_pyav(data: bytes, sampling: SamplingConfig, cfg: DecodeConfig) 
     except Exception as e:
         raise MediaError(f"pyav: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}") from None
     frames, stamps, n = _pick_decoded(decoded_pts, kept, want, n_hint, sampling)
-    _check_pixels(frames.shape[1], frames.shape[2], cfg)
+    check_pixels(frames.shape[1], frames.shape[2], cfg)
     return Decoded(frames, stamps, n, "pyav")
 
 
-def decode_media(data: bytes, name_ext: str, sampling: SamplingConfig, cfg: DecodeConfig) -> tuple[str, Decoded]:
-    """Decode one media member. Returns (media_type, Decoded). Raises MediaError with the reason."""
+# ---------------------------------------------------------------------------------------------- backends
+
+class VideoDecoder:
+    """A video decoding backend, registered by name in :data:`VIDEO_DECODERS` (``data.decode.backend``).
+
+    ``devices`` says where it can decode; ``package`` is the module it needs, checked by :meth:`missing` without
+    importing it, so a driver can refuse a config before any work starts. One instance per (class, device) per
+    process (:func:`video_decoder`): the constructor does the one-off checks (the library loads, a GPU is
+    visible) and raises :class:`DecoderUnavailable`; :meth:`decode` raises :class:`MediaError` for a clip it
+    cannot decode, which on a GPU sends that clip to the CPU decoders (:func:`decode_media`)."""
+
+    name: ClassVar[str] = ""
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    package: ClassVar[str] = ""
+    install: ClassVar[str] = ""  # how to get ``package``, for the error message
+
+    def __init__(self, device: str):
+        self.device = device
+
+    @classmethod
+    def missing(cls) -> Optional[str]:
+        """Why this backend cannot be used here (its package is not installed), or None."""
+        if cls.package and importlib.util.find_spec(cls.package) is None:
+            return f"the {cls.package!r} package is not installed ({cls.install})"
+        return None
+
+    def decode(self, data: bytes, sampling: SamplingConfig, cfg: DecodeConfig) -> Decoded:
+        raise NotImplementedError
+
+
+VIDEO_DECODERS: Registry[type[VideoDecoder]] = Registry("video decoder")
+CPU_CHAIN = ("pyav", "decord")  # backend auto on cpu, and the per-clip fallback of a GPU decode
+
+
+@VIDEO_DECODERS.register("pyav")
+class PyAVDecoder(VideoDecoder):
+    name = "pyav"
+
+    def decode(self, data: bytes, sampling: SamplingConfig, cfg: DecodeConfig) -> Decoded:
+        return decode_video_pyav(data, sampling, cfg)
+
+
+@VIDEO_DECODERS.register("decord")
+class DecordDecoder(VideoDecoder):
+    name = "decord"
+    devices = ("cpu", "cuda")  # cuda: only with a decord built from source with NVDEC
+
+    def decode(self, data: bytes, sampling: SamplingConfig, cfg: DecodeConfig) -> Decoded:
+        return decode_video_decord(data, sampling, cfg, self.device)
+
+
+Chain = list[tuple[type[VideoDecoder], str]]
+
+
+def decoder_chain(cfg: DecodeConfig) -> Chain:
+    """The (backend class, device) pairs tried in order for each clip. cpu: ``backend`` alone, or PyAV then decord
+    for auto. cuda: the GPU backend (auto: torchcodec), then, with ``cpu_fallback``, PyAV and decord on CPU."""
+    if cfg.device == "cpu":
+        return [(VIDEO_DECODERS.get(n), "cpu") for n in (CPU_CHAIN if cfg.backend == "auto" else (cfg.backend,))]
+    gpu = [(VIDEO_DECODERS.get("torchcodec" if cfg.backend == "auto" else cfg.backend), "cuda")]
+    return gpu + ([(VIDEO_DECODERS.get(n), "cpu") for n in CPU_CHAIN] if cfg.cpu_fallback else [])
+
+
+def check_chain(chain: Chain) -> None:
+    """Raise :class:`DecoderUnavailable` when a backend of the chain is not installed (no import, no GPU needed:
+    the driver calls this before starting any work)."""
+    for cls, device in chain:
+        problem = cls.missing()
+        if problem:
+            hint = "; or set data.decode.device=cpu" if device == "cuda" else ""
+            raise DecoderUnavailable(f"data.decode.backend={cls.name} (device {device}): {problem}{hint}")
+
+
+_instances: dict[tuple[type[VideoDecoder], str], VideoDecoder] = {}
+
+
+def video_decoder(cls: type[VideoDecoder], device: str) -> VideoDecoder:
+    """This process's instance of backend ``cls`` on ``device``, made (and checked) on first use."""
+    key = (cls, device)
+    if key not in _instances:
+        check_chain([key])
+        _instances[key] = cls(device)
+    return _instances[key]
+
+
+def decode_video(data: bytes, sampling: SamplingConfig, cfg: DecodeConfig, chain: Chain) -> Decoded:
+    """The first decode of the chain that succeeds; a clip decoded on CPU after a GPU backend refused it carries the
+    GPU's reason in ``fallback``. Raises MediaError with every backend's reason when none can."""
+    errors: list[str] = []
+    for cls, device in chain:
+        try:
+            dec = video_decoder(cls, device).decode(data, sampling, cfg)
+        except MediaError as e:
+            errors.append(str(e))
+            continue
+        if errors and device == "cpu" and chain[0][1] == "cuda":
+            dec.fallback = errors[0]
+        return dec
+    raise MediaError(" | ".join(errors))
+
+
+def decode_media(data: bytes, name_ext: str, sampling: SamplingConfig, cfg: DecodeConfig,
+                 chain: Optional[Chain] = None) -> tuple[str, Decoded]:
+    """Decode one media member with ``chain`` (default :func:`decoder_chain` of ``cfg``; a Ray stage passes the one
+    resolved on its driver). Returns (media_type, Decoded). Raises MediaError with the reason."""
     if len(data) == 0:
         raise MediaError("empty media file (0 bytes)")
     kind, fmt = sniff(data)
     if kind == "image":
         return "image", decode_image(data, cfg)
-    errors = []
-    if cfg.backend == "auto":
-        # on CPU PyAV's selective decode does less work than decord (bench/bench_decode.py); on a GPU
-        # decord's NVDEC context is the point
-        backends = ["pyav", "decord"] if cfg.device == "cpu" else ["decord", "pyav"]
-    else:
-        backends = [cfg.backend]
-    for b in backends:
-        try:
-            dec = decode_video_decord(data, sampling, cfg) if b == "decord" else decode_video_pyav(data, sampling, cfg)
-        except MediaError as e:
-            errors.append(str(e))
-            continue
-        # a single-frame "video" (e.g. an MJPEG still named .mp4) is an image
-        mtype = "image" if dec.n_source_frames == 1 else "video"
-        if mtype == "image":
-            dec = Decoded(dec.frames[:1], dec.timestamps[:1], 1, dec.decoder)
-        return mtype, dec
-    if kind == "unknown":
+    try:
+        dec = decode_video(data, sampling, cfg, chain if chain is not None else decoder_chain(cfg))
+    except MediaError as e:
+        if kind != "unknown":
+            raise
         # not a known container: maybe an image with a wrong name that PIL knows
         try:
             return "image", decode_image(data, cfg)
         except MediaError:
             pass
-        raise MediaError(f"unrecognised media (.{name_ext}, magic {data[:8].hex()}): " + " | ".join(errors))
-    raise MediaError(" | ".join(errors))
+        raise MediaError(f"unrecognised media (.{name_ext}, magic {data[:8].hex()}): {e}") from None
+    if dec.n_source_frames == 1:  # a single-frame "video" (e.g. an MJPEG still named .mp4) is an image
+        return "image", Decoded(dec.frames[:1], dec.timestamps[:1], 1, dec.decoder, fallback=dec.fallback)
+    return "video", dec
+
+
+importlib.import_module(".nvdec", __package__)  # registers the torchcodec backend (it imports this module's names)

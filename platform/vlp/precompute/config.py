@@ -34,6 +34,21 @@ class DataConfig(Cfg):
     decode_cpus: float = Field(1.0, gt=0, description="CPUs reserved per decode task")
     decode_batch_size: int = Field(4, ge=1, description="samples per decode task call")
     decode_memory_mb: int = Field(512, ge=1, description="memory reserved per decode task (MiB)")
+    decode_placement: Literal["auto", "tasks", "actors", "encoder"] = Field(
+        "auto", description="where decoding runs. tasks: stateless Ray tasks; actors: a pool of decode_concurrency "
+        "actors (a GPU decoder keeps its context); encoder: inside each encoder actor, on its GPU, so decoded frames "
+        "reach the tower without a host copy (needs decode.device=cuda and a GPU encoder). auto: tasks on cpu; on "
+        "cuda encoder when the encoder runs on GPU, else actors")
+    decode_gpus: float = Field(0.25, gt=0, le=1, description="GPU fraction each decode task or actor asks Ray for "
+                               "when decode.device=cuda (tasks/actors placement; NVDEC engines are shared)")
+    decode_concurrency: int = Field(2, ge=1, description="decode actors (decode_placement: actors)")
+
+    @model_validator(mode="after")
+    def _encoder_placement_decodes_on_gpu(self):
+        if self.decode_placement == "encoder" and self.decode.device != "cuda":
+            raise ValueError("decode_placement=encoder shares the encoder's GPU and needs decode.device=cuda; "
+                             "CPU decoding runs as tasks or actors")
+        return self
 
 
 class EncoderConfig(Cfg):

@@ -34,7 +34,8 @@ from ..formats.records import RecordError
 from ..storage import expand_shards, make_output_dir
 from ..writer_lock import WriterBusy, WriterLock
 from .config import PrecomputeConfig
-from .stages import DecodeFrames, EncodeFeatures, ReadShard, WriteParts
+from ..data.media import check_chain
+from .stages import DecodeActor, DecodeEncode, DecodeFrames, EncodeFeatures, ReadShard, WriteParts
 
 
 class FeatureSetMismatch(UserError, RuntimeError):
@@ -56,6 +57,8 @@ class ShardState:
     media: Counter = field(default_factory=Counter)
     items: Counter = field(default_factory=Counter)
     ignored: Counter = field(default_factory=Counter)
+    decoders: Counter = field(default_factory=Counter)  # items per decoder (this run only, not in the commit)
+    fallbacks: Counter = field(default_factory=Counter)  # items a GPU decoder left to the CPU, per reason
 
     @property
     def complete(self) -> bool:
@@ -74,6 +77,8 @@ class ShardState:
             self.media.update(json.loads(meta["media_counts"] or "{}"))
             self.items.update(json.loads(meta["item_counts"] or "{}"))
             self.ignored.update(json.loads(meta["ignored"] or "{}"))
+            self.decoders.update(json.loads(meta["decoders"] or "{}"))
+            self.fallbacks.update({_reason_class(k): v for k, v in json.loads(meta["fallbacks"] or "{}").items()})
             for k in ("read", "decode", "encode"):
                 stage_time[k] += float(meta[f"t_{k}"])
             if meta["part"]:
@@ -197,17 +202,50 @@ def encoder_on_gpu(cfg: PrecomputeConfig, cluster_gpus: float) -> bool:
     return "cuda" in devices or ("auto" in devices and (cluster_gpus > 0 or cfg.encoder.accelerator_type is not None))
 
 
-def stage_resources(cfg: PrecomputeConfig, on_gpu: bool) -> dict[str, dict]:
-    """Ray resource requests per stage, the numbers the autoscaler scales on. Reads, decodes and writes are
-    CPU tasks; the encoder is an actor pool, each actor holding ``num_gpus_per_actor`` GPUs (of
-    ``accelerator_type`` when set) when the tower runs on cuda, else CPUs only."""
+def decode_placement(cfg: PrecomputeConfig, on_gpu: bool) -> str:
+    """Where decoding runs (``data.decode_placement`` resolved): ``tasks``, ``actors`` or ``encoder`` (inside the
+    encoder actors, on their GPU). ``on_gpu``: whether the encoder actors hold GPUs (:func:`encoder_on_gpu`)."""
+    want, cuda = cfg.data.decode_placement, cfg.data.decode.device == "cuda"
+    enc_gpu = on_gpu and cfg.encoder.num_gpus_per_actor > 0
+    if want == "encoder" and not enc_gpu:
+        raise ConfigError([("data.decode_placement", "encoder decodes on the encoder actors' GPU, but they hold none "
+                                                     "(encoder.tower.device, encoder.num_gpus_per_actor, output.mode)")])
+    if want != "auto":
+        return want
+    return "tasks" if not cuda else "encoder" if enc_gpu else "actors"
+
+
+def stage_resources(cfg: PrecomputeConfig, on_gpu: bool, placement: Optional[str] = None) -> dict[str, dict]:
+    """Ray resource requests per stage, the numbers the autoscaler scales on. Reads and writes are CPU tasks; the
+    encoder is an actor pool, each actor holding ``num_gpus_per_actor`` GPUs (of ``accelerator_type`` when set)
+    when the tower runs on cuda, else CPUs only. Decoding (``placement``, default :func:`decode_placement`) asks
+    for CPUs, plus ``data.decode_gpus`` of a GPU when it decodes on cuda; placed in the encoder actors it asks for
+    nothing of its own (``decode`` is empty): it shares theirs."""
+    placement = placement or decode_placement(cfg, on_gpu)
     enc = {"num_cpus": cfg.encoder.cpus_per_actor, "num_gpus": cfg.encoder.num_gpus_per_actor if on_gpu else 0}
     if on_gpu and cfg.encoder.accelerator_type:
         enc["accelerator_type"] = cfg.encoder.accelerator_type
+    dec: dict = {"num_cpus": cfg.data.decode_cpus, "memory": cfg.data.decode_memory_mb << 20}
+    if cfg.data.decode.device == "cuda":
+        dec["num_gpus"] = cfg.data.decode_gpus
     return {"read": {"num_cpus": cfg.data.read_cpus},
-            "decode": {"num_cpus": cfg.data.decode_cpus, "memory": cfg.data.decode_memory_mb << 20},
+            "decode": {} if placement == "encoder" else dec,
             "encode": enc,
             "write": {"num_cpus": 0.25}}
+
+
+def decode_map_args(cfg: PrecomputeConfig, stage: DecodeFrames, placement: str, resources: dict) -> tuple:
+    """(fn, map_batches keyword arguments) of the decode stage for ``placement`` tasks or actors; ``resources`` is
+    :func:`stage_resources`' ``decode`` entry."""
+    import ray
+
+    kw = dict(batch_size=cfg.data.decode_batch_size, batch_format="numpy", **resources)
+    if placement == "actors":
+        return DecodeActor, dict(kw, fn_constructor_kwargs={"stage": stage},
+                                 compute=ray.data.ActorPoolStrategy(size=cfg.data.decode_concurrency))
+    if placement == "tasks":
+        return stage, kw
+    raise ValueError(f"decode placement {placement!r} has no decode stage of its own")
 
 
 class PrecomputeRun:
@@ -239,6 +277,7 @@ class PrecomputeRun:
         self.shards = expand_shards(self.cfg.data.shards, self.cfg.data.storage)
         self.names = shard_names(self.shards)
         self.fp, self.decode, self.encode = plan_stages(self.cfg)
+        check_chain(self.decode.chain)  # a decoder that is not installed stops the job here, in one line
 
     def check_existing(self) -> None:
         """Refuse (or with output.overwrite delete) an output made with another fingerprint or in a format this
@@ -303,17 +342,25 @@ class PrecomputeRun:
         cfg = self.cfg
         init_ray(cfg.ray)
         ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
-        res = stage_resources(cfg, encoder_on_gpu(cfg, ray.cluster_resources().get("GPU", 0)))
+        on_gpu = encoder_on_gpu(cfg, ray.cluster_resources().get("GPU", 0))
+        placement = decode_placement(cfg, on_gpu)
+        res = stage_resources(cfg, on_gpu, placement)
+        self.log(f"[vlp] decode on {cfg.data.decode.device} ({', '.join(c.name for c, _ in self.decode.chain)}), "
+                 f"placement {placement}")
         items = [{"shard": self.names[u], "uri": u} for u in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.flat_map(ReadShard(cfg.data.storage, cfg.data.sample), **res["read"])
-        # Decode runs as stateless CPU tasks (not actors, so it never pins CPUs that reads and writes need).
-        # Its memory reservation also keeps Ray Data from fusing it into the encoder actor, which would
-        # serialise decoding and encoding in one process.
-        ds = ds.map_batches(self.decode, batch_size=cfg.data.decode_batch_size, batch_format="numpy",
-                            **res["decode"])
+        encoder, encode_kw = EncodeFeatures, self.encode
+        if placement == "encoder":  # decode inside the encoder actors: GPU frames go to the tower in place
+            encoder, encode_kw = DecodeEncode, {"decode": self.decode, **self.encode}
+        else:
+            # On CPU, decode runs as stateless tasks (not actors, so it never pins CPUs that reads and writes need).
+            # Its memory reservation also keeps Ray Data from fusing it into the encoder actor, which would
+            # serialise decoding and encoding in one process.
+            fn, kw = decode_map_args(cfg, self.decode, placement, res["decode"])
+            ds = ds.map_batches(fn, **kw)
         ds = ds.map_batches(
-            EncodeFeatures, fn_constructor_kwargs=self.encode, batch_size=cfg.encoder.batch_size,
+            encoder, fn_constructor_kwargs=encode_kw, batch_size=cfg.encoder.batch_size,
             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.encoder.concurrency), **res["encode"])
         return ds.map_batches(WriteParts(cfg.output.uri, cfg.output.storage, cfg.output.mode),
                               batch_size=cfg.encoder.batch_size * 2, batch_format="numpy", **res["write"])
@@ -378,7 +425,9 @@ class PrecomputeRun:
                          "bytes_out": sum(s.bytes_out for s in ran.values()), "wall_s": round(wall, 3),
                          "samples_per_s": round(samples_ok / wall, 3) if wall > 0 else 0.0,
                          "frames_per_s": round(frames / wall, 3) if wall > 0 else 0.0,
-                         "stage_cpu_seconds": {k: round(v, 3) for k, v in self.stage_time.items()}},
+                         "stage_cpu_seconds": {k: round(v, 3) for k, v in self.stage_time.items()},
+                         "decoders": dict(sum((s.decoders for s in ran.values()), Counter())),
+                         "decode_fallbacks": dict(sum((s.fallbacks for s in ran.values()), Counter()).most_common())},
             "errors_by_reason": dict(reasons.most_common()),
             "ray_data_stats": self.ds_stats,
         }
@@ -400,6 +449,9 @@ class PrecomputeRun:
                  f"({len(self.skipped)} shard(s) reused); this run {t['samples_ok']} samples, {t['frames']} frames "
                  f"in {t['wall_s']:.1f}s = {t['samples_per_s']:.2f} samples/s, {t['frames_per_s']:.1f} frames/s; "
                  f"in {t['bytes_in'] / 1e6:.1f} MB, out {t['bytes_out'] / 1e6:.1f} MB")
+        if t["decode_fallbacks"]:
+            self.log(f"[vlp] GPU decode fell back to CPU for {sum(t['decode_fallbacks'].values())} item(s): "
+                     + "; ".join(f"{k} x{v}" for k, v in t["decode_fallbacks"].items()))
         if reasons:
             self.log("[vlp] errors by reason: " + "; ".join(f"{k} x{v}" for k, v in reasons.most_common()))
             self.log(f"[vlp] error records: {self.layout.uri_of(self.layout.ERRORS)}")

@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import numpy as np
 
 from ..data.audio import AudioFeaturizer
-from ..data.media import DecodeConfig, MediaError, SamplingConfig, decode_media
+from ..data.media import DecodeConfig, DecoderUnavailable, MediaError, SamplingConfig, decode_media, decoder_chain
 from ..data.preprocess import normalize, resize_crop
 from ..data.sample import SampleConfig, parse_sample
 from ..data.tario import TarProblem, iter_tar_samples
@@ -30,16 +30,20 @@ from ..formats.featureset import FeatureSetLayout
 from ..models.poolers.valley import valley_pool  # output.mode=valley_pooled is the Valley pooler's own pooling
 from ..storage import StorageConfig, describe_storage_error, get_fs
 
+if TYPE_CHECKING:
+    import torch
+
 ROW_FIELDS: dict[str, Any] = {
     "shard": "", "key": "", "kind": "", "caption": "", "conversations": "", "meta": "", "error": "", "stage": "",
     "expected": -1, "bytes_in": 0, "ignored": "", "media_type": "", "t_read": 0.0, "t_decode": 0.0, "t_encode": 0.0,
 }
 # per item (lists): media bytes, container ext, member name / reference, modality, reference ("" for a member),
-# then what decode adds (uint8 frames, "T,3,S,S", "t0,t1,...", source frame count, decoder) and encode adds
+# then what decode adds (uint8 frames, "T,3,S,S", "t0,t1,...", source frame count, decoder, why a GPU decode fell
+# back to CPU) and encode adds
 ITEM_FIELDS: dict[str, str] = {
     "media": "binary", "media_ext": "string", "item_names": "string", "modalities": "string", "item_refs": "string",
     "frames": "binary", "frames_shape": "string", "timestamps": "string", "n_source_frames": "int64",
-    "decoder": "string", "features": "binary", "features_shape": "string",
+    "decoder": "string", "fallback": "string", "features": "binary", "features_shape": "string",
 }
 ALL_FIELDS = [*ROW_FIELDS, *ITEM_FIELDS]
 
@@ -153,13 +157,20 @@ def rows_batch(rows: list[dict]):
 
 @dataclass
 class DecodedItem:
-    """One decoded item: ``array`` (T, 3, S, S) uint8 frames, or (n, F, M) float32 fbank segments for audio."""
+    """One decoded item: ``array`` (T, 3, S, S) uint8 frames, or (n, F, M) float32 fbank segments for audio. Frames
+    decoded on a GPU stay a torch tensor there (:meth:`DecodeFrames.decode_arrays`); numpy otherwise."""
 
-    array: np.ndarray
+    array: Any
     modality: str  # as decoded (a one-frame "mp4" is an image)
     timestamps: list[float]  # frame times, or segment starts, in seconds
     n_source: int  # frames in the source, or audio samples decoded
     decoder: str
+    fallback: str = ""  # why the GPU decoder did not decode it ("" when it did, or on CPU)
+
+
+def host_array(a) -> np.ndarray:
+    """A decoded array as numpy: a GPU tensor is copied to the host (what a Ray Data block must hold)."""
+    return a if isinstance(a, np.ndarray) else a.cpu().numpy()
 
 
 def retag(r: dict, decoded: list[str]) -> dict:
@@ -187,6 +198,9 @@ class DecodeFrames:
                  no_audio: str = "an audio item, but no audio tower is set (encoder.audio_tower)"):
         self.sampling, self.decode, self.size, self.pad, self.mean = sampling, decode, size, pad_to_square, mean
         self.audio, self.no_audio = audio, no_audio  # no_audio: the reason an audio item gets without ``audio``
+        # resolved here (the driver) and pickled with the stage: a worker imports the backend classes by reference,
+        # so a backend registered by a module the driver imported works in every worker
+        self.chain = decoder_chain(decode)
 
     def decode_item(self, data: bytes, ext: str, ref: str, modality: str = "") -> DecodedItem:
         """One item -> its decoded arrays and how they were made. Raises MediaError for bad media."""
@@ -197,39 +211,49 @@ class DecodeFrames:
                 raise MediaError(self.no_audio)
             a = self.audio(data)
             return DecodedItem(a.fbank, "audio", a.starts, a.n_samples, "pyav-audio")  # (n, F, M) float32
-        mtype, dec = decode_media(data, ext, self.sampling, self.decode)
-        frames = resize_crop(dec.frames, self.size, self.pad, self.mean).numpy()  # (T, 3, S, S) uint8
-        return DecodedItem(frames, mtype, list(dec.timestamps), dec.n_source_frames, dec.decoder)
+        mtype, dec = decode_media(data, ext, self.sampling, self.decode, self.chain)
+        frames = resize_crop(dec.frames, self.size, self.pad, self.mean)  # (T, 3, S, S) uint8 where decoded
+        frames = frames.numpy() if frames.device.type == "cpu" else frames
+        return DecodedItem(frames, mtype, list(dec.timestamps), dec.n_source_frames, dec.decoder, dec.fallback)
+
+    def decode_one(self, i: int, data: bytes, ext: str, name: str, ref: str, mod: str) -> DecodedItem | str:
+        """Item ``i`` decoded, or the reason it cannot be (the row's error)."""
+        try:
+            return self.decode_item(data, ext, ref, mod)
+        except MediaError as e:
+            return f"item {i} ({name}): {e}"
+        except DecoderUnavailable:
+            raise  # a config problem (decoder not installed, no GPU), not bad data: the job must stop
+        except Exception as e:
+            # a decoder bug on one odd file must not kill the whole job: record it like any decode failure
+            first = str(e).splitlines()[0][:300] if str(e) else ""
+            return f"item {i} ({name}): unexpected decode failure: {type(e).__name__}: {first}"
+
+    def decode_arrays(self, r: dict) -> tuple[dict, list]:
+        """(the row with every per-item field decode adds except ``frames``, the decoded arrays in item order). A
+        row with an item that cannot be decoded becomes an error row (no arrays); ``media`` is dropped."""
+        if r["kind"] != "sample" or not r["media"]:
+            return {**r, "media": []}, []
+        t0 = time.perf_counter()
+        items = []
+        for i, item in enumerate(zip(r["media"], r["media_ext"], r["item_names"], r["item_refs"], r["modalities"])):
+            d = self.decode_one(i, *item)
+            if isinstance(d, str):
+                return {**r, "kind": "error", "stage": "decode", "error": d, "media": [],
+                        "t_decode": time.perf_counter() - t0}, []
+            items.append(d)
+        out = {"frames_shape": [",".join(map(str, d.array.shape)) for d in items],
+               "timestamps": [",".join(f"{t:.4f}" for t in d.timestamps) for d in items],
+               "n_source_frames": [d.n_source for d in items], "decoder": [d.decoder for d in items],
+               "fallback": [d.fallback for d in items], "modalities": [d.modality for d in items]}
+        return {**r, **retag(r, out["modalities"]), **out, "media": [], "t_decode": time.perf_counter() - t0}, \
+            [d.array for d in items]
 
     def decode_row(self, r: dict) -> dict:
-        if r["kind"] != "sample" or not r["media"]:
-            return {**r, "media": []}
-        t0 = time.perf_counter()
-        out: dict[str, list] = {k: [] for k in ("frames", "frames_shape", "timestamps", "n_source_frames", "decoder",
-                                                "modalities")}
-        for i, (data, ext, name, ref, mod) in enumerate(zip(r["media"], r["media_ext"], r["item_names"],
-                                                            r["item_refs"], r["modalities"])):
-            try:
-                d = self.decode_item(data, ext, ref, mod)
-            except MediaError as e:
-                reason = str(e)
-            except Exception as e:
-                if isinstance(e, RuntimeError) and "decode.device=cuda" in str(e):
-                    raise  # a config error (no GPU decord), not bad data: the job must stop
-                # a decoder bug on one odd file must not kill the whole job: record it like any decode failure
-                first = str(e).splitlines()[0][:300] if str(e) else ""
-                reason = f"unexpected decode failure: {type(e).__name__}: {first}"
-            else:
-                out["frames"].append(d.array.tobytes())
-                out["frames_shape"].append(",".join(map(str, d.array.shape)))
-                out["timestamps"].append(",".join(f"{t:.4f}" for t in d.timestamps))
-                out["n_source_frames"].append(d.n_source)
-                out["decoder"].append(d.decoder)
-                out["modalities"].append(d.modality)
-                continue
-            return {**r, "kind": "error", "stage": "decode", "error": f"item {i} ({name}): {reason}", "media": [],
-                    "t_decode": time.perf_counter() - t0}
-        return {**r, **retag(r, out["modalities"]), **out, "media": [], "t_decode": time.perf_counter() - t0}
+        """:meth:`decode_arrays` with the arrays as bytes in ``frames`` (copied to the host when decoded on a GPU):
+        what a decode task hands to the encoder through Ray's object store."""
+        row, arrays = self.decode_arrays(r)
+        return {**row, "frames": [host_array(a).tobytes() for a in arrays]} if arrays else row
 
     def __call__(self, batch):
         return rows_batch([self.decode_row(r) for r in batch_rows(batch)])
@@ -267,7 +291,7 @@ class EncodeFeatures:
         if not stacks or self.mode == "pixels":
             return [np.ascontiguousarray(s) for s in stacks]
         lens = [s.shape[0] for s in stacks]
-        x = torch.from_numpy(np.concatenate(stacks))  # (sum T_j, 3, S, S) uint8
+        x = frames_on(stacks)  # (sum T_j, 3, S, S) uint8
         feats = []
         for s in range(0, x.shape[0], self.chunk):
             px = normalize(x[s:s + self.chunk].to(self.tower.device), self.mean, self.std, self.tower.dtype)
@@ -292,31 +316,78 @@ class EncodeFeatures:
         allf = torch.cat([self.audio.features(x[s:s + step]) for s in range(0, x.shape[0], step)])  # (sum n_j, N, D_a)
         return [f.to(torch.float16).cpu().contiguous().numpy() for f in torch.split(allf, [s.shape[0] for s in stacks])]
 
+    def encode_rows(self, rows: list[dict], arrays: list[list]) -> list[dict]:
+        """Sample rows and their items' decoded arrays (``arrays[i][j]``: row i, item j; frames may be GPU tensors)
+        -> the rows with ``features`` and ``features_shape``, ``frames`` emptied. Items are encoded together,
+        vision and audio apart."""
+        todo = [i for i, r in enumerate(rows) if r["kind"] == "sample"]
+        items = [(i, j) for i in todo for j in range(len(arrays[i]))]
+        if not items:
+            return rows
+        t0 = time.perf_counter()
+        feats = {}
+        for audio, fn in ((False, self.encode), (True, self.encode_audio)):
+            mine = [(i, j) for i, j in items if (rows[i]["modalities"][j] == "audio") == audio]
+            feats.update(zip(mine, fn([arrays[i][j] for i, j in mine])))
+        dt = (time.perf_counter() - t0) / len(todo)
+        for i in todo:
+            out = [feats[(i, j)] for j in range(len(arrays[i]))]
+            rows[i].update(features=[f.tobytes() for f in out], features_shape=[",".join(map(str, f.shape))
+                                                                                 for f in out], frames=[], t_encode=dt)
+        return rows
+
     def __call__(self, batch):
         rows = batch_rows(batch)
-        todo = [i for i, r in enumerate(rows) if r["kind"] == "sample"]
-        items = [(i, j) for i in todo for j in range(len(rows[i]["frames"]))]
-        if items:
-            t0 = time.perf_counter()
-            feats = {}
-            for audio, fn, dtype in ((False, self.encode, np.uint8), (True, self.encode_audio, np.float32)):
-                mine = [(i, j) for i, j in items if (rows[i]["modalities"][j] == "audio") == audio]
-                arrays = [np.frombuffer(rows[i]["frames"][j], dtype).reshape(shape_of(rows[i]["frames_shape"][j]))
-                          for i, j in mine]
-                feats.update(zip(mine, fn(arrays)))
-            dt = (time.perf_counter() - t0) / len(todo)
-            for i in todo:
-                out = [feats[(i, j)] for j in range(len(rows[i]["frames"]))]
-                rows[i].update(features=[f.tobytes() for f in out], features_shape=[",".join(map(str, f.shape))
-                                                                                     for f in out],
-                               frames=[], t_encode=dt)
+        arrays = [[np.frombuffer(b, np.float32 if m == "audio" else np.uint8).reshape(shape_of(s))
+                   for b, s, m in zip(r["frames"], r["frames_shape"], r["modalities"])] if r["kind"] == "sample"
+                  else [] for r in rows]
+        return rows_batch(self.encode_rows(rows, arrays))
+
+
+def frames_on(stacks: list) -> torch.Tensor:
+    """Per item (T_j, 3, S, S) uint8 frames -> one (sum T_j, 3, S, S) tensor: on the host when all are numpy (the
+    encoder moves it chunk by chunk), else on the device of the tensors a GPU decoded (numpy items, clips that fell
+    back to CPU decoding, are copied up): frames decoded on the encoder's GPU never touch the host."""
+    import torch
+
+    gpu = [s for s in stacks if not isinstance(s, np.ndarray)]
+    if not gpu:
+        return torch.from_numpy(np.concatenate(stacks))  # one host copy, as before
+    return torch.cat([torch.from_numpy(np.array(s)).to(gpu[0].device) if isinstance(s, np.ndarray) else s
+                      for s in stacks])
+
+
+class DecodeActor:
+    """Actor wrapper of a :class:`DecodeFrames` stage (``data.decode_placement: actors``): a decoder that keeps its
+    GPU context between batches. Frames leave it as host bytes, like a decode task's."""
+
+    def __init__(self, stage: DecodeFrames):
+        self.stage = stage
+
+    def __call__(self, batch):
+        return self.stage(batch)
+
+
+class DecodeEncode:
+    """Actor stage for ``data.decode_placement: encoder``: decode on the encoder actor's own GPU, then encode, in one
+    process. Frames decoded there (``data.decode.device: cuda``) are resized on the GPU and go to the tower as
+    the same CUDA tensors: no host copy and no trip through Ray's object store; a clip that fell back to CPU
+    decoding is copied up once, as any CPU-decoded frames are."""
+
+    def __init__(self, decode: DecodeFrames, **encode_kwargs):
+        self.decode = decode
+        self.encoder = EncodeFeatures(**encode_kwargs)
+
+    def __call__(self, batch):
+        decoded = [self.decode.decode_arrays(r) for r in batch_rows(batch)]
+        rows = self.encoder.encode_rows([r for r, _ in decoded], [a for _, a in decoded])
         return rows_batch(rows)
 
 # ------------------------------------------------------------------------------------------------ write
 
 META_FIELDS = {"shard": "", "kind": "", "n_ok": 0, "n_err": 0, "expected": -1, "part": "", "errors": "",
                "frames": 0, "bytes_in": 0, "bytes_out": 0, "t_read": 0.0, "t_decode": 0.0, "t_encode": 0.0,
-               "ignored": "", "media_counts": "", "item_counts": ""}
+               "ignored": "", "media_counts": "", "item_counts": "", "decoders": "", "fallbacks": ""}
 
 
 def _floats(s: str) -> list[float]:
@@ -350,7 +421,8 @@ def feature_table(rows: list[dict], mode: str):
 
 def shard_counts(ok: list[dict], rs: list[dict]) -> dict:
     """The counting part of one shard's metadata row: samples by media_type (``text`` included), items by modality,
-    frames summed over items, bytes, stage times, ignored members (JSON dicts where they are maps)."""
+    frames summed over items, bytes, stage times, ignored members, items per decoder and GPU-to-CPU fallbacks per
+    reason (JSON dicts where they are maps)."""
     media: dict[str, int] = {}
     items: dict[str, int] = {}
     for r in ok:
@@ -361,11 +433,19 @@ def shard_counts(ok: list[dict], rs: list[dict]) -> dict:
     for r in rs:
         for e in filter(None, r["ignored"].split(",")):
             ign[e] = ign.get(e, 0) + 1
+    decoders: dict[str, int] = {}
+    fallbacks: dict[str, int] = {}
+    for r in ok:
+        for d, f in zip(r["decoder"], r["fallback"]):
+            decoders[d] = decoders.get(d, 0) + 1
+            if f:
+                fallbacks[f] = fallbacks.get(f, 0) + 1
     return dict(frames=sum(shape_of(s)[0] for r in ok for s, m in zip(r["frames_shape"], r["modalities"])
                            if m != "audio"),  # video/image frames; audio segments are not frames
                 bytes_in=sum(r["bytes_in"] for r in rs), t_read=sum(r["t_read"] for r in rs),
                 t_decode=sum(r["t_decode"] for r in rs), t_encode=sum(r["t_encode"] for r in rs),
-                ignored=json.dumps(ign), media_counts=json.dumps(media), item_counts=json.dumps(items))
+                ignored=json.dumps(ign), media_counts=json.dumps(media), item_counts=json.dumps(items),
+                decoders=json.dumps(decoders), fallbacks=json.dumps(fallbacks))
 
 
 class WriteParts:
