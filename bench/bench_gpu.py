@@ -253,12 +253,18 @@ def train_step(device: str, work: Path, cpus: int) -> dict:
     if summary.exists():
         s = json.loads(summary.read_text())["this_run"]
         out["precompute"] = {k: s.get(k) for k in ("samples_ok", "frames_per_s", "decoders", "decode_fallbacks")}
+        out["precompute"]["placement"] = log_lines(work / "precompute.log", "[vlp] decode on ")
     ts = train / f"gpu-check-{device}-{run}" / "train_summary.json"
     if ts.exists():
         t = json.loads(ts.read_text())
-        out["train"] = {"steps": t.get("steps"), "precision": t.get("precision"),
-                        "final_loss": t.get("final_metrics", {}).get("loss")}
+        out["train"] = {"steps": t.get("steps"), "final_loss": t.get("final_metrics", {}).get("loss"),
+                        "samples_per_s": t.get("final_metrics", {}).get("samples_per_s"),
+                        "preflight": log_lines(work / "train.log", "[vlp] memory preflight: ")}  # names the precision
     return out
+
+
+def log_lines(path: Path, prefix: str) -> list[str]:
+    return [x for x in path.read_text().splitlines() if x.startswith(prefix)] if path.exists() else []
 
 
 def torchcodec_version() -> str:

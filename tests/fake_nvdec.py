@@ -15,7 +15,7 @@ import sys
 import av
 import torch
 
-from vlp.data.media import VIDEO_DECODERS, Decoded, MediaError, VideoDecoder, decode_video_pyav
+from vlp.data.media import VIDEO_DECODERS, Decoded, DecoderUnavailable, MediaError, VideoDecoder, decode_video_pyav
 
 REFUSED = ("mpeg4",)
 
@@ -55,3 +55,15 @@ class NeedsMissingPackage(VideoDecoder):
     devices = ("cpu", "cuda")
     package = "vlp_test_no_such_package"
     install = "pip install vlp-test-no-such-package"
+
+
+@VIDEO_DECODERS.register("no-gpu-in-worker")
+class NoGpuInWorker(VideoDecoder):
+    """Installed (the driver's check passes), but no process can use it: what a worker without a visible GPU, or
+    with a torchcodec whose libraries do not load, meets when the decode stage first needs its decoder."""
+
+    name = "no-gpu-in-worker"
+    devices = ("cuda",)
+
+    def __init__(self, device: str):
+        raise DecoderUnavailable("data.decode.device=cuda but this process sees no CUDA GPU (test stand-in)")

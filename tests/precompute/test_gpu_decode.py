@@ -151,6 +151,15 @@ for placement in ("auto", "tasks"):
     s = run_precompute(cfg, log=logs.append)
     res[placement] = {"ok": s["samples_ok"], "failed": s["samples_failed"], "decoders": s["this_run"]["decoders"],
                       "fallbacks": s["this_run"]["decode_fallbacks"], "logs": logs}
+cfg = validate(PrecomputeConfig, {  # installed on the driver, unusable in the decode tasks
+    "data": {"shards": [shard], "decode": {"backend": "no-gpu-in-worker", "device": "cuda"}, "decode_cpus": 0.5,
+             "decode_placement": "tasks"},
+    "encoder": {"tower": {"type": "clip", "path": "preset:tiny-clip", "device": "cpu"}, "cpus_per_actor": 0.5},
+    "output": {"uri": f"{out}/no-gpu"}, "ray": {"progress_bars": False}})
+try:
+    run_precompute(cfg, log=lambda *_: None)
+except Exception as e:
+    res["no_gpu"] = {"type": type(e).__name__, "message": str(e)}
 print("RESULT " + json.dumps(res))
 """
 
@@ -159,7 +168,8 @@ print("RESULT " + json.dumps(res))
 def test_a_local_ray_with_a_gpu_runs_gpu_decoding_where_it_was_placed(clips, tmp_path, tiny_clip_path):
     """A local Ray declaring one GPU (none is there): decode placed in the encoder actors (auto) and as tasks
     asking for 0.25 GPU each. ``fake-nvdec`` labels each clip with the GPU ids Ray gave its process, so the
-    summary shows that the process that decoded held a GPU, and counts the MPEG-4 clip's CPU fallback."""
+    summary shows that the process that decoded held a GPU, and counts the MPEG-4 clip's CPU fallback. Then a
+    backend the decode tasks cannot make stops the run with its own error."""
     shard = shard_file(tmp_path / "gpu-00000.tar", [
         ("v1", {"mp4": clips["h264"], "txt": b"a"}), ("v2", {"mp4": clips["mpeg4"], "txt": b"b"}),
         ("i1", {"jpg": clips["jpg"], "txt": b"c"})])
@@ -176,3 +186,7 @@ def test_a_local_ray_with_a_gpu_runs_gpu_decoding_where_it_was_placed(clips, tmp
         assert r["fallbacks"] == {"fake-nvdec: codec mpegN is not supported by this GPU's NVDEC": 1}, r
         assert f"[vlp] decode on cuda (fake-nvdec, pyav, decord), placement {where}" in r["logs"], r["logs"]
         assert any("GPU decode fell back to CPU for 1 item(s)" in x for x in r["logs"]), r["logs"]
+    # a decoder the driver has but the decode tasks cannot make: the run stops with its message, in one line
+    assert res["no_gpu"] == {"type": "DecoderUnavailable", "message": "data.decode.device=cuda but this process "
+                                                                      "sees no CUDA GPU (test stand-in)"}, res
+

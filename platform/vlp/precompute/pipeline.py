@@ -34,7 +34,7 @@ from ..formats.records import RecordError
 from ..storage import expand_shards, make_output_dir
 from ..writer_lock import WriterBusy, WriterLock
 from .config import PrecomputeConfig
-from ..data.media import check_chain
+from ..data.media import DecoderUnavailable, check_chain
 from .stages import DecodeActor, DecodeEncode, DecodeFrames, EncodeFeatures, ReadShard, WriteParts
 
 
@@ -366,13 +366,20 @@ class PrecomputeRun:
                               batch_size=cfg.encoder.batch_size * 2, batch_format="numpy", **res["write"])
 
     def consume(self, ds) -> None:
-        """Count the metadata rows as they stream; commit each shard once all its rows are written."""
-        for meta in ds.iter_rows():
-            st = self.states[meta["shard"]]
-            st.add(meta, self.stage_time)
-            if st.complete:
-                self.check_lock()
-                st.commit(meta["shard"]).write(self.layout)
+        """Count the metadata rows as they stream; commit each shard once all its rows are written. A decoder that
+        a worker cannot run (no GPU visible there) stops the run with its own message, not Ray's traceback."""
+        try:
+            for meta in ds.iter_rows():
+                st = self.states[meta["shard"]]
+                st.add(meta, self.stage_time)
+                if st.complete:
+                    self.check_lock()
+                    st.commit(meta["shard"]).write(self.layout)
+        except Exception as e:
+            problem = decoder_problem(e)
+            if problem is None:
+                raise
+            raise DecoderUnavailable(problem) from None
         self.ds_stats = ds.stats()
 
     def check_lock(self) -> None:
@@ -455,6 +462,21 @@ class PrecomputeRun:
         if reasons:
             self.log("[vlp] errors by reason: " + "; ".join(f"{k} x{v}" for k, v in reasons.most_common()))
             self.log(f"[vlp] error records: {self.layout.uri_of(self.layout.ERRORS)}")
+
+
+def decoder_problem(e: BaseException) -> Optional[str]:
+    """The message of a :class:`DecoderUnavailable` a Ray worker raised, found in what the driver caught (Ray
+    wraps a task's exception: its ``cause``, then ``__cause__``/``__context__`` chains), or None."""
+    todo, seen = [e], set()
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if type(x) is DecoderUnavailable:  # the original, not Ray's subclass whose str() holds a traceback
+            return str(x)
+        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    return None
 
 
 def run_precompute(cfg: PrecomputeConfig, log=print) -> dict:
