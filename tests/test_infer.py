@@ -100,3 +100,28 @@ def test_answers_two_item_and_text_only_samples(export):  # noqa: F811
     assert asked.prompt({"modalities": ["image", "video"]}) == "<image><video>\nDescribe."
     assert asked.prompt({"modalities": []}) == "Describe."
     assert asked(batch)["kind"] == ["answer", "answer"]
+
+
+def test_decoding_on_gpu_asks_for_a_gpu_fraction_and_a_missing_decoder_is_one_line(export, synth_shards, tmp_path,
+                                                                                   capsys, monkeypatch):
+    """decode.device=cuda: the decode tasks ask Ray for ``decode_gpus`` of a GPU; a decoder that is not installed
+    stops the command in one line before Ray starts."""
+    import vlp.runtime
+    from fake_nvdec import NeedsMissingPackage  # registers it: a backend whose package is not installed
+    from vlp.cli import main
+    from vlp.infer import decode_args
+
+    assert NeedsMissingPackage.missing()
+    base = {"model": str(export), "shards": ["x"], "output": "o"}
+    assert decode_args(validate(InferConfig, base)) == {"batch_size": 4, "batch_format": "numpy", "memory": 512 << 20}
+    gpu = validate(InferConfig, {**base, "decode": {"device": "cuda"}, "decode_gpus": 0.5})
+    assert decode_args(gpu) == {"batch_size": 4, "batch_format": "numpy", "memory": 512 << 20, "num_gpus": 0.5}
+
+    monkeypatch.setattr(vlp.runtime, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    capsys.readouterr()
+    rc = main(["infer", f"model={export}", f"shards=[{synth_shards}/heldout-00000.tar]", f"output={tmp_path / 'o'}",
+               "decode.device=cuda", "decode.backend=needs-missing-package"])
+    text = "".join(capsys.readouterr())
+    assert rc == 2 and "Traceback" not in text, text
+    err = text[text.index("vlp infer: error: "):].strip()
+    assert "\n" not in err and "data.decode.backend=needs-missing-package (device cuda)" in err, err

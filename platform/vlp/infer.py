@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import Field
 
 from .config import Cfg
-from .data.media import DecodeConfig
+from .data.media import DecodeConfig, DecoderUnavailable, check_chain
 from .data.sample import SampleConfig
 from .runtime import RayConfig
 from .storage import StorageConfig, expand_shards, get_fs, join, make_output_dir
@@ -37,6 +37,8 @@ class InferConfig(Cfg):
     output_storage: StorageConfig = StorageConfig()
     max_new_tokens: int = Field(32, ge=1)
     decode: DecodeConfig = DecodeConfig()
+    decode_gpus: float = Field(0.25, gt=0, le=1, description="GPU fraction each decode task asks Ray for when "
+                               "decode.device=cuda (docs/data.md, \"GPU decoding\")")
     sample: SampleConfig = Field(SampleConfig(), description="how raw samples become samples of 0..N media items")
     batch_size: int = Field(8, ge=1, description="rows per answer actor call, answered in one batched generation")
     concurrency: int = Field(1, ge=1, description="answer actors (one GPU each where GPUs exist)")
@@ -146,6 +148,34 @@ def decode_stage(info: ExportInfo, decode: DecodeConfig):
                                  "tower)")
 
 
+def decode_args(cfg: InferConfig) -> dict:
+    """map_batches keyword arguments of the decode tasks: CPU tasks, plus ``decode_gpus`` of a GPU each when
+    decoding on cuda (they stay tasks: the answer actors hold whole GPUs for the tower and the LLM)."""
+    gpus = {"num_gpus": cfg.decode_gpus} if cfg.decode.device == "cuda" else {}
+    return {"batch_size": 4, "batch_format": "numpy", "memory": 512 << 20, **gpus}
+
+
+def collect(ds) -> tuple[list[dict], list[dict]]:
+    """(answers, error records) from the answer rows; a decoder the workers cannot make (no GPU visible there)
+    stops with its own message."""
+    from .precompute.pipeline import decoder_problem
+
+    answers, errors = [], []
+    try:
+        for r in ds.iter_rows():
+            rec = {"shard": r["shard"], "key": r["key"]}
+            if r["kind"] == "answer":
+                answers.append({**rec, "question": r["question"], "answer": r["answer"]})
+            else:
+                errors.append({**rec, "stage": r["stage"], "reason": r["error"]})
+    except Exception as e:
+        problem = decoder_problem(e)
+        if problem is None:
+            raise
+        raise DecoderUnavailable(problem) from None
+    return answers, errors
+
+
 def run_infer(cfg: InferConfig, log=print) -> dict:
     import ray
 
@@ -158,23 +188,19 @@ def run_infer(cfg: InferConfig, log=print) -> dict:
     shards = expand_shards(cfg.shards, cfg.storage)
     names = shard_names(shards)
     make_output_dir(cfg.output, "output", cfg.output_storage)  # before Ray starts
+    decode = decode_stage(info, cfg.decode)
+    check_chain(decode.chain)  # a decoder that is not installed: one line, before Ray starts
     init_ray(cfg.ray)
     t0 = time.time()
     ds = ray.data.from_items([{"shard": names[u], "uri": u} for u in shards], override_num_blocks=len(shards))
     ds = ds.flat_map(ReadShard(cfg.storage, cfg.sample), num_cpus=0.25)
-    ds = ds.map_batches(decode_stage(info, cfg.decode), batch_size=4, batch_format="numpy", memory=512 << 20)
+    ds = ds.map_batches(decode, **decode_args(cfg))
     ds = ds.map_batches(AnswerBatch, fn_constructor_kwargs=dict(export_dir=cfg.model, question=cfg.question,
                                                                 max_new_tokens=cfg.max_new_tokens,
                                                                 device=answer_device(cfg)),
                         batch_size=cfg.batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_gpus=1 if cfg.use_gpu else 0)
-    answers, errors = [], []
-    for r in ds.iter_rows():
-        rec = {"shard": r["shard"], "key": r["key"]}
-        if r["kind"] == "answer":
-            answers.append({**rec, "question": r["question"], "answer": r["answer"]})
-        else:
-            errors.append({**rec, "stage": r["stage"], "reason": r["error"]})
+    answers, errors = collect(ds)
     answers.sort(key=lambda a: (a["shard"], a["key"]))
     fs, root = get_fs(cfg.output, cfg.output_storage)
     fs.makedirs(root, exist_ok=True)

@@ -190,3 +190,25 @@ def test_a_local_ray_with_a_gpu_runs_gpu_decoding_where_it_was_placed(clips, tmp
     assert res["no_gpu"] == {"type": "DecoderUnavailable", "message": "data.decode.device=cuda but this process "
                                                                       "sees no CUDA GPU (test stand-in)"}, res
 
+
+
+def test_the_driver_finds_a_workers_decoder_error_in_what_ray_hands_it():
+    """Ray Data keeps a task's exception only as traceback text (what ``str()`` of the RayTaskError the driver gets
+    reads like, from a real run): the decoder's one line is found in it; anything else is not a decoder problem."""
+    from vlp.precompute.pipeline import decoder_problem
+
+    class Wrapped(Exception):  # stands in for ray.exceptions.RayTaskError(UserCodeException)
+        pass
+
+    text = ('ray::ReadRange->MapBatches(f)() (pid=1, ip=192.0.2.2)\n  File "x.py", line 5, in f\n'
+            '    raise DecoderUnavailable("no gpu")\nvlp.data.media.DecoderUnavailable: data.decode.device=cuda but '
+            'this process sees no CUDA GPU\n\nThe above exception was the direct cause of the following exception:\n'
+            '\nray.exceptions.UserCodeException: UDF failed to process a data block.')
+    assert decoder_problem(Wrapped(text)) == "data.decode.device=cuda but this process sees no CUDA GPU"
+    outer = RuntimeError("iteration failed")
+    outer.__cause__ = Wrapped(text)
+    assert decoder_problem(outer) == "data.decode.device=cuda but this process sees no CUDA GPU"
+    from vlp.data.media import DecoderUnavailable
+
+    assert decoder_problem(DecoderUnavailable("torchcodec does not load")) == "torchcodec does not load"
+    assert decoder_problem(Wrapped("ValueError: something else")) is None

@@ -465,8 +465,12 @@ class PrecomputeRun:
 
 
 def decoder_problem(e: BaseException) -> Optional[str]:
-    """The message of a :class:`DecoderUnavailable` a Ray worker raised, found in what the driver caught (Ray
-    wraps a task's exception: its ``cause``, then ``__cause__``/``__context__`` chains), or None."""
+    """The message of a :class:`DecoderUnavailable` a Ray worker raised, found in what the driver caught, or None.
+    Ray Data hands the driver a ``RayTaskError(UserCodeException)`` that keeps the worker's exception only as
+    traceback text (``vlp.data.media.DecoderUnavailable: <message>``, one line: vlp's messages are), so that line
+    is looked for in every exception of the chain (its ``cause``, ``__cause__``, ``__context__``); an original
+    instance, where Ray keeps one, is taken as is."""
+    head = f"{DecoderUnavailable.__module__}.{DecoderUnavailable.__qualname__}: "
     todo, seen = [e], set()
     while todo:
         x = todo.pop()
@@ -475,6 +479,9 @@ def decoder_problem(e: BaseException) -> Optional[str]:
         seen.add(id(x))
         if type(x) is DecoderUnavailable:  # the original, not Ray's subclass whose str() holds a traceback
             return str(x)
+        found = [line[len(head):] for line in str(x).splitlines() if line.startswith(head)]
+        if found:
+            return found[-1]
         todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
     return None
 
