@@ -111,6 +111,45 @@ def test_global_batch_is_checked_at_config_load():
     assert {"deepspeed.zero_stage", "data.template", "model.connector.type"} <= paths
 
 
+def test_offload_is_validated_against_the_zero_stage_and_the_device():
+    with pytest.raises(ConfigError) as ei:
+        _cfg(**{"deepspeed.zero_stage": 2, "deepspeed.offload_param.device": "cpu",
+                "deepspeed.offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}})
+    got = dict(ei.value.problems)  # both problems, on one line of the section
+    assert "offload_param.device=cpu needs zero_stage=3" in got["deepspeed"]
+    assert "offload_optimizer.device=nvme needs zero_stage=3" in got["deepspeed"]
+    with pytest.raises(ConfigError) as ei:
+        _cfg(**{"deepspeed.zero_stage": 3, "deepspeed.offload_optimizer.device": "nvme", "optim.lr": -1})
+    got = dict(ei.value.problems)  # every problem by dotted path
+    assert got["deepspeed.offload_optimizer"].startswith("Value error, device=nvme needs nvme_path") and "optim.lr" in got
+    with pytest.raises(ConfigError, match="offload_optimizer.device=cpu needs zero_stage 1, 2 or 3"):
+        _cfg(**{"deepspeed.zero_stage": 0, "deepspeed.offload_optimizer.device": "cpu"})
+    with pytest.raises(ConfigError, match=r"deepspeed.offload_param: Value error, nvme_path is only used with device=nvme"):
+        _cfg(**{"deepspeed.zero_stage": 3, "deepspeed.offload_param.nvme_path": "/nvme"})
+    nvme = {"deepspeed.zero_stage": 3, "deepspeed.offload_param": {"device": "nvme", "nvme_path": "/nvme"}}
+    with pytest.raises(ConfigError, match="deepspeed.offload_param.device=nvme needs scaling.use_gpu=true"):
+        _cfg(**nvme)  # a CPU run: its states already are in host memory
+    assert _cfg(**nvme, **{"scaling.use_gpu": True}).deepspeed.offloads() == (False, True)
+
+
+def test_deepspeed_config_carries_the_offload_sections_only_when_set():
+    from vlp.train.recipe import deepspeed_config
+
+    plain = deepspeed_config(_cfg(**{"deepspeed.zero_stage": 3}), "bf16", 1000)["zero_optimization"]
+    assert "offload_optimizer" not in plain and "offload_param" not in plain
+    cfg = _cfg(**{"deepspeed.zero_stage": 3, "scaling.use_gpu": True,
+                  "deepspeed.offload_optimizer": {"device": "cpu", "pin_memory": False},
+                  "deepspeed.offload_param": {"device": "nvme", "nvme_path": "/local_nvme"}})
+    zero = deepspeed_config(cfg, "bf16", 1000)["zero_optimization"]
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    assert zero["offload_param"] == {"device": "nvme", "pin_memory": True, "nvme_path": "/local_nvme"}
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    parsed = DeepSpeedZeroConfig(**zero)  # DeepSpeed's own model of the section reads it as meant
+    assert parsed.offload_param.device == "nvme" and str(parsed.offload_param.nvme_path) == "/local_nvme"
+    assert parsed.offload_optimizer.device == "cpu" and parsed.offload_optimizer.pin_memory is False
+
+
 def test_learning_rates_by_part_must_name_a_trained_part_and_be_positive():
     with pytest.raises(ConfigError) as ei:
         _cfg(**{"optim.lr_by_part": {"llm": 1e-5, "connector": 0.0}})

@@ -367,9 +367,10 @@ def field_default(cls, path: str):
         if field is None:
             return object()
         cls = field.annotation
-    if field.default_factory is not None:
-        return field.default_factory()
-    return field.default.value if hasattr(field.default, "value") else field.default
+    d = field.default_factory() if field.default_factory is not None else field.default
+    if isinstance(d, BaseModel):  # a section added later (deepspeed.offload_optimizer): as config.yaml holds it
+        return d.model_dump(mode="json")
+    return d.value if hasattr(d, "value") else d
 
 
 def config_changes(saved: dict, cfg: TrainConfig) -> list[tuple[str, object, object]]:
