@@ -169,20 +169,41 @@ def layer_bytes_per_token(lm: LMShape, seq_len: int, precision: str, trained: bo
 def head_bytes_per_token(lm: LMShape, precision: str, trained: bool) -> float:
     """The final norm (trained: input, normalised output, lm_head input; frozen: input), the logits (e) and the
     loss's fp32 log-softmax (4) per token, plus what the backward pass starts with: the fp32 gradients of the
-    log-softmax's output and input (8 bytes per vocabulary entry)."""
+    log-softmax's output and input (8 bytes per vocabulary entry) and the gradient of the final norm (h e)."""
     e = weight_bytes(precision)
-    norm = (3 if trained else 1) * lm.hidden * e + (lm.hidden * e if e < 4 else 0)
+    norm = (4 if trained else 2) * lm.hidden * e + (lm.hidden * e if e < 4 else 0)
     return norm + lm.vocab * (e + 4 + 8)
 
 
 def activation_bytes(lm: LMShape, micro: int, seq_len: int, precision: str = "bf16", trained: bool = True,
                      checkpointing: bool = False, attn: str = "sdpa") -> float:
     """Peak activation bytes of one micro-batch of ``micro`` samples x ``seq_len`` tokens (visual tokens included)
-    in the forward + backward pass. Gradient checkpointing keeps each layer's input (h e per token) and recomputes
-    one layer at a time in the backward pass."""
+    in the forward + backward pass (bench/train_activation_memory.py measures it on CPU):
+
+    - without checkpointing: every layer's saved tensors + the head at the start of the backward pass or, with
+      eager attention and long sequences, a layer's backward (:func:`backward_bytes_per_token`), whichever is larger;
+    - gradient checkpointing keeps each layer's input (h e per token); the peak is then the head at the start of
+      the backward pass or, later, one layer recomputed + its backward, whichever is larger."""
+    e = weight_bytes(precision)
     layer = layer_bytes_per_token(lm, seq_len, precision, trained, attn)
-    per_token = (lm.layers * lm.hidden * weight_bytes(precision) + layer) if checkpointing else lm.layers * layer
-    return float(micro * seq_len * (per_token + head_bytes_per_token(lm, precision, trained)))
+    head = head_bytes_per_token(lm, precision, trained)
+    transient = backward_bytes_per_token(lm, seq_len, precision, attn)
+    if checkpointing:
+        per_token = lm.layers * lm.hidden * e + max(head, layer + transient)
+    else:
+        per_token = lm.layers * layer + max(head, transient)
+    return float(micro * seq_len * per_token)
+
+
+def backward_bytes_per_token(lm: LMShape, seq_len: int, precision: str, attn: str = "sdpa") -> float:
+    """What a layer's backward pass allocates on top of its saved tensors: the gradients of its MLP activations
+    (3 f e) or, with eager attention, those of its softmax (heads x seq_len: the fp32 gradients of the softmax's
+    output and input, and in bf16 / fp16 of its cast copy), whichever is larger."""
+    e = weight_bytes(precision)
+    mlp = 3 * lm.intermediate * e
+    if attn == "eager":
+        return max(mlp, lm.heads * seq_len * (8 + (e if e < 4 else 0)))
+    return mlp
 
 
 # ------------------------------------------------------------------------------------------ estimate, preflight
@@ -375,8 +396,8 @@ def preflight(work: Workload, plan: Plan, device_gb: float, margin: Optional[flo
         notes = [f"the largest micro-batch that fits: {biggest}"] if biggest is not None else []
         if plan.checkpointing and estimate(work, replace(plan, checkpointing=False)).total <= usable:
             notes.append("it fits without gradient checkpointing too (saves its recompute)")
-        return Preflight(True, est.total, device_gb, "; ".join([f"fits: {head}\n  {est.line()}", *notes]),
-                         usable, plan, est, None, biggest)
+        text = f"fits: {head}\n  {est.line()}" + (f"\n  {'; '.join(notes)}" if notes else "")
+        return Preflight(True, est.total, device_gb, text, usable, plan, est, None, biggest)
     fix = recommend(work, plan, usable)
     hint = (f"would fit: {' '.join(fix[0].overrides(plan))} ({fix[1].total:.1f} GiB per GPU"
             f"{f', {fix[1].host:.1f} GiB host memory per rank' if fix[1].host else ''})" if fix else
