@@ -578,3 +578,26 @@ def test_llm_init_from_loads_an_earlier_stages_lm_and_tokenizer(export, tmp_path
     bad = _cfg(**{"model.vision_hidden_size": 64, "model.llm.init_from": "runs/nothing"})
     with pytest.raises(TrainSetupError, match="model.llm.init_from: no export with an llm/ at runs/nothing"):
         check_inputs(bad)
+
+
+def test_the_valley7b_configs_pass_their_preflight_and_say_what_smaller_gpus_need(tmp_path):
+    """configs/valley7b at their GPUs' memory, counted from a LLaMA-7B config.json (vicuna-7b-v1.5's sizes; the
+    weights are never built: param_counts uses the meta device)."""
+    from transformers import LlamaConfig
+
+    from vlp.config import load_config
+    from vlp.train.trainer import memory_workload, param_counts
+
+    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=32000).save_pretrained(tmp_path / "llama7b")
+    llm = [f"model.llm.path={tmp_path / 'llama7b'}", "model.connector.init_from=null"]
+    s1 = load_config(TrainConfig, "configs/valley7b/train_stage1.yaml", llm)
+    work, plan = memory_workload(s1, *param_counts(s1), "bf16")
+    assert (work.trained_lm, work.can_checkpoint, work.seq_len, plan) == (False, False, 512, Plan(1, 8, 8))
+    pf = preflight(work, plan, 40)  # accelerator_type A100: 40 GB
+    assert pf.fits and pf.parts.activations == pytest.approx(17.9, abs=0.05), pf.message
+    s2 = load_config(TrainConfig, "configs/valley7b/train_stage2.yaml", llm)
+    work, plan = memory_workload(s2, *param_counts(s2), "bf16")
+    assert plan == Plan(2, 8, 4, checkpointing=True) and preflight(work, plan, 80).fits
+    assert preflight(work, plan, 24).fix == Plan(3, 8, 2, checkpointing=True)  # what the config's comment says
+    assert preflight(work, plan, 16).fix == Plan(3, 8, 4, True, offload_optimizer=True)
