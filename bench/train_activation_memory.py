@@ -37,12 +37,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchutil import loadavg, write_json  # noqa: E402
 
 import torch  # noqa: E402
+# PyTorch's documented hook into every ATen op (forward and backward); it has no public alias
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
 
 MICRO = 2
 SHAPE = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
          "num_key_value_heads": 4, "head_dim": 64}
+
+
+def tensors_in(out):
+    """The tensors of an op's output (a tensor, or a tuple / list of them and other values)."""
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, (tuple, list)):
+        for x in out:
+            yield from tensors_in(x)
 
 
 class TensorMeter(TorchDispatchMode):
@@ -67,8 +76,8 @@ class TensorMeter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+        for t in tensors_in(out):
+            if t.device.type != "cpu":
                 continue
             st = t.untyped_storage()
             key = st.data_ptr()
