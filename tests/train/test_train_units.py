@@ -601,3 +601,26 @@ def test_the_valley7b_configs_pass_their_preflight_and_say_what_smaller_gpus_nee
     assert plan == Plan(2, 8, 4, checkpointing=True) and preflight(work, plan, 80).fits
     assert preflight(work, plan, 24).fix == Plan(3, 8, 2, checkpointing=True)  # what the config's comment says
     assert preflight(work, plan, 16).fix == Plan(3, 8, 4, True, offload_optimizer=True)
+
+
+def test_the_run_stops_when_its_states_do_not_fit_and_on_activations_only_when_strict():
+    """The tiny run's model states (~5 MiB with the bucket) fit 0.1 GB; 16 samples x 2048 tokens of activations
+    (~0.6 GiB) do not: by default the run starts with the report as a warning, under strict it stops, and
+    either way the report says which micro-batch or checkpointing fits."""
+    from vlp.train.trainer import TrainSetupError, memory_preflight, param_counts
+
+    over = {"model.vision_hidden_size": 64, "model.llm.trainable": True, "data.max_length": 2048,
+            "batch.global_size": 32, "batch.micro_size": 16}
+    cfg = _cfg(**over)
+    counts = param_counts(cfg)
+    logs = []
+    pf = memory_preflight(cfg, *counts, "fp32", 0.1, logs.append)
+    assert not pf.fits and pf.states_fit and pf.fix == Plan(1, 2, 2)  # micro-batch 2 x 8 accumulation x 2 workers
+    assert logs and logs[0].startswith("[vlp] memory preflight, warning: the model states fit, a micro-batch of "
+                                       "2048-token samples would not") and "would fit: " in logs[0]
+    with pytest.raises(TrainSetupError, match=r"memory preflight: does not fit: ZeRO-1 x2 fp32, micro-batch 16 x "
+                                              r"2048 tokens(.|\n)*would fit: batch.micro_size="):
+        memory_preflight(_cfg(**over, **{"scaling.memory_preflight": "strict"}), *counts, "fp32", 0.1, logs.append)
+    with pytest.raises(TrainSetupError, match="memory preflight: does not fit"):  # states alone: always
+        memory_preflight(cfg, *counts, "fp32", 0.001, logs.append)
+    assert memory_preflight(cfg, *counts, "fp32", None, logs.append) is None and "skipped" in logs[-1]

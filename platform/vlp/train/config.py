@@ -161,10 +161,11 @@ class ScalingCfg(Cfg):
                                    "the data pipeline (on a 2-core laptop: 0.5)")
     data_cpus_per_task: float = Field(0.25, gt=0, description="CPUs per tokenise/mixture task of the data pipeline")
     device_memory_gb: Optional[float] = Field(None, gt=0, description="override the device memory used by the preflight")
-    memory_preflight: Literal["error", "warn"] = Field(
-        "error", description="error: a run whose memory estimate (micro-batches of data.max_length tokens) does not "
-        "fit stops before any worker starts, saying what would fit; warn: it prints that and starts anyway (for sets "
-        "whose samples are all much shorter than data.max_length)")
+    memory_preflight: Literal["states", "strict"] = Field(
+        "states", description="the memory preflight stops a run before any worker starts when its model states "
+        "(weights, gradients, optimizer, ZeRO buckets) do not fit the GPU; when only the activations of a "
+        "micro-batch of data.max_length-token samples would not fit, states prints the report with what would fit "
+        "and starts (samples are often far shorter), strict stops too")
     accelerator_type: AcceleratorType = Field(
         None, description="GPU type every worker needs (Ray's accelerator_type: A100, A100-80G, H100, ...); "
         "needs use_gpu")

@@ -373,9 +373,14 @@ class Preflight:
     fix: Optional[Plan] = None
     max_micro: Optional[int] = None
 
+    @property
+    def states_fit(self) -> bool:
+        """Whether all but the activations fit (the model states, buckets, ZeRO-3's gathered weights)."""
+        return self.parts is None or self.parts.total - self.parts.activations <= self.usable_gb
+
     def to_json(self) -> dict:
         """The same numbers, machine-readable (the run folder's preflight.json)."""
-        return {"fits": self.fits, "need_gib": round(self.need_gb, 3), "device_gib": self.have_gb,
+        return {"fits": self.fits, "states_fit": self.states_fit, "need_gib": round(self.need_gb, 3), "device_gib": self.have_gb,
                 "usable_gib": round(self.usable_gb, 3), "plan": asdict(self.plan) if self.plan else None,
                 "per_gpu_gib": {k: round(v, 3) for k, v in asdict(self.parts).items() if k != "host"}
                 if self.parts else None, "host_gib_per_rank": round(self.parts.host, 3) if self.parts else None,
@@ -390,7 +395,7 @@ def preflight(work: Workload, plan: Plan, device_gb: float, margin: Optional[flo
     usable = device_gb * (1 - margin)
     est = estimate(work, plan)
     biggest = max_micro(work, plan, usable)
-    head = (f"{plan.describe(work)}: {est.total:.1f} GiB per GPU of {device_gb:.0f} GiB ({usable:.1f} GiB usable "
+    head = (f"{plan.describe(work)}: {est.total:.1f} GiB per GPU of {device_gb:.3g} GiB ({usable:.1f} GiB usable "
             f"after a {margin:.0%} margin)")
     if est.total <= usable:
         notes = [f"the largest micro-batch that fits: {biggest}"] if biggest is not None else []

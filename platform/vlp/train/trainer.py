@@ -224,16 +224,21 @@ def memory_workload(cfg: TrainConfig, trainable: int, frozen: int, precision: st
 
 def memory_preflight(cfg: TrainConfig, trainable: int, frozen: int, precision: str, gb: Optional[float],
                      log=print) -> Optional[Preflight]:
-    """The preflight report (:func:`vlp.train.memory.preflight`) printed; a run that does not fit stops here
-    (TrainSetupError with the report) unless ``scaling.memory_preflight`` is warn. None when the device memory is
-    unknown."""
+    """The preflight report (:func:`vlp.train.memory.preflight`) printed. A run whose model states do not fit stops
+    here (TrainSetupError with the report); one where only a micro-batch of max_length-token samples would not
+    fit stops under ``scaling.memory_preflight: strict`` and otherwise starts with the report as a warning. None
+    when the device memory is unknown."""
     if not gb:
         log("[vlp] memory preflight skipped: device memory unknown (set scaling.device_memory_gb)")
         return None
     pf = preflight(*memory_workload(cfg, trainable, frozen, precision), gb)
-    if not pf.fits and cfg.scaling.memory_preflight == "error":
-        raise TrainSetupError(f"memory preflight: {pf.message}\n  (scaling.memory_preflight=warn starts it anyway)")
-    log(f"[vlp] memory preflight: {pf.message}")
+    if not pf.fits and (not pf.states_fit or cfg.scaling.memory_preflight == "strict"):
+        raise TrainSetupError(f"memory preflight: {pf.message}")
+    if not pf.fits:
+        log(f"[vlp] memory preflight, warning: the model states fit, a micro-batch of {cfg.data.max_length}-token "
+            f"samples would not (scaling.memory_preflight=strict stops here): {pf.message}")
+    else:
+        log(f"[vlp] memory preflight: {pf.message}")
     return pf
 
 
