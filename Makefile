@@ -58,6 +58,7 @@ bench-train: $(STAMP)
 	$(BIN)/python bench/train_zero_memory.py
 	$(BIN)/python bench/train_overhead.py
 	$(BIN)/python bench/train_tower.py
+	$(BIN)/python bench/train_activation_memory.py
 
 lock: $(STAMP)
 	( echo "# Exact versions the test suite ran with (make test installs with -c constraints.txt)."; \

@@ -214,7 +214,11 @@ def test_existing_yaml_and_saved_configs_load_unchanged():
     del saved["model"]["tower"]  # and one saved before model.tower existed (a new field at its None default)
     del saved["model"]["llm"]["attn_implementation"]  # or before the attention kernel was a setting (its default)
     del saved["model"]["frame_times"]
+    del saved["deepspeed"]["offload_optimizer"]  # a section added later, at its default (no offload)
     assert config_changes(saved, train) == []
+    saved["deepspeed"]["offload_param"] = {"device": "cpu", "pin_memory": True, "nvme_path": None}
+    assert [c[0] for c in config_changes(saved, train)] == ["deepspeed.offload_param.device"]
+    del saved["deepspeed"]["offload_param"]
     saved["model"]["llm"]["attn_implementation"] = "eager"  # a kernel other than the default is a change
     assert [c[0] for c in config_changes(saved, train)] == ["model.llm.attn_implementation"]
     saved["model"]["llm"]["attn_implementation"] = "sdpa"

@@ -241,3 +241,29 @@ def test_each_part_trains_at_its_own_learning_rate_under_zero2(one_rank, tmp_pat
     assert max(v for k, v in moved.items() if k.startswith("llm.")) < 1e-9, moved
     assert min(v for k, v in moved.items() if k.startswith("connector.")) > 1e-4, moved
     assert json.loads(read_appended(f"{tmp_path}/run/metrics.jsonl").splitlines()[0])["lr"] == 1e-2
+
+
+@pytest.mark.parametrize("stage,offload", [(2, {"offload_optimizer": {"device": "cpu"}}),
+                                           (3, {"offload_optimizer": {"device": "cpu"},
+                                                "offload_param": {"device": "cpu"}})])
+def test_offloaded_optimizer_trains_on_the_cpu_accelerator(one_rank, tmp_path, stage, offload):
+    """deepspeed.offload_optimizer cpu (ZeRO-2; ZeRO-3 with the weights offloaded too) on DeepSpeed's CPU
+    accelerator: the engine steps with DeepSpeedCPUAdam (the op DeepSpeed builds on first use) over host-memory
+    partitions, and the same rows trained twice lower the loss, as without offload."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    cfg = validate(TrainConfig, {
+        "run_name": "r", "data": {"sets": [{"uri": "unused"}], "template": "vicuna_v1", "max_length": 512},
+        "model": {"vision_hidden_size": 64, "llm": {"path": "preset:tiny-llama", "trainable": True}},
+        "optim": {"lr": 1e-2, "warmup_ratio": 0.0, "schedule": "constant"},
+        "batch": {"global_size": 4, "micro_size": 2},
+        "deepspeed": {"zero_stage": stage, "precision": "fp32", **offload}, "scaling": {"num_workers": 1}})
+    recipe = recipe_on_one_rank(cfg, str(tmp_path / "run"), 4)
+    assert isinstance(recipe.engine.basic_optimizer, DeepSpeedCPUAdam)
+    zero = recipe.engine.config["zero_optimization"]
+    assert {k: zero[k]["device"] for k in offload} == {k: "cpu" for k in offload}
+    rows = _tokenised(8)
+    stream = micro_batches(iter(rows + rows), 2, 8, np.random.default_rng(0), True, False, recipe.counters)
+    losses = [recipe.train_step(take_group(stream, cfg.batch.grad_accum)).loss for _ in range(4)]
+    recipe.logs.close()
+    assert all(math.isfinite(x) for x in losses) and losses[2] + losses[3] < losses[0] + losses[1], losses

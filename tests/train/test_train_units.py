@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ from vlp.config import ConfigError, validate
 from vlp.data.conversation import IGNORE_INDEX, VISUAL_TOKEN_INDEX
 from vlp.train.config import TrainConfig
 from vlp.train.data import Mixture, Tokenize, base_uid, length_grouped, mixture_passes, padding_fraction, write_state
-from vlp.train.memory import bucket_bytes, default_bucket_elems, model_state_bytes, preflight, resolve_precision
+from vlp.train.memory import (LMShape, Plan, Workload, activation_bytes, bucket_bytes, default_bucket_elems, estimate,
+                              head_bytes_per_token, layer_bytes_per_token, model_state_bytes, preflight, resolve_precision,
+                              state_parts)
 
 
 def test_zero_formulas_match_the_paper_in_mixed_precision():
@@ -72,22 +75,104 @@ def test_precision_and_bucket_resolution():
     assert bucket_bytes(0, "fp32", 10**6) == 0 and bucket_bytes(2, "fp32", 10**6) == 4e6
 
 
-def test_preflight_says_what_would_fit():
+def test_preflight_without_the_lm_shape_counts_model_states_and_keeps_a_35_percent_margin():
+    seven = Workload(7_000_000_000, 0)  # bf16, activations unknown
     # 7B fully trained on 8 x 80 GB, bf16: ZeRO-1 needs 4 + 1.5 = 5.5 B/param = 35.9 GiB (+ 0.9 GiB bucket) -> fits
-    assert preflight(7_000_000_000, 0, 8, 1, 80).fits
-    # ... on 40 GB cards it does not; ZeRO-2 (3.75 B/param = 24.4 GiB) does
-    pf = preflight(7_000_000_000, 0, 8, 1, 40)
-    assert not pf.fits and "ZeRO-1 x8 bf16" in pf.message and "zero_stage=2 with 8 worker(s)" in pf.message
-    pf = preflight(7_000_000_000, 0, 1, 0, 40)
-    assert not pf.fits and "zero_stage=2 with 8 worker(s)" in pf.message and "zero_stage=3 with 8" in pf.message
-    assert "nothing up to 256 workers fits" in preflight(70_000_000_000_000, 0, 8, 1, 40).message
+    assert preflight(seven, Plan(1, 8), 80).fits
+    # ... on 40 GB cards it does not (26 GiB usable); ZeRO-2 (3.75 B/param = 24.4 GiB) does: the cheapest fix
+    pf = preflight(seven, Plan(1, 8), 40)
+    assert not pf.fits and "ZeRO-1 x8 bf16" in pf.message and "would fit: deepspeed.zero_stage=2 (25.4 GiB" in pf.message
+    assert pf.fix == Plan(2, 8) and pf.to_json()["recommended"]["stage"] == 2
+    pf = preflight(seven, Plan(0, 1), 40)  # one 40 GB GPU: only ZeRO-3 with everything offloaded
+    assert pf.fix == Plan(3, 1, offload_optimizer=True, offload_param=True)
+    assert "deepspeed.zero_stage=3 deepspeed.offload_optimizer.device=cpu deepspeed.offload_param.device=cpu" in \
+        pf.message and "117.3 GiB host memory per rank" in pf.message  # 2 + 16 B/param on the host
+    assert "nothing up to 256 workers fits" in preflight(Workload(70_000_000_000_000, 0), Plan(1, 8), 40).message
     # the same 7B ZeRO-2 x8 in fp32 needs 4 + 2 = 6 B/param = 39.1 GiB + a 1.9 GiB bucket: over a 40 GB card's usable 26 GiB
-    assert preflight(7_000_000_000, 0, 8, 2, 40, precision="bf16").fits
-    pf = preflight(7_000_000_000, 0, 8, 2, 40, precision="fp32")
-    assert not pf.fits and "ZeRO-2 x8 fp32 needs 41.0 GiB" in pf.message
+    assert preflight(seven, Plan(2, 8), 40).fits
+    pf = preflight(Workload(7_000_000_000, 0, "fp32"), Plan(2, 8), 40)
+    assert not pf.fits and "ZeRO-2 x8 fp32, micro-batch 1, gradient checkpointing off, offload: none: 41.0 GiB" in pf.message
     # the reduction bucket counts: 1e9 elements x 4 B do not fit 2 GiB x 0.65 next to a tiny model
-    assert preflight(1000, 0, 2, 2, 2, precision="fp32", reduce_bucket_elems=500_224).fits
-    assert not preflight(1000, 0, 2, 2, 2, precision="fp32", reduce_bucket_elems=10**9).fits
+    assert preflight(Workload(1000, 0, "fp32", bucket_elems=500_224), Plan(2, 2), 2).fits
+    assert not preflight(Workload(1000, 0, "fp32", bucket_elems=10**9), Plan(2, 2), 2).fits
+
+
+def test_offload_moves_the_optimizer_and_weight_columns_to_the_host():
+    P, N = 7_000_000_000, 8
+    gpu, host = state_parts(P, 0, N, 2, "bf16")
+    assert gpu == {"weights": 2 * P, "gradients": 2 * P / N, "optimizer": 12 * P / N} and host == 0
+    assert sum(gpu.values()) == model_state_bytes(P, 0, N, 2)
+    gpu, host = state_parts(P, 0, N, 2, "bf16", offload_optimizer=True)  # + the pinned fp32 gradient partition
+    assert gpu == {"weights": 2 * P, "gradients": 2 * P / N, "optimizer": 0.0} and host == (12 + 4) * P / N
+    gpu, host = state_parts(P, 1000, N, 3, "bf16", offload_optimizer=True, offload_param=True)
+    assert gpu == {"weights": 0.0, "gradients": 2 * P / N, "optimizer": 0.0}
+    assert host == pytest.approx((2 + 16) * P / N + 2 * 1000 / N)  # weights (frozen too), master, m, v, fp32 grads
+    gpu, host = state_parts(P, 0, N, 3, "fp32", offload_optimizer=True)  # fp32 ZeRO-3: the master is the weights
+    assert gpu == {"weights": 4 * P / N, "gradients": 4 * P / N, "optimizer": 0.0} and host == 12 * P / N
+
+
+TINY = LMShape(hidden=64, layers=2, intermediate=128, heads=2, vocab=100)
+
+
+def test_activation_estimate_on_known_numbers():
+    # trained, fp32, sdpa: (10 h + 4 f) e + 4 heads = (640 + 512) x 4 + 8 = 4616 B per token and layer
+    assert layer_bytes_per_token(TINY, 10, "fp32", trained=True) == 4616
+    # the head: final norm 3 h e + its gradient h e, logits e + log-softmax 4 + its two fp32 gradients 8 per
+    # vocabulary entry
+    assert head_bytes_per_token(TINY, "fp32", trained=True) == 4 * 64 * 4 + 100 * 16 == 2624
+    # the peak: every layer + the head (larger than a layer's backward, 3 f e = 1536)
+    assert activation_bytes(TINY, 2, 10, "fp32") == 2 * 10 * (2 * 4616 + 2624)
+    # checkpointing: each layer's input (h e) + one layer recomputed with its backward (larger than the head here)
+    assert activation_bytes(TINY, 2, 10, "fp32", checkpointing=True) == 2 * 10 * (2 * 64 * 4 + 4616 + 3 * 128 * 4)
+    # eager attention at long sequences: a layer's backward (the softmax's gradients, 8 heads seq_len) beats the head
+    assert activation_bytes(TINY, 1, 1000, "fp32", attn="eager") == 1000 * (2 * (4608 + 2 * 1000 * 4) + 2 * 1000 * 8)
+    # eager attention keeps the fp32 softmax: heads x seq_len x 4 per token; in bf16 its bf16 copy too
+    assert layer_bytes_per_token(TINY, 10, "fp32", True, "eager") == 4608 + 2 * 10 * 4
+    assert layer_bytes_per_token(TINY, 10, "bf16", True, "eager") == (1152 + 128) * 2 + 2 * 10 * 6
+    # frozen LM in bf16: (6 h + 3 f + 2 h fp32 norm inputs) e
+    assert layer_bytes_per_token(TINY, 10, "bf16", trained=False) == (384 + 384 + 128) * 2 + 8
+    # LLaMA-7B, bf16, a 2048-token sample: 12.3 GiB without checkpointing, 1.4 GiB with (its 32000-entry head)
+    llama7b = LMShape(4096, 32, 11008, 32, 32000)
+    assert activation_bytes(llama7b, 1, 2048) / 2**30 == pytest.approx(12.32, abs=0.01)
+    assert activation_bytes(llama7b, 1, 2048, checkpointing=True) / 2**30 == pytest.approx(1.43, abs=0.01)
+    with pytest.raises(ValueError, match="not one of sdpa"):
+        layer_bytes_per_token(TINY, 10, "fp32", True, "flash")
+
+
+LLAMA7B = LMShape(4096, 32, 11008, 32, 32000)
+
+
+def test_preflight_recommends_checkpointing_when_only_it_makes_the_run_fit():
+    # 7B trained under ZeRO-2 on 8 x 40 GB: 25.4 GiB of states + 12.3 GiB of activations for one 2048-token
+    # sample; micro-batch 1 cannot shrink, checkpointing (1.4 GiB) makes it fit without ZeRO-3 or offload
+    work = Workload(7_000_000_000, 0, "bf16", LLAMA7B, 2048, global_size=16)
+    pf = preflight(work, Plan(2, 8, micro=1), 40)
+    assert not pf.fits and pf.fix == Plan(2, 8, 1, checkpointing=True)
+    assert "would fit: model.llm.gradient_checkpointing=true (26.8 GiB per GPU)" in pf.message
+    assert "activations 12.3 GiB" in pf.message and pf.to_json()["per_gpu_gib"]["activations"] == pytest.approx(12.3, abs=0.05)
+    # when checkpointing does not apply (a frozen LM, here with the same counts), ZeRO-3 is next
+    assert preflight(replace(work, can_checkpoint=False), Plan(2, 8, micro=1), 40).fix == Plan(3, 8, 1)
+    # a smaller micro-batch comes before checkpointing, keeping the global batch (16 = 1 x 2 x 8) ...
+    pf = preflight(work, Plan(2, 8, micro=2), 48)
+    assert pf.fix == Plan(2, 8, 1) and "would fit: batch.micro_size=1 (37.7 GiB" in pf.message
+    # ... but checkpointing at the run's micro-batch comes before ZeRO-3
+    assert preflight(work, Plan(2, 8, micro=2), 40).fix == Plan(2, 8, 2, checkpointing=True)
+    fits = preflight(work, Plan(2, 8, micro=2, checkpointing=True), 80)
+    assert fits.fits and fits.max_micro == 32 and "the largest micro-batch that fits: 32" in fits.message
+    assert "fits without gradient checkpointing too" in fits.message  # 25.4 + 2 x 12.3 < 72
+
+
+def test_preflight_recommends_offload_when_only_it_makes_the_run_fit():
+    # 7B on 8 x 16 GB (14.4 GiB usable), checkpointed micro-batch 1: ZeRO-3 alone needs 20.0 GiB; with the optimizer
+    # on the host 6.9 GiB (13.0 GiB of host memory per rank)
+    work = Workload(7_000_000_000, 0, "bf16", LLAMA7B, 2048, global_size=8)
+    pf = preflight(work, Plan(2, 8, micro=1, checkpointing=True), 16)
+    assert not pf.fits and pf.fix == Plan(3, 8, 1, True, offload_optimizer=True)
+    assert "would fit: deepspeed.zero_stage=3 deepspeed.offload_optimizer.device=cpu (6.9 GiB per GPU, " \
+        "13.0 GiB host memory per rank)" in pf.message
+    est = estimate(work, pf.fix)
+    assert est.optimizer == 0 and est.host == pytest.approx(16 * 7e9 / 8 / 2**30)
+    assert est.gathered == pytest.approx((default_bucket_elems(7e9) + LLAMA7B.layer_params()) * 2 / 2**30)
 
 
 BASE = {"run_name": "r", "data": {"sets": [{"uri": "x"}]}, "scaling": {"num_workers": 2}}
@@ -109,6 +194,45 @@ def test_global_batch_is_checked_at_config_load():
         _cfg(**{"deepspeed.zero_stage": 5, "data.template": "alpaca", "model.connector.type": "qformer"})
     paths = {p for p, _ in ei.value.problems}
     assert {"deepspeed.zero_stage", "data.template", "model.connector.type"} <= paths
+
+
+def test_offload_is_validated_against_the_zero_stage_and_the_device():
+    with pytest.raises(ConfigError) as ei:
+        _cfg(**{"deepspeed.zero_stage": 2, "deepspeed.offload_param.device": "cpu",
+                "deepspeed.offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}})
+    got = dict(ei.value.problems)  # both problems, on one line of the section
+    assert "offload_param.device=cpu needs zero_stage=3" in got["deepspeed"]
+    assert "offload_optimizer.device=nvme needs zero_stage=3" in got["deepspeed"]
+    with pytest.raises(ConfigError) as ei:
+        _cfg(**{"deepspeed.zero_stage": 3, "deepspeed.offload_optimizer.device": "nvme", "optim.lr": -1})
+    got = dict(ei.value.problems)  # every problem by dotted path
+    assert got["deepspeed.offload_optimizer"].startswith("Value error, device=nvme needs nvme_path") and "optim.lr" in got
+    with pytest.raises(ConfigError, match="offload_optimizer.device=cpu needs zero_stage 1, 2 or 3"):
+        _cfg(**{"deepspeed.zero_stage": 0, "deepspeed.offload_optimizer.device": "cpu"})
+    with pytest.raises(ConfigError, match=r"deepspeed.offload_param: Value error, nvme_path is only used with device=nvme"):
+        _cfg(**{"deepspeed.zero_stage": 3, "deepspeed.offload_param.nvme_path": "/nvme"})
+    nvme = {"deepspeed.zero_stage": 3, "deepspeed.offload_param": {"device": "nvme", "nvme_path": "/nvme"}}
+    with pytest.raises(ConfigError, match="deepspeed.offload_param.device=nvme needs scaling.use_gpu=true"):
+        _cfg(**nvme)  # a CPU run: its states already are in host memory
+    assert _cfg(**nvme, **{"scaling.use_gpu": True}).deepspeed.offloads() == (False, True)
+
+
+def test_deepspeed_config_carries_the_offload_sections_only_when_set():
+    from vlp.train.recipe import deepspeed_config
+
+    plain = deepspeed_config(_cfg(**{"deepspeed.zero_stage": 3}), "bf16", 1000)["zero_optimization"]
+    assert "offload_optimizer" not in plain and "offload_param" not in plain
+    cfg = _cfg(**{"deepspeed.zero_stage": 3, "scaling.use_gpu": True,
+                  "deepspeed.offload_optimizer": {"device": "cpu", "pin_memory": False},
+                  "deepspeed.offload_param": {"device": "nvme", "nvme_path": "/local_nvme"}})
+    zero = deepspeed_config(cfg, "bf16", 1000)["zero_optimization"]
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    assert zero["offload_param"] == {"device": "nvme", "pin_memory": True, "nvme_path": "/local_nvme"}
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    parsed = DeepSpeedZeroConfig(**zero)  # DeepSpeed's own model of the section reads it as meant
+    assert parsed.offload_param.device == "nvme" and str(parsed.offload_param.nvme_path) == "/local_nvme"
+    assert parsed.offload_optimizer.device == "cpu" and parsed.offload_optimizer.pin_memory is False
 
 
 def test_learning_rates_by_part_must_name_a_trained_part_and_be_positive():
@@ -454,3 +578,49 @@ def test_llm_init_from_loads_an_earlier_stages_lm_and_tokenizer(export, tmp_path
     bad = _cfg(**{"model.vision_hidden_size": 64, "model.llm.init_from": "runs/nothing"})
     with pytest.raises(TrainSetupError, match="model.llm.init_from: no export with an llm/ at runs/nothing"):
         check_inputs(bad)
+
+
+def test_the_valley7b_configs_pass_their_preflight_and_say_what_smaller_gpus_need(tmp_path):
+    """configs/valley7b at their GPUs' memory, counted from a LLaMA-7B config.json (vicuna-7b-v1.5's sizes; the
+    weights are never built: param_counts uses the meta device)."""
+    from transformers import LlamaConfig
+
+    from vlp.config import load_config
+    from vlp.train.trainer import memory_workload, param_counts
+
+    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=32000).save_pretrained(tmp_path / "llama7b")
+    llm = [f"model.llm.path={tmp_path / 'llama7b'}", "model.connector.init_from=null"]
+    s1 = load_config(TrainConfig, "configs/valley7b/train_stage1.yaml", llm)
+    work, plan = memory_workload(s1, *param_counts(s1), "bf16")
+    assert (work.trained_lm, work.can_checkpoint, work.seq_len, plan) == (False, False, 512, Plan(1, 8, 8))
+    pf = preflight(work, plan, 40)  # accelerator_type A100: 40 GB
+    assert pf.fits and pf.parts.activations == pytest.approx(17.9, abs=0.05), pf.message
+    s2 = load_config(TrainConfig, "configs/valley7b/train_stage2.yaml", llm)
+    work, plan = memory_workload(s2, *param_counts(s2), "bf16")
+    assert plan == Plan(2, 8, 4, checkpointing=True) and preflight(work, plan, 80).fits
+    assert preflight(work, plan, 24).fix == Plan(3, 8, 2, checkpointing=True)  # what the config's comment says
+    assert preflight(work, plan, 16).fix == Plan(3, 8, 4, True, offload_optimizer=True)
+
+
+def test_the_run_stops_when_its_states_do_not_fit_and_on_activations_only_when_strict():
+    """The tiny run's model states (~5 MiB with the bucket) fit 0.1 GB; 16 samples x 2048 tokens of activations
+    (~0.6 GiB) do not: by default the run starts with the report as a warning, under strict it stops, and
+    either way the report says which micro-batch or checkpointing fits."""
+    from vlp.train.trainer import TrainSetupError, memory_preflight, param_counts
+
+    over = {"model.vision_hidden_size": 64, "model.llm.trainable": True, "data.max_length": 2048,
+            "batch.global_size": 32, "batch.micro_size": 16}
+    cfg = _cfg(**over)
+    counts = param_counts(cfg)
+    logs = []
+    pf = memory_preflight(cfg, *counts, "fp32", 0.1, logs.append)
+    assert not pf.fits and pf.states_fit and pf.fix == Plan(1, 2, 2)  # micro-batch 2 x 8 accumulation x 2 workers
+    assert logs and logs[0].startswith("[vlp] memory preflight, warning: the model states fit, a micro-batch of "
+                                       "2048-token samples would not") and "would fit: " in logs[0]
+    with pytest.raises(TrainSetupError, match=r"memory preflight: does not fit: ZeRO-1 x2 fp32, micro-batch 16 x "
+                                              r"2048 tokens(.|\n)*would fit: batch.micro_size="):
+        memory_preflight(_cfg(**over, **{"scaling.memory_preflight": "strict"}), *counts, "fp32", 0.1, logs.append)
+    with pytest.raises(TrainSetupError, match="memory preflight: does not fit"):  # states alone: always
+        memory_preflight(cfg, *counts, "fp32", 0.001, logs.append)
+    assert memory_preflight(cfg, *counts, "fp32", None, logs.append) is None and "skipped" in logs[-1]

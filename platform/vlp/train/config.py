@@ -80,6 +80,25 @@ class BatchConfig(Cfg):
     grad_accum: Optional[int] = Field(None, ge=1, description="derived from global / (micro x workers) when omitted")
 
 
+class OffloadCfg(Cfg):
+    """Where DeepSpeed keeps a state off the GPU (ZeRO-Offload / ZeRO-Infinity): its ``offload_optimizer`` /
+    ``offload_param`` section."""
+
+    device: Literal["none", "cpu", "nvme"] = Field("none", description="none: on the GPU; cpu: host memory; "
+                                                   "nvme: files under nvme_path (ZeRO-3 only)")
+    pin_memory: bool = Field(True, description="page-locked host buffers (faster copies; counts against the "
+                             "host's memlock limit)")
+    nvme_path: Optional[str] = Field(None, description="a local NVMe folder on every node (device: nvme)")
+
+    @model_validator(mode="after")
+    def _nvme_path(self):
+        if self.device == "nvme" and not self.nvme_path:
+            raise ValueError("device=nvme needs nvme_path (a local NVMe folder on every node)")
+        if self.nvme_path and self.device != "nvme":
+            raise ValueError(f"nvme_path is only used with device=nvme (device is {self.device})")
+        return self
+
+
 class DeepSpeedConfig(Cfg):
     zero_stage: int = Field(1, description="0 (DDP), 1, 2 or 3 (parameters partitioned too; export gathers them)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -91,6 +110,13 @@ class DeepSpeedConfig(Cfg):
         None, ge=512, description="elements per ZeRO-1/2 weight all-gather; default as reduce_bucket_size")
     stage3_prefetch_bucket_size: Optional[int] = Field(
         None, ge=0, description="ZeRO-3 parameter prefetch elements; default as reduce_bucket_size")
+    offload_optimizer: OffloadCfg = Field(
+        OffloadCfg(), description="ZeRO 1-3: Adam's states, the fp32 master weights and gradient partitions in host "
+        "memory (cpu) or on NVMe (ZeRO-3), the optimizer step on the CPU (DeepSpeedCPUAdam, a C++ op built on "
+        "first use)")
+    offload_param: OffloadCfg = Field(
+        OffloadCfg(), description="ZeRO-3: the weight partitions in host memory (cpu) or on NVMe, gathered to the "
+        "GPU layer by layer")
 
     @field_validator("zero_stage")
     @classmethod
@@ -98,6 +124,27 @@ class DeepSpeedConfig(Cfg):
         if v not in (0, 1, 2, 3):
             raise ValueError(f"ZeRO stage {v} does not exist (0, 1, 2 or 3)")
         return v
+
+    @model_validator(mode="after")
+    def _offload_stage(self):
+        """DeepSpeed 0.19 ignores offload_param below ZeRO-3 and offload_optimizer under ZeRO-0 (no ZeRO
+        optimizer), and runs NVMe optimizer offload below ZeRO-3 as cpu: refuse instead of ignoring."""
+        problems = []
+        if self.offload_param.device != "none" and self.zero_stage != 3:
+            problems.append(f"offload_param.device={self.offload_param.device} needs zero_stage=3 (weights are "
+                            f"partitioned only under ZeRO-3; zero_stage is {self.zero_stage})")
+        if self.offload_optimizer.device != "none" and self.zero_stage == 0:
+            problems.append(f"offload_optimizer.device={self.offload_optimizer.device} needs zero_stage 1, 2 or 3")
+        elif self.offload_optimizer.device == "nvme" and self.zero_stage != 3:
+            problems.append(f"offload_optimizer.device=nvme needs zero_stage=3 (ZeRO-Infinity); use device=cpu "
+                            f"under ZeRO-{self.zero_stage}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def offloads(self) -> tuple[bool, bool]:
+        """(optimizer offloaded, weights offloaded)."""
+        return self.offload_optimizer.device != "none", self.offload_param.device != "none"
 
     @field_validator("allgather_bucket_size")
     @classmethod
@@ -114,6 +161,11 @@ class ScalingCfg(Cfg):
                                    "the data pipeline (on a 2-core laptop: 0.5)")
     data_cpus_per_task: float = Field(0.25, gt=0, description="CPUs per tokenise/mixture task of the data pipeline")
     device_memory_gb: Optional[float] = Field(None, gt=0, description="override the device memory used by the preflight")
+    memory_preflight: Literal["states", "strict"] = Field(
+        "states", description="the memory preflight stops a run before any worker starts when its model states "
+        "(weights, gradients, optimizer, ZeRO buckets) do not fit the GPU; when only the activations of a "
+        "micro-batch of data.max_length-token samples would not fit, states prints the report with what would fit "
+        "and starts (samples are often far shorter), strict stops too")
     accelerator_type: AcceleratorType = Field(
         None, description="GPU type every worker needs (Ray's accelerator_type: A100, A100-80G, H100, ...); "
         "needs use_gpu")
@@ -200,4 +252,15 @@ class TrainConfig(Cfg):
         if named:
             raise ValueError(f"optim.lr_by_part names {', '.join(named)}, which this run does not train "
                              "(model.tower.trainable; model.connector.trainable; model.llm.trainable or lora.enabled)")
+        return self
+
+    @model_validator(mode="after")
+    def _nvme_needs_gpu(self):
+        """NVMe offload moves states out of GPU memory through DeepSpeed's async_io op (libaio); a CPU run
+        already holds every state in host memory, and the op does not build without libaio."""
+        ds = self.deepspeed
+        nvme = [k for k in ("offload_optimizer", "offload_param") if getattr(ds, k).device == "nvme"]
+        if nvme and not self.scaling.use_gpu:
+            raise ValueError(f"deepspeed.{nvme[0]}.device=nvme needs scaling.use_gpu=true (on a CPU run the states "
+                             "already are in host memory; device=cpu runs DeepSpeed's CPU offload path)")
         return self

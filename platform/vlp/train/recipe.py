@@ -49,6 +49,11 @@ def deepspeed_config(cfg: TrainConfig, precision: str, n_trainable: int) -> dict
         zero.update(stage3_prefetch_bucket_size=bucket if ds.stage3_prefetch_bucket_size is None
                     else ds.stage3_prefetch_bucket_size,
                     stage3_gather_16bit_weights_on_model_save=True)
+    for key in ("offload_optimizer", "offload_param"):  # only when set: the config of runs without stays as it was
+        off = getattr(ds, key)
+        if off.device != "none":
+            zero[key] = {"device": off.device, "pin_memory": off.pin_memory,
+                         **({"nvme_path": off.nvme_path} if off.nvme_path else {})}
     return {
         "train_batch_size": b.global_size,
         "train_micro_batch_size_per_gpu": b.micro_size,
@@ -107,6 +112,20 @@ def param_groups(model, optim: OptimConfig) -> list[dict]:
         if p.requires_grad:
             groups.setdefault(name.split(".", 1)[0], []).append(p)
     return [{"params": ps, "lr": optim.lr_by_part.get(part, optim.lr)} for part, ps in groups.items()]
+
+
+def make_optimizer(groups: list[dict], cfg: TrainConfig):
+    """AdamW over ``groups``; with ``deepspeed.offload_optimizer`` DeepSpeed's CPU AdamW (DeepSpeed refuses a torch
+    optimizer under offload: its step would run on host tensors one Python loop at a time). DeepSpeedCPUAdam is a
+    C++ op that DeepSpeed builds on first use (about 2 min on 2 cores) and caches under TORCH_EXTENSIONS_DIR."""
+    import torch
+
+    o = cfg.optim
+    if cfg.deepspeed.offload_optimizer.device != "none":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
 
 
 def peak_flops(device) -> Optional[float]:
@@ -420,7 +439,7 @@ class TrainRecipe:
         n_trainable = sum(p.numel() for g in groups for p in g["params"])
         n_total = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them (numel 0 after)
         self.size = ModelSize(n_total, n_trainable, peak_flops(self.device))
-        opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+        opt = make_optimizer(groups, cfg)
         sched = lr_scheduler(opt, self.meta["total_steps"], cfg.optim.warmup_ratio, cfg.optim.schedule)
         self.engine, self.opt, _, self.sched = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, self.precision, n_trainable))

@@ -19,7 +19,7 @@ from ..storage import get_fs, join, make_output_dir
 from ..writer_lock import WriterBusy, WriterLock
 from .config import TrainConfig
 from .data import DropSeen, Mixture, TagSet, Tokenize, feature_set_info, mixture_passes
-from .memory import BF16_GPUS, GPU_MEMORY_GB, preflight, resolve_precision
+from .memory import BF16_GPUS, GPU_MEMORY_GB, LMShape, Plan, Preflight, Workload, preflight, resolve_precision
 
 
 class TrainSetupError(UserError, ValueError):
@@ -189,18 +189,9 @@ def check_setup(cfg: TrainConfig, log=print) -> dict:
         import psutil
 
         gb = cfg.scaling.device_memory_gb or psutil.virtual_memory().total / 2**30 / cfg.scaling.num_workers
-    pf = None
     precision = resolve_precision(cfg.deepspeed.precision, cfg.scaling.use_gpu,
                                   _gpu_bf16_supported() if cfg.scaling.use_gpu else False)
-    if gb:
-        pf = preflight(trainable, frozen, cfg.scaling.num_workers, cfg.deepspeed.zero_stage, gb,
-                       precision=precision,
-                       reduce_bucket_elems=cfg.deepspeed.reduce_bucket_size)  # None: sized to the model
-        if not pf.fits:
-            raise TrainSetupError(f"memory preflight: {pf.message}")
-        log(f"[vlp] memory preflight: {pf.message}")
-    else:
-        log("[vlp] memory preflight skipped: device memory unknown (set scaling.device_memory_gb)")
+    pf = memory_preflight(cfg, trainable, frozen, precision, gb, log)
     n_epoch = sum(int(inf.samples * s.weight) for inf, s in zip(infos, cfg.data.sets))
     steps_per_epoch = n_epoch // cfg.batch.global_size
     if steps_per_epoch == 0:
@@ -209,7 +200,46 @@ def check_setup(cfg: TrainConfig, log=print) -> dict:
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     return {"infos": infos, "trainable": trainable, "frozen": frozen, "total_steps": total,
-            "samples_per_epoch": n_epoch, "preflight": pf.message if pf else None, "precision": precision}
+            "samples_per_epoch": n_epoch, "preflight": pf.message if pf else None, "precision": precision,
+            "memory": pf.to_json() if pf else None}
+
+
+def memory_workload(cfg: TrainConfig, trainable: int, frozen: int, precision: str) -> tuple[Workload, Plan]:
+    """What the preflight counts for the run: its parameters, the LM's shape (from its config.json), samples of
+    data.max_length tokens, and the settings :func:`vlp.train.memory.recommend` may change. vlp checkpoints the
+    LM's layers only when it is trained (``model.llm.trainable``); LoRA adapters make the LM keep its
+    activations as a trained one."""
+    from transformers import AutoConfig
+
+    llm = cfg.model.llm
+    lm = LMShape.of(AutoConfig.from_pretrained(llm.config_source()))
+    ds = cfg.deepspeed
+    work = Workload(trainable, frozen, precision, lm, cfg.data.max_length, trained_lm=llm.trainable or cfg.lora.enabled,
+                    can_checkpoint=llm.trainable, attn=llm.attn_implementation, bucket_elems=ds.reduce_bucket_size,
+                    prefetch_elems=ds.stage3_prefetch_bucket_size, global_size=cfg.batch.global_size)
+    plan = Plan(ds.zero_stage, cfg.scaling.num_workers, cfg.batch.micro_size,
+                llm.gradient_checkpointing and llm.trainable, *ds.offloads())
+    return work, plan
+
+
+def memory_preflight(cfg: TrainConfig, trainable: int, frozen: int, precision: str, gb: Optional[float],
+                     log=print) -> Optional[Preflight]:
+    """The preflight report (:func:`vlp.train.memory.preflight`) printed. A run whose model states do not fit stops
+    here (TrainSetupError with the report); one where only a micro-batch of max_length-token samples would not
+    fit stops under ``scaling.memory_preflight: strict`` and otherwise starts with the report as a warning. None
+    when the device memory is unknown."""
+    if not gb:
+        log("[vlp] memory preflight skipped: device memory unknown (set scaling.device_memory_gb)")
+        return None
+    pf = preflight(*memory_workload(cfg, trainable, frozen, precision), gb)
+    if not pf.fits and (not pf.states_fit or cfg.scaling.memory_preflight == "strict"):
+        raise TrainSetupError(f"memory preflight: {pf.message}")
+    if not pf.fits:
+        log(f"[vlp] memory preflight, warning: the model states fit, a micro-batch of {cfg.data.max_length}-token "
+            f"samples would not (scaling.memory_preflight=strict stops here): {pf.message}")
+    else:
+        log(f"[vlp] memory preflight: {pf.message}")
+    return pf
 
 
 def _gpu_bf16_supported():
@@ -324,7 +354,7 @@ RERUN_MAY_CHANGE = (
     "data.materialize", "data.materialize_max_mb",  # where the rows are kept between epochs, not which rows
     "scaling.cpus_per_worker",     # Ray resource requests only
     "scaling.data_cpus_per_task",
-    "scaling.device_memory_gb",    # only the preflight reads it
+    "scaling.device_memory_gb", "scaling.memory_preflight",  # only the preflight reads them
     "checkpoint",                  # cadence / retention: resume is exact from any checkpoint
     "max_failures",                # restarts allowed
     "log_every", "tensorboard", "tracking",  # logging and experiment tracking
@@ -367,9 +397,10 @@ def field_default(cls, path: str):
         if field is None:
             return object()
         cls = field.annotation
-    if field.default_factory is not None:
-        return field.default_factory()
-    return field.default.value if hasattr(field.default, "value") else field.default
+    d = field.default_factory() if field.default_factory is not None else field.default
+    if isinstance(d, BaseModel):  # a section added later (deepspeed.offload_optimizer): as config.yaml holds it
+        return d.model_dump(mode="json")
+    return d.value if hasattr(d, "value") else d
 
 
 def config_changes(saved: dict, cfg: TrainConfig) -> list[tuple[str, object, object]]:
@@ -473,6 +504,9 @@ def train_run(cfg: TrainConfig, out_root: str, run_dir: str, log=print) -> dict:
     else:
         with fs.open(join(rd, "config.yaml"), "w") as f:
             f.write(dump_config(cfg))
+    if setup["memory"]:  # the preflight's numbers of this attempt, machine-readable
+        with fs.open(join(rd, "preflight.json"), "w") as f:
+            f.write(json.dumps(setup["memory"], indent=2))
     held = build_held(cfg) if should_materialize(cfg) else None
     meta = worker_meta(cfg, setup, run_dir, held)
     log(f"[vlp] train {cfg.run_name}: {setup['samples_per_epoch']} samples/epoch, {setup['total_steps']} steps, "
