@@ -147,17 +147,25 @@ def decode_stage(info: ExportInfo, decode: DecodeConfig):
 
 
 def run_infer(cfg: InferConfig, log=print) -> dict:
-    import ray
-
     from .formats.export import ExportInfo
     from .precompute.pipeline import shard_names
-    from .precompute.stages import ReadShard
-    from .runtime import init_ray
+    from .runlog import ray_output
 
     info = ExportInfo.read(cfg.model)  # NotAnExport / ExportFormatError before Ray starts
     shards = expand_shards(cfg.shards, cfg.storage)
     names = shard_names(shards)
     make_output_dir(cfg.output, "output", cfg.output_storage)  # before Ray starts
+    with ray_output(cfg.output, cfg.ray.verbose, cfg.output_storage, log) as log:  # <output>/logs/ray.log
+        return infer_on_ray(cfg, info, shards, names, log)
+
+
+def infer_on_ray(cfg: InferConfig, info, shards: list[str], names: dict, log=print) -> dict:
+    """:func:`run_infer`'s Ray part: read -> decode -> answer over the shards; answers.jsonl, errors.jsonl."""
+    import ray
+
+    from .precompute.stages import ReadShard
+    from .runtime import init_ray
+
     init_ray(cfg.ray)
     t0 = time.time()
     ds = ray.data.from_items([{"shard": names[u], "uri": u} for u in shards], override_num_blocks=len(shards))

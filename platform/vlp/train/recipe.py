@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -337,6 +338,13 @@ class RunLogs:
         self.samples.close()
 
 
+def say(line: str) -> None:
+    """A progress line of rank 0 on stdout. Not ``print``: Ray Train patches it in its workers to also log through
+    the root logger, whose console handler prints the line a second time."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def flat_config(d: dict, prefix: str = "") -> dict:
     """{"optim": {"lr": 2e-5}} -> {"optim.lr": 2e-5} (lists as their JSON text): MLflow params."""
     out: dict = {}
@@ -438,8 +446,8 @@ class TrainRecipe:
             self.step, self.start_epoch, self.seen = st["step"], st["epoch"], st["seen"]
             self.done = bool(st.get("final"))
             if self.rank == 0:
-                print(f"[vlp] resumed from step {self.step} (epoch {self.start_epoch}, {len(self.seen)} samples "
-                      "already seen in it)")
+                say(f"[vlp] resumed from step {self.step} (epoch {self.start_epoch}, {len(self.seen)} samples "
+                    "already seen in it)")
         self.done = self.done or (self.cfg.max_steps is not None and self.step >= self.cfg.max_steps)
 
     # ------------------------------------------------------------------------------------------------ data
@@ -544,9 +552,9 @@ class TrainRecipe:
             self.logs.write(self.metrics, sum(all_uids, []))
             if self.step % self.cfg.log_every == 0:
                 m = self.metrics
-                print(f"[vlp] step {self.step}/{self.meta['total_steps']} loss {m['loss']:.4f} lr {m['lr']:.2e} "
-                      f"{m['samples_per_s']:.1f} samples/s pad {m['padding_frac']:.1%} "
-                      f"data-wait {m['data_wait_frac']:.0%}", flush=True)
+                say(f"[vlp] step {self.step}/{self.meta['total_steps']} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+                    f"{m['samples_per_s']:.1f} samples/s pad {m['padding_frac']:.1%} "
+                    f"data-wait {m['data_wait_frac']:.0%}")
         return t_mark
 
     def report(self) -> None:
