@@ -177,12 +177,9 @@ def collect(ds) -> tuple[list[dict], list[dict]]:
 
 
 def run_infer(cfg: InferConfig, log=print) -> dict:
-    import ray
-
     from .formats.export import ExportInfo
     from .precompute.pipeline import shard_names
-    from .precompute.stages import ReadShard
-    from .runtime import init_ray
+    from .runlog import ray_output
 
     info = ExportInfo.read(cfg.model)  # NotAnExport / ExportFormatError before Ray starts
     shards = expand_shards(cfg.shards, cfg.storage)
@@ -190,6 +187,17 @@ def run_infer(cfg: InferConfig, log=print) -> dict:
     make_output_dir(cfg.output, "output", cfg.output_storage)  # before Ray starts
     decode = decode_stage(info, cfg.decode)
     check_chain(decode.chain)  # a decoder that is not installed: one line, before Ray starts
+    with ray_output(cfg.output, cfg.ray.verbose, cfg.output_storage, log) as log:  # <output>/logs/ray.log
+        return infer_on_ray(cfg, decode, shards, names, log)
+
+
+def infer_on_ray(cfg: InferConfig, decode, shards: list[str], names: dict, log=print) -> dict:
+    """:func:`run_infer`'s Ray part: read -> decode -> answer over the shards; answers.jsonl, errors.jsonl."""
+    import ray
+
+    from .precompute.stages import ReadShard
+    from .runtime import init_ray
+
     init_ray(cfg.ray)
     t0 = time.time()
     ds = ray.data.from_items([{"shard": names[u], "uri": u} for u in shards], override_num_blocks=len(shards))

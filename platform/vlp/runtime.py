@@ -28,6 +28,10 @@ class RayConfig(Cfg):
     num_cpus: Optional[int] = Field(None, ge=1, description="CPUs for a local Ray (None = all)")
     object_store_memory: Optional[int] = Field(None, ge=1 << 27, description="bytes, local Ray only")
     progress_bars: bool = Field(True, description="Ray Data progress bars")
+    verbose: bool = Field(False, description="true: Ray's INFO logs and every line the workers print on the terminal "
+                          "too, as Ray prints them (VLP_VERBOSE=1 does the same); false: those go to the run "
+                          "folder's logs/ray.log only and the terminal gets vlp's lines, Ray Data's progress bars "
+                          "and warnings")
     ship_code: Literal["auto", "py_modules", "installed"] = Field(
         "auto", description="how workers get vlp: py_modules = ship the driver's vlp package in the runtime_env; "
         "installed = use the vlp installed on the cluster's image; auto = py_modules when joining a cluster "
@@ -106,9 +110,15 @@ def _vlp_dir_on_worker() -> str:
 
 
 def init_ray(cfg: RayConfig, log=print) -> None:
+    """Start or join Ray (see the module doc), its output routed by :mod:`vlp.runlog` (the driver's loggers gated
+    before ``ray.init``, so that its banner goes to the log too; the workers' stream after)."""
     import ray
 
+    from .runlog import gate_ray_loggers, route_worker_output
+
+    gate_ray_loggers()
     if ray.is_initialized():
+        route_worker_output()
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     pkg = vlp_package_dir()
@@ -119,6 +129,8 @@ def init_ray(cfg: RayConfig, log=print) -> None:
     else:
         ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory, include_dashboard=False,
                  **kwargs)
+    gate_ray_loggers()
+    route_worker_output()
     if address or runtime_env:
         log(f"[vlp] code: driver imports vlp from {pkg}; {why}")
     if cfg.ship_code == "installed" and is_source_checkout(pkg):

@@ -32,7 +32,7 @@ def media(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(export):
+def server(export, tmp_path_factory):
     """The application built by ``vlp serve``'s own code (run_serve, not blocking), torn down after the module."""
     import ray
     from ray import serve
@@ -45,7 +45,8 @@ def server(export):
     cfg = validate(ServeConfig, {
         "model": str(export), "model_name": "tiny", "port": free_port(), "api_key": KEY, "max_tokens": MAX_TOKENS,
         "limits": LIMITS, "batch": {"max_batch_size": 4, "batch_wait_timeout_s": 0.5},
-        "deployment": {"num_cpus": 0.5}, "ray": {"num_cpus": 2, "progress_bars": False}})
+        "deployment": {"num_cpus": 0.5}, "ray": {"num_cpus": 2, "progress_bars": False},
+        "log_dir": str(tmp_path_factory.mktemp("serve"))})
     url = run_serve(cfg, block=False, log=lambda s: None)
     yield url
     serve.shutdown()

@@ -96,12 +96,30 @@ def test_run_logs_on_s3_are_buffered_until_a_checkpoint_flushes_them(s3_server):
     assert read_appended(f"{run}/metrics.jsonl", st) == ""  # buffered: no PUT per step
     logs.flush()  # what save() does before each checkpoint
     assert [json.loads(x)["step"] for x in read_appended(f"{run}/metrics.jsonl", st).splitlines()] == [1, 2, 3]
+    fs, _ = get_fs(run, st)
+    first = {p: fs.size(p) for p in fs.glob("runs/r1/tensorboard/events.out.tfevents.*")}
+    assert len(first) == 1  # the event file of steps 1-3, uploaded
     logs.write({"step": 4, "loss": 0.4}, ["u4"])
     logs.close()
-    fs, _ = get_fs(run, st)
-    assert fs.glob("runs/r1/tensorboard/events.out.tfevents.*")  # the event file, uploaded
+    fs.invalidate_cache()
+    after = {p: fs.size(p) for p in fs.glob("runs/r1/tensorboard/events.out.tfevents.*")}
+    assert len(after) == 2 and all(after[p] == n for p, n in first.items())  # step 4 in a new file: no re-upload
+    assert tensorboard_steps(fs, "runs/r1/tensorboard") == [1, 2, 3, 4]
     assert [json.loads(x)["uids"] for x in read_appended(f"{run}/samples.jsonl", st).splitlines()] == \
         [["u1"], ["u2"], ["u3"], ["u4"]]
+
+
+def tensorboard_steps(fs, folder: str) -> list[int]:
+    """The steps of train/loss in a TensorBoard folder on a store, over all its event files (TensorBoard's reader)."""
+    import tempfile
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with tempfile.TemporaryDirectory() as d:
+        fs.get(f"{folder}/", d, recursive=True)
+        acc = EventAccumulator(d)
+        acc.Reload()
+        return [e.step for e in acc.Scalars("train/loss")]
 
 
 def _tokenised(n: int, mixed: bool = False) -> list[dict]:

@@ -37,6 +37,7 @@ from typing import Iterable, Iterator, Optional
 
 from ..config import dump_config
 from ..errors import UserError
+from ..runlog import ray_output
 from ..storage import get_fs, join, make_output_dir, read_bytes, write_atomic
 from .config import PackConfig
 from .formats import PackError, PackRecord, expand_annotations, read_annotations
@@ -132,13 +133,18 @@ class PackRun:
     def run(self) -> dict:
         self.plan()
         self.check_existing()
-        if choose_executor(self.cfg) == "ray":
-            self.write_plans()
-            if self.todo:
-                self.pack()
-        else:
+        if choose_executor(self.cfg) != "ray":
             self.pack_local()
-        return self.finish()
+            return self.finish()
+        own_log = self.log
+        with ray_output(self.cfg.out, self.cfg.ray.verbose, self.cfg.storage, own_log) as self.log:  # logs/ray.log
+            try:
+                self.write_plans()
+                if self.todo:
+                    self.pack()
+                return self.finish()
+            finally:
+                self.log = own_log
 
     def uri(self, *parts: str) -> str:
         return join(self.cfg.out, "_pack", *parts)

@@ -31,6 +31,7 @@ from ..data.sample import SampleConfig
 from ..formats.featureset import (FEATURES_V1, AudioEncoderInfo, EncoderInfo, FeatureSetLayout, Fingerprint,
                                   Manifest, PreprocessInfo, ShardCommit, Totals, committed_shards, features_format)
 from ..formats.records import RecordError
+from ..runlog import ray_output
 from ..storage import expand_shards, make_output_dir
 from ..writer_lock import WriterBusy, WriterLock
 from .config import PrecomputeConfig
@@ -264,13 +265,18 @@ class PrecomputeRun:
     def run(self) -> dict:
         self.plan()
         make_output_dir(self.cfg.output.uri, "output.uri", self.cfg.output.storage)
-        with WriterLock(self.cfg.output.uri, "output.uri", self.cfg.output.storage, command="vlp precompute") as lock:
+        out, own_log = self.cfg.output, self.log
+        with WriterLock(out.uri, "output.uri", out.storage, command="vlp precompute") as lock, \
+                ray_output(out.uri, self.cfg.ray.verbose, out.storage, own_log) as self.log:  # <uri>/logs/ray.log
             self.lock = lock  # a second writer is refused until this run ends
-            self.check_existing()
-            todo = self.select()
-            if todo:
-                self.consume(self.build_graph(todo))
-            return self.finish()
+            try:
+                self.check_existing()
+                todo = self.select()
+                if todo:
+                    self.consume(self.build_graph(todo))
+                return self.finish()
+            finally:
+                self.log = own_log
 
     def plan(self) -> None:
         """Expand the shard specs, name the shards, resolve the fingerprint and the stages."""

@@ -198,19 +198,29 @@ def build(args: Optional[dict] = None):
 def run_serve(cfg: ServeConfig, block: bool = True, log=print) -> str:
     """``vlp serve``: Ray (local, or the cluster of ``ray.address``), Serve's HTTP proxy on ``host:port``, the
     application; with ``block``, serve until Ctrl-C, then take the application down. -> the base URL (…/v1)."""
-    import ray
-
     from ..formats.export import ExportInfo
-    from ..runtime import init_ray
+    from ..runlog import ray_output
 
     if not is_remote(cfg.model) and not cfg.ray.address:
         ExportInfo.read(cfg.model)  # NotAnExport / ExportFormatError before Ray starts
     if cfg.api_key_env and not cfg.ray.address:
         cfg.resolve_api_key()  # MissingKey now, not as a replica that never starts
+    with ray_output(cfg.log_dir, cfg.ray.verbose, cfg.storage, log) as log:  # <log_dir>/logs/ray.log
+        return serve_app(cfg, block, log)
+
+
+def serve_app(cfg: ServeConfig, block: bool, log) -> str:
+    """:func:`run_serve` after its checks: Ray, Serve, the application; with ``block``, until Ctrl-C."""
+    import ray
+
+    from ..runlog import gate_ray_loggers
+    from ..runtime import init_ray
+
     started = not ray.is_initialized()
     init_ray(cfg.ray, log=log)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(app_for(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+    gate_ray_loggers()  # Serve's loggers, should it have configured more
     url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/v1"
     log(f"[vlp] serve: model {cfg.served_model()} at {url} (OpenAI API; GET {url[:-3]}/health)")
     if not block:

@@ -110,6 +110,8 @@ class ServeConfig(Cfg):
     batch: BatchConfig = BatchConfig()
     deployment: DeploymentConfig = DeploymentConfig()
     ray: RayConfig = Field(RayConfig(), description="how `vlp serve` reaches Ray (address null: a local Ray)")
+    log_dir: str = Field("runs/serve", description="folder whose logs/ray.log gets Ray's and the replicas' output "
+                         "(the terminal: vlp's lines and warnings; ray.verbose=true: everything)")
 
     @model_validator(mode="after")
     def _one_key_source(self):

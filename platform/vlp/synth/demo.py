@@ -23,6 +23,7 @@ from .shards import SYNTH_VERSION, MakeShardsConfig, make_shards
 from ..inspect_ import format_report, inspect_features
 from ..models.towers import TOWERS, TowerConfig
 from ..precompute import PrecomputeConfig, run_precompute
+from ..runlog import ray_output
 from ..runtime import RayConfig
 from ..storage import get_fs, join, make_output_dir
 
@@ -119,6 +120,12 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     fs, root = make_output_dir(cfg.root, "root")
     with fs.open(join(root, "demo_config.yaml"), "w") as f:
         f.write(dump_config(cfg))
+    with ray_output(cfg.root, cfg.ray.verbose, log=log) as log:  # everything Ray prints: <root>/logs/ray.log
+        return demo_steps(cfg, log)
+
+
+def demo_steps(cfg: DemoConfig, log) -> dict:
+    """:func:`run_demo`'s steps, in its run folder."""
     n_steps = (7 if cfg.ablation_pooler is not None else 6) if cfg.train else 2
     shards_cfg, written = demo_shards(cfg, n_steps, log)
     results: dict = {"shards": written, "features": {}}

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -311,12 +312,13 @@ class RunLogs:
     """Rank 0's per-step logs: metrics.jsonl and samples.jsonl through :class:`vlp.storage.Appender` (object
     stores get buffered parts, see :func:`vlp.storage.read_appended`), plus TensorBoard: written in the run folder,
     or for a run folder on an object store, in a local folder whose event files are uploaded to the run folder's
-    tensorboard/ at each flush (checkpoint) and at the end."""
+    tensorboard/ at each flush (checkpoint) and at the end. Every byte goes up once there too: each upload closes
+    the event file and the next steps go to a new one (TensorBoard reads a folder's event files as one run)."""
 
     def __init__(self, run_dir: str, tensorboard: bool, storage: Optional[StorageConfig] = None):
         self.metrics = Appender(f"{run_dir}/metrics.jsonl", storage)
         self.samples = Appender(f"{run_dir}/samples.jsonl", storage)
-        self.tb, self.tb_local, self.tb_remote = None, None, None
+        self.tb, self.tb_local, self.tb_remote, self.uploads = None, None, None, 0
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -324,13 +326,28 @@ class RunLogs:
                 self.tb_local, self.tb_remote = tempfile.mkdtemp(prefix="vlp-tb-"), (f"{run_dir}/tensorboard", storage)
             self.tb = SummaryWriter(self.tb_local or f"{run_dir}/tensorboard")
 
-    def sync_tensorboard(self) -> None:
-        """Upload the local event files of a run folder on an object store (whole files: they are small)."""
+    def sync_tensorboard(self, reopen: bool = True) -> None:
+        """Upload the event file of a run folder on an object store: closed, uploaded whole, deleted here; with
+        ``reopen`` the next steps go to a new event file (so no upload repeats an earlier one's bytes)."""
         if self.tb is None or self.tb_remote is None:
             return
-        self.tb.flush()
-        for name in os.listdir(self.tb_local):
-            put_file_atomic(os.path.join(self.tb_local, name), f"{self.tb_remote[0]}/{name}", self.tb_remote[1])
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb.close()
+        for name in sorted(os.listdir(self.tb_local)):
+            path = os.path.join(self.tb_local, name)
+            put_file_atomic(path, f"{self.tb_remote[0]}/{self.upload_name(name)}", self.tb_remote[1])
+            os.remove(path)
+        self.tb = SummaryWriter(self.tb_local) if reopen else None
+
+    def upload_name(self, name: str) -> str:
+        """``events.out.tfevents.<time>.<n>.<rest>``: the n-th upload of this attempt after the writer's start time,
+        so that the files sort in the order they were written (TensorBoard reads a folder's files in name order;
+        the writer's own names put a counter after the host name, where 10 sorts before 9)."""
+        head = "events.out.tfevents."
+        stamp, rest = name[len(head):].split(".", 1) if name.startswith(head) else ("0", name)
+        self.uploads += 1
+        return f"{head}{stamp}.{self.uploads:06d}.{rest}"
 
     def write(self, metrics: dict, uids: list[str]) -> None:
         self.metrics.write(json.dumps(metrics) + "\n")
@@ -347,13 +364,21 @@ class RunLogs:
 
     def close(self) -> None:
         if self.tb is not None:
-            self.sync_tensorboard()
+            self.sync_tensorboard(reopen=False)
+        if self.tb is not None:  # a local run folder's writer
             self.tb.close()
             self.tb = None
         if self.tb_local is not None:
             shutil.rmtree(self.tb_local, ignore_errors=True)
         self.metrics.close()
         self.samples.close()
+
+
+def say(line: str) -> None:
+    """A progress line of rank 0 on stdout. Not ``print``: Ray Train patches it in its workers to also log through
+    the root logger, whose console handler prints the line a second time."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def flat_config(d: dict, prefix: str = "") -> dict:
@@ -457,8 +482,8 @@ class TrainRecipe:
             self.step, self.start_epoch, self.seen = st["step"], st["epoch"], st["seen"]
             self.done = bool(st.get("final"))
             if self.rank == 0:
-                print(f"[vlp] resumed from step {self.step} (epoch {self.start_epoch}, {len(self.seen)} samples "
-                      "already seen in it)")
+                say(f"[vlp] resumed from step {self.step} (epoch {self.start_epoch}, {len(self.seen)} samples "
+                    "already seen in it)")
         self.done = self.done or (self.cfg.max_steps is not None and self.step >= self.cfg.max_steps)
 
     # ------------------------------------------------------------------------------------------------ data
@@ -563,9 +588,9 @@ class TrainRecipe:
             self.logs.write(self.metrics, sum(all_uids, []))
             if self.step % self.cfg.log_every == 0:
                 m = self.metrics
-                print(f"[vlp] step {self.step}/{self.meta['total_steps']} loss {m['loss']:.4f} lr {m['lr']:.2e} "
-                      f"{m['samples_per_s']:.1f} samples/s pad {m['padding_frac']:.1%} "
-                      f"data-wait {m['data_wait_frac']:.0%}", flush=True)
+                say(f"[vlp] step {self.step}/{self.meta['total_steps']} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+                    f"{m['samples_per_s']:.1f} samples/s pad {m['padding_frac']:.1%} "
+                    f"data-wait {m['data_wait_frac']:.0%}")
         return t_mark
 
     def report(self) -> None:

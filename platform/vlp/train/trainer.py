@@ -15,6 +15,7 @@ from ..models.videollm import feature_mode_problems, frame_times_problems
 from ..formats.export import MODEL_CONFIG, ExportInfo
 from ..formats.featureset import FeatureSetInfo
 from ..formats.records import RecordError
+from ..runlog import LOG_FILE, one_line, ray_output, to_logs
 from ..storage import get_fs, join, make_output_dir
 from ..writer_lock import WriterBusy, WriterLock
 from .config import TrainConfig
@@ -24,6 +25,14 @@ from .memory import BF16_GPUS, GPU_MEMORY_GB, LMShape, Plan, Preflight, Workload
 
 class TrainSetupError(UserError, ValueError):
     """The run cannot start; the message says why and what would work."""
+
+
+class TrainingFailed(UserError):
+    """Ray Train gave up on the run (a worker failed more than max_failures times): the failure on one line; the
+    tracebacks are in the run's logs/ray.log. Exit code 1: the run folder keeps its checkpoints, and the same
+    command resumes from the last one."""
+
+    exit_code = 1
 
 
 def param_counts(cfg: TrainConfig) -> tuple[int, int]:
@@ -474,22 +483,24 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
         return {**json.loads(fs.cat(join(rd, "train_summary.json"))), "run_dir": run_dir,
                 "export": join(run_dir, "export"), "reused": True}
     make_output_dir(out_root, "output_dir")  # an output_dir that cannot be created fails before Ray starts,
-    with WriterLock(run_dir, "the run folder", command="vlp train") as lock:
+    with WriterLock(run_dir, "the run folder", command="vlp train") as lock, \
+            ray_output(run_dir, cfg.ray.verbose, log=log) as log:  # Ray's output: <run_dir>/logs/ray.log
         summary = train_run(cfg, out_root, run_dir, log)
         if lock.lost:
             raise WriterBusy(f"the run folder: {lock.lost} while this training ran; check its checkpoints")
-    log(f"[vlp] train {cfg.run_name}: done, {summary['steps']} steps, final loss "
-        f"{summary['final_metrics'].get('loss', float('nan')):.4f}; export: {run_dir}/export")
+        log(f"[vlp] train {cfg.run_name}: done, {summary['steps']} steps, final loss "
+            f"{summary['final_metrics'].get('loss', float('nan')):.4f}; export: {run_dir}/export")
     return {**summary, "run_dir": run_dir, "export": join(run_dir, "export"), "reused": False}
 
 
 def train_run(cfg: TrainConfig, out_root: str, run_dir: str, log=print) -> dict:
     """The training of :func:`run_train` under its run folder's lock: checks, config.yaml, Ray Train's fit;
     -> train_summary.json."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     from ..runtime import init_ray
+    from .notices import RestartNotice
     from .loop import train_loop_per_worker
 
     fs, rd = get_fs(run_dir)
@@ -518,10 +529,25 @@ def train_run(cfg: TrainConfig, out_root: str, run_dir: str, log=print) -> dict:
         scaling_config=ScalingConfig(**scaling_kwargs(cfg)),
         run_config=RunConfig(name=cfg.run_name, storage_path=out_root,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+                             callbacks=[RestartNotice(cfg.run_name, cfg.max_failures)]),
         datasets={} if held else {"train": build_dataset(cfg, meta["state_path"])},
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:  # the workers' tracebacks into the log; the terminal gets one line
+        to_logs(f"[vlp] train {cfg.run_name} failed:\n{e}")
+        raise TrainingFailed(f"training {cfg.run_name} failed: {failure_line(e)} (tracebacks: {run_dir}/"
+                             f"{LOG_FILE})") from e
     if result.error:
         raise result.error
     return json.loads(fs.cat(join(rd, "train_summary.json")))
+
+
+def failure_line(e) -> str:
+    """What failed a Ray Train run, on one line: each failed rank's exception, or the controller's."""
+    workers = getattr(e, "worker_failures", None)
+    if workers:
+        return "; ".join(f"rank {rank}: {one_line(exc)}" for rank, exc in sorted(workers.items()))
+    controller = getattr(e, "controller_failure", None)
+    return one_line(controller if controller is not None else e)

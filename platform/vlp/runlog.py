@@ -1,0 +1,206 @@
+"""Where a command's Ray output goes: the terminal gets vlp's own ``[vlp]`` lines, Ray Data's progress bars and the
+warnings and errors a user must see; the rest of what Ray prints goes to the run folder's ``logs/ray.log``.
+
+The rest is: the driver's ``ray`` / ``ray.data`` / ``ray.train`` / ``ray.serve`` INFO logs (the "Started a local Ray
+instance" banner, Ray Data's execution plans, and outside a terminal Ray Data's logged progress), and every line the
+workers print, which Ray streams to the driver with ``(RayTrainWorker pid=...)`` prefixes (Ray Train's reports,
+DeepSpeed's INFO lines, transformers' loading bars, tracebacks of failed workers). ``vlp demo stage2.epochs=5``
+printed 695 lines before this, each training step's line twice; now 137, 125 of them vlp's.
+
+Why not ``ray.init(log_to_driver=False)``: the training workers' ``[vlp] step ...`` lines travel on the same
+stream, and the log file should hold every worker's output (on a cluster it is otherwise spread over the nodes'
+``/tmp/ray``). So the stream still comes to the driver and :func:`route_worker_output` puts :class:`WorkerPrinter`
+in the place of Ray's printer (``global_worker_stdstream_dispatcher``, the hook Ray's own client server uses). On
+the driver, Ray's console handlers get a :class:`ConsoleGate` filter, which writes each record to the log and lets
+WARNING and above through (less :data:`QUIET_WARNINGS`).
+
+Each command that starts Ray runs inside :func:`ray_output` with its run folder; nested ones (``vlp demo`` runs
+precompute and train) write to every open log, so the demo's ``logs/ray.log`` holds everything and each training's
+its own part. The log file is made when Ray first prints (a command that fails before Ray starts leaves none) and is
+appended to like metrics.jsonl (:class:`vlp.storage.Appender`: on an object store, buffered parts). ``ray.verbose:
+true`` or ``VLP_VERBOSE=1`` put everything on the terminal as well (Ray's own output, as before vlp filtered it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
+
+from .storage import Appender, StorageConfig, join
+
+LOG_FILE = "logs/ray.log"  # in the run folder
+VERBOSE_ENV = "VLP_VERBOSE"
+# Ray warnings that are not the user's concern: to the log only.
+QUIET_WARNINGS = (
+    "Token authentication is enabled for this Ray cluster",  # every local start of Ray 2.60
+    "Progress bars disabled",  # the user turned them off (ray.progress_bars=false)
+)
+RAY_FORMAT = logging.Formatter("%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s")
+
+
+def env_verbose() -> bool:
+    """``VLP_VERBOSE`` set to 1 / true / yes."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+class RunLog:
+    """One command's ``logs/ray.log``: Ray's lines, and the command's own lines once Ray has printed (before that
+    they wait in memory, and are dropped when Ray never prints). Thread-safe: Ray's log thread writes too."""
+
+    def __init__(self, folder: str, storage: Optional[StorageConfig], verbose: bool):
+        self.uri, self.storage, self.verbose = join(folder, LOG_FILE), storage, verbose
+        self.appender: Optional[Appender] = None
+        self.pending: list[str] = []
+        self.lock = threading.Lock()
+
+    def own_line(self, text: str) -> None:
+        with self.lock:
+            if self.appender is None:
+                self.pending.append(text)
+            else:
+                self.appender.write(text + "\n")
+
+    def ray_line(self, text: str) -> None:
+        with self.lock:
+            if self.appender is None:
+                self.appender = Appender(self.uri, self.storage)
+                self.appender.write("".join(p + "\n" for p in self.pending))
+                self.pending = []
+            self.appender.write(text + "\n")
+
+    def close(self) -> bool:
+        """Flush (an object store gets the last part); True when the log was written."""
+        with self.lock:
+            if self.appender is None:
+                return False
+            self.appender.close()
+            return True
+
+
+OPEN: list[RunLog] = []  # the logs of the commands running in this process, outermost first
+
+
+def to_logs(text: str) -> None:
+    """A line of Ray's into every open log."""
+    for run in list(OPEN):
+        run.ray_line(text)
+
+
+def verbose() -> bool:
+    """Whether the terminal gets everything (a running command asked for it)."""
+    return any(run.verbose for run in OPEN)
+
+
+@contextmanager
+def ray_output(folder: str, ray_verbose: bool = False, storage: Optional[StorageConfig] = None,
+               log: Callable = print) -> Iterator[Callable]:
+    """Run a command's Ray work with its output routed as the module doc says; ``folder`` is the run folder (local
+    or an object store), ``ray_verbose`` its ``ray.verbose``. Yields the command's ``log``, which also writes into
+    the log file. At the end the outermost command says where the log is."""
+    run = RunLog(folder, storage, ray_verbose or env_verbose())
+    OPEN.append(run)
+
+    def tee(text) -> None:
+        log(text)
+        run.own_line(str(text))
+
+    try:
+        yield tee
+    finally:
+        OPEN.remove(run)
+        if run.close() and not OPEN:
+            log(f"[vlp] full log: {run.uri}")
+
+
+class ConsoleGate(logging.Filter):
+    """On a console handler of Ray's: the record goes to the open logs, and to the terminal when it is a warning or
+    an error (or the command is verbose). Without an open log it changes nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not OPEN:
+            return True
+        text = RAY_FORMAT.format(record)
+        to_logs(text)
+        return verbose() or (record.levelno >= logging.WARNING and not any(q in text for q in QUIET_WARNINGS))
+
+
+GATE = ConsoleGate()
+
+
+def gate_ray_loggers() -> None:
+    """Put :data:`GATE` on every console handler of Ray's loggers (``ray``, and ``ray.*`` ones with handlers of
+    their own: ``ray.data``, ``ray.serve``). Idempotent; call again after a library configures its loggers."""
+    import importlib
+
+    importlib.import_module("ray.data")  # configures the "ray" and "ray.data" loggers on import
+
+    names = ["ray", *sorted(n for n in logging.root.manager.loggerDict if n.startswith("ray."))]
+    for name in names:
+        logger = logging.getLogger(name)
+        for h in logger.handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) \
+                    and GATE not in h.filters:
+                h.addFilter(GATE)
+
+
+def worker_prefix(data: dict) -> str:
+    """Ray's prefix of a worker's lines: ``(RayTrainWorker pid=123)``, ``(raylet)``, with ``ip=`` off this node."""
+    pid, who, ip = data.get("pid"), data.get("actor_name") or data.get("task_name"), data.get("ip")
+    where = "" if ip == data.get("localhost") else f", ip={ip}"
+    if who:
+        return f"({who} pid={pid}{where})"
+    return f"({pid}{where})" if pid == "raylet" else f"(pid={pid}{where})"
+
+
+class WorkerPrinter:
+    """Ray's stream of worker output, routed: every line to the open logs; to the terminal the workers' ``[vlp]``
+    lines (bare), Ray's distributed progress bars (``tqdm_ray``) and what the raylet and the autoscaler say (a
+    worker killed for memory, nodes added), through Ray's own printer (which shows the autoscaler's events only, not
+    its status reports). Without an open log, or verbose: Ray's printer gets everything."""
+
+    def __init__(self, ray_printer: Callable):
+        self.ray_printer = ray_printer
+
+    def __call__(self, data: dict) -> None:
+        from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC, safe_print  # safe_print: the bars stay whole
+
+        lines = data.get("lines") or []
+        if OPEN and data.get("pid") != "autoscaler":  # its status every few seconds: Ray's monitor.log has it
+            prefix = worker_prefix(data)
+            for line in lines:
+                if RAY_TQDM_MAGIC not in line:
+                    to_logs(f"{prefix} {line}")
+        if not OPEN or verbose() or data.get("pid") in ("raylet", "autoscaler"):
+            self.ray_printer(data)
+            return
+        bars = [ln for ln in lines if RAY_TQDM_MAGIC in ln]
+        if bars:
+            self.ray_printer({**data, "lines": bars})
+        sink = sys.stderr if data.get("is_err") else sys.stdout
+        for line in lines:
+            if line.startswith("[vlp]"):
+                safe_print(line, file=sink, flush=True)
+
+
+def route_worker_output() -> None:
+    """After ``ray.init(log_to_driver=True)``: :class:`WorkerPrinter` in the place of Ray's printer (it keeps Ray's
+    printer for what the terminal still gets). Idempotent; nothing to do when the workers' output does not come to
+    this driver."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    dispatcher.handlers = [(name, WorkerPrinter(h) if name == "ray_print_logs" and not isinstance(h, WorkerPrinter)
+                            else h) for name, h in dispatcher.handlers]
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` of an exception on one line: the last line of its text when that already reads so (a
+    traceback's last line), else its type and the text's first line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if lines and re.match(r"^[A-Za-z_][\w.]*(\([\w.]+\))?: ", lines[-1]):
+        return lines[-1]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
