@@ -326,8 +326,8 @@ def build_dataset(cfg: TrainConfig, state_path: str, parts: Optional[list[list[s
 
 
 def last_checkpoint_state(run_dir: str) -> Optional[dict]:
-    """vlp_state.json of the run folder's latest checkpoint (the highest step; the one a restart resumes from),
-    None when there is none."""
+    """vlp_state.json of the run folder's latest checkpoint (the highest step, the final one of a step; the one
+    a restart resumes from), None when there is none."""
     fs, rd = get_fs(run_dir)
     if not fs.exists(rd):
         return None
@@ -336,7 +336,7 @@ def last_checkpoint_state(run_dir: str) -> Optional[dict]:
         p = join(d, "vlp_state.json")
         if d.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_") and fs.exists(p):
             st = json.loads(fs.cat(p))
-            if best is None or st["step"] > best["step"]:
+            if best is None or (st["step"], bool(st.get("final"))) > (best["step"], bool(best.get("final"))):
                 best = st
     return best
 
