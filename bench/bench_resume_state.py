@@ -44,14 +44,15 @@ def write_parts(n_rows: int, part_rows: int) -> list[str]:
     return paths
 
 
-def stream(paths: list[str], state: str, seed: int, concurrency: int, shuffle: int):
+def stream(paths: list[str], sets: list, state: str, seed: int, concurrency: int, shuffle: int):
     """The epoch's rows as a streaming split gives them: parts read ``concurrency`` at a time (blocks of 256
     interleaved at random), Mixture -> DropSeen per block, a local shuffle buffer of ``shuffle`` rows."""
     import pyarrow.parquet as pq
 
     from vlp.train.data import DropSeen, Mixture
 
-    mix, drop, rng = Mixture("s0", 1.0, 0, state, "auto", parts=paths), DropSeen(state), np.random.default_rng(seed)
+    mix, drop = Mixture("s0", 1.0, 0, state, "auto", parts=paths), DropSeen(state, sets, [paths], 0)
+    rng = np.random.default_rng(seed)
 
     def blocks(path):
         t = pq.read_table(path)
@@ -96,7 +97,7 @@ def run(args) -> dict:
 
     class Recipe(TrainRecipe):
         def stream_rows(self, rng):
-            return stream(paths, self.state_path, 0, args.concurrency, args.shuffle)
+            return stream(paths, cfg.data.sets, self.state_path, 0, args.concurrency, args.shuffle)
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
     dist.init_process_group("gloo", rank=0, world_size=1)

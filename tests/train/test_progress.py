@@ -19,7 +19,7 @@ import pytest
 from vlp.config import validate
 from vlp.train.config import TrainConfig
 from vlp.train.data import DropSeen, EpochUnits, Mixture, mixture_passes, write_state
-from vlp.train.progress import EpochState, PartProgress, done_units, from_ranges, to_ranges
+from vlp.train.progress import EpochState, PartProgress, done_units, from_ranges, state_ids, to_ranges
 from vlp.train.recipe import Counters, TrainRecipe, take_group
 
 ROWS_PER_PART = 25
@@ -71,7 +71,7 @@ def _graph_blocks(cfg: TrainConfig, parts: list[list[str]], state: str) -> list[
                 for a in range(0, t.num_rows, 8):
                     b = {c: np.asarray(t.column(c).to_pylist()[a:a + 8], dtype=object) for c in t.column_names}
                     b["path"] = np.asarray([path] * len(b["uid"]), dtype=object)
-                    b = DropSeen(state)(mix(b))
+                    b = DropSeen(state, cfg.data.sets, parts, cfg.data.seed)(mix(b))
                     b["skip"] = np.asarray([_skip(u) for u in b["uid"]], dtype=object)
                     b["media_type"] = np.asarray(["video"] * len(b["uid"]), dtype=object)
                     blocks.append(b)
@@ -136,22 +136,41 @@ def _epoch_uids(cfg, parts, tmp_path, epoch: int) -> list[str]:
     return [str(u) for unit in _graph_blocks(cfg, parts, state) for b in unit for u in b["uid"]]
 
 
+class Units:
+    """A fixed epoch of units (what EpochUnits reads from the parts): unit -> its rows' uids in order."""
+
+    def __init__(self, rows: dict[str, list[str]]):
+        self.rows = rows
+
+    def __call__(self, unit: str) -> int:
+        return len(self.rows[unit])
+
+    def uids(self, unit: str) -> list[str]:
+        return self.rows[unit]
+
+
 def test_ranges_and_the_part_account():
     assert to_ranges([5, 0, 1, 2, 7, 8, 2]) == [[0, 2], [5, 5], [7, 8]] and to_ranges([]) == []
     assert list(from_ranges([[0, 2], [5, 5]])) == [0, 1, 2, 5]
     assert done_units({"s0.1": [[3, 4]]}) == {"s0.1.3", "s0.1.4"}
-    acc = PartProgress(lambda unit: 2)
+    units = Units({"s0.0.4": ["s0:a", "s0:b", "s0:c"], "s0.0.5": ["s0:d"], "s0.0.6": ["s0:e", "s0:f", "s0:g"]})
+    acc = PartProgress(units)
     acc.add("s0.0.4", "s0:a")
-    assert acc.state() == {"done": {}, "open": {"s0.0.4": ["s0:a"]}} and acc.ids() == 1
+    acc.add("s0.0.4", "s0:c")
+    acc.add("s0.0.6", "s0:f")
+    assert acc.state() == {"done": {}, "open": {"s0.0.4": [[0, 0], [2, 2]], "s0.0.6": [[1, 1]]}}
     acc.add("s0.0.4", "s0:b")
-    assert acc.state() == {"done": {"s0.0": [[4, 4]]}, "open": {}}
+    assert acc.state() == {"done": {"s0.0": [[4, 4]]}, "open": {"s0.0.6": [[1, 1]]}}
+    assert state_ids(acc.state()) == 2
     with pytest.raises(RuntimeError, match="after the unit was done"):
         acc.add("s0.0.4", "s0:a")
-    again = PartProgress(lambda unit: 1, acc.state())
-    again.add("s0.0.5", "s0:c")
-    assert again.state()["done"] == {"s0.0": [[4, 5]]}
+    again = PartProgress(units, json.loads(json.dumps(acc.state())))  # a resume: open positions -> uids
+    again.add("s0.0.5", "s0:d")
+    again.add("s0.0.6", "s0:e")
+    again.add("s0.0.6", "s0:g")
+    assert again.state() == {"done": {"s0.0": [[4, 6]]}, "open": {}}
     with pytest.raises(RuntimeError, match="2 rows consumed, the epoch holds 1"):
-        PartProgress(lambda unit: 1, {"open": {"s0.0.1": ["x"]}}).add("s0.0.1", "y")
+        PartProgress(Units({"s0.0.1": ["x"]}), {"open": {"s0.0.1": [[0, 0]]}}).add("s0.0.1", "y")
 
 
 def test_epoch_units_count_what_mixture_gives(tmp_path):
@@ -177,7 +196,7 @@ def test_a_resumed_streaming_epoch_is_exact_and_its_state_stays_bounded(one_rank
     """An epoch of 1000 + 2.5 x 500 rows over 60 parts; a checkpoint every 10 steps; the run dies at step 157 and
     resumes from the step-150 checkpoint in another streaming order. Trained before the checkpoint + trained after
     it + skipped + tail = the epoch, each row once; the skipped count is the epoch's; the state holds at most a
-    few parts' rows (the old one held every uid consumed: up to the whole epoch)."""
+    few ranges, about the rows in flight (the old one held every uid consumed: up to the whole epoch)."""
     cfg, epoch = _cfg(), 2
     parts = _write_parts(tmp_path, [40, 20])
     full = _epoch_uids(cfg, parts, tmp_path, epoch)
@@ -198,10 +217,11 @@ def test_a_resumed_streaming_epoch_is_exact_and_its_state_stays_bounded(one_rank
     tail = set(full) - set(trained) - skipped
     assert sum(resumed.counters.skipped.values()) == len(skipped)  # before the checkpoint (restored) + after it
     assert resumed.counters.tail_dropped == len(tail) and len(tail) < 32 + 4  # a window, a partial group
-    sizes = [(PartProgress(lambda u: 0, st["parts"]).ids(), len(json.dumps(st)), n) for st, n in ckpts + ckpts2]
+    sizes = [(state_ids(st["parts"]), len(json.dumps(st)), n) for st, n in ckpts + ckpts2]
     print("\nstate ids / vlp_state.json bytes / steps:", sizes[::5], "rows trained:", len(trained))
-    assert max(ids for ids, _, _ in sizes) <= 6 * ROWS_PER_PART  # a few parts in flight, however long the epoch
-    assert max(b for _, b, _ in sizes) < 8000 and len(trained) > 1800
+    window = cfg.batch.micro_size * cfg.batch.grad_accum * cfg.data.group_window  # 32 rows in flight
+    assert max(ids for ids, _, _ in sizes) <= window + 16  # ranges: about the rows in flight, not the epoch's
+    assert max(b for _, b, _ in sizes) < 1000 and len(trained) > 1800
 
 
 def _held_sets(ray, n: list[int]) -> list[dict]:
@@ -288,20 +308,27 @@ def test_a_streaming_state_on_the_held_path_becomes_its_uids(tmp_path):
     cfg = _cfg()
     parts = _write_parts(tmp_path, [2, 2])
     rec = _recipe(cfg, tmp_path, parts, 0)
-    uids = rec.stream_uids(0, {"done": {"s1.2": [[0, 1]], "s0.0": [[1, 1]]}, "open": {"s1.0.0": ["s1:x"]}})
+    uids = rec.stream_uids(0, {"done": {"s1.2": [[0, 1]], "s0.0": [[1, 1]]}, "open": {"s1.0.0": [[0, 1], [5, 5]]}})
     units = EpochUnits(cfg.data.sets, parts, cfg.data.seed, 0)
-    want = ["s1:x"] + units.uids("s0.0.1") + units.uids("s1.2.0") + units.uids("s1.2.1")
+    first = units.uids("s1.0.0")
+    want = first[:2] + first[5:6] + units.uids("s0.0.1") + units.uids("s1.2.0") + units.uids("s1.2.1")
     assert Counter(uids) == Counter(want) and all(u.endswith("#2") for u in units.uids("s1.2.0"))
     assert EpochState.from_json({"step": 1, "epoch": 0, "seen": ["a"]}).mode == "seen"
 
 
-def test_drop_seen_drops_done_units_and_consumed_uids(tmp_path):
+def test_drop_seen_drops_done_units_and_consumed_rows(tmp_path):
+    cfg = _cfg(1)
+    parts = _write_parts(tmp_path, [3])
     state = str(tmp_path / "s.json")
-    batch = {"uid": np.asarray(["s0:a", "s0:b", "s0:c", "s0:d"], dtype=object),
-             "unit": np.asarray(["s0.0.0", "s0.0.1", "s0.0.2", "s0.0.2"], dtype=object)}
-    write_state(state, 0, parts={"done": {"s0.0": [[1, 1]]}, "open": {"s0.0.2": ["s0:c"]}})
-    assert list(DropSeen(state)(batch)["uid"]) == ["s0:a", "s0:d"]
-    write_state(state, 0, seen=["s0:a"])  # a checkpoint of the format before
-    assert list(DropSeen(state)(batch)["uid"]) == ["s0:b", "s0:c", "s0:d"]
+    write_state(state, 0)
+    blocks = [b for unit in _graph_blocks(cfg, parts, state) for b in unit]
+    batch = {k: np.concatenate([b[k] for b in blocks]) for k in ("uid", "unit")}
+    write_state(state, 0, parts={"done": {"s0.0": [[1, 1]]}, "open": {"s0.0.2": [[0, 9], [20, 20]]}})
+    drop = DropSeen(state, cfg.data.sets, parts, cfg.data.seed)
+    kept = list(drop(batch)["uid"])
+    part2 = [str(u) for u, p in zip(batch["uid"], batch["unit"]) if p == "s0.0.2"]
+    assert kept == [str(u) for u, p in zip(batch["uid"], batch["unit"]) if p == "s0.0.0"] + part2[10:20] + part2[21:]
+    write_state(state, 0, seen=[str(batch["uid"][0])])  # a checkpoint of the format before
+    assert list(DropSeen(state)(batch)["uid"]) == [str(u) for u in batch["uid"][1:]]
     write_state(state, 0)
     assert DropSeen(state)(batch) is batch

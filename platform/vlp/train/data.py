@@ -26,15 +26,16 @@ import numpy as np
 from ..data.conversation import IGNORE_INDEX, VISUAL_TOKEN_INDEX, caption_conversation, encode_conversation
 from ..formats.featureset import FeatureSetInfo, part_num_rows, part_uids, read_feature_set
 from ..storage import StorageConfig, get_fs, write_atomic
-from .progress import done_units, split_unit, unit_of
+from .progress import done_units, open_uids, split_unit, unit_of
 
 _STATE_CACHE: dict[str, tuple[float, dict]] = {}
+_OPEN_CACHE: dict[tuple, set[str]] = {}  # (state path, epoch, open ranges) -> their uids, per process
 
 
 def read_state(path: str) -> dict:
     """The data state file (cached per process for a second; re-read when a new epoch may have begun), with
-    ``_drop_uids`` (uids consumed: ``seen``, and the ``open`` uids of ``parts``) and ``_done_units`` (the
-    units of ``parts``' ``done``) for DropSeen."""
+    ``_seen`` (a set of ``seen``), ``_done_units`` (the units of ``parts``' ``done``) and ``_open`` (``parts``'
+    ``open``: unit -> ranges of row positions) for DropSeen."""
     now = time.time()
     hit = _STATE_CACHE.get(path)
     if hit and now - hit[0] < 1.0:
@@ -45,8 +46,9 @@ def read_state(path: str) -> dict:
         with fs.open(p, "rb") as f:
             state = json.loads(f.read())
     parts = state.get("parts") or {}
-    state["_drop_uids"] = set(state.get("seen", [])) | {u for us in parts.get("open", {}).values() for u in us}
+    state["_seen"] = set(state.get("seen", []))
     state["_done_units"] = done_units(parts.get("done", {}))
+    state["_open"] = parts.get("open", {})
     _STATE_CACHE[path] = (now, state)
     return state
 
@@ -147,19 +149,30 @@ def base_uid(uid: str) -> str:
 
 class DropSeen:
     """Drops samples already consumed in the current epoch (read from the data state at run time): rows of the
-    units done (by their ``unit`` column) and the uids consumed of the others."""
+    units done (by their ``unit`` column), the rows consumed of the open units (their positions turned into uids
+    through :class:`EpochUnits`: ``sets``, ``parts`` and ``seed`` as the trainer has them; read once per process
+    and state) and the uids ``seen`` (a checkpoint of the format before)."""
 
-    def __init__(self, state_path: str):
-        self.state_path = state_path
+    def __init__(self, state_path: str, sets: Optional[list] = None, parts: Optional[list[list[str]]] = None,
+                 seed: int = 0):
+        self.state_path, self.sets, self.parts, self.seed = state_path, sets, parts, seed
 
     def __call__(self, batch: dict) -> dict:
         st = read_state(self.state_path)
-        uids, units = st["_drop_uids"], st["_done_units"]
+        uids, units = (st["_seen"] | self.open_uids(st)) if st["_open"] else st["_seen"], st["_done_units"]
         if not uids and not units:
             return batch
         unit_col = batch["unit"] if "unit" in batch else [None] * len(batch["uid"])
         keep = np.asarray([u not in uids and p not in units for u, p in zip(batch["uid"], unit_col)], dtype=bool)
         return {k: v[keep] for k, v in batch.items()}
+
+    def open_uids(self, st: dict) -> set[str]:
+        key = (self.state_path, st["epoch"], json.dumps(st["_open"], sort_keys=True))
+        if key not in _OPEN_CACHE:
+            units = EpochUnits(self.sets, self.parts, self.seed, st["epoch"])
+            _OPEN_CACHE.clear()  # one state at a time
+            _OPEN_CACHE[key] = set().union(*(open_uids(units.uids(u), r) for u, r in st["_open"].items()))
+        return _OPEN_CACHE[key]
 
 
 class EpochUnits:

@@ -9,7 +9,9 @@ stage 1, gathered to rank 0 at every checkpoint). It now says, per data path:
 * stream (Ray Data's streaming split, not replayable): progress per *unit*, one pass of the mixture over one
   feature-set part (``s<i>.<pass>.<part index>``). A unit whose rows for the epoch have all been consumed
   (trained on, or skipped at tokenisation) is kept as done: ranges of part indices per set and pass; of the
-  others, the uids consumed so far. Size: the parts, plus the rows of the parts still in flight.
+  others, the rows consumed so far as ranges of their positions in the unit (its rows for the epoch in part
+  order: a part streams in order, so what it has consumed is nearly a prefix with holes where rows are still
+  in buffers). Size: the parts, plus about the rows in flight.
 * seen: the uids consumed, as before; for checkpoints written before this format, and for the rare conversions
   (a held checkpoint resumed with another world size, a streaming one resumed on the held path), for the rest of
   that epoch only.
@@ -21,7 +23,7 @@ Plain data and functions (no Ray, no torch): :class:`EpochState` (what vlp_state
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 FORMAT = 2  # vlp_state.json format; checkpoints before it have no "format" and list every uid in "seen"
 
@@ -60,15 +62,18 @@ def done_units(done: dict) -> set[str]:
 
 class PartProgress:
     """Rank 0's account of a streaming epoch: units (:func:`unit_of`) all of whose rows for the epoch were
-    consumed are done; of the others, the uids consumed so far. ``expected(unit)`` is the number of rows the
-    unit gives the epoch (:class:`vlp.train.data.EpochUnits`), asked once per unit, when its first row is added."""
+    consumed are done; of the others, the uids consumed so far (ranges of their positions in the state).
+    ``units(unit)`` is the number of rows the unit gives the epoch, asked once per unit when its first row is
+    added, and ``units.uids(unit)`` those rows' uids in order, read only for the units open at a checkpoint
+    (:class:`vlp.train.data.EpochUnits`)."""
 
-    def __init__(self, expected: Callable[[str], int], state: Optional[dict] = None):
+    def __init__(self, units, state: Optional[dict] = None):
         state = state or {}
-        self.expected = expected
+        self.units = units
         self.done: dict[str, set[int]] = {k: set(from_ranges(r)) for k, r in state.get("done", {}).items()}
-        self.open: dict[str, set[str]] = {u: set(uids) for u, uids in state.get("open", {}).items()}
+        self.open: dict[str, set[str]] = {u: open_uids(units.uids(u), r) for u, r in state.get("open", {}).items()}
         self.want: dict[str, int] = {}
+        self.index: dict[str, dict[str, int]] = {}  # open unit -> uid -> position (built at a checkpoint)
 
     def add(self, unit: str, uid: str) -> None:
         """One consumed row (a uid of unit ``unit``); the unit becomes done with its last row."""
@@ -78,21 +83,32 @@ class PartProgress:
         rows = self.open.setdefault(unit, set())
         rows.add(uid)
         if unit not in self.want:
-            self.want[unit] = self.expected(unit)
+            self.want[unit] = self.units(unit)
         if len(rows) > self.want[unit]:
             raise RuntimeError(f"unit {unit}: {len(rows)} rows consumed, the epoch holds {self.want[unit]}")
         if len(rows) == self.want[unit]:
             self.done.setdefault(key, set()).add(int(part))
             del self.open[unit]
+            self.index.pop(unit, None)
 
     def state(self) -> dict:
-        """JSON: {"done": {"s<i>.<pass>": [[first, last], ...]}, "open": {unit: [uid, ...]}}."""
+        """JSON: {"done": {"s<i>.<pass>": [[first, last], ...]}, "open": {unit: [[first, last], ...]}} (part
+        indices; positions of the rows consumed in the unit's rows)."""
+        for u in self.open:
+            if u not in self.index:
+                self.index[u] = {uid: i for i, uid in enumerate(self.units.uids(u))}
         return {"done": {k: to_ranges(v) for k, v in sorted(self.done.items())},
-                "open": {u: sorted(v) for u, v in sorted(self.open.items())}}
+                "open": {u: to_ranges(self.index[u][uid] for uid in v) for u, v in sorted(self.open.items())}}
 
-    def ids(self) -> int:
-        """How many ids the state holds (ranges and open uids): what must stay bounded."""
-        return sum(len(to_ranges(v)) for v in self.done.values()) + sum(len(v) for v in self.open.values())
+
+def open_uids(uids: list[str], ranges) -> set[str]:
+    """The uids at the positions ``ranges`` of a unit's rows ``uids``."""
+    return {uids[i] for i in from_ranges(ranges)}
+
+
+def state_ids(parts: dict) -> int:
+    """How many ranges a streaming state holds (done and open): what must stay bounded."""
+    return sum(len(v) for v in parts.get("done", {}).values()) + sum(len(v) for v in parts.get("open", {}).values())
 
 
 @dataclass
@@ -136,6 +152,6 @@ class EpochState:
             return f"{self.steps} steps of it done by {self.world} ranks"
         if self.mode == "stream":
             n_done = len(done_units(self.parts.get("done", {})))
-            n_open = sum(len(v) for v in self.parts.get("open", {}).values())
+            n_open = sum(len(list(from_ranges(v))) for v in self.parts.get("open", {}).values())
             return f"{self.steps} steps of it done: {n_done} part passes done, {n_open} rows of others"
         return f"{len(self.seen)} samples already seen in it"

@@ -34,7 +34,7 @@ from .config import OptimConfig, TrainConfig
 from .data import EpochUnits, iter_rows, length_grouped, padding_fraction, write_state
 from .held import HeldRows
 from .memory import default_bucket_elems, resolve_precision
-from .progress import EpochState, PartProgress, done_units
+from .progress import EpochState, PartProgress, done_units, open_uids
 
 PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peak per device
     "A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12, "T4": 65e12,
@@ -556,10 +556,10 @@ class TrainRecipe:
         return out
 
     def stream_uids(self, epoch: int, parts: dict) -> list[str]:
-        """The uids a streaming epoch's state (:meth:`PartProgress.state`) says were consumed: the open ones and
-        every row of the done units (their parts' uid columns read)."""
+        """The uids a streaming epoch's state (:meth:`PartProgress.state`) says were consumed: every row of the
+        done units and the rows at the open units' positions (their parts' uid columns read)."""
         units = EpochUnits(self.cfg.data.sets, self.meta["parts"], self.cfg.data.seed, epoch)
-        out = [u for uids in parts.get("open", {}).values() for u in uids]
+        out = [u for unit, ranges in parts.get("open", {}).items() for u in open_uids(units.uids(unit), ranges)]
         for unit in sorted(done_units(parts.get("done", {}))):
             out += units.uids(unit)
         return out

@@ -319,8 +319,8 @@ def build_dataset(cfg: TrainConfig, state_path: str, parts: Optional[list[list[s
                         parts=feature_part_paths(parts[i], s.storage)),
                 batch_format="numpy", batch_size=256, num_cpus=cfg.scaling.data_cpus_per_task)
             ds = part if ds is None else ds.union(part)
-    ds = ds.map_batches(DropSeen(state_path), batch_format="numpy", batch_size=256,
-                        num_cpus=cfg.scaling.data_cpus_per_task)
+    ds = ds.map_batches(DropSeen(state_path, cfg.data.sets, parts, cfg.data.seed), batch_format="numpy",
+                        batch_size=256, num_cpus=cfg.scaling.data_cpus_per_task)
     return ds.map_batches(tokenize_stage(cfg), batch_format="numpy", batch_size=64,
                           num_cpus=cfg.scaling.data_cpus_per_task)
 
