@@ -72,8 +72,9 @@ def stream(paths: list[str], sets: list, state: str, seed: int, concurrency: int
             active.remove(it)
             continue
         for j in range(len(b["uid"])):
+            skip = "over max_length" if zlib.crc32(b["uid"][j].encode()) % 100 == 0 else ""  # ~1%, fixed per row
             buf.append({"uid": b["uid"][j], "unit": b["unit"][j], "length": int(b["length"][j]),
-                        "media_type": "video", "skip": "over max_length" if zlib.crc32(b["uid"][j].encode()) % 100 == 0 else ""})
+                        "media_type": "video", "skip": skip})
             if len(buf) >= shuffle:
                 yield buf.pop(int(rng.integers(len(buf))))
     rng.shuffle(buf)
@@ -85,6 +86,7 @@ def run(args) -> dict:
 
     from vlp.config import validate
     from vlp.train.config import TrainConfig
+    from vlp.train.progress import state_ids
     from vlp.train.recipe import TrainRecipe
 
     paths = write_parts(args.rows, args.part_rows)
@@ -104,6 +106,7 @@ def run(args) -> dict:
     rec = Recipe(cfg, {"run_dir": str(run_dir), "state_path": str(run_dir / "data_state.json"), "held": None,
                        "parts": [paths]})
     t0, trained, old_bytes, points = time.perf_counter(), 0, 0, []
+    old_wrapper = {"step": 0, "epoch": 0, "seen": [], "final": False}  # the format before, less its uids
     st = rec.epoch_stream(0)
     while True:
         group, _ = rec.next_group(st)
@@ -115,16 +118,15 @@ def run(args) -> dict:
             old_bytes += sum(len(json.dumps(str(r["uid"]))) + 2 for r in mb)  # '"uid", ' in the old list
         if rec.epoch_state.steps % args.every == 0:
             state = rec.checkpoint_state(0, False)
-            ids = sum(len(v) for v in state["parts"]["done"].values()) + \
-                sum(len(v) for v in state["parts"]["open"].values())  # ranges of done parts + open uids
-            points.append({"step": rec.epoch_state.steps, "rows_trained": trained, "state_ids": ids,
-                           "state_bytes": len(json.dumps(state)), "old_ids": trained,
-                           "old_bytes": old_bytes + len(json.dumps({"step": 0, "epoch": 0, "seen": [], "final": False}))})
+            points.append({"step": rec.epoch_state.steps, "rows_trained": trained,
+                           "state_ids": state_ids(state["parts"]), "state_bytes": len(json.dumps(state)),
+                           "old_ids": trained, "old_bytes": old_bytes + len(json.dumps(old_wrapper))})
     dist.destroy_process_group()
     return {"rows": args.rows, "part_rows": args.part_rows, "parts": len(paths), "global_batch": args.global_batch,
             "every": args.every, "concurrency": args.concurrency, "shuffle": args.shuffle,
             "seconds": round(time.perf_counter() - t0, 1), "rows_trained": trained,
-            "max_state_ids": max(p["state_ids"] for p in points), "max_state_bytes": max(p["state_bytes"] for p in points),
+            "max_state_ids": max(p["state_ids"] for p in points),
+            "max_state_bytes": max(p["state_bytes"] for p in points),
             "last_old_ids": points[-1]["old_ids"], "last_old_bytes": points[-1]["old_bytes"],
             "checkpoints": points}
 
