@@ -22,7 +22,7 @@ from vlp.train.trainer import build_held, check_setup, worker_meta
 class NoCheckpoints(TrainRecipe):
     """The recipe with its one Ray Train step left out: checkpoints go through ``ray.train.report``."""
 
-    def save(self, epoch: int, seen_epoch: list[str], final: bool = False) -> None:
+    def save(self, epoch: int, final: bool = False) -> None:
         pass
 
 

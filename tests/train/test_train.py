@@ -49,6 +49,12 @@ def _steps(run_dir: Path) -> dict[int, list[str]]:
     return out
 
 
+def _mid_epoch_states(run_dir: Path) -> list[dict]:
+    """vlp_state.json of the run's kept checkpoints taken inside an epoch (not the final one), by step."""
+    states = [json.loads(p.read_text()) for p in run_dir.glob("checkpoint_*/vlp_state.json")]
+    return sorted((s for s in states if not s["final"]), key=lambda s: s["step"])
+
+
 def test_held_sets_give_the_streaming_graphs_epoch(demo_features, tmp_path):
     """The held path (sets tokenised once, each epoch planned on the workers) trains on exactly the rows the
     streaming graph gives (Mixture with a fractional weight, DropSeen after a resume, Tokenize), split over
@@ -150,6 +156,11 @@ def test_worker_failure_resumes_with_the_same_steps_and_samples(demo_features, t
     # the failed run really redid step 5 after restoring step 4 (samples.jsonl holds step 5 twice)
     lines = [json.loads(x)["step"] for x in (Path(bad["run_dir"]) / "samples.jsonl").read_text().splitlines()]
     assert lines.count(5) == 2 and lines.count(4) == 1
+    # the step-6 checkpoint: the epoch's 24 rows, all trained, as done part passes (no uids)
+    st = _mid_epoch_states(Path(bad["run_dir"]))[-1]
+    print("step-6 vlp_state.json:", len(json.dumps(st)), "bytes:", st)
+    assert st["step"] == 6 and st["mode"] == "stream" and st["epoch_steps"] == 6 and "seen" not in st
+    assert st["parts"]["open"] == {} and st["parts"]["done"] and st["counters"]["skipped"] == {}
     from mlflow.tracking import MlflowClient
 
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # reading the file store needs MLflow 3's switch too
@@ -191,6 +202,11 @@ def test_rerunning_the_same_command_resumes_an_unfinished_run(demo_features, tmp
     assert done["steps"] == 6 and not done["reused"]
     steps = [json.loads(x)["step"] for x in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 3, 4, 5, 6]  # resumed from the step-2 checkpoint, step 3 redone
+    redone = [json.loads(x)["uids"] for x in (run_dir / "samples.jsonl").read_text().splitlines()
+              if json.loads(x)["step"] == 3]
+    assert redone[0] == redone[1]  # the held path replays the epoch: step 3 again is the same step
+    st = _mid_epoch_states(run_dir)[-1]  # the held path: the steps done in the epoch say which rows
+    assert (st["step"], st["mode"], st["epoch_steps"], st["world"]) == (6, "held", 6, 1) and "seen" not in st
     seen = Counter(u for uids in _steps(run_dir).values() for u in uids)
     assert len(seen) == 24 and set(seen.values()) == {1}
 

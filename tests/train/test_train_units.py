@@ -331,6 +331,26 @@ def test_resuming_an_unfinished_run_with_a_changed_config_is_refused(tmp_path):
     assert (run / "config.yaml").read_text() == before
 
 
+def test_a_checkpoint_in_a_held_epoch_is_not_resumed_on_the_streaming_path(tmp_path):
+    """A held epoch's checkpoint holds its step count, which only the held sets' replay turns into rows: resumed
+    with data.materialize changed to the streaming path it is refused (a TrainSetupError: one line) before Ray
+    Train starts; a checkpoint between epochs, or one from the streaming path, resumes anywhere."""
+    from vlp.train.trainer import resume_problem
+
+    run = tmp_path / "run"
+    assert resume_problem(str(run), held=False) is None  # no run folder yet
+    held = {"epoch": 0, "final": False, "format": 2, "mode": "held", "world": 2}
+    for name, st in (("checkpoint_a", {**held, "step": 2, "epoch_steps": 2}),
+                     ("checkpoint_b", {**held, "step": 4, "epoch_steps": 4})):
+        (run / name).mkdir(parents=True)
+        (run / name / "vlp_state.json").write_text(json.dumps(st))
+    msg = resume_problem(str(run), held=False)
+    assert "(step 4)" in msg and "data.materialize: always" in msg and resume_problem(str(run), held=True) is None
+    (run / "checkpoint_c").mkdir()
+    (run / "checkpoint_c" / "vlp_state.json").write_text(json.dumps({**held, "step": 6, "epoch": 1, "epoch_steps": 0}))
+    assert resume_problem(str(run), held=False) is None
+
+
 def rows_batch(uids):
     n = len(uids)
     return {"uid": np.asarray(uids, dtype=object), "x": np.arange(n)}

@@ -355,6 +355,34 @@ def feature_parts(uri: str, storage: StorageConfig | None = None) -> list[str]:
     return _parts(layout)
 
 
+def feature_part_paths(parts: list[str], storage: StorageConfig | None = None) -> list[str]:
+    """Part URIs (:func:`feature_parts`) -> the paths ``read_parquet`` is given (without the scheme)."""
+    return [get_fs(p, storage)[1] for p in parts]
+
+
+def part_num_rows(part: str, storage: StorageConfig | None = None) -> int:
+    """Rows of one Parquet part (a URI of :func:`feature_parts`), from its footer: no column is read."""
+    import pyarrow.parquet as pq
+
+    fs, path = get_fs(part, storage)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def part_uids(part: str, storage: StorageConfig | None = None) -> list[str]:
+    """The sample uids of one Parquet part, in row order, reading only their columns: ``uid``, or ``shard/key``
+    for rows written before there was one (what :func:`vlp.train.data.row_uids` makes of a batch)."""
+    import pyarrow.parquet as pq
+
+    fs, path = get_fs(part, storage)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        if "uid" in pf.schema_arrow.names:
+            return [str(u) for u in pf.read(columns=["uid"]).column("uid").to_pylist()]
+        t = pf.read(columns=["shard", "key"])
+    return [f"{s}/{k}" for s, k in zip(t.column("shard").to_pylist(), t.column("key").to_pylist())]
+
+
 def decode_features(features: bytes, shape) -> np.ndarray:
     """One stored block -> array of ``shape``: fp16 (P + T, D) for valley_pooled, (T, 1 + P, D) for frames,
     (segments, tokens, D_a) for audio; uint8 (T, 3, S, S) for pixels. The element size is the block's bytes per
@@ -476,13 +504,15 @@ def _decode_batch(batch: dict) -> dict:
     return batch
 
 
-def open_feature_dataset(uri: str, storage: StorageConfig | None = None, decode: bool = True):
+def open_feature_dataset(uri: str, storage: StorageConfig | None = None, decode: bool = True,
+                         include_paths: bool = False):
     """A Ray Dataset over the committed rows of a feature set (what training streams), /2-shaped whatever the
     set's format (a /1 set is lifted by a ``map_batches`` step, :func:`lift_v1_batch`).
 
     Columns: uid (``shard/key``, unique), key, shard, media_type, caption, conversations (JSON), meta (JSON), mode,
     and per item (lists of equal length, [] for a text-only row): modalities, items, timestamps, num_frames,
-    n_source_frames, features (fp16 bytes; one float16 array per item when ``decode``), shape.
+    n_source_frames, features (fp16 bytes; one float16 array per item when ``decode``), shape; with
+    ``include_paths`` also ``path``, the row's part as :func:`feature_part_paths` gives it.
     """
     import pyarrow.fs as pafs
     import ray
@@ -495,8 +525,8 @@ def open_feature_dataset(uri: str, storage: StorageConfig | None = None, decode:
         raise FileNotFoundError(f"feature set {uri} {state}")
     fs, _ = get_fs(uri, storage)
     filesystem = None if "://" not in uri else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-    paths = [get_fs(p, storage)[1] for p in parts]
-    ds = ray.data.read_parquet(paths, filesystem=filesystem)
+    ds = ray.data.read_parquet(feature_part_paths(parts, storage), filesystem=filesystem,
+                               include_paths=include_paths)
     if _rows_are_v1(layout, manifest, parts):
         ds = ds.map_batches(lift_v1_batch, batch_format="pyarrow", batch_size=256)
     if decode:

@@ -6,9 +6,11 @@ The Ray Data graph (built on the driver, executed per epoch as workers iterate):
         --> Tokenize --> split per worker --> local shuffle buffer --> length-grouped windows
 
 ``Mixture`` and ``DropSeen`` read the run's ``data_state.json`` at execution time, which rank 0 writes
-at the start of every epoch (epoch number + samples already trained on in it, restored from the
-checkpoint). So a resumed epoch streams exactly the samples not yet seen, and a mixture is replayed
-exactly from (seed, epoch).
+at the start of every epoch (epoch number + what of it was consumed, restored from the checkpoint: the units,
+one mixture pass over one feature-set part, all of whose rows were consumed, and the uids consumed of the
+others; :mod:`vlp.train.progress`). Mixture tags each row with its unit (``unit`` column, from the part's path
+that ``read_parquet(include_paths=True)`` adds), so a resumed epoch streams exactly the samples not yet
+consumed, and a mixture is replayed exactly from (seed, epoch).
 """
 
 from __future__ import annotations
@@ -22,32 +24,45 @@ from typing import Iterator, Optional
 import numpy as np
 
 from ..data.conversation import IGNORE_INDEX, VISUAL_TOKEN_INDEX, caption_conversation, encode_conversation
-from ..formats.featureset import FeatureSetInfo, read_feature_set
+from ..formats.featureset import FeatureSetInfo, part_num_rows, part_uids, read_feature_set
 from ..storage import StorageConfig, get_fs, write_atomic
+from .progress import done_units, open_uids, split_unit, unit_of
 
 _STATE_CACHE: dict[str, tuple[float, dict]] = {}
+_OPEN_CACHE: dict[tuple, set[str]] = {}  # (state path, epoch, open ranges) -> their uids, per process
 
 
 def read_state(path: str) -> dict:
-    """The data state file (cached per process for a second; re-read when a new epoch may have begun)."""
+    """The data state file (cached per process for a second; re-read when a new epoch may have begun), with
+    ``_seen`` (a set of ``seen``), ``_done_units`` (the units of ``parts``' ``done``) and ``_open`` (``parts``'
+    ``open``: unit -> ranges of row positions) for DropSeen."""
     now = time.time()
     hit = _STATE_CACHE.get(path)
     if hit and now - hit[0] < 1.0:
         return hit[1]
     fs, p = get_fs(path)
-    state = {"epoch": 0, "seen": []}
+    state = {"epoch": 0}
     if fs.exists(p):
         with fs.open(p, "rb") as f:
             state = json.loads(f.read())
-    state["_seen_set"] = set(state.get("seen", []))
+    parts = state.get("parts") or {}
+    state["_seen"] = set(state.get("seen", []))
+    state["_done_units"] = done_units(parts.get("done", {}))
+    state["_open"] = parts.get("open", {})
     _STATE_CACHE[path] = (now, state)
     return state
 
 
-def write_state(path: str, epoch: int, seen: list[str]) -> None:
+def write_state(path: str, epoch: int, seen: Optional[list[str]] = None, parts: Optional[dict] = None) -> None:
     """Write the data state atomically (readers in Ray Data tasks see the old state or the new one, never a torn
-    file) and drop this process's cached copy."""
-    write_atomic(path, json.dumps({"epoch": epoch, "seen": seen}))
+    file) and drop this process's cached copy. ``parts``: :meth:`vlp.train.progress.PartProgress.state`;
+    ``seen``: uids consumed (a checkpoint of the format before parts)."""
+    state: dict = {"epoch": epoch}
+    if seen:
+        state["seen"] = list(seen)
+    if parts:
+        state["parts"] = parts
+    write_atomic(path, json.dumps(state))
     _STATE_CACHE.pop(path, None)
 
 
@@ -72,14 +87,18 @@ class Mixture:
     """One pass ``copy`` (0-based) over a feature set -> the rows whose copy count (:func:`copies_of`) is larger
     than ``copy``, with uid ``set:uid`` in pass 0 and ``set:uid#k`` in pass k. The data graph unions the
     :func:`mixture_passes` passes, so copy k of a sample streams in pass k, a whole pass away from copy k-1 (not
-    next to it, where it would land in the same micro-batch), and the uids stay unique per copy for resume."""
+    next to it, where it would land in the same micro-batch), and the uids stay unique per copy for resume.
+    With ``parts`` (the set's part paths as ``read_parquet`` got them, which adds each row's ``path``), each row
+    also gets its ``unit`` (:func:`vlp.train.progress.unit_of`: this pass over the row's part) for resume."""
 
-    def __init__(self, set_name: str, weight: float, seed: int, state_path: str, fmt: str, copy: int = 0):
+    def __init__(self, set_name: str, weight: float, seed: int, state_path: str, fmt: str, copy: int = 0,
+                 parts: Optional[list[str]] = None):
         if not 0 <= copy < mixture_passes(weight):
             raise ValueError(f"pass {copy} of a set with weight {weight} does not exist "
                              f"({mixture_passes(weight)} passes)")
         self.set_name, self.weight, self.seed, self.state_path, self.fmt = set_name, weight, seed, state_path, fmt
         self.copy = copy
+        self.part_index = {str(p).lstrip("/"): i for i, p in enumerate(parts)} if parts is not None else None
 
     def __call__(self, batch: dict) -> dict:
         epoch = read_state(self.state_path)["epoch"]
@@ -87,10 +106,19 @@ class Mixture:
         idx = [i for i, uid in enumerate(base)
                if copies_of(self.weight, self.seed, epoch, self.set_name, uid) > self.copy]
         suffix = f"#{self.copy}" if self.copy else ""
-        out = {k: v[idx] if len(idx) else v[:0] for k, v in batch.items()}
+        out = {k: v[idx] if len(idx) else v[:0] for k, v in batch.items() if k != "path"}
         out["uid"] = np.asarray([f"{self.set_name}:{base[i]}{suffix}" for i in idx], dtype=object)
         out["format"] = np.asarray([self.fmt] * len(idx), dtype=object)
+        if self.part_index is not None:
+            out["unit"] = np.asarray([unit_of(self.set_name, self.copy, self.part_of(batch["path"][i]))
+                                      for i in idx], dtype=object)
         return out
+
+    def part_of(self, path: str) -> int:
+        part = self.part_index.get(str(path).lstrip("/"))
+        if part is None:
+            raise RuntimeError(f"row from {path}, which is not one of {self.set_name}'s parts")
+        return part
 
 
 def row_uids(batch: dict) -> list:
@@ -120,17 +148,62 @@ def base_uid(uid: str) -> str:
 
 
 class DropSeen:
-    """Drops samples already trained on in the current epoch (read from the data state at run time)."""
+    """Drops samples already consumed in the current epoch (read from the data state at run time): rows of the
+    units done (by their ``unit`` column), the rows consumed of the open units (their positions turned into uids
+    through :class:`EpochUnits`: ``sets``, ``parts`` and ``seed`` as the trainer has them; read once per process
+    and state) and the uids ``seen`` (a checkpoint of the format before)."""
 
-    def __init__(self, state_path: str):
-        self.state_path = state_path
+    def __init__(self, state_path: str, sets: Optional[list] = None, parts: Optional[list[list[str]]] = None,
+                 seed: int = 0):
+        self.state_path, self.sets, self.parts, self.seed = state_path, sets, parts, seed
 
     def __call__(self, batch: dict) -> dict:
-        seen = read_state(self.state_path)["_seen_set"]
-        if not seen:
+        st = read_state(self.state_path)
+        uids, units = (st["_seen"] | self.open_uids(st)) if st["_open"] else st["_seen"], st["_done_units"]
+        if not uids and not units:
             return batch
-        keep = np.asarray([u not in seen for u in batch["uid"]], dtype=bool)
+        unit_col = batch["unit"] if "unit" in batch else [None] * len(batch["uid"])
+        keep = np.asarray([u not in uids and p not in units for u, p in zip(batch["uid"], unit_col)], dtype=bool)
         return {k: v[keep] for k, v in batch.items()}
+
+    def open_uids(self, st: dict) -> set[str]:
+        key = (self.state_path, st["epoch"], json.dumps(st["_open"], sort_keys=True))
+        if key not in _OPEN_CACHE:
+            units = EpochUnits(self.sets, self.parts, self.seed, st["epoch"])
+            _OPEN_CACHE.clear()  # one state at a time
+            _OPEN_CACHE[key] = set().union(*(open_uids(units.uids(u), r) for u, r in st["_open"].items()))
+        return _OPEN_CACHE[key]
+
+
+class EpochUnits:
+    """The units of one epoch of a streaming run: how many rows each gives the epoch (what
+    :class:`vlp.train.progress.PartProgress` needs to call it done) and which uids (a resume that converts a
+    streaming checkpoint to uids). Pass k < floor(weight) of a set holds every row of a part: counted from the
+    Parquet footer; the fractional pass holds the rows Mixture's rule keeps: counted on the part's uid column
+    (only that column is read). ``sets``: the run's ``data.sets``; ``parts``: their part URIs in the order
+    Mixture numbers them."""
+
+    def __init__(self, sets: list, parts: list[list[str]], seed: int, epoch: int):
+        self.sets, self.parts, self.seed, self.epoch = sets, parts, seed, epoch
+        self.rows: dict[str, int] = {}
+
+    def __call__(self, unit: str) -> int:
+        if unit not in self.rows:
+            name, copy, part = split_unit(unit)
+            s = self.sets[int(name[1:])]
+            if copy < int(s.weight):
+                self.rows[unit] = part_num_rows(self.parts[int(name[1:])][part], s.storage)
+            else:
+                self.rows[unit] = len(self.uids(unit))
+        return self.rows[unit]
+
+    def uids(self, unit: str) -> list[str]:
+        """The uids (``s<i>:<uid>`` or ``s<i>:<uid>#k``) of the rows ``unit`` gives the epoch."""
+        name, copy, part = split_unit(unit)
+        s = self.sets[int(name[1:])]
+        suffix = f"#{copy}" if copy else ""
+        return [f"{name}:{u}{suffix}" for u in part_uids(self.parts[int(name[1:])][part], s.storage)
+                if copies_of(s.weight, self.seed, self.epoch, name, u) > copy]
 
 
 class Tokenize:
@@ -224,6 +297,8 @@ class Tokenize:
             skip.append(reason)
         keep = ("uid", "media_type", "modalities", "features", "shape", "mode", "num_frames")
         out = {k: batch[k] for k in keep}
+        if "unit" in batch:  # the streaming path's (Mixture), for resume
+            out["unit"] = batch["unit"]
         for name, vals in (("input_ids", ids_l), ("labels", lab_l)):
             arr = np.empty(n, dtype=object)
             arr[:] = vals

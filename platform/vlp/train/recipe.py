@@ -1,8 +1,9 @@
 """The per-worker training recipe: one object whose named steps are what a Ray Train worker runs.
 
 :class:`TrainRecipe` (torchtune style): ``setup`` (device, precision, model, optimizer, scheduler, DeepSpeed
-engine) -> ``restore`` (step, epoch and seen uids from the Ray Train checkpoint) -> per epoch ``epoch_stream``
-(this worker's split as length-grouped micro-batches of /2 rows: per-item features) -> per optimizer step ``next_group`` + ``train_step``
+engine) -> ``restore`` (step, epoch and how far the epoch got, :mod:`vlp.train.progress`, from the Ray Train
+checkpoint) -> per epoch ``epoch_stream`` (this worker's split as length-grouped micro-batches of /2 rows: per-item
+features, less what the checkpoint's epoch consumed) -> per optimizer step ``next_group`` + ``train_step``
 (grad_accum micro-batches: forward, backward, step; a :class:`StepStats`) -> ``log`` (metrics by name from the
 values summed over ranks, :class:`Reduced`) -> ``save`` (checkpoint + vlp_state.json through
 ``ray.train.report``) -> ``export`` (ZeRO-3 gather, probe logits, export_model, train_summary.json).
@@ -10,12 +11,13 @@ values summed over ranks, :class:`Reduced`) -> ``save`` (checkpoint + vlp_state.
 The pieces that need neither Ray nor a process group are module functions (:func:`micro_batches`,
 :func:`take_group`, :func:`batch_inputs`, :func:`run_step`, :func:`step_metrics`) so that tests and the
 benchmarks (bench/train_*.py) call the same code. Imports: torch, numpy, DeepSpeed and Ray Train (inside the
-methods that need them), vlp.train.{config,data,memory}, vlp.formats.export, vlp.storage.
+methods that need them), vlp.train.{config,data,held,memory,progress}, vlp.formats.export, vlp.storage.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -30,9 +32,10 @@ import numpy as np
 
 from ..storage import Appender, StorageConfig, get_fs, put_file_atomic, read_bytes, write_atomic
 from .config import OptimConfig, TrainConfig
-from .data import iter_rows, length_grouped, padding_fraction, write_state
+from .data import EpochUnits, iter_rows, length_grouped, padding_fraction, write_state
 from .held import HeldRows
 from .memory import default_bucket_elems, resolve_precision
+from .progress import EpochState, PartProgress, done_units, open_uids
 
 PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peak per device
     "A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12, "T4": 65e12,
@@ -167,6 +170,16 @@ def micro_batches(rows: Iterator[dict], micro: int, window: int, rng: np.random.
         mbs = length_grouped(buf, micro, rng, group_by_length, group_by_modality)
         counters.tail_dropped += len(buf) - micro * len(mbs)
         yield from mbs
+
+
+def watch_skips(rows: Iterator[dict], out: list) -> Iterator[dict]:
+    """The rows unchanged; (unit, uid) of each row marked ``skip`` appended to ``out`` as it passes. A skipped
+    row is consumed when it is read (it is skipped again wherever it streams), so the resume state counts it with
+    the rows trained on: a part is done when every row of it was one or the other."""
+    for r in rows:
+        if r["skip"]:
+            out.append((str(r.get("unit", "")), str(r["uid"])))
+        yield r
 
 
 def take_group(stream: Iterator[list[dict]], accum: int) -> list[list[dict]]:
@@ -401,10 +414,16 @@ class TrainRecipe:
     def __init__(self, cfg: TrainConfig, meta: dict, rank: int = 0, world: int = 1):
         self.cfg, self.meta, self.rank, self.world = cfg, meta, rank, world
         self.run_dir, self.state_path = meta["run_dir"], meta["state_path"]
-        self.step, self.start_epoch, self.seen, self.done = 0, 0, [], False
+        self.step, self.start_epoch, self.done = 0, 0, False
         self.metrics: dict = {}
         self.probe_row: Optional[dict] = None
         self.counters = Counters()
+        self.epoch_base = Counters()  # the counters at the current epoch's start
+        self.resume: Optional[EpochState] = None  # the checkpoint's epoch (start_epoch), until it was trained
+        self.epoch_state = self.fresh_state()  # how far the current epoch got (see vlp.train.progress)
+        self.pending: list[tuple[str, str]] = []  # (unit, uid) consumed on this rank since the last checkpoint
+        self.progress: Optional[PartProgress] = None  # rank 0, streaming epoch: the parts' account
+        self.seen_set: set[str] = set()  # rank 0, epoch in "seen" mode: the uids consumed
         self.logs: Optional[RunLogs] = None
         self.in_ray_train = False  # set by from_ray: a Ray Train worker, where ray.train.report works
         self.mlflow = None  # rank 0's MLflow module when tracking.mlflow is set (start_tracking)
@@ -436,7 +455,7 @@ class TrainRecipe:
         if self.mlflow is not None:
             self.mlflow.end_run()
         counts = self.gather_counters()
-        self.save(self.cfg.epochs, [], final=True)
+        self.save(self.cfg.epochs, final=True)
         self.export(counts)
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -470,45 +489,124 @@ class TrainRecipe:
             model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, self.precision, n_trainable))
 
     def restore(self) -> None:
-        """Step, epoch, the uids already trained on in that epoch and the DeepSpeed state, from the Ray Train
-        checkpoint when there is one (a restart after a failure, or the same run started again)."""
+        """Step, epoch, how far that epoch got (:class:`vlp.train.progress.EpochState`, a checkpoint of an older
+        format included), the counters and the DeepSpeed state, from the Ray Train checkpoint when there is one
+        (a restart after a failure, or the same run started again)."""
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
         if ckpt:
             with ckpt.as_directory() as d:
                 self.engine.load_checkpoint(d, tag="state", load_module_strict=False)
-                st = json.loads(open(os.path.join(d, "vlp_state.json")).read())
-            self.step, self.start_epoch, self.seen = st["step"], st["epoch"], st["seen"]
-            self.done = bool(st.get("final"))
+                self.restore_state(json.loads(open(os.path.join(d, "vlp_state.json")).read()))
             if self.rank == 0:
-                say(f"[vlp] resumed from step {self.step} (epoch {self.start_epoch}, {len(self.seen)} samples "
-                    "already seen in it)")
+                say(f"[vlp] resumed from step {self.step} (epoch {self.start_epoch}, {self.resume.describe()})")
         self.done = self.done or (self.cfg.max_steps is not None and self.step >= self.cfg.max_steps)
+
+    def restore_state(self, st: dict) -> None:
+        """Step, epoch, final, the epoch's state and the counters of a vlp_state.json."""
+        self.step, self.start_epoch = st["step"], st["epoch"]
+        self.resume = EpochState.from_json(st)
+        self.done = bool(st.get("final"))
+        c = self.resume.counters
+        if c and self.rank == 0:  # summed over the ranks: rank 0 carries them on, the others start at 0
+            self.counters = Counters(dict(c["skipped"]), int(c["tail_dropped"]))
 
     # ------------------------------------------------------------------------------------------------ data
 
+    def fresh_state(self) -> EpochState:
+        return EpochState(mode="held" if self.meta.get("held") else "stream", world=self.world)
+
+    def begin_epoch(self, epoch: int) -> EpochState:
+        """The state the epoch continues from: the checkpoint's, for the epoch it was taken in, else a fresh one.
+        What this run cannot continue as it is becomes the uids consumed ("seen" mode, for this epoch): a held
+        checkpoint of another world size (replayed) or a streaming one on the held path. Sets rank 0's account."""
+        held = bool(self.meta.get("held"))
+        st, r = self.fresh_state(), (self.resume if epoch == self.start_epoch else None)
+        if r is not None and r.started():
+            if r.mode == "seen" or (r.mode == "stream" and not held) or (r.mode == "held" and held
+                                                                          and r.world == self.world):
+                st = r
+            elif r.mode == "held" and held:
+                st = EpochState(mode="seen", steps=r.steps, seen=self.replay_held(epoch, r))
+            elif r.mode == "stream":
+                st = EpochState(mode="seen", steps=r.steps, seen=self.stream_uids(epoch, r.parts))
+            else:  # the driver refuses this before any worker starts (vlp.train.trainer.resume_problem)
+                raise RuntimeError("a held epoch's checkpoint cannot be resumed on the streaming data path")
+        st.world = self.world
+        self.epoch_state = st
+        self.pending.clear()
+        self.epoch_base = Counters(dict(self.counters.skipped), self.counters.tail_dropped)
+        if self.rank == 0:
+            units = EpochUnits(self.cfg.data.sets, self.meta.get("parts") or [], self.cfg.data.seed, epoch)
+            self.progress = PartProgress(units, st.parts) if st.mode == "stream" else None
+            self.seen_set = set(st.seen)
+        return st
+
     def epoch_stream(self, epoch: int) -> Iterator[list[dict]]:
-        """This worker's split of the epoch as length-grouped micro-batches: from the held sets' seeded plan
-        (:mod:`vlp.train.held`), or from Ray Train's streaming split of the data graph, for which rank 0 first
-        writes the data state (epoch + uids already seen in it) that the graph's Mixture and DropSeen read."""
+        """This worker's split of the epoch as length-grouped micro-batches, less what the checkpoint's epoch
+        consumed: from the held sets' seeded plan (:mod:`vlp.train.held`; a "held" state's steps are replayed,
+        not trained on), or from Ray Train's streaming split of the data graph, for which rank 0 first writes
+        the data state (epoch + what was consumed) that the graph's Mixture and DropSeen read."""
         import torch.distributed as dist
 
         cfg = self.cfg
-        seen = self.seen if epoch == self.start_epoch else []
+        st = self.begin_epoch(epoch)
         if self.rank == 0:
-            write_state(self.state_path, epoch, seen)
+            write_state(self.state_path, epoch, st.seen if st.mode == "seen" else None,
+                        st.parts if st.mode == "stream" else None)
         dist.barrier()
-        rng = np.random.default_rng([cfg.data.seed, epoch, self.rank, len(self.seen)])
+        salt = {"seen": len(st.seen), "stream": st.steps, "held": 0}[st.mode]  # held: the epoch's stream again
+        rng = np.random.default_rng([cfg.data.seed, epoch, self.rank, salt])
         if self.meta.get("held"):
-            if self.held is None:
-                self.held = HeldRows(self.meta["held"])
-            rows = self.held.rows(self.held.plan(cfg.data.seed, epoch, set(seen), self.rank, self.world))
+            rows = self.held_rows(epoch, self.rank, self.world, set(st.seen))
         else:
             rows = self.stream_rows(rng)
+        stream = self.micro_stream(watch_skips(rows, self.pending), rng, self.counters)
+        if st.mode == "held":
+            for _ in itertools.islice(stream, st.steps * cfg.batch.grad_accum):
+                pass  # trained on before the checkpoint
+        return stream
+
+    def micro_stream(self, rows: Iterator[dict], rng: np.random.Generator, counters: Counters):
+        cfg = self.cfg
         micro, accum = cfg.batch.micro_size, cfg.batch.grad_accum
         return micro_batches(rows, micro, micro * accum * cfg.data.group_window, rng, cfg.data.group_by_length,
-                             cfg.data.group_by_modality, self.counters)
+                             cfg.data.group_by_modality, counters)
+
+    def held_rows(self, epoch: int, rank: int, world: int, seen: set[str]) -> Iterator[dict]:
+        """Rank ``rank``'s rows of the held epoch plan (of ``world`` ranks), less ``seen``."""
+        if self.held is None:
+            self.held = HeldRows(self.meta["held"])
+        return self.held.rows(self.held.plan(self.cfg.data.seed, epoch, seen, rank, world))
+
+    def replay_held(self, epoch: int, r: EpochState) -> list[str]:
+        """The uids that a held epoch's first ``r.steps`` steps consumed on ``r.world`` ranks: each of those
+        ranks' streams rebuilt and its first steps x grad_accum micro-batches taken, with the rows skipped at
+        tokenisation on the way (their count goes to rank 0's counters: they will not stream again)."""
+        out: list[str] = []
+        counters = Counters()
+        for rank in range(r.world):
+            skipped: list = []
+            rng = np.random.default_rng([self.cfg.data.seed, epoch, rank, 0])
+            stream = self.micro_stream(watch_skips(self.held_rows(epoch, rank, r.world, set()), skipped), rng,
+                                       counters)
+            for mb in itertools.islice(stream, r.steps * self.cfg.batch.grad_accum):
+                out += [str(x["uid"]) for x in mb]
+            out += [uid for _, uid in skipped]
+        if self.rank == 0:
+            for k, v in counters.skipped.items():
+                self.counters.skipped[k] = self.counters.skipped.get(k, 0) + v
+        return out
+
+    def stream_uids(self, epoch: int, parts: dict) -> list[str]:
+        """The uids a streaming epoch's state (:meth:`PartProgress.state`) says were consumed: every row of the
+        done units and the rows at the open units' positions (their parts' uid columns read)."""
+        units = EpochUnits(self.cfg.data.sets, self.meta["parts"], self.cfg.data.seed, epoch)
+        out = [u for unit, ranges in parts.get("open", {}).items() for u in open_uids(units.uids(unit), ranges)]
+        for unit in sorted(done_units(parts.get("done", {}))):
+            out += units.uids(unit)
+        return out
 
     def stream_rows(self, rng: np.random.Generator) -> Iterator[dict]:
         """Rows of this worker's streaming split (``get_dataset_shard``), through Ray Data's local shuffle."""
@@ -540,7 +638,6 @@ class TrainRecipe:
 
     def train_epoch(self, epoch: int) -> None:
         """Steps over the epoch's stream until it ends or max_steps; logs, checkpoints and fault injection."""
-        seen_local: list[str] = []
         stream = self.epoch_stream(epoch)
         t_mark = time.perf_counter()  # end-to-end step time runs from here to the same point after each step
         while True:
@@ -548,15 +645,28 @@ class TrainRecipe:
             if group is None:
                 break
             stats = self.train_step(group, data_wait_s)
+            self.consumed(group)
             t_mark = self.log(stats, epoch, t_mark)
-            seen_local += stats.uids
             self.inject_failure()
             self.done = self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
             if self.step % self.cfg.checkpoint.every_n_steps == 0 and not self.done:
-                self.save(epoch, self.seen + seen_local)  # self.seen: restored uids, [] after the first epoch
+                self.save(epoch)
             if self.done:
                 break
-        self.seen = []
+        self.end_epoch()
+
+    def consumed(self, group: list[list[dict]]) -> None:
+        """A group trained on: one more step of the epoch, and (but for held epochs, where the steps say which
+        rows) its rows pending for the next checkpoint."""
+        self.epoch_state.steps += 1
+        if self.epoch_state.mode != "held":
+            self.pending.extend((str(r.get("unit", "")), str(r["uid"])) for mb in group for r in mb)
+
+    def end_epoch(self) -> None:
+        """The epoch's resume state dropped: what follows (the next epoch, the final checkpoint) starts fresh."""
+        self.resume, self.epoch_state, self.progress, self.seen_set = None, self.fresh_state(), None, set()
+        self.pending.clear()
+        self.epoch_base = Counters(dict(self.counters.skipped), self.counters.tail_dropped)
 
     def train_step(self, group: list[list[dict]], data_wait_s: float = 0.0) -> StepStats:
         """One optimizer step over ``group`` (see :func:`run_step`); the first group's first row becomes the
@@ -650,26 +760,52 @@ class TrainRecipe:
 
     # ------------------------------------------------------------------------------------------ save, export
 
-    def save(self, epoch: int, seen_epoch: list[str], final: bool = False) -> None:
+    def save(self, epoch: int, final: bool = False) -> None:
         """A checkpoint through ``ray.train.report``: every rank's DeepSpeed state, and from rank 0
-        vlp_state.json (step, epoch, the uids of every rank seen in this epoch, final). Rank 0's logs are
-        flushed first, so an object store holds every line up to the checkpoint."""
+        vlp_state.json (:meth:`checkpoint_state`). Rank 0's logs are flushed first, so an object store holds
+        every line up to the checkpoint."""
         import ray.train
-        import torch.distributed as dist
         from ray.train import Checkpoint
 
-        gathered: list = [None] * self.world
-        dist.all_gather_object(gathered, seen_epoch)
-        merged = [u for part in gathered for u in part]
+        state = self.checkpoint_state(epoch, final)
         if self.logs is not None:
             self.logs.flush()
         with tempfile.TemporaryDirectory() as d:
             self.engine.save_checkpoint(d, tag="state")
             if self.rank == 0:
                 with open(os.path.join(d, "vlp_state.json"), "w") as f:
-                    json.dump({"step": self.step, "epoch": epoch, "seen": merged, "final": final}, f)
+                    json.dump(state, f)
             ray.train.report({**self.metrics, "step": self.step, "epoch": epoch},
                              checkpoint=Checkpoint.from_directory(d))
+
+    def checkpoint_state(self, epoch: int, final: bool) -> dict:
+        """vlp_state.json on rank 0 ({} on the others): step, epoch, final, and the epoch's
+        :class:`EpochState`, once rank 0 has folded in every rank's rows consumed since the last checkpoint
+        (streaming: into the parts' account; "seen": into the uids) and summed the counters. Every rank calls it
+        (two all_gathers); what travels is the rows of the last ``checkpoint.every_n_steps`` steps at most."""
+        import torch.distributed as dist
+
+        st = self.epoch_state
+        mine = list(self.pending)
+        self.pending.clear()
+        counted = self.epoch_base if st.mode == "held" else self.counters  # held: the replay counts the epoch again
+        own = {"skipped": counted.skipped, "tail_dropped": self.epoch_base.tail_dropped}  # tails: finished epochs
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, (mine, own))
+        if self.rank != 0:
+            return {}
+        for pairs, _ in gathered:
+            for unit, uid in pairs:
+                if st.mode == "stream":
+                    self.progress.add(unit, uid)
+                elif st.mode == "seen":
+                    self.seen_set.add(uid)
+        skipped, tail = merge_counters([c for _, c in gathered])
+        st.counters = {"skipped": skipped, "tail_dropped": tail}
+        if st.mode == "stream":
+            st.parts = self.progress.state() if self.progress is not None else {}  # None: between epochs
+        st.seen = sorted(self.seen_set) if st.mode == "seen" else []
+        return {"step": self.step, "epoch": epoch, "final": final, **st.to_json()}
 
     def gather_counters(self) -> list[dict]:
         import torch.distributed as dist

@@ -331,25 +331,64 @@ def build_held(cfg: TrainConfig) -> list[dict]:
     return held
 
 
-def build_dataset(cfg: TrainConfig, state_path: str):
-    """The streaming path: the Ray Data graph that Ray Train splits over the workers, re-executed every epoch
-    (read -> Mixture per pass -> union -> DropSeen -> Tokenize; :mod:`vlp.train.data`)."""
-    from ..formats.featureset import open_feature_dataset
+def set_parts(cfg: TrainConfig) -> list[list[str]]:
+    """Per set its committed part URIs, in the order the streaming path numbers its units
+    (:mod:`vlp.train.progress`); computed once on the driver and handed to the graph and the workers."""
+    from ..formats.featureset import feature_parts
 
-    raw = {i: open_feature_dataset(s.uri, s.storage, decode=False) for i, s in enumerate(cfg.data.sets)}
+    return [feature_parts(s.uri, s.storage) for s in cfg.data.sets]
+
+
+def build_dataset(cfg: TrainConfig, state_path: str, parts: Optional[list[list[str]]] = None):
+    """The streaming path: the Ray Data graph that Ray Train splits over the workers, re-executed every epoch
+    (read -> Mixture per pass -> union -> DropSeen -> Tokenize; :mod:`vlp.train.data`). Rows carry their
+    part's path into Mixture, which tags them with their unit (``parts``: :func:`set_parts`)."""
+    from ..formats.featureset import feature_part_paths, open_feature_dataset
+
+    parts = parts if parts is not None else set_parts(cfg)
+    raw = {i: open_feature_dataset(s.uri, s.storage, decode=False, include_paths=True)
+           for i, s in enumerate(cfg.data.sets)}
     ds = None
     for k in range(max(mixture_passes(s.weight) for s in cfg.data.sets)):  # pass k holds every set's copy k
         for i, s in enumerate(cfg.data.sets):
             if k >= mixture_passes(s.weight):
                 continue
             part = raw[i].map_batches(
-                Mixture(f"s{i}", s.weight, cfg.data.seed, state_path, s.format, copy=k), batch_format="numpy",
-                batch_size=256, num_cpus=cfg.scaling.data_cpus_per_task)
+                Mixture(f"s{i}", s.weight, cfg.data.seed, state_path, s.format, copy=k,
+                        parts=feature_part_paths(parts[i], s.storage)),
+                batch_format="numpy", batch_size=256, num_cpus=cfg.scaling.data_cpus_per_task)
             ds = part if ds is None else ds.union(part)
-    ds = ds.map_batches(DropSeen(state_path), batch_format="numpy", batch_size=256,
-                        num_cpus=cfg.scaling.data_cpus_per_task)
+    ds = ds.map_batches(DropSeen(state_path, cfg.data.sets, parts, cfg.data.seed), batch_format="numpy",
+                        batch_size=256, num_cpus=cfg.scaling.data_cpus_per_task)
     return ds.map_batches(tokenize_stage(cfg), batch_format="numpy", batch_size=64,
                           num_cpus=cfg.scaling.data_cpus_per_task)
+
+
+def last_checkpoint_state(run_dir: str) -> Optional[dict]:
+    """vlp_state.json of the run folder's latest checkpoint (the highest step, the final one of a step; the one
+    a restart resumes from), None when there is none."""
+    fs, rd = get_fs(run_dir)
+    if not fs.exists(rd):
+        return None
+    best = None
+    for d in fs.ls(rd, detail=False):
+        p = join(d, "vlp_state.json")
+        if d.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_") and fs.exists(p):
+            st = json.loads(fs.cat(p))
+            if best is None or (st["step"], bool(st.get("final"))) > (best["step"], bool(best.get("final"))):
+                best = st
+    return best
+
+
+def resume_problem(run_dir: str, held: bool) -> Optional[str]:
+    """Why the run cannot resume on the data path chosen now, or None. A checkpoint taken in the middle of a
+    held epoch records only the steps done (:mod:`vlp.train.progress`): which rows they were is replayed from
+    the tokenised held sets, which the streaming path does not have (the other way round converts)."""
+    st = last_checkpoint_state(run_dir)
+    if held or not st or st.get("final") or st.get("mode") != "held" or not st.get("epoch_steps"):
+        return None
+    return (f"the run's last checkpoint (step {st['step']}) was taken in the middle of an epoch on the held data "
+            "path, which this attempt does not take (data.materialize); set data.materialize: always to resume it")
 
 
 # Fields that may differ between attempts of one run (a re-run reuses the finished run or resumes it from its
@@ -458,14 +497,17 @@ def config_for_workers(cfg: TrainConfig) -> dict:
     return d
 
 
-def worker_meta(cfg: TrainConfig, setup: dict, run_dir: str, held: Optional[list[dict]]) -> dict:
+def worker_meta(cfg: TrainConfig, setup: dict, run_dir: str, held: Optional[list[dict]],
+                parts: Optional[list[list[str]]] = None) -> dict:
     """What each worker's recipe gets besides the config (``TrainRecipe(cfg, meta)``): the run folder, the data
-    state file, the step count of the LR schedule, the export's record less the model config (as JSON), and the
-    held sets' object refs (:func:`build_held`) or None (the streaming path). ``setup``: :func:`check_setup`."""
+    state file, the step count of the LR schedule, the export's record less the model config (as JSON), the
+    held sets' object refs (:func:`build_held`) or None (the streaming path), and the sets' parts
+    (:func:`set_parts`, for the resume state). ``setup``: :func:`check_setup`."""
     audio = next((inf.fingerprint.audio for inf in setup["infos"] if inf.fingerprint.audio), None)
     info = ExportInfo.from_fingerprint(setup["infos"][0].fingerprint, cfg.data.template, cfg.run_name, audio)
     return {"run_dir": run_dir, "state_path": join(run_dir, "data_state.json"), "total_steps": setup["total_steps"],
-            "export_extra": info.to_json(), "held": held}
+            "export_extra": info.to_json(), "held": held,
+            "parts": parts if parts is not None else set_parts(cfg)}
 
 
 def run_train(cfg: TrainConfig, log=print) -> dict:
@@ -518,8 +560,13 @@ def train_run(cfg: TrainConfig, out_root: str, run_dir: str, log=print) -> dict:
     if setup["memory"]:  # the preflight's numbers of this attempt, machine-readable
         with fs.open(join(rd, "preflight.json"), "w") as f:
             f.write(json.dumps(setup["memory"], indent=2))
-    held = build_held(cfg) if should_materialize(cfg) else None
-    meta = worker_meta(cfg, setup, run_dir, held)
+    materialize = should_materialize(cfg)
+    problem = resume_problem(run_dir, materialize)
+    if problem:
+        raise TrainSetupError(f"cannot resume {cfg.run_name}: {problem}")
+    held = build_held(cfg) if materialize else None
+    parts = set_parts(cfg)
+    meta = worker_meta(cfg, setup, run_dir, held, parts)
     log(f"[vlp] train {cfg.run_name}: {setup['samples_per_epoch']} samples/epoch, {setup['total_steps']} steps, "
         f"{cfg.scaling.num_workers} workers x micro {cfg.batch.micro_size} x accum {cfg.batch.grad_accum}, "
         f"ZeRO-{cfg.deepspeed.zero_stage}, trainable {setup['trainable']:,} / frozen {setup['frozen']:,} params")
@@ -531,7 +578,7 @@ def train_run(cfg: TrainConfig, out_root: str, run_dir: str, log=print) -> dict:
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
                              callbacks=[RestartNotice(cfg.run_name, cfg.max_failures)]),
-        datasets={} if held else {"train": build_dataset(cfg, meta["state_path"])},
+        datasets={} if held else {"train": build_dataset(cfg, meta["state_path"], parts)},
     )
     try:
         result = trainer.fit()
