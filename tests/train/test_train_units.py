@@ -137,6 +137,11 @@ def test_activation_estimate_on_known_numbers():
     assert activation_bytes(llama7b, 1, 2048, checkpointing=True) / 2**30 == pytest.approx(1.43, abs=0.01)
     with pytest.raises(ValueError, match="not one of sdpa"):
         layer_bytes_per_token(TINY, 10, "fp32", True, "flash")
+    from transformers import GPT2Config, LlamaConfig
+
+    assert LMShape.of(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                  vocab_size=100)) == TINY
+    assert LMShape.of(GPT2Config()) is None  # named otherwise (n_embd, n_inner): activations not counted
 
 
 LLAMA7B = LMShape(4096, 32, 11008, 32, 32000)

@@ -95,7 +95,6 @@ def default_bucket_elems(n_trainable: int) -> int:
     return -(-n // 512) * 512
 
 
-
 def state_parts(trainable: int, frozen: int, world: int, stage: int, precision: str = "bf16",
                 offload_optimizer: bool = False, offload_param: bool = False) -> tuple[dict, float]:
     """Model-state bytes of one rank as ({"weights", "gradients", "optimizer"} on the GPU, bytes on the host):
@@ -134,10 +133,15 @@ class LMShape:
     vocab: int
 
     @classmethod
-    def of(cls, hf_config) -> "LMShape":
+    def of(cls, hf_config) -> Optional["LMShape"]:
+        """The shape of a LLaMA-style config (hidden_size, num_hidden_layers, intermediate_size,
+        num_attention_heads, vocab_size); None for a config that names them otherwise (GPT-2's n_embd, ...),
+        whose activations the preflight then does not count."""
         c = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-        return cls(int(c.hidden_size), int(c.num_hidden_layers), int(c.intermediate_size),
-                   int(c.num_attention_heads), int(c.vocab_size))
+        keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size")
+        if not all(isinstance(getattr(c, k, None), int) for k in keys):
+            return None
+        return cls(*(int(getattr(c, k)) for k in keys))
 
     def layer_params(self) -> int:
         """Weights of one decoder layer (q, k, v, o: 4 h^2, gate, up, down: 3 h f; fewer with grouped k, v)."""
