@@ -12,8 +12,9 @@ setup: $(STAMP)
 
 # torch first (a CPU wheel here; set TORCH=... for a CUDA build), then DeepSpeed without build
 # isolation (its build otherwise downloads another torch), then vlp itself, all pinned by constraints.txt.
-# Last, DeepSpeed's CPU communication op is built once here (~2 min, cached in torch's extensions folder), not
-# JIT-built by the first training on the machine (on CUDA builds there is none and the line does nothing).
+# Last, DeepSpeed's CPU communication op and its CPU Adam (optimizer offload) are built once here (~2 min each,
+# cached in torch's extensions folder), not JIT-built by the first training on the machine that needs them (on CUDA
+# builds there is no CPU communication op and that line does nothing).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
@@ -21,6 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt --no-build-isolation deepspeed
 	$(PIP) install -c constraints.txt -e ".[test]"
 	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	$(BIN)/python -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()"
 	$(MAKE) --no-print-directory chromium
 	touch $(STAMP)
 
