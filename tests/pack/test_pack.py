@@ -141,7 +141,8 @@ def test_pack_writes_shards_errors_and_a_manifest(packed):
     assert set(errs) == {"missing", "broken", "notmedia"}
     assert errs["broken"]["stage"] == "annotation" and errs["missing"]["key"] == "000000002"
     assert "coco/404.jpg: no such file" in errs["missing"]["reason"]
-    assert "packed 4 of 7 record(s) into 2 shard(s)" in lines[-1] and "3 error(s)" in lines[-1]
+    assert "packed 4 of 7 record(s) into 2 shard(s)" in lines[-2] and "3 error(s)" in lines[-2]
+    assert lines[-1] == f"[vlp] full log: {out}/logs/ray.log"  # Ray's output (vlp.runlog)
     samples = shard_samples(out)
     assert sorted(samples) == ["000000000", "000000001", "000000003", "000000005"]
     parsed = {k: parse_sample(RawSample(k, m)) for k, m in samples.items()}
