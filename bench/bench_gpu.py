@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -234,6 +235,7 @@ def train_step(device: str, work: Path, cpus: int) -> dict:
     run = time.strftime("%Y%m%d-%H%M%S")
     shards, feats, train = work / "shards", work / f"features-{device}", work / "train"
     gpu = device == "cuda"
+    shutil.rmtree(feats, ignore_errors=True)  # else precompute resumes the last run's committed shards: no work
     steps = {}
     steps["make_shards"] = vlp_cmd(["make-shards", "--config", "configs/local/make_shards.yaml", f"out={shards}",
                                     "videos=16", "images=8", "instructions=0", "heldout=0", "samples_per_shard=8",
