@@ -155,6 +155,30 @@ def test_rays_driver_logs_go_to_the_log_and_its_warnings_to_the_terminal_too(tmp
     assert "no command running" in capsys.readouterr().err
 
 
+def test_the_workers_stream_shows_vlp_lines_and_memory_kills_and_logs_the_rest(tmp_path, capsys):
+    """WorkerPrinter on records as Ray's log thread hands them over; ``printed`` stands for Ray's printer."""
+    from vlp.runlog import WorkerPrinter
+
+    printed: list[dict] = []
+    route = WorkerPrinter(printed.append)
+    train = {"pid": 7, "actor_name": "RayTrainWorker", "ip": "10.0.0.1", "localhost": "10.0.0.1", "is_err": False,
+             "lines": ["Reporting training result 1", "[vlp] step 1/3 loss 6.2"]}
+    raylet = {"pid": "raylet", "ip": "10.0.0.1", "localhost": "10.0.0.1", "is_err": True,
+              "lines": ["Task ServeController.graceful_shutdown failed", "Ray killed this worker: memory 0.96 > 0.95"]}
+    with ray_output(str(tmp_path), log=lambda _: None):
+        route(train)
+        route(raylet)
+    assert capsys.readouterr().out == "[vlp] step 1/3 loss 6.2\n"  # bare, once
+    assert printed == [{**raylet, "lines": ["Ray killed this worker: memory 0.96 > 0.95"]}]
+    assert (tmp_path / LOG_FILE).read_text().splitlines() == [
+        "(RayTrainWorker pid=7) Reporting training result 1", "(RayTrainWorker pid=7) [vlp] step 1/3 loss 6.2",
+        "(raylet) Task ServeController.graceful_shutdown failed", "(raylet) Ray killed this worker: memory 0.96 > 0.95"]
+    route(train)  # no command running: Ray's printer, as before
+    with ray_output(str(tmp_path / "v"), ray_verbose=True, log=lambda _: None):
+        route(train)  # verbose: Ray's printer too
+    assert printed[1:] == [train, train] and capsys.readouterr().out == ""
+
+
 def test_one_line_takes_a_tracebacks_last_line():
     assert one_line(RuntimeError("boom")) == "RuntimeError: boom"
     tb = "Traceback (most recent call last):\n  File x\nValueError: bad shape\n"

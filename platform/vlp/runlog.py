@@ -159,9 +159,9 @@ def worker_prefix(data: dict) -> str:
 
 class WorkerPrinter:
     """Ray's stream of worker output, routed: every line to the open logs; to the terminal the workers' ``[vlp]``
-    lines (bare), Ray's distributed progress bars (``tqdm_ray``) and what the raylet and the autoscaler say (a
-    worker killed for memory, nodes added), through Ray's own printer (which shows the autoscaler's events only, not
-    its status reports). Without an open log, or verbose: Ray's printer gets everything."""
+    lines (bare), Ray's distributed progress bars (``tqdm_ray``), the raylet's lines about memory (a worker killed
+    for it) and the autoscaler's events (nodes added), through Ray's own printer (which shows the autoscaler's
+    events only, not its status reports). Without an open log, or verbose: Ray's printer gets everything."""
 
     def __init__(self, ray_printer: Callable):
         self.ray_printer = ray_printer
@@ -175,8 +175,13 @@ class WorkerPrinter:
             for line in lines:
                 if RAY_TQDM_MAGIC not in line:
                     to_logs(f"{prefix} {line}")
-        if not OPEN or verbose() or data.get("pid") in ("raylet", "autoscaler"):
+        if not OPEN or verbose() or data.get("pid") == "autoscaler":
             self.ray_printer(data)
+            return
+        if data.get("pid") == "raylet":  # a worker killed for memory, not the tasks Serve's shutdown retries
+            said = [ln for ln in lines if "memory" in ln.lower()]
+            if said:
+                self.ray_printer({**data, "lines": said})
             return
         bars = [ln for ln in lines if RAY_TQDM_MAGIC in ln]
         if bars:
