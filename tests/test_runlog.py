@@ -179,6 +179,24 @@ def test_the_workers_stream_shows_vlp_lines_and_memory_kills_and_logs_the_rest(t
     assert printed[1:] == [train, train] and capsys.readouterr().out == ""
 
 
+def test_a_log_that_cannot_be_written_warns_once_and_the_terminal_gets_everything(tmp_path, capsys):
+    from vlp.runlog import WorkerPrinter
+
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    printed: list[dict] = []
+    line = {"pid": 7, "actor_name": "RayTrainWorker", "ip": "h", "localhost": "h", "is_err": False,
+            "lines": ["Reporting training result 1"]}
+    said: list[str] = []
+    with ray_output(str(tmp_path / "notes.txt" / "run"), log=said.append) as log:
+        log("[vlp] train s1: starting")
+        to_logs("2026-12-03 INFO worker.py -- Started a local Ray instance.")  # the log cannot be made
+        WorkerPrinter(printed.append)(line)  # so the terminal gets Ray's output
+        to_logs("another")
+    err = capsys.readouterr().err
+    assert err.count("[vlp] warning: cannot write ") == 1 and f"{tmp_path}/notes.txt/run/{LOG_FILE}" in err
+    assert printed == [line] and said == ["[vlp] train s1: starting"]  # and no "full log" line
+
+
 def test_one_line_takes_a_tracebacks_last_line():
     assert one_line(RuntimeError("boom")) == "RuntimeError: boom"
     tb = "Traceback (most recent call last):\n  File x\nValueError: bad shape\n"
