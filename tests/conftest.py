@@ -31,7 +31,7 @@ os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 # files to its xdist workers in collection order (--no-loadscope-reorder), so these start first and the
 # short files fill in around them, instead of one long file starting last and running alone at the end.
 LONGEST_FIRST = ("train/test_train.py", "synth/test_learning.py", "cluster/test_job_submit.py", "test_s3_train.py",
-                 "test_mplug_owl_local.py", "test_readme_local.py", "test_lego_local.py", "cluster/test_autoscale.py",
+                 "test_mplug_owl_local.py", "test_readme_local.py", "test_lego_local.py", "test_runlog.py", "cluster/test_autoscale.py",
                  "models/test_toy_connector.py", "precompute/test_pipeline.py", "pack/test_pack.py",
                  "serve/test_serve_app.py", "precompute/test_one_writer.py")
 

@@ -155,6 +155,48 @@ def test_rays_driver_logs_go_to_the_log_and_its_warnings_to_the_terminal_too(tmp
     assert "no command running" in capsys.readouterr().err
 
 
+def test_the_workers_stream_shows_vlp_lines_and_memory_kills_and_logs_the_rest(tmp_path, capsys):
+    """WorkerPrinter on records as Ray's log thread hands them over; ``printed`` stands for Ray's printer."""
+    from vlp.runlog import WorkerPrinter
+
+    printed: list[dict] = []
+    route = WorkerPrinter(printed.append)
+    train = {"pid": 7, "actor_name": "RayTrainWorker", "ip": "10.0.0.1", "localhost": "10.0.0.1", "is_err": False,
+             "lines": ["Reporting training result 1", "[vlp] step 1/3 loss 6.2"]}
+    raylet = {"pid": "raylet", "ip": "10.0.0.1", "localhost": "10.0.0.1", "is_err": True,
+              "lines": ["Task ServeController.graceful_shutdown failed", "Ray killed this worker: memory 0.96 > 0.95"]}
+    with ray_output(str(tmp_path), log=lambda _: None):
+        route(train)
+        route(raylet)
+    assert capsys.readouterr().out == "[vlp] step 1/3 loss 6.2\n"  # bare, once
+    assert printed == [{**raylet, "lines": ["Ray killed this worker: memory 0.96 > 0.95"]}]
+    assert (tmp_path / LOG_FILE).read_text().splitlines() == [
+        "(RayTrainWorker pid=7) Reporting training result 1", "(RayTrainWorker pid=7) [vlp] step 1/3 loss 6.2",
+        "(raylet) Task ServeController.graceful_shutdown failed", "(raylet) Ray killed this worker: memory 0.96 > 0.95"]
+    route(train)  # no command running: Ray's printer, as before
+    with ray_output(str(tmp_path / "v"), ray_verbose=True, log=lambda _: None):
+        route(train)  # verbose: Ray's printer too
+    assert printed[1:] == [train, train] and capsys.readouterr().out == ""
+
+
+def test_a_log_that_cannot_be_written_warns_once_and_the_terminal_gets_everything(tmp_path, capsys):
+    from vlp.runlog import WorkerPrinter
+
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    printed: list[dict] = []
+    line = {"pid": 7, "actor_name": "RayTrainWorker", "ip": "h", "localhost": "h", "is_err": False,
+            "lines": ["Reporting training result 1"]}
+    said: list[str] = []
+    with ray_output(str(tmp_path / "notes.txt" / "run"), log=said.append) as log:
+        log("[vlp] train s1: starting")
+        to_logs("2026-12-03 INFO worker.py -- Started a local Ray instance.")  # the log cannot be made
+        WorkerPrinter(printed.append)(line)  # so the terminal gets Ray's output
+        to_logs("another")
+    err = capsys.readouterr().err
+    assert err.count("[vlp] warning: cannot write ") == 1 and f"{tmp_path}/notes.txt/run/{LOG_FILE}" in err
+    assert printed == [line] and said == ["[vlp] train s1: starting"]  # and no "full log" line
+
+
 def test_one_line_takes_a_tracebacks_last_line():
     assert one_line(RuntimeError("boom")) == "RuntimeError: boom"
     tb = "Traceback (most recent call last):\n  File x\nValueError: bad shape\n"

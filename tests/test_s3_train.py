@@ -40,6 +40,11 @@ def test_stage1_stage2_export_eval_all_on_s3_with_a_failure_and_resume(s3_server
     p = run_sequence(cmds, tmp_path, env={"AWS_ENDPOINT_URL": s3_server}, timeout=1500)
     assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-6000:]
     assert "injected failure at step 2" in p.stdout + p.stderr
+    assert "[vlp] train stage1: a worker failed (rank 0: RuntimeError: injected failure at step 2" in p.stdout
+    assert "(RayTrainWorker pid=" not in p.stdout + p.stderr  # the workers' output went to the run's log on S3:
+    log = read_appended(f"{s3}/runs/stage1/logs/ray.log", StorageConfig(endpoint_url=s3_server))
+    assert "Traceback" in log and "RuntimeError: injected failure at step 2 on rank 0" in log
+    assert "(RayTrainWorker pid=" in log and "[vlp] step 3/3" in log
     fs, _ = get_fs(s3, StorageConfig(endpoint_url=s3_server))
     st = StorageConfig(endpoint_url=s3_server)
     summaries = {}

@@ -50,12 +50,15 @@ def env_verbose() -> bool:
 
 class RunLog:
     """One command's ``logs/ray.log``: Ray's lines, and the command's own lines once Ray has printed (before that
-    they wait in memory, and are dropped when Ray never prints). Thread-safe: Ray's log thread writes too."""
+    they wait in memory, and are dropped when Ray never prints). Thread-safe: Ray's log thread writes too. A log
+    that cannot be written (a full disk, the object store gone) stops neither Ray's output nor the command: one
+    warning, and from then on the terminal gets everything (as verbose)."""
 
     def __init__(self, folder: str, storage: Optional[StorageConfig], verbose: bool):
         self.uri, self.storage, self.verbose = join(folder, LOG_FILE), storage, verbose
         self.appender: Optional[Appender] = None
         self.pending: list[str] = []
+        self.broken = False
         self.lock = threading.Lock()
 
     def own_line(self, text: str) -> None:
@@ -63,23 +66,37 @@ class RunLog:
             if self.appender is None:
                 self.pending.append(text)
             else:
-                self.appender.write(text + "\n")
+                self.guarded(self.appender.write, text + "\n")
 
     def ray_line(self, text: str) -> None:
         with self.lock:
-            if self.appender is None:
-                self.appender = Appender(self.uri, self.storage)
-                self.appender.write("".join(p + "\n" for p in self.pending))
+            if self.appender is None and not self.broken:
+                self.appender = self.guarded(Appender, self.uri, self.storage)
+                if self.appender is not None:
+                    self.guarded(self.appender.write, "".join(p + "\n" for p in self.pending))
                 self.pending = []
-            self.appender.write(text + "\n")
+            if self.appender is not None:
+                self.guarded(self.appender.write, text + "\n")
+
+    def guarded(self, fn: Callable, *args):
+        """``fn(*args)``; when it fails, the warning and the switch to the terminal (once)."""
+        if self.broken:
+            return None
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001  (whatever the store raised: the command goes on)
+            self.broken, self.verbose = True, True
+            print(f"[vlp] warning: cannot write {self.uri} ({one_line(e)}); Ray's output goes to the terminal "
+                  "instead", file=sys.stderr, flush=True)
+            return None
 
     def close(self) -> bool:
-        """Flush (an object store gets the last part); True when the log was written."""
+        """Flush (an object store gets the last part); True when the log was written whole."""
         with self.lock:
             if self.appender is None:
                 return False
-            self.appender.close()
-            return True
+            self.guarded(self.appender.close)
+            return not self.broken
 
 
 OPEN: list[RunLog] = []  # the logs of the commands running in this process, outermost first
@@ -159,9 +176,9 @@ def worker_prefix(data: dict) -> str:
 
 class WorkerPrinter:
     """Ray's stream of worker output, routed: every line to the open logs; to the terminal the workers' ``[vlp]``
-    lines (bare), Ray's distributed progress bars (``tqdm_ray``) and what the raylet and the autoscaler say (a
-    worker killed for memory, nodes added), through Ray's own printer (which shows the autoscaler's events only, not
-    its status reports). Without an open log, or verbose: Ray's printer gets everything."""
+    lines (bare), Ray's distributed progress bars (``tqdm_ray``), the raylet's lines about memory (a worker killed
+    for it) and the autoscaler's events (nodes added), through Ray's own printer (which shows the autoscaler's
+    events only, not its status reports). Without an open log, or verbose: Ray's printer gets everything."""
 
     def __init__(self, ray_printer: Callable):
         self.ray_printer = ray_printer
@@ -175,8 +192,13 @@ class WorkerPrinter:
             for line in lines:
                 if RAY_TQDM_MAGIC not in line:
                     to_logs(f"{prefix} {line}")
-        if not OPEN or verbose() or data.get("pid") in ("raylet", "autoscaler"):
+        if not OPEN or verbose() or data.get("pid") == "autoscaler":
             self.ray_printer(data)
+            return
+        if data.get("pid") == "raylet":  # a worker killed for memory, not the tasks Serve's shutdown retries
+            said = [ln for ln in lines if "memory" in ln.lower()]
+            if said:
+                self.ray_printer({**data, "lines": said})
             return
         bars = [ln for ln in lines if RAY_TQDM_MAGIC in ln]
         if bars:

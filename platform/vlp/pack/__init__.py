@@ -5,7 +5,7 @@ common :class:`~vlp.pack.formats.PackRecord` s, streaming and bounded, without t
 is a :class:`~vlp.pack.formats.PackError`, never a crash. ``group`` turns one group of records into its shard(s)
 (media fetched, ``webdataset.ShardWriter``); ``pipeline`` is the run (:class:`~vlp.pack.pipeline.PackRun`: plan,
 check_existing, pack on Ray Data or local threads, finish); ``config`` is :class:`PackConfig`.
-May import: config, errors, registry, runtime, storage, data (sample, conversation, media), models.parts (the
+May import: config, errors, registry, runtime, runlog, storage, data (sample, conversation, media), models.parts (the
 typed-part machinery, no torch), webdataset, Ray (pipeline only). Never models' other modules, formats
 (vlp.formats), precompute, train, cli.
 """
