@@ -73,15 +73,22 @@ def test_verbose_puts_rays_output_on_the_terminal_too(synth_shards, tmp_path):
     assert "Started a local Ray instance" in (out / LOG_FILE).read_text()  # the log has it all the same
 
 
+def train_failing(precomputed, tmp_path, name: str, fail_at_step: int, max_failures: int, rc: int):
+    """`vlp train` run ``name`` with a failure injected at ``fail_at_step``: its exit code is ``rc``, the terminal
+    stays quiet and shows no traceback."""
+    _, features = precomputed
+    p = vlp([*TRAIN, f"output_dir={tmp_path}", f"run_name={name}", f"data.sets=[{{uri: {features}}}]",
+             f"debug.fail_at_step={fail_at_step}", f"max_failures={max_failures}"], tmp_path)
+    assert p.returncode == rc, p.stdout[-3000:] + p.stderr[-3000:]
+    terminal_is_quiet(p)
+    assert "Traceback" not in p.stdout + p.stderr
+    return p
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_worker_failure_and_restart_is_one_line_and_each_step_prints_once(precomputed, tmp_path):
-    _, features = precomputed
-    p = vlp([*TRAIN, f"output_dir={tmp_path}", "run_name=restart", f"data.sets=[{{uri: {features}}}]",
-             "debug.fail_at_step=2", "max_failures=1"], tmp_path)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    terminal_is_quiet(p)
-    assert "Traceback" not in p.stdout + p.stderr
+    p = train_failing(precomputed, tmp_path, "restart", fail_at_step=2, max_failures=1, rc=0)
     lines = p.stdout.splitlines()
     assert "[vlp] train restart: a worker failed (rank 0: RuntimeError: injected failure at step 2 on rank 0); " \
            "restarting the workers from the last checkpoint (failure 1 of at most 1)" in lines
@@ -95,13 +102,8 @@ def test_a_worker_failure_and_restart_is_one_line_and_each_step_prints_once(prec
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_failed_training_says_why_in_one_line(precomputed, tmp_path):
-    _, features = precomputed
-    p = vlp([*TRAIN, f"output_dir={tmp_path}", "run_name=dies", f"data.sets=[{{uri: {features}}}]",
-             "debug.fail_at_step=1", "max_failures=0"], tmp_path)
+    p = train_failing(precomputed, tmp_path, "dies", fail_at_step=1, max_failures=0, rc=1)
     log = tmp_path / "dies" / LOG_FILE
-    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
-    terminal_is_quiet(p)
-    assert "Traceback" not in p.stdout + p.stderr
     assert p.stderr.strip().splitlines()[-1] == ("vlp train: error: training dies failed: rank 0: RuntimeError: "
                                                  f"injected failure at step 1 on rank 0 (tracebacks: {log})")
     assert p.stdout.splitlines()[-1] == f"[vlp] full log: {log}"
