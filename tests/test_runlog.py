@@ -31,8 +31,11 @@ def vlp(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
 
 
 def terminal_is_quiet(p: subprocess.CompletedProcess) -> None:
-    """stdout holds vlp's lines only; neither stream has Ray's INFO logs, its banner or a worker's line."""
-    assert all(line.startswith("[vlp] ") for line in p.stdout.splitlines()), p.stdout
+    """stdout holds vlp's lines only (a ``[vlp]`` line, or the indented continuation of one: the memory
+    preflight's report); neither stream has Ray's INFO logs, its banner or a worker's line."""
+    lines = p.stdout.splitlines()
+    assert lines and lines[0].startswith("[vlp] "), p.stdout
+    assert all(line.startswith(("[vlp] ", "  ")) for line in lines), p.stdout
     both = p.stdout + p.stderr
     assert "Started a local Ray instance" not in both and " INFO " not in both, both
     assert not WORKER_LINE.search(both) and "pid=" not in both, both
@@ -142,19 +145,21 @@ def test_a_run_folder_on_s3_gets_its_log_as_parts(s3_server):
     assert read_appended(f"s3://runlog/runs/s1/{LOG_FILE}", st) == "[vlp] train s1\n(RayTrainWorker pid=1) step\n"
 
 
-def test_rays_driver_logs_go_to_the_log_and_its_warnings_to_the_terminal_too(tmp_path, capsys):
+def test_rays_driver_logs_go_to_the_log_and_its_warnings_to_the_terminal_too(tmp_path, capfd):
+    """(capfd, not capsys: Ray's console handler may hold the stderr of before this test, as in a suite worker
+    where an earlier test imported Ray.)"""
     gate_ray_loggers()
     ray_log = logging.getLogger("ray.data._internal.test")
     with ray_output(str(tmp_path), log=lambda _: None):
         ray_log.info("an execution plan")
         ray_log.warning("a warning you need")
         ray_log.warning("Progress bars disabled. To enable, ...")
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "a warning you need" in err and "an execution plan" not in err and "Progress bars" not in err
     text = (tmp_path / LOG_FILE).read_text()
     assert "INFO" in text and "an execution plan" in text and "a warning you need" in text
     ray_log.info("no command running")  # outside a command Ray's console handler prints as it did
-    assert "no command running" in capsys.readouterr().err
+    assert "no command running" in capfd.readouterr().err
 
 
 def test_the_workers_stream_shows_vlp_lines_and_memory_kills_and_logs_the_rest(tmp_path, capsys):
@@ -204,3 +209,24 @@ def test_one_line_takes_a_tracebacks_last_line():
     tb = "Traceback (most recent call last):\n  File x\nValueError: bad shape\n"
     assert one_line(RuntimeError(tb)) == "ValueError: bad shape"
     assert one_line(KeyError()) == "KeyError"
+
+
+def test_ray_trains_teardown_chatter_after_a_command_ended_is_dropped(tmp_path, monkeypatch):
+    """A finished run's Ray Train actors may still print once its log has closed ("Failed to query Ray Train
+    Controller actor state"): not on the terminal; other workers' lines still are (Ray's printer), as is
+    everything under VLP_VERBOSE."""
+    from vlp.runlog import WorkerPrinter
+
+    printed: list[dict] = []
+    route = WorkerPrinter(printed.append)
+    with ray_output(str(tmp_path), log=lambda _: None):
+        pass
+    late = {"pid": 9, "actor_name": "PlacementGroupCleaner", "ip": "h", "localhost": "h", "is_err": False,
+            "lines": ["Failed to query Ray Train Controller actor state."]}
+    user = {**late, "actor_name": "MyActor", "lines": ["a user's actor"]}
+    route(late)
+    route(user)
+    assert printed == [user]
+    monkeypatch.setenv(VERBOSE_ENV, "1")
+    route(late)
+    assert printed == [user, late]

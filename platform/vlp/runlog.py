@@ -100,6 +100,9 @@ class RunLog:
 
 
 OPEN: list[RunLog] = []  # the logs of the commands running in this process, outermost first
+ENDED: list[str] = []  # the log of the last command that ended in this process
+# Ray Train's own actors, which may still print while a finished run's workers are torn down (after its log closed)
+TEARDOWN_ACTORS = ("PlacementGroupCleaner", "TrainController", "PreemptionWatcher", "SynchronizationActor")
 
 
 def to_logs(text: str) -> None:
@@ -130,6 +133,7 @@ def ray_output(folder: str, ray_verbose: bool = False, storage: Optional[Storage
         yield tee
     finally:
         OPEN.remove(run)
+        ENDED[:] = [run.uri]
         if run.close() and not OPEN:
             log(f"[vlp] full log: {run.uri}")
 
@@ -187,6 +191,8 @@ class WorkerPrinter:
         from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC, safe_print  # safe_print: the bars stay whole
 
         lines = data.get("lines") or []
+        if late_teardown(data):
+            return
         if OPEN and data.get("pid") != "autoscaler":  # its status every few seconds: Ray's monitor.log has it
             prefix = worker_prefix(data)
             for line in lines:
@@ -207,6 +213,13 @@ class WorkerPrinter:
         for line in lines:
             if line.startswith("[vlp]"):
                 safe_print(line, file=sink, flush=True)
+
+
+def late_teardown(data: dict) -> bool:
+    """A line of Ray Train's own actors that arrives after the command's log closed (the finished run's teardown,
+    e.g. "Failed to query Ray Train Controller actor state"): neither the terminal's nor any log's."""
+    return (not OPEN and bool(ENDED) and not env_verbose()
+            and str(data.get("actor_name") or "").startswith(TEARDOWN_ACTORS))
 
 
 def route_worker_output() -> None:
