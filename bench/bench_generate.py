@@ -5,8 +5,8 @@ time, on the same prompts.
                                              [--max-new-tokens T] [--patches P] [--threads K] [--cpu C]
 
 Model (built in memory, seeded, untrained): a VideoLLM (valley pooler, linear connector from D=64 features) on a
-LLaMA-family LM of width 512, 8 layers, 8 heads, MLP 1376 (~25M parameters; the tiny tokenizer's 531-token vocab), float32
-on CPU. Big enough that one decoding step of one prompt is mostly matrix work, not Python (the tiny-llama preset
+LLaMA-family LM of width 512, 8 layers, 8 heads, MLP 1376 (~25M parameters; the tiny tokenizer's 531-token vocab),
+float32 on CPU. Big enough that one decoding step of one prompt is mostly matrix work, not Python (the tiny-llama preset
 of width 64 would make batching look better than it is).
 
 Prompts (N=64 by default): a cycle of 4 kinds, each with its own question: a video (T=8, valley-pooled: P + 8
