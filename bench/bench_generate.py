@@ -5,8 +5,8 @@ time, on the same prompts.
                                              [--max-new-tokens T] [--patches P] [--threads K] [--cpu C]
 
 Model (built in memory, seeded, untrained): a VideoLLM (valley pooler, linear connector from D=64 features) on a
-LLaMA-family LM of width 512, 8 layers, 8 heads, MLP 1376 (~25M parameters; the tiny tokenizer's 531-token vocab), float32
-on CPU. Big enough that one decoding step of one prompt is mostly matrix work, not Python (the tiny-llama preset
+LLaMA-family LM of width 512, 8 layers, 8 heads, MLP 1376 (~25M parameters; the tiny tokenizer's 531-token vocab),
+float32 on CPU. Big enough that one decoding step of one prompt is mostly matrix work, not Python (the tiny-llama preset
 of width 64 would make batching look better than it is).
 
 Prompts (N=64 by default): a cycle of 4 kinds, each with its own question: a video (T=8, valley-pooled: P + 8
@@ -22,7 +22,8 @@ include splicing the visual tokens. Fairness check: both sides' answers are comp
 Timing: one warm-up round (not recorded), then R rounds (default 5), each running both sides once, the order
 reversed every other round so that drift on this shared machine hits both alike; a ratio per round
 (batched answers/s / one-at-a-time answers/s), reported as min/median/max. One process pinned to one core
-(``--cpu``, default the last usable one) with one torch thread (``--threads``), so the numbers are per core, as
+(``--cpu``, default the last usable one) with one torch thread (``--threads K``: K threads on the last K usable
+cores, written to generate_tK.json), so the numbers are per core, as
 the other CPU benchmarks here: on this shared 2-core machine two intra-op threads competing with other jobs
 made one-at-a-time decoding ~15x slower (OpenMP threads waiting on each other), which would have measured the
 neighbours, not batching. CPU time taken by other processes is sampled from /proc.
@@ -127,8 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--patches", type=int, default=64, help="P: visual tokens per item are P + T")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    ap.add_argument("--cpu", type=int, default=None, help="core to pin to (default: the last usable one)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads, pinned to as many cores")
+    ap.add_argument("--cpu", type=int, default=None, help="the one core to pin to (default: the last usable ones)")
     args = ap.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 5)
     n = args.prompts or (16 if args.quick else 64)
@@ -138,8 +139,9 @@ def main(argv=None) -> int:
 
     from vlp.models.presets import resolve_model_path
 
-    cpu = args.cpu if args.cpu is not None else max(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cpu})
+    usable = sorted(os.sched_getaffinity(0))
+    cpus = {args.cpu} if args.cpu is not None else set(usable[-args.threads:])  # one core per thread
+    os.sched_setaffinity(0, cpus)
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(resolve_model_path("preset:tiny-tokenizer"))
     model, n_params = build_model(tok)
@@ -148,7 +150,7 @@ def main(argv=None) -> int:
     sides = {"one_at_a_time": lambda: one_at_a_time(model, prompts, new, eos),
              "batched": lambda: batched(model, prompts, new, eos, bs)}
     print(f"[bench_generate] {n} prompts, batch {bs}, up to {new} new tokens, LM {n_params / 1e6:.1f}M params, "
-          f"{torch.get_num_threads()} thread(s) pinned to cpu {cpu}, {rounds} rounds", flush=True)
+          f"{torch.get_num_threads()} thread(s) pinned to cpu(s) {sorted(cpus)}, {rounds} rounds", flush=True)
     load_before = loadavg()
     acct = CpuAccount()
     secs, cpu, answers, same = timed_rounds(sides, rounds)
@@ -195,7 +197,8 @@ def report(args, rounds, n, n_params, prompts, times, answers, same, usage, load
                                              max(usage.get("cpu_s_available", 1.0), 1e-9), 3),
     }
     name = "generate" + (f"_p{args.patches}" if args.patches != 64 else "") + (
-        f"_n{args.max_new_tokens}" if args.max_new_tokens != 32 else "")
+        f"_n{args.max_new_tokens}" if args.max_new_tokens != 32 else "") + (
+        f"_t{args.threads}" if args.threads != 1 else "")
     path = write_json(name, args.quick, payload)
     print(f"\n{'side':16s} {'answers/s':>10s}")
     for k in secs:

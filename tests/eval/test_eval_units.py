@@ -82,7 +82,8 @@ def _rows(n: int, grounding: bool = False) -> list[dict]:
                                                               {"from": "gpt", "value": "x"})]
         rows.append({"uid": f"s/{i}", "media_type": mods[0] if mods else "text", "meta": json.dumps(meta),
                      "conversations": json.dumps(conv), "mode": "valley_pooled", "num_frames": [t] if t else [],
-                     "modalities": mods, "features": [rng.standard_normal((256 + t, 64)).astype(np.float16)] if t else []})
+                     "modalities": mods,
+                     "features": [rng.standard_normal((256 + t, 64)).astype(np.float16)] if t else []})
     return rows
 
 

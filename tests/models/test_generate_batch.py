@@ -37,8 +37,8 @@ def gpt2(tok):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=2, n_positions=1024, bos_token_id=tok.bos_token_id,
-                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=2, n_positions=1024,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                      initializer_range=0.2)  # GPT-2's 0.02 makes an untrained model repeat one token for any prompt
     llm = GPT2LMHeadModel(cfg)
     return VideoLLM(validate(ModelConfig, {"vision_hidden_size": 64}), llm=llm.eval()).eval()
@@ -54,7 +54,8 @@ def prompts(tok) -> list[Prompt]:
     per-frame features and a prompt with a video and an image: six different embedded lengths."""
     g = torch.Generator().manual_seed(1)
     return [
-        Prompt(ask(tok, "<video>\nWhat color is the shape?"), torch.randn(256 + 8, 64, generator=g), "valley_pooled", 8),
+        Prompt(ask(tok, "<video>\nWhat color is the shape?"), torch.randn(256 + 8, 64, generator=g), "valley_pooled",
+               8),
         Prompt(ask(tok, "<image>\nWhat shape is shown?"), torch.randn(256 + 1, 64, generator=g), "valley_pooled", 1),
         Prompt(ask(tok, "Hi")),
         Prompt(ask(tok, "Which way does the red circle move, left or right, up or down? Answer in a sentence.")),
