@@ -145,21 +145,32 @@ def test_a_run_folder_on_s3_gets_its_log_as_parts(s3_server):
     assert read_appended(f"s3://runlog/runs/s1/{LOG_FILE}", st) == "[vlp] train s1\n(RayTrainWorker pid=1) step\n"
 
 
-def test_rays_driver_logs_go_to_the_log_and_its_warnings_to_the_terminal_too(tmp_path, capfd):
-    """(capfd, not capsys: Ray's console handler may hold the stderr of before this test, as in a suite worker
-    where an earlier test imported Ray.)"""
+def test_rays_driver_logs_go_to_the_log_and_its_warnings_to_the_terminal_too(tmp_path):
+    """Ray's console handlers write to a buffer here: they hold the stderr of when Ray configured its loggers, which
+    in a suite worker is an earlier test's captured stream, out of reach of capsys and capfd."""
+    import io
+
     gate_ray_loggers()
-    ray_log = logging.getLogger("ray.data._internal.test")
-    with ray_output(str(tmp_path), log=lambda _: None):
-        ray_log.info("an execution plan")
-        ray_log.warning("a warning you need")
-        ray_log.warning("Progress bars disabled. To enable, ...")
-    err = capfd.readouterr().err
-    assert "a warning you need" in err and "an execution plan" not in err and "Progress bars" not in err
-    text = (tmp_path / LOG_FILE).read_text()
-    assert "INFO" in text and "an execution plan" in text and "a warning you need" in text
-    ray_log.info("no command running")  # outside a command Ray's console handler prints as it did
-    assert "no command running" in capfd.readouterr().err
+    handlers = [h for name in ("ray", "ray.data") for h in logging.getLogger(name).handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    assert handlers
+    terminal = io.StringIO()
+    before = [h.setStream(terminal) for h in handlers]
+    try:
+        ray_log = logging.getLogger("ray.data._internal.test")
+        with ray_output(str(tmp_path), log=lambda _: None):
+            ray_log.info("an execution plan")
+            ray_log.warning("a warning you need")
+            ray_log.warning("Progress bars disabled. To enable, ...")
+        err = terminal.getvalue()
+        assert "a warning you need" in err and "an execution plan" not in err and "Progress bars" not in err
+        text = (tmp_path / LOG_FILE).read_text()
+        assert "INFO" in text and "an execution plan" in text and "a warning you need" in text
+        ray_log.info("no command running")  # outside a command Ray's console handler prints as it did
+        assert "no command running" in terminal.getvalue()
+    finally:
+        for h, stream in zip(handlers, before):
+            h.setStream(stream)
 
 
 def test_the_workers_stream_shows_vlp_lines_and_memory_kills_and_logs_the_rest(tmp_path, capsys):
