@@ -100,7 +100,7 @@ class RunLog:
 
 
 OPEN: list[RunLog] = []  # the logs of the commands running in this process, outermost first
-ENDED: list[str] = []  # the log of the last command that ended in this process
+ENDED = [False]  # whether a command has ended in this process (set once, never reset)
 # Ray Train's own actors, which may still print while a finished run's workers are torn down (after its log closed)
 TEARDOWN_ACTORS = ("PlacementGroupCleaner", "TrainController", "PreemptionWatcher", "SynchronizationActor")
 
@@ -133,7 +133,7 @@ def ray_output(folder: str, ray_verbose: bool = False, storage: Optional[Storage
         yield tee
     finally:
         OPEN.remove(run)
-        ENDED[:] = [run.uri]
+        ENDED[0] = True
         if run.close() and not OPEN:
             log(f"[vlp] full log: {run.uri}")
 
@@ -218,7 +218,7 @@ class WorkerPrinter:
 def late_teardown(data: dict) -> bool:
     """A line of Ray Train's own actors that arrives after the command's log closed (the finished run's teardown,
     e.g. "Failed to query Ray Train Controller actor state"): neither the terminal's nor any log's."""
-    return (not OPEN and bool(ENDED) and not env_verbose()
+    return (not OPEN and ENDED[0] and not env_verbose()
             and str(data.get("actor_name") or "").startswith(TEARDOWN_ACTORS))
 
 
