@@ -151,9 +151,10 @@ def test_rays_driver_logs_go_to_the_log_and_its_warnings_to_the_terminal_too(tmp
     import io
 
     gate_ray_loggers()
-    handlers = [h for name in ("ray", "ray.data") for h in logging.getLogger(name).handlers
-                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
-    assert handlers
+    handlers = {id(h): h for name in ("ray", "ray.data") for h in logging.getLogger(name).handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)}
+    handlers = list(handlers.values())  # once each: a handler on both loggers (in a suite, pytest's own report
+    assert handlers                     # handler can be) would otherwise get its stream back as None
     terminal = io.StringIO()
     before = [h.setStream(terminal) for h in handlers]
     try:
