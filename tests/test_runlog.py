@@ -43,9 +43,10 @@ def terminal_is_quiet(p: subprocess.CompletedProcess) -> None:
 
 @pytest.fixture(scope="module")
 def precomputed(synth_shards, tmp_path_factory):
-    """``vlp precompute`` of the synthetic webvid + cc3m shards: (the finished process, the feature set)."""
+    """``vlp precompute`` of the synthetic webvid + cc3m shards on Ray (the executor a cluster uses; on one machine
+    ``auto`` picks the local one, which starts no Ray): (the finished process, the feature set)."""
     out = tmp_path_factory.mktemp("runlog") / "features"
-    p = vlp(["precompute", "--config", str(ROOT / "configs/local/precompute.yaml"),
+    p = vlp(["precompute", "--config", str(ROOT / "configs/local/precompute.yaml"), "executor=ray",
              f"data.shards=[{synth_shards}/webvid-*.tar,{synth_shards}/cc3m-*.tar]", f"output.uri={out}"], out.parent)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p, out
@@ -69,7 +70,7 @@ def test_precompute_prints_vlp_lines_and_logs_ray_in_the_feature_set(precomputed
 @pytest.mark.ray
 def test_verbose_puts_rays_output_on_the_terminal_too(synth_shards, tmp_path):
     out = tmp_path / "features"
-    p = vlp(["precompute", "--config", str(ROOT / "configs/local/precompute.yaml"),
+    p = vlp(["precompute", "--config", str(ROOT / "configs/local/precompute.yaml"), "executor=ray",
              f"data.shards=[{synth_shards}/cc3m-*.tar]", f"output.uri={out}"], tmp_path, **{VERBOSE_ENV: "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "Started a local Ray instance" in p.stderr and WORKER_LINE.search(p.stdout + p.stderr)

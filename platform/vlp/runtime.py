@@ -63,6 +63,15 @@ def check_accelerator_type(v: Optional[str]) -> Optional[str]:
 AcceleratorType = Annotated[Optional[str], AfterValidator(check_accelerator_type)]
 
 
+def on_a_cluster(cfg: RayConfig) -> bool:
+    """Whether a run belongs on Ray rather than in this process (commands with ``executor: auto``): a cluster is
+    named (``ray.address``, ``RAY_ADDRESS``: also every ``ray job submit`` driver) or this process runs Ray."""
+    import sys
+
+    ray = sys.modules.get("ray")  # not imported here just to ask: importing Ray costs about a second
+    return bool(cfg.address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()))
+
+
 def vlp_package_dir() -> Path:
     """The folder of the ``vlp`` package this process imported."""
     import vlp

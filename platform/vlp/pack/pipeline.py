@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +37,7 @@ from typing import Iterable, Iterator, Optional
 from ..config import dump_config
 from ..errors import UserError
 from ..runlog import ray_output
+from ..runtime import on_a_cluster
 from ..storage import get_fs, join, make_output_dir, read_bytes, write_atomic
 from .config import PackConfig
 from .formats import PackError, PackRecord, expand_annotations, read_annotations
@@ -98,10 +98,7 @@ def choose_executor(cfg: PackConfig) -> str:
     also every ``ray job submit`` driver) or this process already runs Ray, else local."""
     if cfg.executor != "auto":
         return cfg.executor
-    ray = sys.modules.get("ray")  # not imported here just to ask: importing Ray costs about a second
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
-        return "ray"
-    return "local"
+    return "ray" if on_a_cluster(cfg.ray) else "local"
 
 
 def group_entries(entries: Iterator[PackRecord | PackError], cfg: PackConfig

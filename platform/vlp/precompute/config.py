@@ -42,6 +42,8 @@ class DataConfig(Cfg):
     decode_gpus: float = Field(0.25, gt=0, le=1, description="GPU fraction each decode task or actor asks Ray for "
                                "when decode.device=cuda (tasks/actors placement; NVDEC engines are shared)")
     decode_concurrency: int = Field(2, ge=1, description="decode actors (decode_placement: actors)")
+    decode_workers: int = Field(0, ge=0, le=512, description="executor local: decode processes (0 = the CPUs this "
+                                "machine lets the job use)")
 
     @model_validator(mode="after")
     def _encoder_placement_decodes_on_gpu(self):
@@ -97,7 +99,20 @@ class PrecomputeConfig(Cfg):
     """``vlp precompute``: shards -> decoded frames -> frozen CLIP features, streamed by Ray Data."""
 
     run_name: Optional[str] = Field(None, description="label in the manifest; defaults to the output folder name")
+    executor: Literal["auto", "ray", "local"] = Field(
+        "auto", description="where the work runs. ray: the Ray Data graph (reads, decode tasks, encoder actors, "
+        "writes spread over a cluster's nodes, GPU decode); local: this machine without Ray, data.decode_workers "
+        "decode processes and the encoder in this process (no Ray start-up or per-task costs; CPU decoding only); "
+        "auto: ray when a cluster is named (ray.address, RAY_ADDRESS), Ray already runs in this process, "
+        "decode.device is cuda or encoder.accelerator_type is set, else local")
     data: DataConfig
     encoder: EncoderConfig = EncoderConfig()
     output: OutputConfig
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _local_decodes_on_cpu(self):
+        if self.executor == "local" and self.data.decode.device == "cuda":
+            raise ValueError("executor=local decodes in CPU processes; decode.device=cuda needs executor ray (or "
+                             "auto)")
+        return self

@@ -1,16 +1,21 @@
-"""The precompute driver: build the Ray Data graph, commit shards as they complete, write the manifest.
-May import: config, storage, writer_lock, errors, data, models, formats, runtime, precompute.
+"""The precompute driver: stream the shards through the stages, commit shards as they complete, write the manifest.
+May import: config, storage, writer_lock, errors, data, models, formats, runtime, runlog, precompute.
+
+Two executors run the same stages (``executor``, :func:`choose_executor`). On Ray (a cluster):
 
     shards --read (CPU tasks)--> rows --decode+sample+resize (CPU tasks)--> uint8 frames
            --encode (actor pool, GPU or CPU)--> fp16 features --write (tasks)--> parts + small metadata
-    driver: counts metadata per shard; a shard is committed (marker written) once every row its reader
-    produced has been written. Decode, encode and write all stream: none waits for another to finish.
+
+On one machine without a cluster (``local``, :mod:`vlp.precompute.local`): decode processes, the encoder and the
+writes in this process. Either way the driver counts metadata per shard; a shard is committed (marker written)
+once every row its reader produced has been written. Decode, encode and write all stream: none waits for another
+to finish.
 
 The driver is :class:`PrecomputeRun`, one named step each: plan -> (the set's writer lock, vlp.writer_lock) ->
 check_existing (fingerprint / format / overwrite) -> select (skip committed shards, clear uncommitted parts and
-orphans) -> build_graph -> consume (commit shards as
-they complete) -> finish (errors.jsonl, manifest.json, summary.json). Every path comes from the feature-set
-layout (formats.featureset.FeatureSetLayout), every JSON record from its typed record.
+orphans) -> stream (local, or build_graph on Ray) -> consume (commit shards as they complete) -> finish
+(errors.jsonl, manifest.json, summary.json). Every path comes from the feature-set layout
+(formats.featureset.FeatureSetLayout), every JSON record from its typed record.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 from .. import __version__
 from ..config import ConfigError, dump_config
@@ -32,10 +37,12 @@ from ..formats.featureset import (FEATURES_V1, AudioEncoderInfo, EncoderInfo, Fe
                                   Manifest, PreprocessInfo, ShardCommit, Totals, committed_shards, features_format)
 from ..formats.records import RecordError
 from ..runlog import ray_output
+from ..runtime import on_a_cluster
 from ..storage import expand_shards, make_output_dir
 from ..writer_lock import WriterBusy, WriterLock
 from .config import PrecomputeConfig
 from ..data.media import DecoderUnavailable, check_chain
+from .local import LocalPrecompute
 from .stages import DecodeActor, DecodeEncode, DecodeFrames, EncodeFeatures, ReadShard, WriteParts
 
 
@@ -195,6 +202,15 @@ def plan_stages(cfg: PrecomputeConfig) -> tuple[Fingerprint, DecodeFrames, dict]
     return fp, decode, encode
 
 
+def choose_executor(cfg: PrecomputeConfig) -> str:
+    """``cfg.executor`` with ``auto`` resolved: ray on a cluster (:func:`vlp.runtime.on_a_cluster`), for GPU
+    decoding and for an encoder that asks for a GPU type, else local (this machine without Ray)."""
+    if cfg.executor != "auto":
+        return cfg.executor
+    ray_only = cfg.data.decode.device == "cuda" or cfg.encoder.accelerator_type is not None
+    return "ray" if ray_only or on_a_cluster(cfg.ray) else "local"
+
+
 def encoder_on_gpu(cfg: PrecomputeConfig, cluster_gpus: float) -> bool:
     """Whether the encoder actors ask for GPUs: a tower (vision or audio) with device=cuda, or auto with GPUs in the
     cluster or an accelerator_type asked for (an autoscaling cluster may have no GPU node up yet)."""
@@ -273,7 +289,7 @@ class PrecomputeRun:
                 self.check_existing()
                 todo = self.select()
                 if todo:
-                    self.consume(self.build_graph(todo))
+                    self.consume(self.stream(todo))
                 return self.finish()
             finally:
                 self.log = own_log
@@ -339,8 +355,20 @@ class PrecomputeRun:
         if orphans:
             self.log(f"[vlp] removed {len(orphans)} part file(s) no commit names (orphans)")
 
-    def build_graph(self, todo: list[str]):
-        """read -> decode -> encode -> write over the shards to do; a Ray Dataset of WriteParts metadata rows."""
+    def stream(self, todo: list[str]) -> Iterator[dict]:
+        """WriteParts' metadata rows of the shards to do, as they are written: from the local executor
+        (:class:`vlp.precompute.local.LocalPrecompute`) or the Ray Data graph (:meth:`build_graph`)."""
+        items = [{"shard": self.names[u], "uri": u} for u in todo]
+        if choose_executor(self.cfg) == "local":
+            yield from LocalPrecompute(self.cfg, self.decode, self.encode, self.log).run(items)
+            return
+        ds = self.build_graph(items)
+        yield from ds.iter_rows()
+        self.ds_stats = ds.stats()
+
+    def build_graph(self, items: list[dict]):
+        """read -> decode -> encode -> write over the shards to do (``items``: ``{"shard", "uri"}`` each); a Ray
+        Dataset of WriteParts metadata rows."""
         import ray
 
         from ..runtime import init_ray
@@ -353,7 +381,6 @@ class PrecomputeRun:
         res = stage_resources(cfg, on_gpu, placement)
         self.log(f"[vlp] decode on {cfg.data.decode.device} ({', '.join(c.name for c, _ in self.decode.chain)}), "
                  f"placement {placement}")
-        items = [{"shard": self.names[u], "uri": u} for u in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.flat_map(ReadShard(cfg.data.storage, cfg.data.sample), **res["read"])
         encoder, encode_kw = EncodeFeatures, self.encode
@@ -371,11 +398,11 @@ class PrecomputeRun:
         return ds.map_batches(WriteParts(cfg.output.uri, cfg.output.storage, cfg.output.mode),
                               batch_size=cfg.encoder.batch_size * 2, batch_format="numpy", **res["write"])
 
-    def consume(self, ds) -> None:
+    def consume(self, metas: Iterable[dict]) -> None:
         """Count the metadata rows as they stream; commit each shard once all its rows are written. A decoder that
         a worker cannot run (no GPU visible there) stops the run with its own message, not Ray's traceback."""
         try:
-            for meta in ds.iter_rows():
+            for meta in metas:
                 st = self.states[meta["shard"]]
                 st.add(meta, self.stage_time)
                 if st.complete:
@@ -386,7 +413,6 @@ class PrecomputeRun:
             if problem is None:
                 raise
             raise DecoderUnavailable(problem) from None
-        self.ds_stats = ds.stats()
 
     def check_lock(self) -> None:
         """Stop before committing when another writer took the set over (this run stalled past the stale time)."""

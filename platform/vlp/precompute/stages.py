@@ -336,12 +336,15 @@ class EncodeFeatures:
                                                                                  for f in out], frames=[], t_encode=dt)
         return rows
 
-    def __call__(self, batch):
-        rows = batch_rows(batch)
+    def encode_decoded(self, rows: list[dict]) -> list[dict]:
+        """Rows as the decode stage returns them (``frames`` as bytes) -> :meth:`encode_rows`' rows."""
         arrays = [[np.frombuffer(b, np.float32 if m == "audio" else np.uint8).reshape(shape_of(s))
                    for b, s, m in zip(r["frames"], r["frames_shape"], r["modalities"])] if r["kind"] == "sample"
                   else [] for r in rows]
-        return rows_batch(self.encode_rows(rows, arrays))
+        return self.encode_rows(rows, arrays)
+
+    def __call__(self, batch):
+        return rows_batch(self.encode_decoded(batch_rows(batch)))
 
 
 def frames_on(stacks: list) -> torch.Tensor:
@@ -459,12 +462,16 @@ class WriteParts:
         self.layout, self.mode = FeatureSetLayout(out_uri, storage), mode
 
     def __call__(self, batch) -> dict[str, list]:
+        metas = self.write_rows(batch_rows(batch))
+        return {k: [m[k] for m in metas] for k in META_FIELDS}
+
+    def write_rows(self, rows: list[dict]) -> list[dict]:
+        """Encoded rows -> their parts and error records written; -> one metadata dict per part and per ``end``."""
         import io
         import uuid
 
         import pyarrow.parquet as pq
 
-        rows = batch_rows(batch)
         by_shard: dict[str, list[dict]] = {}
         metas = []
         for r in rows:
@@ -490,4 +497,4 @@ class WriteParts:
                 self.layout.write(m["errors"], lines)
             m.update(shard_counts(ok, rs))
             metas.append(m)
-        return {k: [m[k] for m in metas] for k in META_FIELDS}
+        return metas
