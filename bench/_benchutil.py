@@ -141,7 +141,11 @@ class CpuAccount:
             self.names.setdefault(k, set()).add(v[2])
 
     @staticmethod
-    def _category(names: set) -> str:
+    def _category(names: set, driver_names: set) -> str:
+        """A descendant's role by the names it carried; one named as the driver is a fork of it (vlp's local
+        executor's decode processes)."""
+        if names <= driver_names:
+            return "forked_children"
         s = " ".join(sorted(names))
         if "EncodeFeatures" in s:
             return "encoder_actor"
@@ -166,6 +170,7 @@ class CpuAccount:
                 pid = ppid[pid]
             return False
 
+        mine_names = set().union(*(n for k, n in self.names.items() if k[0] == self.me))
         cats: dict[str, float] = {}
         procs: dict[str, int] = {}
         started: dict[str, int] = {}
@@ -173,7 +178,8 @@ class CpuAccount:
             d = cpu - self.first.get(k, (0, 0.0, ""))[1]
             if d <= 0:
                 continue
-            c = "driver" if k[0] == self.me else (self._category(self.names[k]) if mine(k[0]) else "other_processes")
+            c = "driver" if k[0] == self.me else (self._category(self.names[k], mine_names) if mine(k[0])
+                                                  else "other_processes")
             cats[c] = cats.get(c, 0.0) + d
             procs[c] = procs.get(c, 0) + 1
             if k not in self.first:

@@ -288,10 +288,8 @@ def child_pipeline(spec: dict) -> dict:
     import ray
     import ray.data
 
-    from _benchutil import CpuAccount
     from vlp.config import apply_overrides, validate
     from vlp.precompute.config import PrecomputeConfig
-    from vlp.precompute.pipeline import run_precompute
 
     n = spec["num_cpus"]
     out = Path(spec["out"])
@@ -312,16 +310,8 @@ def child_pipeline(spec: dict) -> dict:
     ctx = ray.data.DataContext.get_current()  # run_precompute uses (and keeps) the current context
     for k, v in spec.get("data_context", {}).items():
         setattr(ctx, k, v)
-    quiet = lambda *a, **k: None  # noqa: E731
     try:
-        t0 = time.perf_counter()
-        sw = run_precompute(cfg_for(spec["warmup_shards"], out / "warmup"), log=quiet)
-        t_warm = time.perf_counter() - t0
-        acct = CpuAccount()
-        t0 = time.perf_counter()
-        s = run_precompute(cfg, log=quiet)
-        wall = time.perf_counter() - t0
-        cpu = acct.stop()
+        sw, t_warm, s, wall, cpu = warm_then_timed(cfg_for(spec["warmup_shards"], out / "warmup"), cfg)
         probes = {
             "decode_task": ray.get(ray.remote(num_cpus=cfg.data.decode_cpus)(_probe).remote()),
             "encoder_actor": ray.get(ray.remote(num_cpus=cfg.encoder.cpus_per_actor)(_probe).remote()),
@@ -348,12 +338,12 @@ def child_pipeline(spec: dict) -> dict:
     }
 
 
-def child_local(spec: dict, cfg, warm_cfg) -> dict:
-    """A pipeline run without Ray: ``vlp precompute`` on one machine (executor auto resolves to local)."""
+def warm_then_timed(warm_cfg, cfg) -> tuple:
+    """The warm-up job, then the timed one with the machine's CPU accounted: (warm-up summary, its wall s, timed
+    summary, its wall s, CPU accounting)."""
     from _benchutil import CpuAccount
-    from vlp.precompute.pipeline import choose_executor, run_precompute
+    from vlp.precompute.pipeline import run_precompute
 
-    os.nice(RAY_WORKER_NICENESS - os.nice(0))  # as the baseline: both compete alike with anything else running
     quiet = lambda *a, **k: None  # noqa: E731
     t0 = time.perf_counter()
     sw = run_precompute(warm_cfg, log=quiet)
@@ -361,8 +351,15 @@ def child_local(spec: dict, cfg, warm_cfg) -> dict:
     acct = CpuAccount()
     t0 = time.perf_counter()
     s = run_precompute(cfg, log=quiet)
-    wall = time.perf_counter() - t0
-    cpu = acct.stop()
+    return sw, t_warm, s, time.perf_counter() - t0, acct.stop()
+
+
+def child_local(spec: dict, cfg, warm_cfg) -> dict:
+    """A pipeline run without Ray: ``vlp precompute`` on one machine (executor auto resolves to local)."""
+    from vlp.precompute.pipeline import choose_executor
+
+    os.nice(RAY_WORKER_NICENESS - os.nice(0))  # as the baseline: both compete alike with anything else running
+    sw, t_warm, s, wall, cpu = warm_then_timed(warm_cfg, cfg)
     tr = s["this_run"]
     return {
         "config": spec["config"], "num_cpus": spec["num_cpus"], "overrides": spec["overrides"],

@@ -162,3 +162,14 @@ def test_a_killed_driver_takes_its_decode_processes_along_and_the_rerun_ends_exa
     assert s["shards_skipped_complete"] == len(committed)
     keys = Counter(r["uid"] for r in feature_rows(str(out)))
     assert len(keys) == 40 and set(keys.values()) == {1} and s["samples_failed"] == 0
+
+
+def test_progress_lines_count_samples_failures_and_shards():
+    lines: list[str] = []
+    p = local.Progress(shards=3, log=lines.append, every=3600)
+    meta = lambda kind, ok=0, err=0: {"kind": kind, "n_ok": ok, "n_err": err}  # noqa: E731
+    assert p.count([meta("part", 4, 1), meta("end")]) == [meta("part", 4, 1), meta("end")]
+    assert lines == []  # not yet time
+    p.every = 0
+    p.count([meta("part", 2)])
+    assert len(lines) == 1 and lines[0].startswith("[vlp] precompute: 6 samples written, 1 failed, 1/3 shard(s) read, ")

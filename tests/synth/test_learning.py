@@ -45,7 +45,8 @@ def demo(ray_local, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("learning") / "demo"
     lines: list = []
-    res = run_demo(load_config(DemoConfig, DEMO, [f"root={root}", "ray.progress_bars=false", "train=false"]),
+    res = run_demo(load_config(DemoConfig, DEMO, [f"root={root}", "ray.progress_bars=false", "train=false",
+                                                  "executor=local"]),  # as make demo (no Ray yet there)
                    log=lines.append)
     assert {n: r["samples"] for n, r in res["features"].items()} == {"pretrain": 128, "instruct": 192, "heldout": 32}
     return root, {n: str(root / "features" / n) for n in ("pretrain", "instruct", "heldout")}

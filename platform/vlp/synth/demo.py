@@ -10,7 +10,7 @@ Everything lands in one run folder; re-running reuses every finished step.
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field, field_validator
 
@@ -71,6 +71,8 @@ class DemoConfig(Cfg):
     audio: AudioConfig = Field(AudioConfig(segment_seconds=1.28), description="with shards.audio: how soundtracks "
                                "are cut (one 1.28 s segment: tiny-ast-synth's 128 frames)")
     answers: int = Field(6, ge=0, description="held-out questions answered in the report")
+    executor: Literal["auto", "ray", "local"] = Field("auto", description="where the feature sets are computed "
+                                                      "(vlp precompute's executor)")
     ray: RayConfig = RayConfig()
     run_name: Optional[str] = None
 
@@ -181,7 +183,7 @@ def demo_features(cfg: DemoConfig, shards_cfg: MakeShardsConfig, n_steps: int, r
             continue
         sound = {"audio_tower": cfg.audio_tower} if cfg.shards.audio else {}
         pc = PrecomputeConfig(
-            run_name=name, data={"shards": specs, "sampling": cfg.sampling, "audio": cfg.audio},
+            run_name=name, executor=cfg.executor, data={"shards": specs, "sampling": cfg.sampling, "audio": cfg.audio},
             encoder={"tower": cfg.tower, **sound}, output={"uri": join(cfg.root, "features", name), "mode": cfg.mode},
             ray=cfg.ray)
         log(f"[vlp] step 2/{n_steps} features: {name} <- {', '.join(families)}")
