@@ -173,3 +173,17 @@ def test_progress_lines_count_samples_failures_and_shards():
     p.every = 0
     p.count([meta("part", 2)])
     assert len(lines) == 1 and lines[0].startswith("[vlp] precompute: 6 samples written, 1 failed, 1/3 shard(s) read, ")
+
+
+def test_vlp_precompute_on_one_machine_starts_no_ray_and_prints_only_its_own_lines(synth_shards, tmp_path):
+    out = tmp_path / "features"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "VLP_VERBOSE")}
+    p = subprocess.run([sys.executable, "-m", "vlp.cli", "precompute", "--config",
+                        str(TESTS.parent / "configs/local/precompute.yaml"), f"data.shards=[{synth_shards}/cc3m-*.tar]",
+                        f"output.uri={out}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    assert lines and all(line.startswith("[vlp] ") for line in lines), p.stdout
+    assert any("executor local" in line for line in lines) and "[vlp] done: 6 ok, 0 failed" in p.stdout
+    assert p.stderr.strip() == "", p.stderr  # no Ray banner, no weight-loading bars
+    assert not (out / "logs").exists() or "Ray" not in "".join(f.read_text() for f in (out / "logs").iterdir())

@@ -177,6 +177,20 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def quietly(build: Callable, **kw):
+    """``build(**kw)`` without transformers' weight-loading progress bars (on Ray they go to the run's log; here
+    they would be on the terminal, one per tower)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return build(**kw)
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def batched(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
     held: list[dict] = []
     for r in rows:
@@ -228,7 +242,7 @@ class LocalPrecompute:
         cfg = self.cfg
         self.log(f"[vlp] decode on cpu ({', '.join(c.name for c, _ in self.decode.chain)}) in {self.workers} "
                  f"process(es) of this machine; encoder in this process (executor local)")
-        encoder = EncodeFeatures(**self.encode_kw)
+        encoder = quietly(EncodeFeatures, **self.encode_kw)
         write = WriteParts(cfg.output.uri, cfg.output.storage, cfg.output.mode)
         ready: deque = deque()
         progress = Progress(len(items), self.log)
