@@ -127,7 +127,7 @@ def test_demo_tower_encodes_position_in_its_cls_token():
     from vlp.models.towers import TOWERS, build_vision_tower
 
     path = resolve_model_path("preset:tiny-clip-synth")
-    assert Path(path).name == "tiny-clip-synth.v1"  # versioned folder: a new recipe never reuses an old build
+    assert Path(path).name == "tiny-clip-synth.v2"  # versioned folder: a new recipe never reuses an old build
     stats = json.loads((Path(path) / "pretraining.json").read_text())
     assert stats["steps"] == 600 and stats["color_acc"] >= 0.9, stats
     tower = build_vision_tower(TOWERS.config(path="preset:tiny-clip-synth", device="cpu", dtype="float32"))

@@ -23,7 +23,7 @@ PRESETS: Registry[Callable[[Path], None]] = Registry("model preset")
 CHAT_SPECIAL_TOKENS = ["<image>", "<video>", "<|im_start|>", "<|im_end|>"]
 # Bump a preset's version whenever its builder can produce different weights: the cache folder is named
 # after it, so an old build is never reused for a new recipe.
-PRESET_VERSIONS = {"tiny-clip-synth": 1, "tiny-ast-synth": 1}
+PRESET_VERSIONS = {"tiny-clip-synth": 2, "tiny-ast-synth": 2}  # 2: built on one thread (one_thread)
 
 
 def cache_dir() -> Path:
@@ -60,7 +60,7 @@ def resolve_model_path(path: str) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        builder(tmp)
+        one_thread(builder, tmp)
         (tmp / ".complete").write_text("ok\n")
         try:
             os.rename(tmp, target)
@@ -71,6 +71,20 @@ def resolve_model_path(path: str) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def one_thread(build: Callable[[Path], None], out: Path) -> None:
+    """``build(out)`` with torch on one intra-op thread, then the caller's count back: the synthetic towers train
+    for a few hundred steps, and float sums split over another number of threads round differently, so a preset
+    built in a 1-thread process (a Ray worker, a decode process) would not be the one built in a 2-thread one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build(out)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _corpus() -> list[str]:
