@@ -55,6 +55,18 @@ def test_local_writes_what_the_ray_graph_writes(ray_local, synth_shards, tmp_pat
         assert r["caption"] == b[uid]["caption"] and r["meta"] == b[uid]["meta"]
         assert all(np.array_equal(x, y) for x, y in zip(r["blocks"], b[uid]["blocks"]))  # the same numbers
     assert committed_shards(str(tmp_path / "local")).keys() == committed_shards(str(tmp_path / "ray")).keys()
+    run_precompute(_cfg(shards, tmp_path / "again", executor="local", **{"data.decode_workers": 2}),
+                   log=lambda *_: None)
+    assert _parts(tmp_path / "again") == _parts(tmp_path / "local")  # the same parts, rows in the same order
+
+
+def _parts(out) -> list[list[str]]:
+    """Each committed part's uids in row order (parts sorted by their first uid)."""
+    import pyarrow.parquet as pq
+
+    parts = [pq.read_table(out / p, columns=["uid"]).column("uid").to_pylist()
+             for rec in committed_shards(str(out)).values() for p in rec.parts]
+    return sorted(parts)
 
 
 def test_auto_is_local_on_one_machine_and_ray_on_a_cluster_or_for_gpu_decoding(tmp_path, monkeypatch):

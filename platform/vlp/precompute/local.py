@@ -25,7 +25,7 @@ import multiprocessing
 import os
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -110,26 +110,27 @@ class DecodePool:
                                         initializer=start_worker, initargs=(self.stage,))
 
     def imap(self, batches: Iterable[list[dict]]) -> Iterator[list[dict]]:
-        """Decoded batches as they finish (any order), ``2 * workers`` at most in flight."""
+        """Decoded batches in input order (so a run's parts are the same every time), ``2 * workers`` at most in
+        flight."""
         todo = iter(batches)
-        pending: dict[Future, list[dict]] = {}
+        pending: dict[Future, list[dict]] = {}  # in submission order
         while True:
-            lost = self.fill(pending, todo)
-            if not pending and not lost:
+            refused = self.fill(pending, todo)
+            if not pending and not refused:
                 return
-            done = wait(pending, return_when=FIRST_COMPLETED).done if pending else ()
-            for f in done:
-                batch = pending.pop(f)
+            head = next(iter(pending), None)
+            if head is not None and not refused:
                 try:
-                    out = f.result()
+                    out = head.result()
                 except BrokenProcessPool:
-                    lost.append(batch)
+                    pass
+                else:
+                    del pending[head]
+                    yield out
                     continue
-                yield out
-            if lost:  # the pool is gone, and every batch still in it
-                lost += pending.values()
-                pending.clear()
-                yield from self.recover(lost)
+            lost = [*pending.values(), *refused]  # the pool is gone, and every batch in it
+            pending.clear()
+            yield from self.recover(lost)
 
     def fill(self, pending: dict, todo: Iterator[list[dict]]) -> list[list[dict]]:
         """Submit batches until ``2 * workers`` are in flight; -> [the batch a broken pool refused], or []."""
