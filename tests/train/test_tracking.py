@@ -20,3 +20,25 @@ def test_flat_config_names_params_by_dotted_path():
 def test_tracking_settings_are_checked(over, path):
     with pytest.raises(ConfigError, match=path.replace(".", r"\.")):
         validate(TrainConfig, {"run_name": "r", "data": {"sets": [{"uri": "x"}]}, "tracking": over})
+
+
+def test_ray_reports_wait_for_their_interval_and_every_rank_decides_the_same(monkeypatch):
+    """ray.train.report blocks until Ray's controller takes the previous report (it polls every 2 s), so a report
+    every step capped training at one step per poll; reports now wait for tracking.report_interval_s of training,
+    counted from the step times reduced over ranks (the same on every rank). MLflow still gets every report_every."""
+    import ray.train
+
+    from vlp.train.recipe import TrainRecipe, report_due
+
+    assert report_due(5.0, 5.0) and not report_due(4.9, 5.0) and report_due(0.0, 0.0)
+    cfg = validate(TrainConfig, {"run_name": "r", "data": {"sets": [{"uri": "x"}]},
+                                 "tracking": {"report_every": 2, "report_interval_s": 3.0}})
+    sent = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: sent.append(metrics["step"]))
+    recipe = TrainRecipe(cfg, {"run_dir": "unused", "state_path": "unused"})
+    recipe.in_ray_train = True
+    for step in range(1, 21):  # steps of 0.5 s: every 2nd step is due for a report, and 3 s pass every 6th step
+        recipe.step, recipe.metrics = step, {"step": step}
+        recipe.since_report += 0.5
+        recipe.report()
+    assert sent == [6, 12, 18]

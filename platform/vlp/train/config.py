@@ -191,8 +191,11 @@ class MlflowCfg(Cfg):
 
 
 class TrackingCfg(Cfg):
-    report_every: int = Field(1, ge=1, description="metrics through ray.train.report every N optimizer steps (the "
-                              "Ray dashboard and Result.metrics see them between checkpoints too)")
+    report_every: int = Field(1, ge=1, description="metrics through ray.train.report (and MLflow) every N optimizer "
+                              "steps (the Ray dashboard and Result.metrics see them between checkpoints too)")
+    report_interval_s: float = Field(5.0, ge=0, description="and to ray.train.report at most once per this many "
+                                     "seconds of training (0: every report_every steps): Ray's controller takes one "
+                                     "report per worker every 2 s and a report before that blocks the step")
     mlflow: Optional[MlflowCfg] = Field(None, description="log the reported metrics and the config to MLflow")
 
 
