@@ -1,6 +1,6 @@
 """LEGO in small: the local sequence of docs/training.md ("LEGO: grounding"), run as written in a fresh folder with
 overrides that shrink it: synthetic grounding shards -> feature sets -> stage 1 (adapters, LLM frozen) -> stage 2
-(grounding, LLM + adapters) -> stage 3 (instructions + grounding, from stage 2's LLM) -> both grounding evaluations."""
+(grounding, LLM + adapters: boxes first, then spans and boxes from that export) -> stage 3 (instructions + grounding, from stage 2's LLM) -> both grounding evaluations."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def lego_sequence() -> list[list[str]]:
 
 def test_the_documented_sequence_is_the_one_this_test_runs():
     cmds = lego_sequence()
-    assert [c[0] for c in cmds] == ["make-shards"] + ["precompute"] * 4 + ["train"] * 3 + ["eval"] * 2
+    assert [c[0] for c in cmds] == ["make-shards"] + ["precompute"] * 5 + ["train"] * 4 + ["eval"] * 2
     assert all((ROOT / c[c.index("--config") + 1]).is_file() for c in cmds if "--config" in c)
 
 
@@ -38,6 +38,8 @@ def test_lego_local_sequence_runs_as_documented(tmp_path):
     p = run_sequence([[*c, *SHRINK[c[0]]] for c in lego_sequence()], tmp_path)
     assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-4000:]
     runs = tmp_path / "runs" / "lego_local"
+    s2 = (runs / "train" / "stage2" / "config.yaml").read_text()
+    assert s2.count("init_from: runs/lego_local/train/stage2_boxes/export") == 2  # the adapters and the LLM
     s3 = runs / "train" / "stage3"
     saved = (s3 / "config.yaml").read_text()
     assert "init_from: runs/lego_local/train/stage2/export" in saved
