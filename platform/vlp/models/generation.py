@@ -22,6 +22,8 @@ from __future__ import annotations
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 # (row, token): a row's next new token, as soon as it is picked; token None: that row has ended (eos or
 # max_new_tokens), it gets no more calls.
@@ -49,6 +51,77 @@ def left_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
+class GrowingLayer(DynamicLayer):
+    """A full-attention layer's KV cache whose keys and values are views into buffers with room to spare: a step
+    writes its (B, H, n, D) states in place, where transformers' ``DynamicLayer`` concatenates, copying the whole
+    cache every step (at batch 16 that copy took 44% of a decoding step's time on CPU; docs/benchmarks.md). A full
+    buffer is reallocated with the room doubled, so copies stay amortized O(1) per token."""
+
+    def __init__(self, room: int = 64):
+        super().__init__()
+        self.room, self.length = room, 0
+        self.kbuf: Optional[torch.Tensor] = None  # (B, H, capacity, D)
+        self.vbuf: Optional[torch.Tensor] = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:  # first call, or after reset()
+            self.lazy_initialization(key_states, value_states)
+            self.kbuf = self.vbuf = None
+            self.length = 0
+        n = key_states.shape[-2]
+        if self.kbuf is None or self.length + n > self.kbuf.shape[-2]:
+            need = self.length + n  # first: room to spare after the prompt; full: twice what is needed
+            cap = need + (self.room if self.kbuf is None else need)
+            self.kbuf = grown(self.kbuf, key_states, self.length, cap)
+            self.vbuf = grown(self.vbuf, value_states, self.length, cap)
+        self.kbuf[:, :, self.length:self.length + n].copy_(key_states)
+        self.vbuf[:, :, self.length:self.length + n].copy_(value_states)
+        self.length += n
+        self.keys, self.values = self.kbuf[:, :, :self.length], self.vbuf[:, :, :self.length]  # (B, H, length, D)
+        return self.keys, self.values
+
+    def adopt(self) -> None:
+        """After a base-class method replaced ``keys``/``values`` (crop, beam reorder, batch select): they become
+        the buffers, full, so the next update reallocates."""
+        self.kbuf, self.vbuf = self.keys, self.values
+        self.length = 0 if self.keys is None else self.keys.shape[-2]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self.adopt()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.adopt()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.adopt()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.adopt()
+
+
+def grown(buf: Optional[torch.Tensor], like: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
+    """A (B, H, capacity, D) buffer shaped like ``like`` (B, H, n, D) holding ``buf``'s first ``length`` positions."""
+    out = like.new_empty(*like.shape[:2], capacity, like.shape[-1])
+    if buf is not None and length:
+        out[:, :, :length].copy_(buf[:, :, :length])
+    return out
+
+
+def kv_cache(llm: torch.nn.Module, room: int = 64) -> DynamicCache:
+    """transformers' ``DynamicCache`` for ``llm`` (sliding-window and other special layers as its config says) with
+    every plain full-attention layer a :class:`GrowingLayer` of ``room`` spare positions to start with."""
+    cache = DynamicCache(config=llm.config)
+    cache.layers = [GrowingLayer(room) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    if not cache.layers:  # no layer types known up front: added as the model asks for them
+        cache.layer_class_to_replicate = lambda: GrowingLayer(room)
+    return cache
+
+
 def decode_steps(llm: torch.nn.Module, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  max_new_tokens: Sequence[int], pick: Callable[[torch.Tensor], torch.Tensor],
                  eos_token_id: Optional[int] = None, stopped: Optional[Callable[[int], bool]] = None
@@ -61,7 +134,7 @@ def decode_steps(llm: torch.nn.Module, embeds: torch.Tensor, mask: torch.Tensor,
     B = embeds.shape[0]
     left = [int(n) for n in max_new_tokens]  # tokens each row may still produce
     live = [n > 0 for n in left]
-    emb, cur, past = llm.get_input_embeddings(), embeds, None
+    emb, cur, past = llm.get_input_embeddings(), embeds, kv_cache(llm, min(max(left, default=0), 256))
     while any(live):
         o = llm(inputs_embeds=cur, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
         past = o.past_key_values

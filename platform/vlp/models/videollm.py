@@ -22,7 +22,7 @@ from ..config import Cfg
 from ..data.conversation import IGNORE_INDEX, VISUAL_TOKEN_INDEX
 from .audio_towers import flatten_segments
 from .connectors import CONNECTORS, ConnectorConfig, ItemContext, default_modality
-from .generation import TokenHook, decode_steps, left_positions, next_tokens, row_tokens
+from .generation import TokenHook, decode_steps, kv_cache, left_positions, next_tokens, row_tokens
 from .parts import PluginModule
 from .pixel_tower import ModelTowerCfg, PixelTower, features_shape
 from .poolers import POOLERS, Pooler, PoolerConfig
@@ -374,7 +374,7 @@ class VideoLLM(nn.Module):
         ``input_ids`` (L,), with ``mode``/``num_frames``/``modalities`` as in :meth:`sample_visuals`."""
         visuals = self.sample_visuals(feature, mode, num_frames, modalities=modalities)
         embeds, mask, _ = self.build_inputs([input_ids], None, [visuals])
-        past = None
+        past = kv_cache(self.llm, min(max_new_tokens, 256))
         cur = embeds
         for _ in range(max_new_tokens):
             out = self.llm(inputs_embeds=cur, attention_mask=mask, past_key_values=past, use_cache=True)
