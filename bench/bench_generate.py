@@ -1,5 +1,5 @@
-"""Batched generation: answers/s of ``VideoLLM.generate_batch`` (batch 16) vs ``VideoLLM.generate`` one prompt at a
-time, on the same prompts.
+"""Batched generation: answers/s of ``VideoLLM.generate_grouped`` (batches of 16) vs ``VideoLLM.generate`` one prompt
+at a time, on the same prompts.
 
     .venv/bin/python bench/bench_generate.py [--quick] [--rounds R] [--prompts N] [--batch-size B]
                                              [--max-new-tokens T] [--patches P] [--threads K] [--cpu C]
@@ -16,8 +16,11 @@ to generate_n128.json). Random features, seeded. Every answer is greedy, up to
 32 new tokens, stopped at the tokenizer's eos.
 
 Sides: ``one_at_a_time`` = ``list(model.generate(...))`` for each prompt in turn (what ``vlp infer`` and ``vlp eval``
-did before); ``batched`` = ``model.generate_batch`` on consecutive groups of B=16 prompts (what they do now). Both
-include splicing the visual tokens. Fairness check: both sides' answers are compared token for token every round.
+did before); ``batched`` = ``model.generate_grouped(prompts, B)``: batches of B=16 prompts of near embedded length
+(what they do now: an infer actor call or an eval window holds 4 batches; here the 64 prompts are one window);
+``batched_mixed`` = ``model.generate_batch`` on consecutive groups of B prompts, each mixing the four kinds (no
+grouping: what a batch of a server is like). All include splicing the visual tokens. Fairness check: every side's
+answers are compared token for token every round.
 
 Timing: one warm-up round (not recorded), then R rounds (default 5), each running both sides once, the order
 reversed every other round so that drift on this shared machine hits both alike; a ratio per round
@@ -91,6 +94,10 @@ def one_at_a_time(model, prompts, max_new: int, eos: int) -> list[list[int]]:
 
 
 def batched(model, prompts, max_new: int, eos: int, batch_size: int) -> list[list[int]]:
+    return model.generate_grouped(prompts, batch_size, max_new_tokens=max_new, eos_token_id=eos)
+
+
+def batched_mixed(model, prompts, max_new: int, eos: int, batch_size: int) -> list[list[int]]:
     out = []
     for i in range(0, len(prompts), batch_size):
         out += model.generate_batch(prompts[i:i + batch_size], max_new_tokens=max_new, eos_token_id=eos)
@@ -148,7 +155,8 @@ def main(argv=None) -> int:
     prompts = make_prompts(tok, n, args.patches)
     eos, new, bs = tok.eos_token_id, args.max_new_tokens, args.batch_size
     sides = {"one_at_a_time": lambda: one_at_a_time(model, prompts, new, eos),
-             "batched": lambda: batched(model, prompts, new, eos, bs)}
+             "batched": lambda: batched(model, prompts, new, eos, bs),
+             "batched_mixed": lambda: batched_mixed(model, prompts, new, eos, bs)}
     print(f"[bench_generate] {n} prompts, batch {bs}, up to {new} new tokens, LM {n_params / 1e6:.1f}M params, "
           f"{torch.get_num_threads()} thread(s) pinned to cpu(s) {sorted(cpus)}, {rounds} rounds", flush=True)
     load_before = loadavg()
@@ -165,12 +173,13 @@ def report(args, rounds, n, n_params, prompts, times, answers, same, usage, load
 
     secs, cpu = times
     per_round = [a / b for a, b in zip(secs["one_at_a_time"], secs["batched"])]
+    mixed_round = [a / b for a, b in zip(secs["one_at_a_time"], secs["batched_mixed"])]
     cpu_round = [a / b for a, b in zip(cpu["one_at_a_time"], cpu["batched"])]
     rate = {k: round(n / statistics.median(v), 2) for k, v in secs.items()}
     ratio = round(statistics.median(per_round), 2)
     lens = [len(a) for a in answers["batched"]]
     payload = {
-        "what": "answers/s of greedy generation over the same prompts: VideoLLM.generate_batch in groups of "
+        "what": "answers/s of greedy generation over the same prompts: VideoLLM.generate_grouped in batches of "
                 "batch_size vs VideoLLM.generate one prompt at a time",
         "settings": {"prompts": n, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
                      "patches": args.patches, "kinds": [{"question": q, "T": t, "modality": m} for q, t, m in KINDS],
@@ -187,6 +196,9 @@ def report(args, rounds, n, n_params, prompts, times, answers, same, usage, load
                         "cpu_seconds_per_round": [round(x, 2) for x in cpu[k]],
                         "answers_per_cpu_s": round(n / statistics.median(cpu[k]), 2)} for k, v in secs.items()},
         "ratio_batched_vs_one_at_a_time": {"median": ratio, "per_round": spread(per_round)},
+        "ratio_mixed_batches_vs_one_at_a_time": {
+            "what": "batched_mixed: generate_batch on consecutive prompts, each batch mixing the four kinds",
+            "median": round(statistics.median(mixed_round), 2), "per_round": spread(mixed_round)},
         "ratio_cpu_time": {"what": "the same ratio from this process's CPU time (not slowed by time-sharing with "
                                    "other processes on its core; still by their cache and memory traffic)",
                            "median": round(statistics.median(cpu_round), 2), "per_round": spread(cpu_round)},
@@ -204,7 +216,8 @@ def report(args, rounds, n, n_params, prompts, times, answers, same, usage, load
     for k in secs:
         print(f"{k:16s} {rate[k]:10.2f}")
     print(f"ratio batched / one at a time: median {ratio} ({spread(per_round)}; from CPU time "
-          f"{payload['ratio_cpu_time']['median']}); answers identical: {all(same)}; "
+          f"{payload['ratio_cpu_time']['median']}); mixed batches "
+          f"{payload['ratio_mixed_batches_vs_one_at_a_time']['median']}; answers identical: {all(same)}; "
           f"answer tokens mean {payload['answer_tokens']['mean']}\n-> {path}")
 
 

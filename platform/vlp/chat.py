@@ -161,6 +161,23 @@ class ChatSession:
         conv = [{"from": "human", "value": question}]
         return "".join(self.stream(conv, [items[i] for i in order], max_new_tokens=max_new_tokens)).strip()
 
+    def answer_many(self, asks: Sequence[tuple[str, Sequence[ChatItem]]], max_new_tokens: int = 64,
+                    batch_size: int = 16) -> list[str]:
+        """:meth:`answer` for many (question, items) pairs, ``batch_size`` at a time in batches of near prompt
+        length (:meth:`VideoLLM.generate_grouped`): the same greedy answers, in order."""
+        from .models.videollm import Prompt
+
+        prompts = []
+        for question, items in asks:
+            question, order = self.place(question, items)
+            its = [items[i] for i in order]
+            ids = torch.tensor(prompt_ids([{"from": "human", "value": question}], self.tok, self.template))
+            prompts.append(Prompt(ids, [it.feats for it in its] or None, "frames",
+                                  [it.num_frames for it in its] or 1, [it.modality for it in its] or None))
+        out = self.model.generate_grouped(prompts, batch_size, max_new_tokens=max_new_tokens,
+                                          eos_token_id=self.tok.eos_token_id)
+        return [self.tok.decode(t, skip_special_tokens=True).strip() for t in out]
+
     def stream(self, conv: list[dict], items: Sequence[ChatItem], max_new_tokens: int = 64, do_sample: bool = False,
                temperature: float = 1.0, top_p: float = 1.0) -> Iterator[str]:
         """The answer to ``conv`` (ending with a human turn; ``items`` in placeholder order) as new text pieces."""

@@ -93,7 +93,7 @@ EVAL_FLAGS = {"features": ("synthetic", *GROUNDING), "pooler": ("synthetic",), "
               "no_generate": ("synthetic",), "endpoint_url": ("synthetic",), "questions": ("videoqa", "mcq"),
               "media_root": ("videoqa", "mcq"),
               "out": ("videoqa", "mcq", *GROUNDING), "answers": ("videoqa",), "video_map": ("videoqa",),
-              "max_new_tokens": ("synthetic", "videoqa", *GROUNDING), "batch_size": ("synthetic", *GROUNDING)}
+              "max_new_tokens": ("synthetic", "videoqa", *GROUNDING), "batch_size": ("synthetic", "videoqa", *GROUNDING)}
 EVAL_BATCH_SIZE = 16  # questions per batched generation (--batch-size)
 
 
@@ -173,7 +173,8 @@ def _cmd_eval_benchmark(args) -> int:
         from .eval.videoqa import evaluate_videoqa
 
         rep = evaluate_videoqa(args.model, args.questions, args.answers, args.media_root, out, args.qa_format,
-                               args.max_samples, args.max_new_tokens or 32, args.video_map)
+                               args.max_samples, args.max_new_tokens or 32, args.video_map,
+                               args.batch_size or EVAL_BATCH_SIZE)
     else:
         from .eval.mcq import evaluate_mcq
 
@@ -302,7 +303,7 @@ def _add_eval_parser(sub) -> None:
     sp.add_argument("--max-samples", type=int, default=None, help="only the first N feature rows / questions")
     sp.add_argument("--batch-size", type=positive_int, default=None,
                     help=f"questions answered per batched generation (default {EVAL_BATCH_SIZE}; the answers do not "
-                    "depend on it); --task synthetic, temporal_grounding, referring")
+                    "depend on it); --task synthetic, videoqa, temporal_grounding, referring")
     sp.add_argument("--no-generate", action="store_true", help="choice accuracy only (--task synthetic)")
     sp.add_argument("--endpoint-url", help="S3-compatible endpoint")
     sp.add_argument("--json", action="store_true")

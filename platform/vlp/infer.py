@@ -1,8 +1,8 @@
 """``vlp infer``: batch inference over a shard set with Ray Data, answers written next to keys.
 
 shards --read--> --decode (same sampling/preprocessing as the model's features)--> --answer (actor pool:
-frozen tower + VideoLLM, greedy; each actor batch of ``batch_size`` rows answered in one batched, left-padded
-generation)--> driver writes ``answers.jsonl`` (shard, key, question, answer) and
+frozen tower + VideoLLM, greedy; each actor call's ``batch_size`` x ``length_groups`` rows sorted by prompt length
+and answered ``batch_size`` at a time in batched, left-padded generations)--> driver writes ``answers.jsonl`` (shard, key, question, answer) and
 ``errors.jsonl``. Bad samples become error records exactly as in precompute.
 """
 
@@ -40,7 +40,10 @@ class InferConfig(Cfg):
     decode_gpus: float = Field(0.25, gt=0, le=1, description="GPU fraction each decode task asks Ray for when "
                                "decode.device=cuda (docs/data.md, \"GPU decoding\")")
     sample: SampleConfig = Field(SampleConfig(), description="how raw samples become samples of 0..N media items")
-    batch_size: int = Field(8, ge=1, description="rows per answer actor call, answered in one batched generation")
+    batch_size: int = Field(8, ge=1, description="rows per batched generation")
+    length_groups: int = Field(4, ge=1, description="batches per answer actor call: its batch_size x "
+                               "length_groups rows are sorted by prompt length and answered batch_size at a time, "
+                               "so that each batch holds prompts of near length (less padding)")
     concurrency: int = Field(1, ge=1, description="answer actors (one GPU each where GPUs exist)")
     use_gpu: bool = Field(False, description="each answer actor asks Ray for one GPU and runs the tower and the "
                           "VideoLLM on cuda; false: both on CPU")
@@ -50,7 +53,8 @@ class InferConfig(Cfg):
 class AnswerBatch:
     """Actor stage: decoded items -> the export's tower features (vlp.online) -> VideoLLM answer."""
 
-    def __init__(self, export_dir: str, question: Optional[str], max_new_tokens: int, device: str = "cpu"):
+    def __init__(self, export_dir: str, question: Optional[str], max_new_tokens: int, device: str = "cpu",
+                 batch_size: int = 8):
         from .formats.export import load_model
         from .online import OnlineEncoder
 
@@ -58,7 +62,7 @@ class AnswerBatch:
         self.model, self.tok, self.info = load_model(export_dir, device)
         self.template = self.info.prompt_template(export_dir)
         self.enc = OnlineEncoder(self.info, export_dir, device, self.model.tower)
-        self.question, self.max_new = question, max_new_tokens
+        self.question, self.max_new, self.batch_size = question, max_new_tokens, batch_size
 
     def features(self, data: bytes, shape: str, modality: str):
         """One decoded item -> its features: uint8 frames (T, 3, S, S) -> (T, 1 + P, D); an audio item's float32
@@ -97,9 +101,9 @@ class AnswerBatch:
         return Prompt(ids, feats or None, "frames", nfs or 1, [str(m) for m in r["modalities"]])
 
     def answers(self, asked: list[tuple[dict, str]]) -> list[str]:
-        """Greedy answers to (row, prompt) pairs, all in one batched generation (the actor's batch)."""
-        toks = self.model.generate_batch([self.model_prompt(r, p) for r, p in asked], max_new_tokens=self.max_new,
-                                         eos_token_id=self.tok.eos_token_id)
+        """Greedy answers to (row, prompt) pairs, ``batch_size`` at a time, grouped by prompt length."""
+        toks = self.model.generate_grouped([self.model_prompt(r, p) for r, p in asked], self.batch_size,
+                                           max_new_tokens=self.max_new, eos_token_id=self.tok.eos_token_id)
         return [self.tok.decode(t, skip_special_tokens=True).strip() for t in toks]
 
     def __call__(self, batch) -> dict:
@@ -205,8 +209,8 @@ def infer_on_ray(cfg: InferConfig, decode, shards: list[str], names: dict, log=p
     ds = ds.map_batches(decode, **decode_args(cfg))
     ds = ds.map_batches(AnswerBatch, fn_constructor_kwargs=dict(export_dir=cfg.model, question=cfg.question,
                                                                 max_new_tokens=cfg.max_new_tokens,
-                                                                device=answer_device(cfg)),
-                        batch_size=cfg.batch_size, batch_format="numpy",
+                                                                device=answer_device(cfg), batch_size=cfg.batch_size),
+                        batch_size=cfg.batch_size * cfg.length_groups, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_gpus=1 if cfg.use_gpu else 0)
     answers, errors = collect(ds)
     answers.sort(key=lambda a: (a["shard"], a["key"]))

@@ -69,7 +69,7 @@ def test_activitynet_format_through_the_cli(export, bench, tmp_path, capsys):
     out = tmp_path / "out"
     rc, _, text = run(capsys, "eval", "--task", "videoqa", "--model", export, "--questions", bench / "test_q.json",
                    "--answers", bench / "test_a.json", "--media-root", bench / "media", "--out", out,
-                   "--max-new-tokens", 3)
+                   "--max-new-tokens", 3, "--batch-size", 1)  # 1: a window of 4 questions, q5 in the second
     assert rc == 0, text
     preds = json.loads((out / "predictions.json").read_text())
     assert [p["id"] for p in preds] == ["q1", "q2"]
@@ -94,6 +94,13 @@ def test_activitynet_format_through_the_cli(export, bench, tmp_path, capsys):
     conv = list(s.conv)
     assert s.answer("what color is the shape", [s.encode(str(bench / "media" / "v_abc.mp4"))], 3) == preds[0]["pred"]
     assert s.conv == conv and s.items[0].path.endswith("video7.webm")
+    # batched (grouped by length): the answers one at a time gives, in order, whatever the batch size
+    abc, v7 = s.encode(str(bench / "media" / "v_abc.mp4")), s.encode(str(bench / "media" / "video7.webm"))
+    asks = [("what color is the shape", [abc]), ("what moves?", [v7]), ("say something long about nothing", []),
+            ("<video> then <video>: same colour?", [abc, v7]), ("what shape is shown", [abc])]
+    single = [s.answer(q, items, 6) for q, items in asks]
+    assert s.answer_many(asks, 6, batch_size=2) == single == s.answer_many(asks, 6, batch_size=16)
+    assert len(set(single)) > 1
 
 
 def test_msrvtt_format_auto_detected_with_max_samples(export, bench, tmp_path, capsys):

@@ -89,6 +89,25 @@ def test_batched_greedy_is_one_at_a_time_greedy(model, prompts, single):
     assert model.generate_batch(shuffled, max_new_tokens=NEW) == [single[i] for i in (5, 2, 0, 4, 1, 3)]
 
 
+def test_grouped_batches_hold_near_lengths_longest_first_and_answers_keep_the_order(model, prompts, single):
+    seen: list[list[int]] = []
+    batch = model.generate_batch
+
+    def recording(ps, **kw):  # the real generate_batch, each batch's embedded lengths noted
+        seen.append(embedded_lengths(model, ps))
+        return batch(ps, **kw)
+
+    model.generate_batch = recording
+    try:
+        out = model.generate_grouped(prompts, 4, max_new_tokens=NEW)
+    finally:
+        del model.generate_batch
+    assert out == single
+    lengths = sorted(embedded_lengths(model, prompts), reverse=True)
+    assert seen == [lengths[:4], lengths[4:]]  # without grouping: prompts 0-3, then 4-5, lengths mixed
+    assert model.generate_grouped([], 4) == []
+
+
 def test_each_row_stops_at_its_own_eos(model, prompts, single):
     eos = single[1][3]  # row 1's 4th token: it ends there, other rows where (if) they produce it
     want = [s[:s.index(eos)] if eos in s else s for s in single]

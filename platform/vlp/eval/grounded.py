@@ -6,7 +6,8 @@ IoU 0.3/0.5/0.7 and mIoU; RefCOCO: Acc@0.5), beside the best constant answer on 
 Each row is asked its conversation's first question (the placeholders of its items first, as in training); the
 answer is read with the span format the row was written with (``grounding.format``) or as a box on the padded
 square, mapped back to the original pixels. Unreadable answers count as wrong and are listed. The questions are
-answered ``batch_size`` at a time by ``VideoLLM.generate_batch`` (the same answers as one at a time).
+answered ``batch_size`` at a time by ``VideoLLM.generate_grouped`` (batches of near prompt lengths; the same answers
+as one at a time).
 
 May import: torch, vlp.data, vlp.formats, vlp.models, vlp.eval, vlp.storage.
 """
@@ -23,6 +24,8 @@ from ..errors import UserError
 from ..formats.featureset import iter_feature_rows
 from ..storage import StorageConfig
 from .common import out_dir
+
+LENGTH_GROUPS = 4  # batches of questions read ahead and grouped by prompt length
 from .grounding import GroundingTally, constant_baseline, iou_1d, iou_2d, unparseable_report
 
 TASKS = ("temporal_grounding", "referring")
@@ -70,8 +73,8 @@ def grounding_rows(rows: Iterable[dict], task: str, max_samples: Optional[int] =
         yield row, g, q
 
 
-def answers_of(model, tok, template: str, asked: list[tuple], max_new_tokens: int) -> list[str]:
-    """Greedy answers to (row, truth, question) triples, in one batched generation."""
+def answers_of(model, tok, template: str, asked: list[tuple], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers to (row, truth, question) triples, ``batch_size`` at a time grouped by prompt length."""
     import torch
 
     from ..models.videollm import Prompt
@@ -82,18 +85,19 @@ def answers_of(model, tok, template: str, asked: list[tuple], max_new_tokens: in
         vis = RowVisuals.of(row)
         prompts.append(Prompt(torch.tensor(prompt_ids(q, tok, template)), vis.feats, vis.mode, vis.num_frames,
                               vis.modalities))
-    out = model.generate_batch(prompts, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id)
+    out = model.generate_grouped(prompts, batch_size, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id)
     return [tok.decode(t, skip_special_tokens=True) for t in out]
 
 
 def score_rows(model, tok, template: str, rows: Iterable[dict], task: str, max_new_tokens: int = 64,
                max_samples: Optional[int] = None, batch_size: int = 16) -> tuple[GroundingTally, list, list]:
-    """The ``task`` rows' questions answered ``batch_size`` at a time and scored, in row order -> (tally, truths,
-    examples: every question's answer, truth and IoU)."""
+    """The ``task`` rows' questions answered ``batch_size`` at a time (of ``LENGTH_GROUPS`` batches read ahead,
+    grouped by prompt length) and scored, in row order -> (tally, truths, examples: every question's answer, truth
+    and IoU)."""
     tally, truths, examples = GroundingTally(task), [], []
     asked = grounding_rows(rows, task, max_samples)
-    while batch := list(itertools.islice(asked, batch_size)):
-        for (row, g, q), answer in zip(batch, answers_of(model, tok, template, batch, max_new_tokens)):
+    while batch := list(itertools.islice(asked, batch_size * LENGTH_GROUPS)):
+        for (row, g, q), answer in zip(batch, answers_of(model, tok, template, batch, max_new_tokens, batch_size)):
             uid = str(row.get("uid") or row.get("key"))
             iou = score_answer(task, g, answer, uid, tally)
             truths.append(g)

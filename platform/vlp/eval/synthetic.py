@@ -3,7 +3,8 @@
 Two measures per question: *choice* accuracy (the answer template filled with each candidate value
 is scored by the model's log-likelihood; the best one must be right; chance = 1 / #candidates) and
 *generation* accuracy (greedy answer names the right value and no other candidate; the questions are answered in
-batches, ``batch_size`` at a time, by ``VideoLLM.generate_batch``: the same answers as one at a time).
+batches, ``batch_size`` at a time grouped by prompt length, by ``VideoLLM.generate_grouped``: the same answers as
+one at a time).
 
 One derived row, ``direction_vs_opposite``: the same direction scores, but the choice is only between the true
 direction and its opposite (left/right, up/down; chance 0.5). It isolates temporal *order*: features averaged
@@ -140,24 +141,26 @@ class Asked:
 
 @dataclass
 class Pending:
-    """Generation questions gathered until ``batch_size`` of them are answered in one batched generation; the
-    answers are scored into ``tally`` exactly as one at a time (the same greedy tokens)."""
+    """Generation questions gathered until ``batch_size`` x ``length_groups`` of them are answered, ``batch_size``
+    at a time grouped by prompt length (:meth:`VideoLLM.generate_grouped`); the answers are scored into ``tally``
+    exactly as one at a time (the same greedy tokens)."""
     model: Any
     tok: Any
     tally: Tally
     max_new_tokens: int
     batch_size: int = 16
+    length_groups: int = 4
     asked: list = field(default_factory=list)
 
     def add(self, a: Asked) -> None:
         self.asked.append(a)
-        if len(self.asked) >= self.batch_size:
+        if len(self.asked) >= self.batch_size * self.length_groups:
             self.flush()
 
     def flush(self) -> None:
         """Answer every waiting question and score whether it names the right value and no other candidate."""
-        out = self.model.generate_batch([a.prompt for a in self.asked], max_new_tokens=self.max_new_tokens,
-                                        eos_token_id=self.tok.eos_token_id)
+        out = self.model.generate_grouped([a.prompt for a in self.asked], self.batch_size,
+                                          max_new_tokens=self.max_new_tokens, eos_token_id=self.tok.eos_token_id)
         for a, toks in zip(self.asked, out):
             text = self.tok.decode(toks, skip_special_tokens=True)
             words = text.lower().split()

@@ -45,6 +45,7 @@ PREFIXES = {"activitynet": ("", "v_"), "msrvtt": ("", "video", "vid")}
 ANET_TYPES = {0: "motion", 1: "spatial", 2: "temporal", 3: "yes_no", 4: "color", 5: "object", 6: "location",
               7: "number", 8: "other"}
 ARTICLES = {"a", "an", "the"}
+LENGTH_GROUPS = 4  # batches of questions read ahead and grouped by prompt length
 SHORT = 5  # a prediction of at most this many (normalised) words counts when it contains the answer
 
 
@@ -165,35 +166,54 @@ def read_video_map(path: Optional[str]) -> dict[str, str]:
     return out
 
 
-def ask_one(session, cache: VideoCache, root: Path, qa: QA, fmt: str, max_new_tokens: int,
-            video_map: Optional[dict] = None) -> tuple[Outcome, dict]:
-    """Ask one question about its video: (its outcome, its prediction record or {} when not asked)."""
+def ready(cache: VideoCache, root: Path, qa: QA, fmt: str, video_map: Optional[dict] = None):
+    """A question's outcome when it cannot be asked (unparseable, no video, undecodable video), else its video's
+    item (from ``cache``)."""
     from ..chat import BadMedia
 
-    groups = ["all"] + ([f"type={qa.qtype}"] if qa.qtype is not None else [])
     if qa.problem:
-        return Outcome(qa.qid, groups, "unparseable", reason=qa.problem), {}
+        return Outcome(qa.qid, groups_of(qa), "unparseable", reason=qa.problem)
     name = (video_map or {}).get(qa.video, qa.video)
     path = find_video(root, name, PREFIXES[fmt])
     if path is None:
         tried = ", ".join(f"{p}{name}.*" for p in PREFIXES[fmt])
-        return Outcome(qa.qid, groups, "unanswerable", reason=f"video {qa.video}: no file under {root} ({tried})"), {}
+        return Outcome(qa.qid, groups_of(qa), "unanswerable", reason=f"video {qa.video}: no file under {root} ({tried})")
     try:
-        item = cache.item(path)
+        return cache.item(path)
     except BadMedia as e:
-        return Outcome(qa.qid, groups, "unanswerable", reason=str(e)), {}
-    pred = session.answer(PLACEHOLDER_RE.sub("", qa.question).strip(), [item], max_new_tokens=max_new_tokens)
+        return Outcome(qa.qid, groups_of(qa), "unanswerable", reason=str(e))
+
+
+def groups_of(qa: QA) -> list[str]:
+    return ["all"] + ([f"type={qa.qtype}"] if qa.qtype is not None else [])
+
+
+def scored(qa: QA, pred: str) -> tuple[Outcome, dict]:
+    """A question's outcome and prediction record from its answer."""
     bad = not normalize_answer(pred)
-    o = Outcome(qa.qid, groups, "scored", exact_match(pred, qa.answer), bad_pred=bad,
+    o = Outcome(qa.qid, groups_of(qa), "scored", exact_match(pred, qa.answer), bad_pred=bad,
                 reason="empty prediction" if bad else "")
     return o, {"video_name": qa.video, "Q": qa.question, "A": qa.answer, "pred": pred, "id": qa.qid}
 
 
+def ask_window(session, cache: VideoCache, root: Path, window: list[QA], fmt: str, max_new_tokens: int,
+               video_map: Optional[dict], batch_size: int) -> list[tuple[Outcome, dict]]:
+    """Each question of ``window`` -> (its outcome, its prediction record or {} when not asked), in order; the
+    askable ones answered ``batch_size`` at a time (:meth:`ChatSession.answer_many`)."""
+    got = [ready(cache, root, qa, fmt, video_map) for qa in window]
+    asked = [i for i, g in enumerate(got) if not isinstance(g, Outcome)]
+    preds = session.answer_many([(PLACEHOLDER_RE.sub("", window[i].question).strip(), [got[i]]) for i in asked],
+                                max_new_tokens, batch_size)
+    out = {i: scored(window[i], p) for i, p in zip(asked, preds)}
+    return [out[i] if i in out else (g, {}) for i, g in enumerate(got)]
+
+
 def evaluate_videoqa(export_dir: str, questions: str, answers: Optional[str], root: str, out: str,
                      qa_format: str = "auto", max_samples: Optional[int] = None, max_new_tokens: int = 32,
-                     video_map: Optional[str] = None) -> dict:
+                     video_map: Optional[str] = None, batch_size: int = 16) -> dict:
     """Answer every question, write OUT/predictions.json, results.json and results.md; -> the report.
-    ``video_map``: MSVD-QA's youtube_mapping.txt (:func:`read_video_map`)."""
+    ``video_map``: MSVD-QA's youtube_mapping.txt (:func:`read_video_map`). Questions are read ``LENGTH_GROUPS``
+    batches ahead and answered ``batch_size`` at a time (the answers do not depend on it)."""
     from ..chat import ChatSession
 
     fmt, rows = read_questions(questions, answers, qa_format)
@@ -202,11 +222,13 @@ def evaluate_videoqa(export_dir: str, questions: str, answers: Optional[str], ro
     rows = rows[:max_samples] if max_samples is not None else rows
     session = ChatSession(export_dir)
     cache, tally, preds = VideoCache(session), Tally(), []
-    for qa in rows:
-        outcome, pred = ask_one(session, cache, media, qa, fmt, max_new_tokens, names)
-        tally.add(outcome)
-        if pred:
-            preds.append(pred)
+    step = batch_size * LENGTH_GROUPS
+    for start in range(0, len(rows), step):
+        for outcome, pred in ask_window(session, cache, media, rows[start:start + step], fmt, max_new_tokens, names,
+                                        batch_size):
+            tally.add(outcome)
+            if pred:
+                preds.append(pred)
     (dest / "predictions.json").write_text(json.dumps(preds, indent=2) + "\n")
     report = {"task": "videoqa", "export": str(export_dir), "questions": questions, "answers": answers,
               "qa_format": fmt, "media_root": root, "max_new_tokens": max_new_tokens,

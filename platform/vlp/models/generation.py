@@ -112,6 +112,15 @@ def grown(buf: Optional[torch.Tensor], like: torch.Tensor, length: int, capacity
     return out
 
 
+def last_logits(llm: torch.nn.Module) -> dict:
+    """Forward keywords that make ``llm`` compute logits at the last position only (``logits_to_keep``, where its
+    forward takes it): a prompt pass of B rows x L tokens would otherwise make (B, L, vocab) logits (16 x 700 x 32k
+    floats are 1.4 GB for a LLaVA batch) and their matrix product, of which decoding reads one row."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(llm.forward).parameters else {}
+
+
 def kv_cache(llm: torch.nn.Module, room: int = 64) -> DynamicCache:
     """transformers' ``DynamicCache`` for ``llm`` (sliding-window and other special layers as its config says) with
     every plain full-attention layer a :class:`GrowingLayer` of ``room`` spare positions to start with."""
@@ -135,8 +144,10 @@ def decode_steps(llm: torch.nn.Module, embeds: torch.Tensor, mask: torch.Tensor,
     left = [int(n) for n in max_new_tokens]  # tokens each row may still produce
     live = [n > 0 for n in left]
     emb, cur, past = llm.get_input_embeddings(), embeds, kv_cache(llm, min(max(left, default=0), 256))
+    keep = last_logits(llm)
     while any(live):
-        o = llm(inputs_embeds=cur, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
+        o = llm(inputs_embeds=cur, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True,
+                **keep)
         past = o.past_key_values
         tok = pick(o.logits[:, -1].float())  # (B, V) -> (B,)
         step: list[Optional[int]] = []
