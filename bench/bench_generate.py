@@ -93,14 +93,15 @@ def one_at_a_time(model, prompts, max_new: int, eos: int) -> list[list[int]]:
                                 eos_token_id=eos, modalities=p.modalities)) for p in prompts]
 
 
-def batched(model, prompts, max_new: int, eos: int, batch_size: int) -> list[list[int]]:
-    return model.generate_grouped(prompts, batch_size, max_new_tokens=max_new, eos_token_id=eos)
+def batched(model, prompts, max_new: int, eos: int, batch_size: int, share: bool) -> list[list[int]]:
+    return model.generate_grouped(prompts, batch_size, max_new_tokens=max_new, eos_token_id=eos, share_prefix=share)
 
 
-def batched_mixed(model, prompts, max_new: int, eos: int, batch_size: int) -> list[list[int]]:
+def batched_mixed(model, prompts, max_new: int, eos: int, batch_size: int, share: bool) -> list[list[int]]:
     out = []
     for i in range(0, len(prompts), batch_size):
-        out += model.generate_batch(prompts[i:i + batch_size], max_new_tokens=max_new, eos_token_id=eos)
+        out += model.generate_batch(prompts[i:i + batch_size], max_new_tokens=max_new, eos_token_id=eos,
+                                    share_prefix=share)
     return out
 
 
@@ -136,6 +137,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--patches", type=int, default=64, help="P: visual tokens per item are P + T")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads, pinned to as many cores")
+    ap.add_argument("--no-shared-prefix", action="store_true",
+                    help="batched sides run the prompts' shared prefix in every row (written to generate_noprefix)")
     ap.add_argument("--cpu", type=int, default=None, help="the one core to pin to (default: the last usable ones)")
     args = ap.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 5)
@@ -155,8 +158,8 @@ def main(argv=None) -> int:
     prompts = make_prompts(tok, n, args.patches)
     eos, new, bs = tok.eos_token_id, args.max_new_tokens, args.batch_size
     sides = {"one_at_a_time": lambda: one_at_a_time(model, prompts, new, eos),
-             "batched": lambda: batched(model, prompts, new, eos, bs),
-             "batched_mixed": lambda: batched_mixed(model, prompts, new, eos, bs)}
+             "batched": lambda: batched(model, prompts, new, eos, bs, not args.no_shared_prefix),
+             "batched_mixed": lambda: batched_mixed(model, prompts, new, eos, bs, not args.no_shared_prefix)}
     print(f"[bench_generate] {n} prompts, batch {bs}, up to {new} new tokens, LM {n_params / 1e6:.1f}M params, "
           f"{torch.get_num_threads()} thread(s) pinned to cpu(s) {sorted(cpus)}, {rounds} rounds", flush=True)
     load_before = loadavg()
@@ -168,8 +171,10 @@ def main(argv=None) -> int:
 
 
 def report(args, rounds, n, n_params, prompts, times, answers, same, usage, load_before) -> None:
-    """Write bench/results/generate[_pP][_nT](.quick).json and print the table."""
+    """Write bench/results/generate[_pP][_nT][_tK][_noprefix](.quick).json and print the table."""
     import torch
+
+    from vlp.models.generation import shared_prefix
 
     secs, cpu = times
     per_round = [a / b for a, b in zip(secs["one_at_a_time"], secs["batched"])]
@@ -182,7 +187,8 @@ def report(args, rounds, n, n_params, prompts, times, answers, same, usage, load
         "what": "answers/s of greedy generation over the same prompts: VideoLLM.generate_grouped in batches of "
                 "batch_size vs VideoLLM.generate one prompt at a time",
         "settings": {"prompts": n, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-                     "patches": args.patches, "kinds": [{"question": q, "T": t, "modality": m} for q, t, m in KINDS],
+                     "patches": args.patches, "shared_prefix": not args.no_shared_prefix,
+                     "shared_prefix_tokens": shared_prefix([p.input_ids for p in prompts]), "kinds": [{"question": q, "T": t, "modality": m} for q, t, m in KINDS],
                      "embedded_lengths": sorted({int(len(p.input_ids)) - (p.features is not None) +
                                                  (p.features.shape[0] if p.features is not None else 0)
                                                  for p in prompts}),
@@ -210,7 +216,7 @@ def report(args, rounds, n, n_params, prompts, times, answers, same, usage, load
     }
     name = "generate" + (f"_p{args.patches}" if args.patches != 64 else "") + (
         f"_n{args.max_new_tokens}" if args.max_new_tokens != 32 else "") + (
-        f"_t{args.threads}" if args.threads != 1 else "")
+        f"_t{args.threads}" if args.threads != 1 else "") + ("_noprefix" if args.no_shared_prefix else "")
     path = write_json(name, args.quick, payload)
     print(f"\n{'side':16s} {'answers/s':>10s}")
     for k in secs:

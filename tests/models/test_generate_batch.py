@@ -9,7 +9,7 @@ import torch
 
 from vlp.config import validate
 from vlp.data.conversation import prompt_ids
-from vlp.models.generation import left_positions, next_tokens, row_tokens
+from vlp.models.generation import left_positions, next_tokens, row_tokens, shared_prefix
 from vlp.models.videollm import ModelConfig, Prompt, VideoLLM
 
 NEW = 12
@@ -106,6 +106,27 @@ def test_grouped_batches_hold_near_lengths_longest_first_and_answers_keep_the_or
     lengths = sorted(embedded_lengths(model, prompts), reverse=True)
     assert seen == [lengths[:4], lengths[4:]]  # without grouping: prompts 0-3, then 4-5, lengths mixed
     assert model.generate_grouped([], 4) == []
+
+
+def test_the_prefix_every_prompt_shares_goes_through_the_lm_once(model, prompts, single):
+    ids = [p.input_ids for p in prompts]
+    n = shared_prefix(ids)
+    assert n > 10 and all(torch.equal(x[:n], ids[0][:n]) for x in ids)  # vicuna_v1's system prompt and more
+    assert len({int(x[n]) for x in ids}) > 1  # the longest such run
+    embeds, mask, positions, past = model.batch_inputs(prompts, room=NEW)
+    longest = max(embedded_lengths(model, prompts))
+    assert embeds.shape[1] == longest - n and mask.shape == (len(prompts), longest)
+    assert past.get_seq_length() == n and positions[:, -1].tolist() == [x - 1 for x in embedded_lengths(model, prompts)]
+    assert model.generate_batch(prompts, max_new_tokens=NEW, share_prefix=False) == single
+    assert model.batch_inputs(prompts, share_prefix=False)[3] is None
+
+
+def test_shared_prefix_stops_at_a_placeholder_and_leaves_every_prompt_a_token():
+    t = torch.tensor
+    assert shared_prefix([t([1, 2, 3, -200, 5]), t([1, 2, 3, -200, 6])]) == 3
+    assert shared_prefix([t([1, 2, 3]), t([1, 2, 3, 4])]) == 2
+    assert shared_prefix([t([1, 2, 3])]) == 0 and shared_prefix([t([5, 1]), t([6, 1])]) == 0
+    assert shared_prefix([t([1, 2, 9, 4]), t([1, 2, 3, 4])]) == 2  # a later equal token does not count
 
 
 def test_each_row_stops_at_its_own_eos(model, prompts, single):

@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from vlp.models.generation import GrowingLayer, kv_cache
+from vlp.models.generation import GrowingLayer, full_attention_only, kv_cache
 
 
 def llama() -> LlamaForCausalLM:
@@ -76,5 +76,6 @@ def test_sliding_window_layers_stay_transformers_own():
                         num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
     cache = kv_cache(MistralForCausalLM(cfg))
     assert [type(x) for x in cache.layers] == [DynamicSlidingWindowLayer] * 2
+    assert not full_attention_only(MistralForCausalLM(cfg)) and full_attention_only(llama())  # no shared prefix
     assert [type(x) for x in kv_cache(llama()).layers] == [GrowingLayer] * 2
     assert not any(type(x) is DynamicLayer for x in kv_cache(llama()).layers)

@@ -131,19 +131,52 @@ def kv_cache(llm: torch.nn.Module, room: int = 64) -> DynamicCache:
     return cache
 
 
+def shared_prefix(ids: Sequence[torch.Tensor]) -> int:
+    """Tokens at the start of every one of several (L_i,) prompts, the same in all (a template's system prompt),
+    up to the first visual placeholder (negative id) and leaving each prompt at least one token of its own; 0 for
+    fewer than two prompts."""
+    if len(ids) < 2:
+        return 0
+    n = min(int(x.shape[0]) for x in ids) - 1
+    first = ids[0][:n].to("cpu")
+    same = first >= 0
+    for x in ids[1:]:
+        same &= x[:n].to("cpu") == first
+    return int(same.long().cumprod(0).sum()) if n > 0 else 0
+
+
+def full_attention_only(llm: torch.nn.Module) -> bool:
+    """Whether every layer of ``llm``'s cache is a :class:`GrowingLayer` (no sliding window: such a layer counts
+    positions in the cache, which padding after a shared prefix would shift)."""
+    layers = kv_cache(llm).layers
+    return bool(layers) and all(isinstance(x, GrowingLayer) for x in layers)
+
+
+def prefix_cache(llm: torch.nn.Module, prefix: torch.Tensor, rows: int, room: int) -> DynamicCache:
+    """:func:`kv_cache` holding the keys and values of ``prefix`` (1, p, d) embeddings, run once through ``llm``
+    and repeated for ``rows`` rows (for :func:`full_attention_only` models)."""
+    past = kv_cache(llm, room)
+    llm(inputs_embeds=prefix, past_key_values=past, use_cache=True, **last_logits(llm))  # (1, p, d)
+    past.batch_repeat_interleave(rows)  # (rows, H, p, D) per layer
+    return past
+
+
 def decode_steps(llm: torch.nn.Module, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  max_new_tokens: Sequence[int], pick: Callable[[torch.Tensor], torch.Tensor],
-                 eos_token_id: Optional[int] = None, stopped: Optional[Callable[[int], bool]] = None
-                 ) -> Iterator[list[Optional[int]]]:
+                 eos_token_id: Optional[int] = None, stopped: Optional[Callable[[int], bool]] = None,
+                 past: Optional[DynamicCache] = None) -> Iterator[list[Optional[int]]]:
     """Decode a left-padded batch with a KV cache, a step at a time: embeds (B, L, d), mask (B, L), positions
     (B, L) (see :func:`left_positions`); ``pick``: (B, V) float logits -> (B,) ids. Yields, per step, one entry per
     row: its new token, or None once the row has ended (``eos_token_id``, not yielded; its own ``max_new_tokens``;
     or ``stopped(row)`` true, e.g. a client gone); every row yields None at least once after its last token, and
-    the steps end when every row has. A finished row keeps being fed its last token (its outputs are dropped)."""
+    the steps end when every row has. A finished row keeps being fed its last token (its outputs are dropped).
+    ``past``: a cache already holding tokens before ``embeds`` in every row (:func:`prefix_cache`); ``mask`` then
+    covers them too, (B, p + L)."""
     B = embeds.shape[0]
     left = [int(n) for n in max_new_tokens]  # tokens each row may still produce
     live = [n > 0 for n in left]
-    emb, cur, past = llm.get_input_embeddings(), embeds, kv_cache(llm, min(max(left, default=0), 256))
+    emb, cur = llm.get_input_embeddings(), embeds
+    past = past if past is not None else kv_cache(llm, min(max(left, default=0), 256))
     keep = last_logits(llm)
     while any(live):
         o = llm(inputs_embeds=cur, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True,
@@ -167,13 +200,14 @@ def decode_steps(llm: torch.nn.Module, embeds: torch.Tensor, mask: torch.Tensor,
 
 def row_tokens(llm: torch.nn.Module, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                max_new_tokens: int, pick: Callable[[torch.Tensor], torch.Tensor],
-               eos_token_id: Optional[int] = None, on_token: Optional[TokenHook] = None) -> list[list[int]]:
-    """Each row's new tokens of :func:`decode_steps` (one budget for all rows), stopped at ``eos_token_id`` (not
-    included) or after ``max_new_tokens``. ``on_token``: see :data:`TokenHook`."""
+               eos_token_id: Optional[int] = None, on_token: Optional[TokenHook] = None,
+               past: Optional[DynamicCache] = None) -> list[list[int]]:
+    """Each row's new tokens of :func:`decode_steps` (one budget for all rows; ``past`` as there), stopped at
+    ``eos_token_id`` (not included) or after ``max_new_tokens``. ``on_token``: see :data:`TokenHook`."""
     B = embeds.shape[0]
     out: list[list[int]] = [[] for _ in range(B)]
     ended = [False] * B
-    for step in decode_steps(llm, embeds, mask, positions, [max_new_tokens] * B, pick, eos_token_id):
+    for step in decode_steps(llm, embeds, mask, positions, [max_new_tokens] * B, pick, eos_token_id, past=past):
         for i, t in enumerate(step):
             if ended[i]:
                 continue

@@ -17,12 +17,14 @@ from typing import Callable, Iterator, Literal, Optional, Sequence, TypeVar, Uni
 import torch
 import torch.nn as nn
 from pydantic import Field, field_validator
+from transformers import DynamicCache
 
 from ..config import Cfg
 from ..data.conversation import IGNORE_INDEX, VISUAL_TOKEN_INDEX
 from .audio_towers import flatten_segments
 from .connectors import CONNECTORS, ConnectorConfig, ItemContext, default_modality
-from .generation import TokenHook, decode_steps, kv_cache, last_logits, left_positions, next_tokens, row_tokens
+from .generation import (TokenHook, decode_steps, full_attention_only, kv_cache, last_logits, left_positions,
+                         next_tokens, prefix_cache, row_tokens, shared_prefix)
 from .parts import PluginModule
 from .pixel_tower import ModelTowerCfg, PixelTower, features_shape
 from .poolers import POOLERS, Pooler, PoolerConfig
@@ -391,7 +393,7 @@ class VideoLLM(nn.Module):
     def generate_batch(self, prompts: Sequence[Prompt], max_new_tokens: int = 32, do_sample: bool = False,
                        temperature: float = 1.0, top_p: float = 1.0, eos_token_id: Optional[int] = None,
                        generator: Optional[torch.Generator] = None, on_token: Optional[TokenHook] = None,
-                       visuals: Optional[list[Visuals]] = None) -> list[list[int]]:
+                       visuals: Optional[list[Visuals]] = None, share_prefix: bool = True) -> list[list[int]]:
         """Answer several prompts at once: each one's visuals spliced in (videos, images, several items or none,
         mixed freely), the batch left-padded, decoded with a KV cache (:func:`vlp.models.generation.row_tokens`,
         position ids from the mask). Returns each prompt's new token ids, in order, stopped at ``eos_token_id``
@@ -399,16 +401,15 @@ class VideoLLM(nn.Module):
         time (up to float rounding of batched matmuls, tested on the tiny models). Sampling (``do_sample``,
         ``temperature``, ``top_p``) draws every row from ``generator``. ``on_token(row, token)`` hears each
         row's tokens as they come and ``(row, None)`` when it ends (streaming per request). ``visuals``: the
-        prompts' :meth:`prompt_visuals`, when already computed."""
+        prompts' :meth:`prompt_visuals`, when already computed; ``share_prefix``: see :meth:`batch_inputs`."""
         if not prompts:
             return []
-        embeds, mask = self.left_padded(prompts, visuals)  # (B, L, d), (B, L)
+        embeds, mask, positions, past = self.batch_inputs(prompts, visuals, min(max_new_tokens, 256), share_prefix)
 
         def pick(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,)
             return next_tokens(logits, do_sample, temperature, top_p, generator)
 
-        return row_tokens(self.llm, embeds, mask, left_positions(mask), max_new_tokens, pick, eos_token_id,
-                          on_token)
+        return row_tokens(self.llm, embeds, mask, positions, max_new_tokens, pick, eos_token_id, on_token, past)
 
     @torch.no_grad()
     def generate_grouped(self, prompts: Sequence[Prompt], batch_size: int, **kw) -> list[list[int]]:
@@ -431,13 +432,22 @@ class VideoLLM(nn.Module):
         """Each prompt's visual tokens (:meth:`sample_visuals`)."""
         return [self.sample_visuals(p.features, p.mode, p.num_frames, i, p.modalities) for i, p in enumerate(prompts)]
 
-    def left_padded(self, prompts: Sequence[Prompt], visuals: Optional[list[Visuals]] = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each prompt's visuals (``visuals``, else computed) spliced in, left-padded: (B, L, d) embeddings and
-        (B, L) mask."""
+    def batch_inputs(self, prompts: Sequence[Prompt], visuals: Optional[list[Visuals]] = None, room: int = 64,
+                     share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[DynamicCache]]:
+        """A batch's decoding inputs: each prompt's visuals (``visuals``, else computed) spliced in, left-padded.
+        With ``share_prefix``, the tokens every prompt starts with (:func:`vlp.models.generation.shared_prefix`: the
+        template's system prompt) go through the LM once, their KV cache repeated for every row, and the rows hold
+        the rest. -> (embeds (B, S, d), mask (B, p + S), positions (B, S) from p, that cache of ``room`` spare
+        positions, or None when nothing is shared: p = 0)."""
         visuals = self.prompt_visuals(prompts) if visuals is None else visuals
-        embeds, mask, _ = self.build_inputs([p.input_ids for p in prompts], None, visuals, left=True)
-        return embeds, mask
+        ids = [q.input_ids for q in prompts]
+        p = shared_prefix(ids) if share_prefix and full_attention_only(self.llm) else 0
+        embeds, mask, _ = self.build_inputs([x[p:] for x in ids], None, visuals, left=True)  # (B, S, d), (B, S)
+        if not p:
+            return embeds, mask, left_positions(mask), None
+        emb = self.llm.get_input_embeddings()
+        past = prefix_cache(self.llm, emb(ids[0][:p].to(emb.weight.device))[None], len(ids), room)  # (1, p, d) in
+        return embeds, torch.cat([mask.new_ones(len(ids), p), mask], 1), left_positions(mask) + p, past
 
     @torch.no_grad()
     def decode_batch(self, prompts: Sequence[Prompt], max_new_tokens: Sequence[int],
@@ -446,9 +456,8 @@ class VideoLLM(nn.Module):
         """:meth:`generate_batch` a step at a time, for a server: a budget per prompt, ``pick`` (B, V) logits ->
         (B,) ids (each row may sample its own way), ``stopped(row)`` ends a row early; yields per step each row's
         new token or None once it has ended (:func:`vlp.models.generation.decode_steps`)."""
-        embeds, mask = self.left_padded(prompts)  # (B, L, d), (B, L)
-        yield from decode_steps(self.llm, embeds, mask, left_positions(mask), max_new_tokens, pick, eos_token_id,
-                                stopped)
+        embeds, mask, positions, past = self.batch_inputs(prompts, room=min(max(max_new_tokens, default=0), 256))
+        yield from decode_steps(self.llm, embeds, mask, positions, max_new_tokens, pick, eos_token_id, stopped, past)
 
 
 # ------------------------------------------------------------------------------------------- splicing
