@@ -199,6 +199,33 @@ def test_the_workers_stream_shows_vlp_lines_and_memory_kills_and_logs_the_rest(t
     assert printed[1:] == [train, train] and capsys.readouterr().out == ""
 
 
+def test_the_raylets_messages_to_the_driver_go_to_the_log_and_only_memory_kills_to_the_terminal(tmp_path, capsys):
+    """Ray's error thread prints the raylet's messages with ray._private.worker.print_to_stdstream, not through the
+    workers' stream: route_worker_output routes that function as well (the worker-pool warning reached the
+    terminal at every LEGO training's start before)."""
+    import ray._private.worker as ray_worker
+
+    from vlp.runlog import route_worker_output
+
+    route_worker_output()
+    route_worker_output()  # idempotent: wrapped once
+    pool = ("WARNING: 8 PYTHON worker processes have been started on node: abc with address: 192.0.2.2, which is "
+            "4x the maximum expected startup concurrency (2).")
+    killed = "Ray killed this worker (ID: 1) because the node's memory usage 0.96 > 0.95"
+
+    def say(line: str) -> None:  # exactly as listen_error_messages calls it
+        ray_worker.print_to_stdstream({"lines": [line], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+
+    with ray_output(str(tmp_path), log=lambda _: None):
+        say(pool)
+        say(killed)
+    out = capsys.readouterr().out
+    assert "PYTHON worker" not in out and "memory usage 0.96" in out
+    assert (tmp_path / LOG_FILE).read_text().splitlines() == [f"(raylet) {pool}", f"(raylet) {killed}"]
+    say(pool)  # no command running: Ray's printer, as before
+    assert "PYTHON worker processes" in capsys.readouterr().out
+
+
 def test_a_log_that_cannot_be_written_warns_once_and_the_terminal_gets_everything(tmp_path, capsys):
     from vlp.runlog import WorkerPrinter
 

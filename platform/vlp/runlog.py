@@ -225,11 +225,28 @@ def late_teardown(data: dict) -> bool:
 def route_worker_output() -> None:
     """After ``ray.init(log_to_driver=True)``: :class:`WorkerPrinter` in the place of Ray's printer (it keeps Ray's
     printer for what the terminal still gets). Idempotent; nothing to do when the workers' output does not come to
-    this driver."""
+    this driver. The raylet's messages to the driver ("N PYTHON worker processes have been started ...", a worker
+    killed for memory) do not come through that stream: Ray's error thread prints them with
+    ``ray._private.worker.print_to_stdstream`` directly, so that is routed too (:class:`RayletPrinter`)."""
+    import ray._private.worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     dispatcher.handlers = [(name, WorkerPrinter(h) if name == "ray_print_logs" and not isinstance(h, WorkerPrinter)
                             else h) for name, h in dispatcher.handlers]
+    if not isinstance(ray_worker.print_to_stdstream, RayletPrinter):
+        ray_worker.print_to_stdstream = RayletPrinter(ray_worker.print_to_stdstream)
+
+
+class RayletPrinter:
+    """Ray's ``print_to_stdstream(data, ignore_prefix)`` as its error thread calls it: the record goes through
+    :class:`WorkerPrinter` (to the open logs; to the terminal only a line about memory), with Ray's function as the
+    printer for what the terminal gets."""
+
+    def __init__(self, ray_print: Callable):
+        self.ray_print = ray_print
+
+    def __call__(self, data: dict, ignore_prefix: bool = False) -> None:
+        WorkerPrinter(lambda d: self.ray_print(d, ignore_prefix=ignore_prefix))(data)
 
 
 def one_line(exc: BaseException) -> str:
