@@ -188,7 +188,8 @@ def report(args, rounds, n, n_params, prompts, times, answers, same, usage, load
                 "batch_size vs VideoLLM.generate one prompt at a time",
         "settings": {"prompts": n, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
                      "patches": args.patches, "shared_prefix": not args.no_shared_prefix,
-                     "shared_prefix_tokens": shared_prefix([p.input_ids for p in prompts]), "kinds": [{"question": q, "T": t, "modality": m} for q, t, m in KINDS],
+                     "shared_prefix_tokens": shared_prefix([p.input_ids for p in prompts]),
+                     "kinds": [{"question": q, "T": t, "modality": m} for q, t, m in KINDS],
                      "embedded_lengths": sorted({int(len(p.input_ids)) - (p.features is not None) +
                                                  (p.features.shape[0] if p.features is not None else 0)
                                                  for p in prompts}),

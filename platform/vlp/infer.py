@@ -2,8 +2,8 @@
 
 shards --read--> --decode (same sampling/preprocessing as the model's features)--> --answer (actor pool:
 frozen tower + VideoLLM, greedy; each actor call's ``batch_size`` x ``length_groups`` rows sorted by prompt length
-and answered ``batch_size`` at a time in batched, left-padded generations)--> driver writes ``answers.jsonl`` (shard, key, question, answer) and
-``errors.jsonl``. Bad samples become error records exactly as in precompute.
+and answered ``batch_size`` at a time in batched, left-padded generations)--> driver writes ``answers.jsonl``
+(shard, key, question, answer) and ``errors.jsonl``. Bad samples become error records exactly as in precompute.
 """
 
 from __future__ import annotations

@@ -42,3 +42,28 @@ def test_ray_reports_wait_for_their_interval_and_every_rank_decides_the_same(mon
         recipe.since_report += 0.5
         recipe.report()
     assert sent == [6, 12, 18]
+
+
+@pytest.mark.parametrize("every, want", [(6, ["6c", "12c", "18c"]), (8, [6, "8c", 14, "16c"])])
+def test_a_checkpoint_step_sends_one_report_and_the_interval_starts_over(monkeypatch, every, want):
+    """The checkpoint's report carries its step's metrics: no metrics report before it at that step (it would wait
+    for Ray's controller to take the first, up to 2 s per checkpoint), and the interval counts from it (every=8:
+    without that, step 12 would report 4 steps after the checkpoint at 8)."""
+    import ray.train
+
+    from vlp.train.recipe import TrainRecipe
+
+    cfg = validate(TrainConfig, {"run_name": "r", "data": {"sets": [{"uri": "x"}]},
+                                 "checkpoint": {"every_n_steps": every}, "tracking": {"report_every": 1, "report_interval_s": 3.0}})
+    sent = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: sent.append(
+        f"{metrics['step']}c" if "checkpoint" in kw else metrics["step"]))
+    recipe = TrainRecipe(cfg, {"run_dir": "unused", "state_path": "unused"})
+    recipe.in_ray_train = True
+    for step in range(1, 19):  # steps of 0.5 s
+        recipe.step, recipe.metrics = step, {"step": step}
+        recipe.since_report += 0.5
+        recipe.report()
+        if step % every == 0:  # what save() sends
+            recipe.send_report(dict(recipe.metrics), checkpoint=None)
+    assert sent == want

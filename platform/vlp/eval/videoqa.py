@@ -177,7 +177,8 @@ def ready(cache: VideoCache, root: Path, qa: QA, fmt: str, video_map: Optional[d
     path = find_video(root, name, PREFIXES[fmt])
     if path is None:
         tried = ", ".join(f"{p}{name}.*" for p in PREFIXES[fmt])
-        return Outcome(qa.qid, groups_of(qa), "unanswerable", reason=f"video {qa.video}: no file under {root} ({tried})")
+        why = f"video {qa.video}: no file under {root} ({tried})"
+        return Outcome(qa.qid, groups_of(qa), "unanswerable", reason=why)
     try:
         return cache.item(path)
     except BadMedia as e:

@@ -433,7 +433,8 @@ class VideoLLM(nn.Module):
         return [self.sample_visuals(p.features, p.mode, p.num_frames, i, p.modalities) for i, p in enumerate(prompts)]
 
     def batch_inputs(self, prompts: Sequence[Prompt], visuals: Optional[list[Visuals]] = None, room: int = 64,
-                     share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[DynamicCache]]:
+                     share_prefix: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[DynamicCache]]:
         """A batch's decoding inputs: each prompt's visuals (``visuals``, else computed) spliced in, left-padded.
         With ``share_prefix``, the tokens every prompt starts with (:func:`vlp.models.generation.shared_prefix`: the
         template's system prompt) go through the LM once, their KV cache repeated for every row, and the rows hold

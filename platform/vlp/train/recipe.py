@@ -717,17 +717,29 @@ class TrainRecipe:
     def report(self) -> None:
         """Every ``tracking.report_every`` steps, every rank: the step's metrics through ``ray.train.report`` (no
         checkpoint) when ``tracking.report_interval_s`` of training passed since the last one (see
-        :func:`report_due`), and on rank 0 to MLflow when configured."""
-        import ray.train
-
+        :func:`report_due`) and no checkpoint follows at this step (its report carries the metrics: a second report
+        would wait for Ray's controller to take the first), and on rank 0 to MLflow when configured."""
         if self.step % self.cfg.tracking.report_every:
             return
-        if self.in_ray_train and report_due(self.since_report, self.cfg.tracking.report_interval_s):
-            ray.train.report(dict(self.metrics))
-            self.since_report = 0.0
+        if self.in_ray_train and report_due(self.since_report, self.cfg.tracking.report_interval_s) \
+                and not self.saves_now():
+            self.send_report(dict(self.metrics))
         if self.mlflow is not None:
             self.mlflow.log_metrics({k: float(v) for k, v in self.metrics.items()
                                      if isinstance(v, (int, float)) and k not in ("step", "time")}, step=self.step)
+
+    def saves_now(self) -> bool:
+        """Whether this step ends with a checkpoint (:meth:`save`): every ``checkpoint.every_n_steps``, and the
+        final one after ``max_steps``."""
+        last = self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
+        return self.step % self.cfg.checkpoint.every_n_steps == 0 or last
+
+    def send_report(self, metrics: dict, **kw) -> None:
+        """``ray.train.report`` (``kw``: its checkpoint); the report interval starts over."""
+        import ray.train
+
+        ray.train.report(metrics, **kw)
+        self.since_report = 0.0
 
     def start_tracking(self) -> None:
         """Rank 0's MLflow run (``tracking.mlflow``): created with the config as params and its id kept in the run
@@ -777,7 +789,6 @@ class TrainRecipe:
         """A checkpoint through ``ray.train.report``: every rank's DeepSpeed state, and from rank 0
         vlp_state.json (:meth:`checkpoint_state`). Rank 0's logs are flushed first, so an object store holds
         every line up to the checkpoint."""
-        import ray.train
         from ray.train import Checkpoint
 
         state = self.checkpoint_state(epoch, final)
@@ -788,7 +799,7 @@ class TrainRecipe:
             if self.rank == 0:
                 with open(os.path.join(d, "vlp_state.json"), "w") as f:
                     json.dump(state, f)
-            ray.train.report({**self.metrics, "step": self.step, "epoch": epoch},
+            self.send_report({**self.metrics, "step": self.step, "epoch": epoch},
                              checkpoint=Checkpoint.from_directory(d))
 
     def checkpoint_state(self, epoch: int, final: bool) -> dict:
