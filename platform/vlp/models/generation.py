@@ -55,7 +55,7 @@ class GrowingLayer(DynamicLayer):
     """A full-attention layer's KV cache whose keys and values are views into buffers with room to spare: a step
     writes its (B, H, n, D) states in place, where transformers' ``DynamicLayer`` concatenates, copying the whole
     cache every step (at batch 16 that copy took 44% of a decoding step's time on CPU; docs/benchmarks.md). A full
-    buffer is reallocated with the room doubled, so copies stay amortized O(1) per token."""
+    buffer is reallocated at twice the size needed, so copies stay amortized O(1) per token."""
 
     def __init__(self, room: int = 64):
         super().__init__()
