@@ -511,7 +511,7 @@ class TrainRecipe:
                 self.restore_state(json.loads(open(os.path.join(d, "vlp_state.json")).read()))
             if self.rank == 0:
                 say(f"[vlp] resumed from step {self.step} (epoch {self.start_epoch}, {self.resume.describe()})")
-        self.done = self.done or (self.cfg.max_steps is not None and self.step >= self.cfg.max_steps)
+        self.done = self.done or self.reached_max_steps()
 
     def restore_state(self, st: dict) -> None:
         """Step, epoch, final, the epoch's state and the counters of a vlp_state.json."""
@@ -658,7 +658,7 @@ class TrainRecipe:
             self.consumed(group)
             t_mark = self.log(stats, epoch, t_mark)
             self.inject_failure()
-            self.done = self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
+            self.done = self.reached_max_steps()
             if self.step % self.cfg.checkpoint.every_n_steps == 0 and not self.done:
                 self.save(epoch)
             if self.done:
@@ -731,8 +731,10 @@ class TrainRecipe:
     def saves_now(self) -> bool:
         """Whether this step ends with a checkpoint (:meth:`save`): every ``checkpoint.every_n_steps``, and the
         final one after ``max_steps``."""
-        last = self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
-        return self.step % self.cfg.checkpoint.every_n_steps == 0 or last
+        return self.step % self.cfg.checkpoint.every_n_steps == 0 or self.reached_max_steps()
+
+    def reached_max_steps(self) -> bool:
+        return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
 
     def send_report(self, metrics: dict, **kw) -> None:
         """``ray.train.report`` (``kw``: its checkpoint); the report interval starts over."""
