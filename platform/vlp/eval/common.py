@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..storage import make_output_dir
 
 VIDEO_EXTS = ("mp4", "mkv", "webm", "avi", "mov")
+LENGTH_GROUPS = 4  # batches of generation questions read ahead and grouped by prompt length (generate_grouped)
 
 
 class BadQuestions(UserError):

@@ -23,9 +23,7 @@ from ..data.grounding import SpanFormat, parse_box, parse_span, square_to_pixels
 from ..errors import UserError
 from ..formats.featureset import iter_feature_rows
 from ..storage import StorageConfig
-from .common import out_dir
-
-LENGTH_GROUPS = 4  # batches of questions read ahead and grouped by prompt length
+from .common import LENGTH_GROUPS, out_dir
 from .grounding import GroundingTally, constant_baseline, iou_1d, iou_2d, unparseable_report
 
 TASKS = ("temporal_grounding", "referring")

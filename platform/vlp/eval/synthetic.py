@@ -32,6 +32,7 @@ from ..errors import UserError
 from ..formats.featureset import FeatureSetLayout, Fingerprint, iter_feature_rows
 from ..models.videollm import Prompt
 from ..storage import StorageConfig
+from .common import LENGTH_GROUPS
 
 
 class NotAFeatureSet(UserError):
@@ -149,7 +150,7 @@ class Pending:
     tally: Tally
     max_new_tokens: int
     batch_size: int = 16
-    length_groups: int = 4
+    length_groups: int = LENGTH_GROUPS
     asked: list = field(default_factory=list)
 
     def add(self, a: Asked) -> None:

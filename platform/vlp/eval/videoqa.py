@@ -37,15 +37,14 @@ from pathlib import Path
 from typing import Optional
 
 from ..data.conversation import PLACEHOLDER_RE
-from .common import (BadQuestions, MissingFlag, Outcome, Tally, VideoCache, find_video, load_json_list,
-                     media_root, out_dir, write_results)
+from .common import (LENGTH_GROUPS, BadQuestions, MissingFlag, Outcome, Tally, VideoCache, find_video,
+                     load_json_list, media_root, out_dir, write_results)
 
 FORMATS = ("activitynet", "msrvtt")
 PREFIXES = {"activitynet": ("", "v_"), "msrvtt": ("", "video", "vid")}
 ANET_TYPES = {0: "motion", 1: "spatial", 2: "temporal", 3: "yes_no", 4: "color", 5: "object", 6: "location",
               7: "number", 8: "other"}
 ARTICLES = {"a", "an", "the"}
-LENGTH_GROUPS = 4  # batches of questions read ahead and grouped by prompt length
 SHORT = 5  # a prediction of at most this many (normalised) words counts when it contains the answer
 
 
