@@ -76,6 +76,6 @@ def test_sliding_window_layers_stay_transformers_own():
                         num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
     cache = kv_cache(MistralForCausalLM(cfg))
     assert [type(x) for x in cache.layers] == [DynamicSlidingWindowLayer] * 2
-    assert not full_attention_only(MistralForCausalLM(cfg)) and full_attention_only(llama())  # no shared prefix
+    assert not full_attention_only(cache) and full_attention_only(kv_cache(llama()))  # no shared prefix
     assert [type(x) for x in kv_cache(llama()).layers] == [GrowingLayer] * 2
     assert not any(type(x) is DynamicLayer for x in kv_cache(llama()).layers)

@@ -145,17 +145,15 @@ def shared_prefix(ids: Sequence[torch.Tensor]) -> int:
     return int(same.long().cumprod(0).sum()) if n > 0 else 0
 
 
-def full_attention_only(llm: torch.nn.Module) -> bool:
-    """Whether every layer of ``llm``'s cache is a :class:`GrowingLayer` (no sliding window: such a layer counts
+def full_attention_only(cache: DynamicCache) -> bool:
+    """Whether every layer of a :func:`kv_cache` is a :class:`GrowingLayer` (no sliding window: such a layer counts
     positions in the cache, which padding after a shared prefix would shift)."""
-    layers = kv_cache(llm).layers
-    return bool(layers) and all(isinstance(x, GrowingLayer) for x in layers)
+    return bool(cache.layers) and all(isinstance(x, GrowingLayer) for x in cache.layers)
 
 
-def prefix_cache(llm: torch.nn.Module, prefix: torch.Tensor, rows: int, room: int) -> DynamicCache:
-    """:func:`kv_cache` holding the keys and values of ``prefix`` (1, p, d) embeddings, run once through ``llm``
-    and repeated for ``rows`` rows (for :func:`full_attention_only` models)."""
-    past = kv_cache(llm, room)
+def fill_prefix(llm: torch.nn.Module, past: DynamicCache, prefix: torch.Tensor, rows: int) -> DynamicCache:
+    """``past`` (an empty :func:`full_attention_only` cache) holding the keys and values of ``prefix`` (1, p, d)
+    embeddings, run once through ``llm`` and repeated for ``rows`` rows."""
     llm(inputs_embeds=prefix, past_key_values=past, use_cache=True, **last_logits(llm))  # (1, p, d)
     past.batch_repeat_interleave(rows)  # (rows, H, p, D) per layer
     return past
@@ -170,7 +168,7 @@ def decode_steps(llm: torch.nn.Module, embeds: torch.Tensor, mask: torch.Tensor,
     row: its new token, or None once the row has ended (``eos_token_id``, not yielded; its own ``max_new_tokens``;
     or ``stopped(row)`` true, e.g. a client gone); every row yields None at least once after its last token, and
     the steps end when every row has. A finished row keeps being fed its last token (its outputs are dropped).
-    ``past``: a cache already holding tokens before ``embeds`` in every row (:func:`prefix_cache`); ``mask`` then
+    ``past``: a cache already holding tokens before ``embeds`` in every row (:func:`fill_prefix`); ``mask`` then
     covers them too, (B, p + L)."""
     B = embeds.shape[0]
     left = [int(n) for n in max_new_tokens]  # tokens each row may still produce

@@ -23,8 +23,8 @@ from ..config import Cfg
 from ..data.conversation import IGNORE_INDEX, VISUAL_TOKEN_INDEX
 from .audio_towers import flatten_segments
 from .connectors import CONNECTORS, ConnectorConfig, ItemContext, default_modality
-from .generation import (TokenHook, decode_steps, full_attention_only, kv_cache, last_logits, left_positions,
-                         next_tokens, prefix_cache, row_tokens, shared_prefix)
+from .generation import (TokenHook, decode_steps, fill_prefix, full_attention_only, kv_cache, last_logits,
+                         left_positions, next_tokens, row_tokens, shared_prefix)
 from .parts import PluginModule
 from .pixel_tower import ModelTowerCfg, PixelTower, features_shape
 from .poolers import POOLERS, Pooler, PoolerConfig
@@ -442,12 +442,13 @@ class VideoLLM(nn.Module):
         positions, or None when nothing is shared: p = 0)."""
         visuals = self.prompt_visuals(prompts) if visuals is None else visuals
         ids = [q.input_ids for q in prompts]
-        p = shared_prefix(ids) if share_prefix and full_attention_only(self.llm) else 0
+        past = kv_cache(self.llm, room) if share_prefix else None
+        p = shared_prefix(ids) if past is not None and full_attention_only(past) else 0
         embeds, mask, _ = self.build_inputs([x[p:] for x in ids], None, visuals, left=True)  # (B, S, d), (B, S)
         if not p:
             return embeds, mask, left_positions(mask), None
         emb = self.llm.get_input_embeddings()
-        past = prefix_cache(self.llm, emb(ids[0][:p].to(emb.weight.device))[None], len(ids), room)  # (1, p, d) in
+        fill_prefix(self.llm, past, emb(ids[0][:p].to(emb.weight.device))[None], len(ids))  # (1, p, d) in
         return embeds, torch.cat([mask.new_ones(len(ids), p), mask], 1), left_positions(mask) + p, past
 
     @torch.no_grad()
