@@ -56,6 +56,16 @@ class ChatItem:
         return int(self.feats.shape[0])
 
 
+def items_prompt(ids: torch.Tensor, items: Sequence[ChatItem], device: Optional[str] = None):
+    """The model's :class:`vlp.models.videollm.Prompt` of prompt token ids (L,) and its items in placeholder order
+    (none: a text-only prompt), their features on ``device`` when given."""
+    from .models.videollm import Prompt
+
+    feats = [it.feats if device is None else it.feats.to(device) for it in items]
+    modalities = [it.modality for it in items]
+    return Prompt(ids, feats or None, "frames", [it.num_frames for it in items], modalities or None)
+
+
 class ChatSession:
     """Holds the model, the media items' visual features and the conversation so far."""
 
@@ -165,15 +175,11 @@ class ChatSession:
                     batch_size: int = 16) -> list[str]:
         """:meth:`answer` for many (question, items) pairs, ``batch_size`` at a time in batches of near prompt
         length (:meth:`VideoLLM.generate_grouped`): the same greedy answers, in order."""
-        from .models.videollm import Prompt
-
         prompts = []
         for question, items in asks:
             question, order = self.place(question, items)
-            its = [items[i] for i in order]
             ids = torch.tensor(prompt_ids([{"from": "human", "value": question}], self.tok, self.template))
-            prompts.append(Prompt(ids, [it.feats for it in its] or None, "frames",
-                                  [it.num_frames for it in its] or 1, [it.modality for it in its] or None))
+            prompts.append(items_prompt(ids, [items[i] for i in order]))
         out = self.model.generate_grouped(prompts, batch_size, max_new_tokens=max_new_tokens,
                                           eos_token_id=self.tok.eos_token_id)
         return [self.tok.decode(t, skip_special_tokens=True).strip() for t in out]

@@ -11,10 +11,10 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from ..chat import BadMedia as UnreadableMedia
-from ..chat import ChatItem
+from ..chat import ChatItem, items_prompt
 from ..data.conversation import prompt_ids
 from ..models.generation import next_tokens
-from ..models.videollm import Prompt, visual_token_count
+from ..models.videollm import visual_token_count
 from ..storage import localize
 from .config import ServeConfig
 from .media import fetch
@@ -114,8 +114,7 @@ class Engine:
         """THE batch step: decode ``jobs`` together in one left-padded batch with a KV cache
         (``VideoLLM.decode_batch``), one token each per step. Yields, per step, one entry per job: its next token
         id, or None once it has finished (EOS, its max_tokens, or ``job.cancelled``); ends when every job has."""
-        prompts = [Prompt(j.ids, [it.feats.to(self.device) for it in j.items] or None, "frames",
-                          [it.num_frames for it in j.items], [it.modality for it in j.items] or None) for j in jobs]
+        prompts = [items_prompt(j.ids, j.items, self.device) for j in jobs]
         yield from self.model.decode_batch(prompts, [j.max_tokens for j in jobs], self.pick(jobs),
                                            self.tok.eos_token_id, lambda i: jobs[i].cancelled)
 
